@@ -1,0 +1,73 @@
+//! The library's error type. Every variant carries enough context (file, key, tensor name, shapes)
+//! for the user to find and fix the problem without reading our source.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors raised by loratune's library code. The CLI wraps them with `anyhow` and prints the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON document (config.json, adapter_config.json, a dataset line, ...) could not be parsed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A model configuration problem (unsupported architecture, missing key, bad value).
+    #[error("{0}")]
+    Config(String),
+    /// A weights-file problem (missing / unexpected / mis-shaped tensor, corrupt file).
+    #[error("{0}")]
+    Weights(String),
+    /// A GGUF-file problem.
+    #[error("{0}")]
+    Gguf(String),
+    /// A tokenizer or chat-template problem.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A dataset problem (file, row, field).
+    #[error("{0}")]
+    Data(String),
+    /// A LoRA / adapter problem.
+    #[error("{0}")]
+    Lora(String),
+    /// A training-loop problem (NaN loss, bad checkpoint, ...).
+    #[error("{0}")]
+    Train(String),
+    /// An export problem.
+    #[error("{0}")]
+    Export(String),
+    /// A hub download problem.
+    #[error("{0}")]
+    Hub(String),
+}
+
+impl Error {
+    /// Wrap an `std::io::Error` with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Read a whole file, naming it in the error.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Read a whole UTF-8 file, naming it in the error.
+pub fn read_to_string(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}

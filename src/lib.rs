@@ -1,0 +1,12 @@
+//! loratune: LoRA fine-tuning for open-weight LLMs on Burn.
+//!
+//! The data flow, one module per stage: [`config`] → [`model`] → [`lora`] → [`data`] → [`train`] → [`export`],
+//! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
+//! [`generate`] (sampling) and [`cli`].
+
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
