@@ -9,7 +9,8 @@ original HF tensors (names, torch layout, q/k un-permutation, Gemma norm offset)
 loratune's config.json parser.
 
 Writes tests/fixtures/gguf/families/<variant>.gguf, <variant>.safetensors (the HF state dict, tied lm_head
-left out), <variant>.config.json (transformers' config.json). As an extra cross-check, transformers' own GGUF
+left out, plus `__input_ids` / `__logits`: the HF model's logits for a fixed 10-token sequence, eager attention,
+f32), <variant>.config.json (transformers' config.json). As an extra cross-check, transformers' own GGUF
 loader is run on each file it supports and must reproduce the HF state dict too.
 
 Needs llama.cpp's converter: the one vendored in the llama-cpp-python 0.3.36 sdist (its gguf-py is 0.19.0):
@@ -94,7 +95,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     torch.manual_seed(1234)
     for name, cfg in VARIANTS.items():
-        model = AutoModelForCausalLM.from_config(cfg).float()
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.5)
@@ -105,6 +106,11 @@ def main():
         sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
+        # Forward reference: logits of the HF model for a fixed sequence (keys starting with "__" are not weights).
+        ids = torch.tensor([[1, 5, 9, 2, 33, 60, 7, 0, 63, 17]])
+        with torch.no_grad():
+            sd["__input_ids"] = ids.clone()
+            sd["__logits"] = model(input_ids=ids).logits.float().contiguous()
         save_file(sd, os.path.join(OUT, f"{name}.safetensors"))
         shutil.copy(os.path.join(tmp, "config.json"), os.path.join(OUT, f"{name}.config.json"))
 
@@ -113,7 +119,7 @@ def main():
             d = os.path.dirname(gguf_path)
             back = AutoModelForCausalLM.from_pretrained(d, gguf_file=os.path.basename(gguf_path), dtype=torch.float32)
             bsd = back.state_dict()
-            worst = max((bsd[k] - v).abs().max().item() for k, v in sd.items())
+            worst = max((bsd[k] - v).abs().max().item() for k, v in sd.items() if not k.startswith("__"))
             print(f"{name}: transformers' GGUF loader reproduces the HF weights, max |diff| = {worst:.3g}")
         except Exception as e:  # noqa: BLE001
             print(f"{name}: transformers' GGUF loader cannot load it: {type(e).__name__}: {str(e)[:120]}")

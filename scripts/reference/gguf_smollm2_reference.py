@@ -7,7 +7,8 @@ Writes (small, committed):
   tests/fixtures/gguf/smollm2_reference.json         config fields transformers derives from the metadata
   tests/fixtures/gguf/smollm2_reference.safetensors  slices of tensors; key = "<hf name>|r0:r1|c0:c1"
                                                     (rows / columns of the torch-layout tensor; 1-D tensors use
-                                                    "<hf name>|r0:r1")
+                                                    "<hf name>|r0:r1"), plus `__*` forward references (logits
+                                                    of a ChatML prompt, see below)
 
 Needs the model: run scripts/fetch-smollm2.sh first. Pinned: transformers 5.24.0, torch 2.15.0, gguf 0.19.0.
   /work/venv/bin/python scripts/reference/gguf_smollm2_reference.py
@@ -18,7 +19,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = os.path.join(ROOT, "models")
@@ -60,6 +61,21 @@ def main():
         else:
             c0, c1 = cols
             out[f"{name}|{r0}:{r1}|{c0}:{c1}"] = t[r0:r1, c0:c1].contiguous().clone()
+    # Forward reference on a ChatML prompt (tokenized by transformers' GGUF tokenizer; special tokens are in
+    # the text already): logits[:, :256] at every position, the full-vocabulary logsumexp and argmax per
+    # position, and 4096 logits of the last position.
+    tok = AutoTokenizer.from_pretrained(MODELS, gguf_file=NAME)
+    text = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    out["__input_ids"] = ids[0].clone()
+    out["__logits_head"] = logits[:, :256].contiguous().clone()
+    out["__logits_last"] = logits[-1, :4096].contiguous().clone()
+    out["__logsumexp"] = torch.logsumexp(logits, dim=-1).contiguous()
+    out["__argmax"] = logits.argmax(dim=-1).contiguous()
+    print("prompt ids:", ids[0].tolist(), "greedy next:", repr(tok.decode([int(logits[-1].argmax())])))
     save_file(out, os.path.join(OUT, "smollm2_reference.safetensors"))
     fields = {
         "model_type": cfg.model_type,
