@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod gguf;
+pub mod hub;
 pub mod model;
 pub mod tokenizer;
 

@@ -1,0 +1,3 @@
+//! loratune's integration tests: one test binary (one link) with a module per concern.
+
+mod hub;
