@@ -4,6 +4,7 @@
 //! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
 //! [`generate`] (sampling) and [`cli`].
 
+pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod hub;

@@ -1,3 +1,4 @@
 //! loratune's integration tests: one test binary (one link) with a module per concern.
 
+mod config;
 mod hub;
