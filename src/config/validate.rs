@@ -86,11 +86,11 @@ pub(crate) fn resolve_and_validate(
     }
 
     // ------------------------------------------------------------------------------------- datasets
-    if !present(doc, "datasets") || cfg.datasets.is_empty() {
-        issues.push(Issue::missing(
-            k("datasets"),
-            "add at least one entry, e.g.\n      datasets:\n        - path: data/train.jsonl\n          type: chat_template",
-        ));
+    let example = "add at least one entry, e.g.\n      datasets:\n        - path: data/train.jsonl\n          type: chat_template";
+    if !present(doc, "datasets") {
+        issues.push(Issue::missing(k("datasets"), example));
+    } else if cfg.datasets.is_empty() {
+        issues.push(Issue::value(k("datasets"), "`datasets` is empty", example));
     }
     let raw_entries = |key: &str| -> Vec<Mapping> {
         match doc.get(key) {

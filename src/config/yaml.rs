@@ -603,7 +603,7 @@ nested:
         assert_eq!(at("datasets.1.path", Target::Value), Some((5, 12)));
         assert_eq!(at("datasets.1.type", Target::Key), Some((5, 21)));
         assert_eq!(at("datasets.1", Target::Value), Some((5, 5)));
-        assert_eq!(at("nested.inner.deep.2", Target::Value), Some((9, 17)));
+        assert_eq!(at("nested.inner.deep.2", Target::Value), Some((9, 18)));
         assert_eq!(at("datasets.2.path", Target::Value), None);
         assert_eq!(at("missing", Target::Key), None);
     }

@@ -2,7 +2,7 @@
 //! `hf-hub` into the standard Hugging Face cache.
 //!
 //! Environment (read by [`HubOptions::from_env`], the same variables as `huggingface_hub`):
-//! - `HF_HUB_CACHE`, else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
+//! - `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`), else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
 //!   `~/.cache/huggingface/hub`: the cache (shared with Python: same `models--org--name/{blobs,refs,snapshots}`
 //!   layout);
 //! - `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the token file (`HF_TOKEN_PATH`, else
@@ -161,7 +161,7 @@ impl HubOptions {
             Some(h) => PathBuf::from(h),
             None => home_cache()?,
         };
-        let cache_dir = match get("HF_HUB_CACHE") {
+        let cache_dir = match get("HF_HUB_CACHE").or_else(|| get("HUGGINGFACE_HUB_CACHE")) {
             Some(c) => PathBuf::from(c),
             None => hf_home.join("hub"),
         };

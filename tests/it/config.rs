@@ -284,6 +284,17 @@ fn missing_required_keys() {
     assert_eq!(errs.len(), 4, "{errs:#?}");
     let errs = errors(
         d.path(),
+        "base_model: model.gguf\nlearning_rate: 1e-4\nmax_steps: 5\ndatasets: []\n",
+        &[],
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("`datasets` is empty at line 4 column 11; add at least one entry"),
+        "{}",
+        errs[0]
+    );
+    let errs = errors(
+        d.path(),
         "base_model: model.gguf\nlearning_rate: 1e-4\nmax_steps: 5\ndatasets:\n  - type: alpaca\n  - path: train.jsonl\n",
         &[],
     );
