@@ -267,6 +267,13 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "merges.txt",
 ];
 
+/// A tensor to write, in HF naming, produced on demand as f32 values (one shard in memory at a time).
+pub struct HostTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub make: Box<dyn Fn() -> Result<Vec<f32>> + 'a>,
+}
+
 /// Write the merged model's weights + config.json + generation_config.json into `dir` (created atomically).
 /// `fill` may add more files (tokenizer) into the staging folder before it is swapped in.
 pub fn save_merged<B: Backend>(
@@ -275,9 +282,27 @@ pub fn save_merged<B: Backend>(
     opts: &MergedExportOptions,
     fill: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<()> {
+    let tensors: Vec<HostTensor> = merged_tensors(model)
+        .into_iter()
+        .map(|t| HostTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            make: Box::new(move || Ok(t.values())),
+        })
+        .collect();
+    write_hf_folder(&model.config, tensors, dir, opts, fill)
+}
+
+/// Write an HF model folder from host tensors: shards (or one file) + index, config.json, generation_config.json.
+pub fn write_hf_folder(
+    cfg: &crate::model::ModelConfig,
+    tensors: Vec<HostTensor>,
+    dir: &Path,
+    opts: &MergedExportOptions,
+    fill: &dyn Fn(&Path) -> Result<()>,
+) -> Result<()> {
     let staging = AtomicDir::create(dir)?;
     let out = staging.path();
-    let tensors = merged_tensors(model);
     let sizes: Vec<usize> = tensors
         .iter()
         .map(|t| t.shape.iter().product::<usize>() * opts.dtype.size())
@@ -292,34 +317,28 @@ pub fn save_merged<B: Backend>(
         } else {
             format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
         };
-        let entries: Vec<TensorEntry> = idxs
-            .iter()
-            .map(|&i| {
-                let t = &tensors[i];
-                weight_map.insert(t.name.clone(), fname.clone());
-                TensorEntry {
-                    name: t.name.clone(),
-                    dtype: opts.dtype,
-                    shape: t.shape.clone(),
-                    bytes: encode(&t.values(), opts.dtype),
-                }
-            })
-            .collect();
+        let mut entries: Vec<TensorEntry> = Vec::with_capacity(idxs.len());
+        for &i in idxs {
+            let t = &tensors[i];
+            weight_map.insert(t.name.clone(), fname.clone());
+            let values = (t.make)()?;
+            entries.push(TensorEntry {
+                name: t.name.clone(),
+                dtype: opts.dtype,
+                shape: t.shape.clone(),
+                bytes: encode(&values, opts.dtype),
+            });
+        }
         write_safetensors(&out.join(&fname), &entries, &pt_metadata())?;
     }
     if n > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&out.join("model.safetensors.index.json"), &index)?;
     }
-    let cfg_json = model.config.to_hf_json(opts.dtype.torch_name());
-    write_json(&out.join("config.json"), &cfg_json)?;
+    write_json(&out.join("config.json"), &cfg.to_hf_json(opts.dtype.torch_name()))?;
     write_json(
         &out.join("generation_config.json"),
-        &generation_config(
-            &model.config,
-            opts.base_generation_config.as_ref(),
-            &opts.extra_eos_ids,
-        ),
+        &generation_config(cfg, opts.base_generation_config.as_ref(), &opts.extra_eos_ids),
     )?;
     fill(out)?;
     staging.commit()

@@ -2,4 +2,5 @@
 
 pub mod atomic;
 pub mod hf;
+pub mod merge;
 pub mod safetensors;

@@ -2,3 +2,4 @@
 
 pub mod loss;
 pub mod optim;
+pub mod schedule;

@@ -303,3 +303,19 @@ fn merge_then_unmerge_restores_weights() {
     assert!(d < 1e-6, "unmerge drifted by {d}");
     let _ = m.forward(&batch);
 }
+
+/// The streaming merge (`loratune merge`) writes exactly what the in-memory merge wrote, and transformers
+/// loaded that folder to loratune's logits (external_logits.safetensors).
+#[test]
+fn streaming_merge_equals_in_memory_merge() {
+    for arch in ["llama", "phi3"] {
+        let fx = fixture(&format!("loratune_export/{arch}"));
+        let base = model::open(&fixture(&format!("models/{arch}"))).unwrap();
+        let adapter = loratune::lora::peft::read_adapter(&fx.join("adapter")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = MergedExportOptions { extra_eos_ids: vec![2], ..Default::default() };
+        loratune::export::merge::merge_to_folder(&base, &adapter, &tmp.path().join("m"), &opts, &|_| Ok(())).unwrap();
+        files_equal(&tmp.path().join("m/model.safetensors"), &fx.join("merged/model.safetensors"));
+        files_equal(&tmp.path().join("m/config.json"), &fx.join("merged/config.json"));
+    }
+}
