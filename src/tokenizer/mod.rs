@@ -20,7 +20,7 @@ pub use gguf::{tokenizer_from_gguf_metadata, SUPPORTED_PRE_TOKENIZERS};
 use crate::error::{read_to_string, Error, Result};
 
 /// A tokenizer plus its special tokens, BOS policy and chat template.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadedTokenizer {
     pub tokenizer: Tokenizer,
     /// `(text, id)` of the beginning-of-sequence token.
@@ -40,6 +40,23 @@ pub struct LoadedTokenizer {
     /// Ids besides `eos` that end generation: the template's end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`,
     /// `<end_of_turn>`, `<|end|>`, ...), `generation_config.json`'s `eos_token_id`s, GGUF `eot`/`eom` ids.
     pub extra_eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for LoadedTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The vocabulary is left out: it can hold hundreds of thousands of entries.
+        f.debug_struct("LoadedTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("pad", &self.pad)
+            .field("unk", &self.unk)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .field("extra_eos_ids", &self.extra_eos_ids)
+            .finish()
+    }
 }
 
 impl LoadedTokenizer {
@@ -220,6 +237,20 @@ impl LoadedTokenizer {
             .encode(text, add_special)
             .map_err(|e| Error::Tokenizer(format!("tokenizing {:?}: {e}", preview(text))))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with each token's byte range in `text` (for mapping chat-template spans, such as
+    /// [`ChatTemplate::render_with_spans`]'s, to tokens). Tokens added by the post-processor (BOS/EOS) get `(0, 0)`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| Error::Tokenizer(format!("tokenizing {:?}: {e}", preview(text))))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Token ids of text rendered by a chat template, with exactly one BOS when the tokenizer uses one: if the

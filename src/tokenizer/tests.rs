@@ -517,3 +517,35 @@ fn from_hf_dir_reads_config_variants() {
         "{e}"
     );
 }
+
+/// Byte offsets map rendered-template spans to tokens: the `{% generation %}` span of an assistant turn covers
+/// exactly the tokens of its text and end-of-turn token.
+#[test]
+fn offsets_map_generation_spans_to_tokens() {
+    let (_, tok, _) = small_fixture("smollm");
+    let src = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if m.role == 'assistant' %}\
+{% generation %}{{ m.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m.content + '<|im_end|>' }}\
+{% endif %}{{ '\\n' }}{% endfor %}";
+    let t = ChatTemplate::new(src, None, None).unwrap();
+    let msgs = vec![
+        Message::new("user", "Über 42 ½?"),
+        Message::new("assistant", "Ja, 42 — café 🦙!"),
+    ];
+    let (text, spans) = t.render_with_spans(&msgs, false).unwrap();
+    assert_eq!(spans.len(), 1);
+    let (ids, offsets) = tok.encode_with_offsets(&text, false).unwrap();
+    assert_eq!(ids, tok.encode(&text, false).unwrap());
+    assert_eq!(ids.len(), offsets.len());
+    let span = spans[0].clone();
+    let inside: Vec<u32> = ids
+        .iter()
+        .zip(&offsets)
+        .filter(|(_, (a, b))| *a >= span.start && *b <= span.end && b > a)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(
+        tok.decode(&inside, false).unwrap(),
+        "Ja, 42 — café 🦙!<|im_end|>"
+    );
+    assert_eq!(inside.last(), tok.eos.as_ref().map(|(_, id)| id));
+}
