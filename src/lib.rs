@@ -5,9 +5,11 @@
 //! [`generate`] (sampling) and [`cli`].
 
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod export;
 pub mod gguf;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod tokenizer;

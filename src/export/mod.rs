@@ -1,4 +1,5 @@
 //! Writing results: atomic files and folders, safetensors, merged Hugging Face folders.
 
 pub mod atomic;
+pub mod hf;
 pub mod safetensors;

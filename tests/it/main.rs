@@ -1,5 +1,9 @@
 //! loratune's integration tests: one test binary (one link) with a module per concern.
 
 mod common;
+mod config;
+mod export;
+mod hub;
 mod lora;
 mod parity;
+mod weights;
