@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod lora;

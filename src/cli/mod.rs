@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod common;
+mod generate;
 mod inspect;
+mod merge;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
 #[derive(Parser, Debug)]
@@ -16,6 +19,12 @@ pub struct Cli {
 pub enum Command {
     /// Show a model's architecture, sizes, dtypes and the linear modules LoRA can target.
     Inspect(inspect::InspectArgs),
+    /// Complete a prompt (raw or with the chat template), streaming tokens; greedy or sampled.
+    Generate(generate::GenerateArgs),
+    /// Merge a PEFT adapter into its base model and write a Hugging Face folder.
+    Merge(merge::MergeArgs),
+    /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
+    Convert(merge::ConvertArgs),
 }
 
 /// Entry point used by the binary.
@@ -23,5 +32,8 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run_merge(a),
+        Command::Convert(a) => merge::run_convert(a),
     }
 }

@@ -335,10 +335,17 @@ pub fn write_hf_folder(
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&out.join("model.safetensors.index.json"), &index)?;
     }
-    write_json(&out.join("config.json"), &cfg.to_hf_json(opts.dtype.torch_name()))?;
+    write_json(
+        &out.join("config.json"),
+        &cfg.to_hf_json(opts.dtype.torch_name()),
+    )?;
     write_json(
         &out.join("generation_config.json"),
-        &generation_config(cfg, opts.base_generation_config.as_ref(), &opts.extra_eos_ids),
+        &generation_config(
+            cfg,
+            opts.base_generation_config.as_ref(),
+            &opts.extra_eos_ids,
+        ),
     )?;
     fill(out)?;
     staging.commit()

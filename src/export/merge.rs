@@ -18,15 +18,25 @@ type Cpu = burn::backend::Flex;
 /// scale·B·A (f32, `[out, in]`) on the CPU backend.
 fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> Vec<f32> {
     let device = Default::default();
-    let ta = Tensor::<Cpu, 2>::from_data(TensorData::new(a.1.clone(), [a.0[0], a.0[1]]), (&device, DType::F32));
-    let tb = Tensor::<Cpu, 2>::from_data(TensorData::new(b.1.clone(), [b.0[0], b.0[1]]), (&device, DType::F32));
-    tb.matmul(ta).mul_scalar(scale).into_data().to_vec::<f32>().unwrap_or_default()
+    let ta = Tensor::<Cpu, 2>::from_data(
+        TensorData::new(a.1.clone(), [a.0[0], a.0[1]]),
+        (&device, DType::F32),
+    );
+    let tb = Tensor::<Cpu, 2>::from_data(
+        TensorData::new(b.1.clone(), [b.0[0], b.0[1]]),
+        (&device, DType::F32),
+    );
+    tb.matmul(ta)
+        .mul_scalar(scale)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap_or_default()
 }
 
-/// Merge `adapter` into `base` and write an HF folder at `out`.
+/// Merge `adapter` into `base` (or, with `None`, convert `base` as it is) and write an HF folder at `out`.
 pub fn merge_to_folder(
     base: &OpenedModel,
-    adapter: &PeftAdapter,
+    adapter: Option<&PeftAdapter>,
     out: &Path,
     opts: &MergedExportOptions,
     fill: &dyn Fn(&Path) -> Result<()>,
@@ -34,10 +44,15 @@ pub fn merge_to_folder(
     let cfg = &base.config;
     check_source(cfg, base.source.as_ref())?;
     let expected = expected_tensors(cfg);
+    let empty = std::collections::BTreeMap::new();
+    let modules = adapter.map(|a| &a.modules).unwrap_or(&empty);
     // Every adapter module must be a linear of this model with matching shapes.
-    for (path, (ash, _, bsh, _, _)) in &adapter.modules {
+    for (path, (ash, _, bsh, _, _)) in modules {
         let wname = format!("{path}.weight");
-        let shape = expected.iter().find(|(n, _)| n == &wname).map(|(_, s)| s.clone());
+        let shape = expected
+            .iter()
+            .find(|(n, _)| n == &wname)
+            .map(|(_, s)| s.clone());
         let shape = match shape {
             Some(s) => s,
             None if path == "lm_head" && cfg.tie_word_embeddings => {
@@ -63,15 +78,22 @@ pub fn merge_to_folder(
         .into_iter()
         .map(|(name, shape)| {
             let module = name.strip_suffix(".weight").map(str::to_string);
-            let adapter_entry = module.and_then(|m| adapter.modules.get(&m));
+            let adapter_entry = module.and_then(|m| modules.get(&m));
             let n = name.clone();
             HostTensor {
                 name,
                 shape,
                 make: Box::new(move || {
-                    let mut w = src.load(&n, DType::F32)?.to_vec::<f32>().map_err(|e| Error::Weights(format!("{n}: {e:?}")))?;
+                    let mut w = src
+                        .load(&n, DType::F32)?
+                        .to_vec::<f32>()
+                        .map_err(|e| Error::Weights(format!("{n}: {e:?}")))?;
                     if let Some((ash, av, bsh, bv, scale)) = adapter_entry {
-                        let d = delta(&(ash.clone(), av.clone()), &(bsh.clone(), bv.clone()), *scale);
+                        let d = delta(
+                            &(ash.clone(), av.clone()),
+                            &(bsh.clone(), bv.clone()),
+                            *scale,
+                        );
                         for (x, y) in w.iter_mut().zip(d) {
                             *x += y;
                         }

@@ -650,7 +650,11 @@ mod valid {
     }
 
     fn norm<B: AutodiffBackend>(n: &RmsNorm<B>) -> RmsNorm<B::InnerBackend> {
-        RmsNorm { weight: n.weight.clone().inner(), eps: n.eps, gemma: n.gemma }
+        RmsNorm {
+            weight: n.weight.clone().inner(),
+            eps: n.eps,
+            gemma: n.gemma,
+        }
     }
 
     impl<B: AutodiffBackend> CausalLm<B> {
@@ -663,12 +667,18 @@ mod valid {
                 .map(|l| DecoderLayer {
                     self_attn: SelfAttention {
                         qkv: match &l.self_attn.qkv {
-                            QkvProj::Split { q_proj, k_proj, v_proj } => QkvProj::Split {
+                            QkvProj::Split {
+                                q_proj,
+                                k_proj,
+                                v_proj,
+                            } => QkvProj::Split {
                                 q_proj: lin(q_proj),
                                 k_proj: lin(k_proj),
                                 v_proj: lin(v_proj),
                             },
-                            QkvProj::Fused { qkv_proj } => QkvProj::Fused { qkv_proj: lin(qkv_proj) },
+                            QkvProj::Fused { qkv_proj } => QkvProj::Fused {
+                                qkv_proj: lin(qkv_proj),
+                            },
                         },
                         o_proj: lin(&l.self_attn.o_proj),
                         q_norm: l.self_attn.q_norm.as_ref().map(norm),
@@ -676,10 +686,13 @@ mod valid {
                     },
                     mlp: Mlp {
                         gate_up: match &l.mlp.gate_up {
-                            GateUpProj::Split { gate_proj, up_proj } => {
-                                GateUpProj::Split { gate_proj: lin(gate_proj), up_proj: lin(up_proj) }
-                            }
-                            GateUpProj::Fused { gate_up_proj } => GateUpProj::Fused { gate_up_proj: lin(gate_up_proj) },
+                            GateUpProj::Split { gate_proj, up_proj } => GateUpProj::Split {
+                                gate_proj: lin(gate_proj),
+                                up_proj: lin(up_proj),
+                            },
+                            GateUpProj::Fused { gate_up_proj } => GateUpProj::Fused {
+                                gate_up_proj: lin(gate_up_proj),
+                            },
                         },
                         down_proj: lin(&l.mlp.down_proj),
                         act: l.mlp.act,

@@ -38,7 +38,11 @@ pub fn open(path: &Path) -> Result<OpenedModel> {
             source: Box::new(source),
         });
     }
-    if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         let source = crate::gguf::GgufSource::open(path)?;
         return Ok(OpenedModel {
             path: path.to_path_buf(),

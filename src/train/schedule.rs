@@ -55,7 +55,13 @@ mod tests {
     fn warmup_then_linear_matches_transformers() {
         // transformers get_linear_schedule_with_warmup(opt, 2, 10) with lr 1.0:
         // [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
-        let s = Schedule { kind: ScheduleKind::Linear, base_lr: 1.0, warmup: 2, total: 10, min_ratio: 0.0 };
+        let s = Schedule {
+            kind: ScheduleKind::Linear,
+            base_lr: 1.0,
+            warmup: 2,
+            total: 10,
+            min_ratio: 0.0,
+        };
         let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125];
         for (i, w) in want.iter().enumerate() {
             close(s.lr(i as u64), *w);
@@ -64,12 +70,24 @@ mod tests {
 
     #[test]
     fn cosine_with_floor() {
-        let s = Schedule { kind: ScheduleKind::Cosine, base_lr: 2.0, warmup: 0, total: 4, min_ratio: 0.1 };
+        let s = Schedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 2.0,
+            warmup: 0,
+            total: 4,
+            min_ratio: 0.1,
+        };
         // progress 0, .25, .5, .75 → 0.5(1+cos(πp)) = 1, 0.8536, 0.5, 0.1464
         close(s.lr(0), 2.0);
         close(s.lr(2), 2.0 * (0.1 + 0.9 * 0.5));
         close(s.lr(1), 2.0 * (0.1 + 0.9 * 0.5 * (1.0 + (PI / 4.0).cos())));
-        let c = Schedule { kind: ScheduleKind::Constant, base_lr: 3.0, warmup: 3, total: 10, min_ratio: 0.0 };
+        let c = Schedule {
+            kind: ScheduleKind::Constant,
+            base_lr: 3.0,
+            warmup: 3,
+            total: 10,
+            min_ratio: 0.0,
+        };
         close(c.lr(1), 1.0);
         close(c.lr(9), 3.0);
     }

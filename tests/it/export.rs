@@ -313,9 +313,25 @@ fn streaming_merge_equals_in_memory_merge() {
         let base = model::open(&fixture(&format!("models/{arch}"))).unwrap();
         let adapter = loratune::lora::peft::read_adapter(&fx.join("adapter")).unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let opts = MergedExportOptions { extra_eos_ids: vec![2], ..Default::default() };
-        loratune::export::merge::merge_to_folder(&base, &adapter, &tmp.path().join("m"), &opts, &|_| Ok(())).unwrap();
-        files_equal(&tmp.path().join("m/model.safetensors"), &fx.join("merged/model.safetensors"));
-        files_equal(&tmp.path().join("m/config.json"), &fx.join("merged/config.json"));
+        let opts = MergedExportOptions {
+            extra_eos_ids: vec![2],
+            ..Default::default()
+        };
+        loratune::export::merge::merge_to_folder(
+            &base,
+            Some(&adapter),
+            &tmp.path().join("m"),
+            &opts,
+            &|_| Ok(()),
+        )
+        .unwrap();
+        files_equal(
+            &tmp.path().join("m/model.safetensors"),
+            &fx.join("merged/model.safetensors"),
+        );
+        files_equal(
+            &tmp.path().join("m/config.json"),
+            &fx.join("merged/config.json"),
+        );
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 mod config;
 mod export;
+mod generate;
 mod hub;
 mod lora;
 mod parity;
