@@ -7,4 +7,5 @@ mod generate;
 mod hub;
 mod lora;
 mod parity;
+mod train;
 mod weights;
