@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod common;
+mod export;
 mod generate;
 mod inspect;
 mod merge;
@@ -25,6 +26,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
     Convert(merge::ConvertArgs),
+    /// Export for llama.cpp / Ollama: a merged GGUF, a GGUF LoRA adapter, or an Ollama folder with a Modelfile.
+    Export(export::ExportArgs),
 }
 
 /// Entry point used by the binary.
@@ -35,5 +38,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::Convert(a) => merge::run_convert(a),
+        Command::Export(a) => export::run(a),
     }
 }

@@ -16,7 +16,7 @@ use crate::model::OpenedModel;
 type Cpu = burn::backend::Flex;
 
 /// scale·B·A (f32, `[out, in]`) on the CPU backend.
-fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> Vec<f32> {
+pub fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> Vec<f32> {
     let device = Default::default();
     let ta = Tensor::<Cpu, 2>::from_data(
         TensorData::new(a.1.clone(), [a.0[0], a.0[1]]),
@@ -33,21 +33,11 @@ fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> 
         .unwrap_or_default()
 }
 
-/// Merge `adapter` into `base` (or, with `None`, convert `base` as it is) and write an HF folder at `out`.
-pub fn merge_to_folder(
-    base: &OpenedModel,
-    adapter: Option<&PeftAdapter>,
-    out: &Path,
-    opts: &MergedExportOptions,
-    fill: &dyn Fn(&Path) -> Result<()>,
-) -> Result<()> {
+/// Check that every module of `adapter` is a linear of the model `cfg` describes, with matching shapes.
+pub fn check_adapter_fits(base: &OpenedModel, adapter: &PeftAdapter) -> Result<()> {
     let cfg = &base.config;
-    check_source(cfg, base.source.as_ref())?;
     let expected = expected_tensors(cfg);
-    let empty = std::collections::BTreeMap::new();
-    let modules = adapter.map(|a| &a.modules).unwrap_or(&empty);
-    // Every adapter module must be a linear of this model with matching shapes.
-    for (path, (ash, _, bsh, _, _)) in modules {
+    for (path, (ash, _, bsh, _, _)) in &adapter.modules {
         let wname = format!("{path}.weight");
         let shape = expected
             .iter()
@@ -73,12 +63,28 @@ pub fn merge_to_folder(
             )));
         }
     }
+    Ok(())
+}
+
+/// Every tensor of `base` in HF naming and layout, produced on demand as f32, with `adapter` (if any) merged
+/// into its target weights: W + scale·B·A in f32.
+pub fn merged_host_tensors<'a>(
+    base: &'a OpenedModel,
+    adapter: Option<&'a PeftAdapter>,
+) -> Result<Vec<HostTensor<'a>>> {
+    let cfg = &base.config;
+    check_source(cfg, base.source.as_ref())?;
+    if let Some(a) = adapter {
+        check_adapter_fits(base, a)?;
+    }
+    let expected = expected_tensors(cfg);
+    let modules = adapter.map(|a| &a.modules);
     let src = base.source.as_ref();
-    let tensors: Vec<HostTensor> = expected
+    Ok(expected
         .into_iter()
         .map(|(name, shape)| {
             let module = name.strip_suffix(".weight").map(str::to_string);
-            let adapter_entry = module.and_then(|m| modules.get(&m));
+            let adapter_entry = module.and_then(|m| modules.and_then(|ms| ms.get(&m)));
             let n = name.clone();
             HostTensor {
                 name,
@@ -102,6 +108,17 @@ pub fn merge_to_folder(
                 }),
             }
         })
-        .collect();
-    write_hf_folder(cfg, tensors, out, opts, fill)
+        .collect())
+}
+
+/// Merge `adapter` into `base` (or, with `None`, convert `base` as it is) and write an HF folder at `out`.
+pub fn merge_to_folder(
+    base: &OpenedModel,
+    adapter: Option<&PeftAdapter>,
+    out: &Path,
+    opts: &MergedExportOptions,
+    fill: &dyn Fn(&Path) -> Result<()>,
+) -> Result<()> {
+    let tensors = merged_host_tensors(base, adapter)?;
+    write_hf_folder(&base.config, tensors, out, opts, fill)
 }

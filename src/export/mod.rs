@@ -1,6 +1,9 @@
-//! Writing results: atomic files and folders, safetensors, merged Hugging Face folders.
+//! Writing results: atomic files and folders, safetensors, merged Hugging Face folders, GGUF (llama.cpp) files
+//! and Ollama folders.
 
 pub mod atomic;
+pub mod gguf;
 pub mod hf;
 pub mod merge;
+pub mod ollama;
 pub mod safetensors;

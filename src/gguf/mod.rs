@@ -6,14 +6,17 @@
 //! - [`tensors`]: llama.cpp ↔ HF tensor names, llama q/k row (un)permutation, Gemma norm offsets.
 //! - [`config`]: `{arch}.*` metadata → [`crate::model::ModelConfig`].
 //! - [`GgufSource`] ([`source`]): a GGUF model as a [`crate::model::TensorSource`].
+//! - [`GgufWriter`] ([`writer`]) and [`quant`]: writing GGUF v3 files (F32, F16, BF16, Q8_0, Q4_0 tensors).
 
 pub mod config;
 pub mod dequant;
+pub mod quant;
 pub mod reader;
 pub mod source;
 pub mod tensors;
 pub mod types;
 pub mod value;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -23,3 +26,4 @@ pub use reader::{GgufFile, TensorInfo};
 pub use source::GgufSource;
 pub use types::GgmlType;
 pub use value::MetaValue;
+pub use writer::{GgufWriter, TensorPayload};

@@ -4,6 +4,7 @@ mod common;
 mod config;
 mod export;
 mod generate;
+mod gguf_export;
 mod hub;
 mod lora;
 mod parity;

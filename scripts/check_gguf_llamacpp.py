@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""External check of loratune's GGUF exports against llama.cpp (not run in CI).
+
+Run through scripts/check_gguf_llamacpp.sh, which builds loratune, makes a venv with llama-cpp-python 0.3.36 (it
+compiles llama.cpp from source), gguf 0.19.0 and safetensors, fetches SmolLM2 and calls this script.
+
+What it does, on SmolLM2-135M-Instruct (models/SmolLM2-135M-Instruct.Q4_1.gguf):
+  1. writes two seeded random PEFT adapters for SmolLM2 (q,k,v,o,gate,up,down, all 30 layers): `std`
+     (r 8, lora_alpha 16) and `rslora` (r 16, lora_alpha 8, use_rslora) — numpy + safetensors, PEFT layout;
+  2. exports with `loratune export`: merged GGUFs of the base (f32, f16, bf16, q8_0, q4_0), merged GGUFs with
+     each adapter (f32, q8_0), GGUF adapters of both (f32), and an Ollama folder;
+  3. greedy decoding of the chat prompt "What is the capital of France? Answer in one sentence.":
+     loratune (`loratune generate --json`, KV-cached decoder) vs llama.cpp (llama-cpp-python, same prompt ids,
+     temp 0 / top_k 1), for every exported file, and for llama.cpp's base + GGUF adapter (`lora_path`) vs
+     loratune's base + PEFT adapter; also checks that llama.cpp tokenizes the rendered prompt into the same ids
+     and applies the GGUF's chat template into the same text;
+  4. reads every metadata key and tensor of every exported GGUF with the `gguf` package's GGUFReader.
+Prints a table and exits non-zero when any comparison fails.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORATUNE = os.environ.get("LORATUNE_BIN", os.path.join(ROOT, "target", "release", "loratune"))
+BASE = os.environ.get("LORATUNE_SMOLLM2_GGUF", os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
+PROMPT = "What is the capital of France? Answer in one sentence."
+MAX_NEW = int(os.environ.get("MAX_NEW_TOKENS", "40"))
+
+# SmolLM2-135M shapes: hidden 576, 9 heads × 64, 3 kv heads, intermediate 1536, 30 layers.
+MODULES = {
+    "self_attn.q_proj": (576, 576),
+    "self_attn.k_proj": (576, 192),
+    "self_attn.v_proj": (576, 192),
+    "self_attn.o_proj": (576, 576),
+    "mlp.gate_proj": (576, 1536),
+    "mlp.up_proj": (576, 1536),
+    "mlp.down_proj": (1536, 576),
+}
+
+
+def make_adapter(path, r, alpha, rslora, seed, b_std):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(30):
+        for mod, (fin, fout) in MODULES.items():
+            key = f"base_model.model.model.layers.{layer}.{mod}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((r, fin)) / np.sqrt(fin)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((fout, r)) * b_std).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(m.split(".")[1] for m in MODULES), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": rslora, "use_dora": False, "modules_to_save": None, "base_model_name_or_path": BASE,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def run(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{p.stderr}")
+    return p
+
+
+def loratune_generate(model, adapter=None):
+    cmd = [LORATUNE, "generate", "--model", model, "--chat", "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW),
+           "--json"]
+    if adapter:
+        cmd += ["--adapter", adapter]
+    return json.loads(run(cmd).stdout)
+
+
+_llms = {}
+
+
+def llama(model, lora=None):
+    from llama_cpp import Llama
+
+    key = (model, lora)
+    if key not in _llms:
+        kw = dict(model_path=model, n_ctx=512, n_threads=os.cpu_count() or 2, verbose=False, seed=0)
+        if lora:
+            kw["lora_path"] = lora
+        _llms.clear()
+        _llms[key] = Llama(**kw)
+    return _llms[key]
+
+
+def llama_generate(model, prompt_ids, stop_ids, lora=None):
+    llm = llama(model, lora)
+    llm.reset()
+    out = []
+    for tok in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(tok))
+        if tok in stop_ids or llm.token_eos() == tok or len(out) >= MAX_NEW:
+            break
+    return out, llm.detokenize(out).decode("utf-8", errors="replace")
+
+
+def gguf_read_all(path):
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    n = 0
+    for k, field in r.fields.items():
+        field.contents()  # decodes every value (arrays included)
+        n += 1
+    for t in r.tensors:
+        assert t.data.nbytes == t.n_bytes, t.name
+    return n, len(r.tensors), r.fields["general.architecture"].contents()
+
+
+def main():
+    if not os.path.isfile(BASE):
+        sys.exit(f"{BASE} missing: run scripts/fetch-smollm2.sh")
+    import llama_cpp
+
+    work = tempfile.mkdtemp(prefix="loratune-llamacpp-")
+    print(f"llama-cpp-python {llama_cpp.__version__}, work dir {work}")
+    ad_std, ad_rs = os.path.join(work, "adapter-std"), os.path.join(work, "adapter-rslora")
+    make_adapter(ad_std, r=8, alpha=16, rslora=False, seed=1, b_std=0.02)
+    make_adapter(ad_rs, r=16, alpha=8, rslora=True, seed=2, b_std=0.02)
+
+    exports = {}
+
+    def export(name, *args):
+        out = os.path.join(work, name)
+        run([LORATUNE, "export", "--model", BASE, *args, "--out", out])
+        exports[name] = out
+        return out
+
+    for t in ["f32", "f16", "bf16", "q8_0", "q4_0"]:
+        export(f"base-{t}.gguf", "--format", "gguf", "--type", t)
+    for ad_name, ad in [("std", ad_std), ("rslora", ad_rs)]:
+        for t in ["f32", "q8_0"]:
+            export(f"merged-{ad_name}-{t}.gguf", "--adapter", ad, "--format", "gguf", "--type", t)
+        export(f"adapter-{ad_name}.gguf", "--adapter", ad, "--format", "gguf-adapter")
+    ollama_dir = os.path.join(work, "ollama")
+    cmd = run([LORATUNE, "export", "--model", BASE, "--adapter", ad_std, "--format", "ollama", "--type", "q8_0",
+               "--out", ollama_dir, "--name", "smollm2-test"]).stdout.strip()
+    exports["ollama/model.gguf"] = os.path.join(ollama_dir, "model.gguf")
+
+    rows = []
+    ok = True
+
+    def compare(label, lt, model, lora=None):
+        nonlocal ok
+        stop = set(lt.get("stop_ids", [])) | {2}
+        ids, text = llama_generate(model, lt["prompt_ids"], stop, lora)
+        same = ids == lt["generated_ids"]
+        ok &= same
+        rows.append((label, same, lt["text"], text))
+
+    ref = loratune_generate(BASE)
+    # llama.cpp's tokenizer and chat template on the original file give loratune's prompt.
+    llm = llama(BASE)
+    tok_ids = llm.tokenize(ref["prompt"].encode(), add_bos=False, special=True)
+    tok_same = tok_ids == ref["prompt_ids"]
+    ok &= tok_same
+    print(f"llama.cpp tokenizes loratune's rendered prompt into the same {len(tok_ids)} ids: {tok_same}")
+    compare("original Q4_1 (no export)", ref, BASE)
+    for t in ["f32", "f16", "bf16", "q8_0", "q4_0"]:
+        p = exports[f"base-{t}.gguf"]
+        compare(f"export {t}", loratune_generate(p), p)
+    for ad_name, ad in [("std", ad_std), ("rslora", ad_rs)]:
+        lt = loratune_generate(BASE, ad)
+        changed = lt["generated_ids"] != ref["generated_ids"]
+        print(f"adapter {ad_name} changes loratune's completion: {changed} -> {lt['text']!r}")
+        compare(f"merged {ad_name} f32 vs loratune base+adapter", lt, exports[f"merged-{ad_name}-f32.gguf"])
+        compare(f"base f32 + GGUF adapter {ad_name} vs loratune base+adapter", lt, exports["base-f32.gguf"],
+                exports[f"adapter-{ad_name}.gguf"])
+        p = exports[f"merged-{ad_name}-q8_0.gguf"]
+        compare(f"merged {ad_name} q8_0 (both read the file)", loratune_generate(p), p)
+    p = exports["ollama/model.gguf"]
+    compare("ollama folder model.gguf (q8_0, std adapter)", loratune_generate(p), p)
+
+    # llama.cpp's own chat-template handling of an exported file.
+    llm = llama(exports["base-f32.gguf"])
+    chat = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPT}], temperature=0.0, top_k=1,
+                                      max_tokens=MAX_NEW)
+    chat_text = chat["choices"][0]["message"]["content"]
+    chat_same = chat_text.strip() == ref["text"].replace("<|im_end|>", "").strip()
+    ok &= chat_same
+    print(f"llama.cpp create_chat_completion on export f32 (GGUF chat template): {chat_text!r} == loratune: {chat_same}")
+
+    print()
+    print(f"{'case':62s} {'same ids':8s}  loratune | llama.cpp")
+    for label, same, a, b in rows:
+        print(f"{label:62s} {str(same):8s}  {a!r} | {b!r}")
+    print()
+    for name, path in exports.items():
+        n_kv, n_t, arch = gguf_read_all(path)
+        print(f"gguf.GGUFReader {name:28s} {n_kv:3d} keys, {n_t:3d} tensors, arch {arch}")
+    with open(os.path.join(ollama_dir, "Modelfile")) as f:
+        print("\nModelfile:\n" + f.read())
+    print(cmd)
+    print("\nALL MATCH" if ok else "\nMISMATCH")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+//! `loratune export`: a merged GGUF (`--format gguf`), a GGUF LoRA adapter (`--format gguf-adapter`) or an
+//! Ollama folder (`--format ollama`: GGUF + Modelfile, and the `ollama create` command to run).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::export::atomic::AtomicDir;
+use crate::export::gguf::{
+    export_gguf, export_gguf_adapter, tokenizer_metadata, GgufExportOptions, GgufExportReport,
+    GgufType,
+};
+use crate::export::ollama::{create_command, modelfile_for, write_modelfile, TemplateFamily};
+use crate::lora::peft::{read_adapter, PeftAdapter};
+use crate::model::{self, OpenedModel};
+use crate::tokenizer::load_for_model;
+
+/// What `export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// One GGUF file with the adapter merged in (llama.cpp, Ollama, LM Studio, ...).
+    Gguf,
+    /// A GGUF LoRA adapter for llama.cpp's `--lora` / Ollama's `ADAPTER` (needs --adapter).
+    GgufAdapter,
+    /// A folder with the GGUF(s) and an Ollama Modelfile.
+    Ollama,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// The base model: a Hugging Face folder or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// Output path: a .gguf file (gguf, gguf-adapter) or a folder (ollama); replaced atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight type: f32, f16, bf16, q8_0 or q4_0 (default: f16 for models, f32 for adapters; norms and other
+    /// 1-D tensors stay f32).
+    #[arg(long = "type")]
+    pub out_type: Option<String>,
+    /// Model name (`general.name`; for ollama also the name in the `ollama create` command).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// ollama: the chat-template family when it cannot be detected (chatml, llama3, gemma, phi3, mistral).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// ollama: write the base GGUF and a GGUF adapter (`ADAPTER` line) instead of one merged GGUF.
+    #[arg(long)]
+    pub separate_adapter: bool,
+}
+
+fn print_report(path: &Path, r: &GgufExportReport) {
+    let types: Vec<String> = r
+        .summary
+        .types
+        .iter()
+        .map(|(t, n)| format!("{n}×{t}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({:.1} MB, {} tensors: {})",
+        path.display(),
+        r.summary.bytes as f64 / 1e6,
+        r.summary.tensors,
+        types.join(", ")
+    );
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+}
+
+fn load_adapter(a: &Option<PathBuf>) -> Result<Option<PeftAdapter>> {
+    a.as_ref()
+        .map(|p| read_adapter(p).with_context(|| format!("reading adapter {}", p.display())))
+        .transpose()
+}
+
+fn ensure_parent(p: &Path) -> Result<()> {
+    if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if p.is_dir() {
+        bail!(
+            "--out {} is a folder; give a file path ending in .gguf",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+fn merged(
+    base: &OpenedModel,
+    adapter: Option<&PeftAdapter>,
+    model_path: &Path,
+    dest: &Path,
+    shown: &Path,
+    opts: &GgufExportOptions,
+) -> Result<()> {
+    let tok = tokenizer_metadata(model_path, &base.config)
+        .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
+    let r = export_gguf(base, adapter, tok, dest, opts)?;
+    print_report(shown, &r);
+    Ok(())
+}
+
+pub fn run(a: ExportArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
+        bail!("--out must differ from the base model location");
+    }
+    let default_type = if a.format == ExportFormat::GgufAdapter {
+        "f32"
+    } else {
+        "f16"
+    };
+    let out_type = GgufType::parse(a.out_type.as_deref().unwrap_or(default_type))?;
+    if a.format != ExportFormat::Ollama && (a.template.is_some() || a.separate_adapter) {
+        bail!("--template and --separate-adapter apply to --format ollama only");
+    }
+    let base = model::open(&a.model)?;
+    let adapter = load_adapter(&a.adapter)?;
+    let opts = GgufExportOptions {
+        out_type,
+        name: a.name.clone(),
+    };
+    match a.format {
+        ExportFormat::Gguf => {
+            ensure_parent(&a.out)?;
+            merged(&base, adapter.as_ref(), &a.model, &a.out, &a.out, &opts)?;
+        }
+        ExportFormat::GgufAdapter => {
+            let Some(ad) = adapter.as_ref() else {
+                bail!("--format gguf-adapter needs --adapter DIR (a PEFT adapter folder)");
+            };
+            ensure_parent(&a.out)?;
+            let r = export_gguf_adapter(&base, ad, &a.out, &opts)?;
+            print_report(&a.out, &r);
+        }
+        ExportFormat::Ollama => {
+            let family = a
+                .template
+                .as_deref()
+                .map(TemplateFamily::parse)
+                .transpose()?;
+            if a.separate_adapter && adapter.is_none() {
+                bail!("--separate-adapter needs --adapter DIR");
+            }
+            let tok = load_for_model(&a.model)
+                .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;
+            let staging = AtomicDir::create(&a.out)?;
+            let dir = staging.path().to_path_buf();
+            let (from, adapter_file) = if a.separate_adapter {
+                merged(
+                    &base,
+                    None,
+                    &a.model,
+                    &dir.join("base.gguf"),
+                    &a.out.join("base.gguf"),
+                    &opts,
+                )?;
+                let ad_opts = GgufExportOptions {
+                    out_type: GgufType::parse(a.out_type.as_deref().unwrap_or("f32"))?,
+                    name: a.name.clone(),
+                };
+                let ad = adapter.as_ref().context("adapter present")?;
+                let r = export_gguf_adapter(&base, ad, &dir.join("adapter.gguf"), &ad_opts)?;
+                print_report(&a.out.join("adapter.gguf"), &r);
+                ("./base.gguf", Some("./adapter.gguf"))
+            } else {
+                merged(
+                    &base,
+                    adapter.as_ref(),
+                    &a.model,
+                    &dir.join("model.gguf"),
+                    &a.out.join("model.gguf"),
+                    &opts,
+                )?;
+                ("./model.gguf", None)
+            };
+            let mf = modelfile_for(&tok, family, from, adapter_file)?;
+            write_modelfile(&dir, &mf)?;
+            staging.commit()?;
+            let name = a.name.clone().unwrap_or_else(|| {
+                a.out
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_lowercase())
+                    .unwrap_or_else(|| "loratune-model".into())
+            });
+            eprintln!(
+                "wrote {} (Modelfile: {} template, {} stop token(s){})",
+                a.out.display(),
+                mf.family.name(),
+                mf.stops.len(),
+                if mf.system.is_some() {
+                    ", default system prompt"
+                } else {
+                    ""
+                }
+            );
+            println!("{}", create_command(&name, &a.out.join("Modelfile")));
+        }
+    }
+    eprintln!("done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
