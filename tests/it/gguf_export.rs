@@ -700,3 +700,90 @@ fn smollm2_modelfile() {
         .to_string();
     assert!(e.contains("--template"), "{e}");
 }
+
+/// An in-memory model (what training produces) exported with `export_gguf_model` reproduces llama.cpp's file for
+/// the permuted `llama` architecture and for qwen2, and its logits round-trip exactly.
+#[test]
+fn in_memory_model_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = vec![1, 5, 9, 2, 33, 60, 7, 0, 63, 17];
+    for v in ["llama", "qwen2"] {
+        let src = family_gguf(v);
+        let m = model::open(&src).unwrap();
+        let device = Default::default();
+        let lm = CausalLm::<B>::load(m.config, m.source.as_ref(), &device, DType::F32).unwrap();
+        let want = GgufFile::open(&src).unwrap();
+        let out = dir.path().join(format!("{v}.gguf"));
+        loratune::export::gguf::export_gguf_model(
+            &lm,
+            gguf_tokenizer_metadata(&want),
+            &out,
+            &opts(GgufType::F32),
+        )
+        .unwrap();
+        let got = GgufFile::open(&out).unwrap();
+        assert_same_tensors(&got, &want, v);
+        assert_eq!(max_abs_diff(&logits(&out, &ids), &logits(&src, &ids)), 0.0);
+    }
+}
+
+/// `loratune export --format ollama` end to end (the binary): folder with model.gguf and Modelfile, the
+/// `ollama create` command on stdout; the GGUF carries the converted tokenizer and chat template.
+#[test]
+fn cli_export_ollama_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qwen2-ollama");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+        .args(["export", "--model"])
+        .arg(fixture("models/qwen2"))
+        .arg("--adapter")
+        .arg(fixture("adapters/qwen2"))
+        .args([
+            "--format",
+            "ollama",
+            "--type",
+            "q8_0",
+            "--name",
+            "tiny-qwen",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        stdout.trim(),
+        format!(
+            "ollama create tiny-qwen -f {}",
+            out.join("Modelfile").display()
+        )
+    );
+    let mf = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(mf.starts_with("FROM ./model.gguf\n"), "{mf}");
+    assert!(mf.contains("PARAMETER stop \"<|im_end|>\""));
+    let f = GgufFile::open(&out.join("model.gguf")).unwrap();
+    assert_eq!(f.architecture().unwrap(), "qwen2");
+    assert_eq!(
+        f.get("general.name").and_then(|v| v.as_str()),
+        Some("tiny-qwen")
+    );
+    assert_eq!(f.get("general.file_type").and_then(|v| v.as_u64()), Some(7));
+    assert!(f.get("tokenizer.chat_template").is_some());
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        2,
+        "only model.gguf and Modelfile"
+    );
+    // gguf-adapter without --adapter is a usage error naming the flag.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+        .args(["export", "--model"])
+        .arg(fixture("models/qwen2"))
+        .args(["--format", "gguf-adapter", "--out"])
+        .arg(dir.path().join("a.gguf"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--adapter"));
+}
