@@ -4,6 +4,7 @@
 //! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
 //! [`generate`] (sampling) and [`cli`].
 
+pub mod data;
 pub mod error;
 pub mod gguf;
 pub mod model;

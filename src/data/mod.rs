@@ -1,0 +1,351 @@
+//! The data path: dataset files → rendered, tokenized, masked samples → packed or padded batches.
+//!
+//! # Using it
+//! ```text
+//! let data = DataPipeline::new(train_sources, eval_sources, options, builder, cache_dir)?; // returns at once
+//! // ... load the model while the data is prepared on a background thread ...
+//! let steps = data.batches_in_epoch(0)?;            // waits for preparation
+//! let mut loader = data.train_loader(None)?;       // or Some(&state_from_checkpoint)
+//! for batch in loader.by_ref().take(steps) { let batch = batch?; /* forward/backward */ }
+//! let state = loader.state();                      // store in the checkpoint
+//! for batch in data.eval_batches()? { ... }
+//! ```
+//!
+//! # Design
+//! **Sources** ([`source`]): files, folders and globs of JSONL / JSON arrays / CSV / TSV / Parquet are read as a
+//! stream of records (JSON objects). JSONL is read line by line (exact line numbers in errors), a JSON array
+//! element by element, CSV/Parquet through a polars streaming scan that hands over batches on a bounded channel.
+//!
+//! **Records → samples** ([`rows`], [`render`]): each record is validated for its format (alpaca, chat,
+//! completion, text; field names and role mapping configurable). A bad record is an error naming the file,
+//! line/row, field and fix — or, with `on_bad_row: skip`, skipped and counted per reason. Chat records are
+//! rendered with the chat template, trained spans come from the template (generation blocks or prefix renders,
+//! never a search for the response text), the text is tokenized once without special tokens (no double BOS),
+//! and tokens are marked trained through the tokenizer's byte offsets. The end-of-turn token of a trained turn
+//! is trained; padding is masked by position, never by comparing ids, so pad = eos cannot unlabel an EOS.
+//!
+//! **Preparation and the token cache** ([`cache`]): a background thread streams records in chunks of
+//! `chunk_rows` (a reader thread fills a 2-chunk channel; chunks are rendered and tokenized in parallel with
+//! rayon) and appends each sample to an on-disk cache — token ids, trained flags and a fixed-size index entry —
+//! keyed by a hash of the files (path, size, mtime), dataset entries, tokenizer, template and the
+//! tokenization options. Memory is bounded by a few chunks plus a 12-byte-per-sample index in RAM when reading;
+//! the tokens themselves are memory-mapped, so a dataset larger than RAM works, and a second run (or `data
+//! stats` followed by `train`) reuses the cache. Long samples are dropped or truncated per `truncation`, with
+//! counts.
+//!
+//! Training starts when preparation has finished: the learning-rate schedule, the progress bar and the
+//! validation split need the exact number of samples and batches, which only a complete pass knows. The
+//! trainer overlaps preparation with loading the model, and a cached dataset is ready at once.
+//!
+//! **Order, split, batches** ([`loader`]): a seeded permutation picks the validation samples
+//! (`val_set_size`), each epoch shuffles the training samples with ChaCha8 (seed, stream = epoch), per-dataset
+//! weights repeat or subsample entries, and rows are formed either by first-fit packing (positions restart at
+//! 0 in each sample, segment ids keep attention inside samples, each sample's first token is never a label) or
+//! one sample per row, length-bucketed and right-padded. The stream position is (epoch, batch):
+//! [`LoaderState`] serialises it and [`DataPipeline::train_loader`] resumes at exactly the same batch.
+
+pub mod cache;
+pub mod loader;
+pub mod options;
+pub mod render;
+pub mod report;
+pub mod rows;
+pub mod source;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+pub use cache::{CacheMeta, Counts, Progress, TokenCache};
+pub use loader::{Batch, EpochPlan, LoaderState, Prepared, TrainLoader, IGNORE_INDEX};
+pub use options::{
+    DataFormat, DataOptions, DatasetSource, FileKind, OnBadRow, PropertyMappings, Truncation,
+};
+pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TextTokenizer};
+pub use report::{DataStats, PreviewItem};
+pub use rows::{BadRow, BadRowKind, Example, RowParser};
+
+use crate::error::{Error, Result};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    /// Other fields of the message (passed to the template).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// A group of datasets (train or eval) ready to be read.
+#[derive(Clone)]
+struct Group {
+    sources: Vec<DatasetSource>,
+    files: Vec<Vec<source::ResolvedFile>>,
+    parsers: Vec<RowParser>,
+}
+
+impl Group {
+    fn new(sources: Vec<DatasetSource>) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut parsers = Vec::new();
+        for s in &sources {
+            files.push(source::resolve(s)?);
+            parsers.push(RowParser::new(s)?);
+            if let Some(w) = s.weight {
+                if !w.is_finite() || w < 0.0 {
+                    return Err(Error::Data(format!(
+                        "dataset {}: weight {w} must be a number ≥ 0 (1 = use every sample once per epoch)",
+                        s.path
+                    )));
+                }
+            }
+        }
+        Ok(Group {
+            sources,
+            files,
+            parsers,
+        })
+    }
+}
+
+/// The data pipeline: prepares the datasets on a background thread and serves batches.
+pub struct DataPipeline {
+    options: DataOptions,
+    builder: SampleBuilder,
+    train: Group,
+    cache_dir: PathBuf,
+    progress: Arc<Progress>,
+    job: Mutex<Option<JoinHandle<Result<Prepared>>>>,
+    ready: OnceLock<std::result::Result<Arc<Prepared>, String>>,
+}
+
+impl Drop for DataPipeline {
+    fn drop(&mut self) {
+        self.progress
+            .cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl DataPipeline {
+    /// Check the datasets and options (files exist, fields and roles make sense, a template exists for chat
+    /// data) and start preparing them in the background. `eval` = separate evaluation datasets (exclusive
+    /// with `val_set_size`).
+    pub fn new(
+        train: Vec<DatasetSource>,
+        eval: Vec<DatasetSource>,
+        options: DataOptions,
+        builder: SampleBuilder,
+        cache_dir: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        options.validate()?;
+        if train.is_empty() {
+            return Err(Error::Data(
+                "no datasets: add at least one entry under `datasets:`".into(),
+            ));
+        }
+        if !eval.is_empty() && options.val_split_kind()? != options::ValSplit::None {
+            return Err(Error::Data(
+                "both evaluation datasets and val_set_size are set; use one of them (set val_set_size: 0 to \
+                 evaluate on the separate datasets)"
+                    .into(),
+            ));
+        }
+        let needs_template = train
+            .iter()
+            .chain(&eval)
+            .any(|s| s.format == DataFormat::Chat);
+        if needs_template && builder.template.is_none() {
+            return Err(Error::Data(
+                "chat datasets need a chat template, and the tokenizer has none; set `chat_template:` to a \
+                 built-in name (chatml, llama3, mistral, gemma, phi3) or to the template text"
+                    .into(),
+            ));
+        }
+        let train_g = Group::new(train)?;
+        let eval_g = if eval.is_empty() {
+            None
+        } else {
+            Some(Group::new(eval)?)
+        };
+        let cache_dir = cache_dir.into();
+        let progress = Arc::new(Progress::default());
+        let job = {
+            let (options, builder, train_g, dir, progress) = (
+                options.clone(),
+                builder.clone(),
+                train_g.clone(),
+                cache_dir.clone(),
+                progress.clone(),
+            );
+            std::thread::Builder::new()
+                .name("loratune-data-prepare".into())
+                .spawn(move || {
+                    prepare(
+                        &options,
+                        &builder,
+                        &train_g,
+                        eval_g.as_ref(),
+                        &dir,
+                        &progress,
+                    )
+                })
+                .map_err(|e| Error::io(&cache_dir, e))?
+        };
+        Ok(DataPipeline {
+            options,
+            builder,
+            train: train_g,
+            cache_dir,
+            progress,
+            job: Mutex::new(Some(job)),
+            ready: OnceLock::new(),
+        })
+    }
+
+    /// Live counters of the preparation.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &DataOptions {
+        &self.options
+    }
+
+    /// Where caches are kept.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// Whether preparation has finished (successfully or not).
+    pub fn is_ready(&self) -> bool {
+        if self.ready.get().is_some() {
+            return true;
+        }
+        match self.job.lock() {
+            Ok(g) => g.as_ref().is_none_or(|h| h.is_finished()),
+            Err(_) => true,
+        }
+    }
+
+    /// Wait for preparation and return the prepared data.
+    pub fn prepared(&self) -> Result<Arc<Prepared>> {
+        let r = self.ready.get_or_init(|| {
+            let handle = match self.job.lock() {
+                Ok(mut g) => g.take(),
+                Err(_) => None,
+            };
+            match handle {
+                None => Err("data preparation did not run".to_string()),
+                Some(h) => match h.join() {
+                    Ok(Ok(p)) => Ok(Arc::new(p)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the data preparation thread panicked".to_string()),
+                },
+            }
+        });
+        r.clone().map_err(Error::Data)
+    }
+
+    /// A training loader at `state` (None = the start).
+    pub fn train_loader(&self, state: Option<&LoaderState>) -> Result<TrainLoader> {
+        TrainLoader::new(self.prepared()?, state)
+    }
+
+    /// Batches in training epoch `epoch` (it can vary between epochs with packing or fractional weights).
+    pub fn batches_in_epoch(&self, epoch: u64) -> Result<usize> {
+        Ok(self.prepared()?.epoch_plan(epoch).batches())
+    }
+
+    /// The evaluation batches, in data order (empty without a split or eval datasets).
+    pub fn eval_batches(&self) -> Result<impl Iterator<Item = Result<Batch>>> {
+        let p = self.prepared()?;
+        let plan = p.eval_plan();
+        let n = plan.as_ref().map(|pl| pl.batches()).unwrap_or(0);
+        Ok((0..n).map(move |b| {
+            let plan = plan
+                .as_ref()
+                .ok_or_else(|| Error::Data("no evaluation data".into()))?;
+            let cache = p
+                .eval_cache
+                .as_ref()
+                .ok_or_else(|| Error::Data("no evaluation data".into()))?;
+            p.make_batch(cache, &plan.batch_rows(b), 0, b as u64)
+        }))
+    }
+
+    /// Statistics of the prepared data.
+    pub fn stats(&self) -> Result<DataStats> {
+        report::stats(&*self.prepared()?)
+    }
+
+    /// The first `n` records of the training datasets, rendered with their trained tokens marked (does not wait
+    /// for preparation).
+    pub fn preview(&self, n: usize) -> Result<Vec<PreviewItem>> {
+        report::preview(
+            &self.train.sources,
+            &self.train.files,
+            &self.train.parsers,
+            &self.builder,
+            &self.options,
+            n,
+        )
+    }
+}
+
+fn prepare(
+    options: &DataOptions,
+    builder: &SampleBuilder,
+    train: &Group,
+    eval: Option<&Group>,
+    cache_dir: &Path,
+    progress: &Progress,
+) -> Result<Prepared> {
+    let template_fp = builder
+        .template
+        .as_ref()
+        .map(|t| t.fingerprint())
+        .unwrap_or_default();
+    let build_group = |g: &Group| -> Result<Arc<TokenCache>> {
+        let inputs = cache::CacheInputs {
+            sources: &g.sources,
+            files: &g.files,
+            builder,
+            template_fingerprint: template_fp.clone(),
+            options,
+        };
+        let dir = cache::build(&inputs, &g.parsers, cache_dir, progress)?;
+        Ok(Arc::new(TokenCache::open(&dir)?))
+    };
+    let train_cache = build_group(train)?;
+    let eval_cache = match eval {
+        Some(g) => Some(build_group(g)?),
+        None => None,
+    };
+    let weights = train
+        .sources
+        .iter()
+        .map(|s| s.weight.unwrap_or(1.0))
+        .collect();
+    Prepared::new(
+        train_cache,
+        eval_cache,
+        weights,
+        options.clone(),
+        builder.tok.pad_id,
+    )
+}
