@@ -69,6 +69,18 @@ pub use rows::{BadRow, BadRowKind, Example, RowParser};
 
 use crate::error::{Error, Result};
 
+/// The default token-cache folder: `$XDG_CACHE_HOME/loratune/data`, else `~/.cache/loratune/data`, else
+/// `.loratune-cache/data` in the current folder.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("loratune/data");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".cache/loratune/data");
+    }
+    PathBuf::from(".loratune-cache/data")
+}
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {

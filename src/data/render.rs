@@ -10,7 +10,9 @@
 //!   where `render(messages[..=i])` ends, minus trailing whitespace (the newline a template writes after the
 //!   end-of-turn token is not something the model generates). Every prefix must be a true prefix of the next
 //!   and of the full text; a template that rewrites earlier turns depending on what follows fails with a clear
-//!   error instead of producing silently wrong masks.
+//!   error instead of producing silently wrong masks. One exception is recognised: a template that writes
+//!   `eos_token` after the last message only when no generation prompt follows (Phi-3); that closing EOS is
+//!   part of neither turn.
 //!
 //! The text is tokenized once, without special tokens (a template writes BOS itself: no double BOS), and a
 //! token is trained when its byte range overlaps a trained span (the tokenizer's offsets). Alpaca, completion and
@@ -249,6 +251,29 @@ impl SampleBuilder {
                 return Ok(mk(full, spans));
             }
         }
+        // Some templates (Phi-3) write EOS after the last message unless a generation prompt follows: that
+        // closing EOS belongs to the conversation, not to the last turn, and is absent from longer prefixes.
+        let eos = self
+            .tok
+            .eos
+            .as_ref()
+            .map(|e| e.text.as_str())
+            .filter(|e| !e.is_empty());
+        let strip_closing = |t: &str| -> Option<usize> {
+            let e = eos?;
+            t.ends_with(e).then(|| t.len() - e.len())
+        };
+        let body_end = match strip_closing(&full) {
+            Some(cut) => {
+                let with_gen = tpl.render(messages, true).map_err(tmpl_err)?;
+                if !with_gen.starts_with(full.as_str()) && with_gen.starts_with(&full[..cut]) {
+                    cut
+                } else {
+                    full.len()
+                }
+            }
+            None => full.len(),
+        };
         let mut spans = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             if !trained.get(i).copied().unwrap_or(false) {
@@ -264,14 +289,21 @@ impl SampleBuilder {
                     "the text before the turn is not a prefix of the text through the turn",
                 ));
             }
-            if !full.starts_with(&through) {
-                return Err(not_incremental(
-                    i,
-                    "the text through the turn is not a prefix of the whole conversation",
-                ));
-            }
+            let end = if full.starts_with(&through) {
+                through.len().min(body_end)
+            } else {
+                match strip_closing(&through) {
+                    Some(cut) if cut >= before.len() && full.starts_with(&through[..cut]) => cut,
+                    _ => {
+                        return Err(not_incremental(
+                            i,
+                            "the text through the turn is not a prefix of the whole conversation",
+                        ))
+                    }
+                }
+            };
             let start = before.len();
-            let trimmed = through[start..].trim_end();
+            let trimmed = full.get(start..end.max(start)).unwrap_or("").trim_end();
             let end = start + trimmed.len();
             if end > start {
                 spans.push(start..end);

@@ -324,6 +324,24 @@ impl PreviewItem {
     }
 }
 
+/// Render the first `n` records of `sources` (in file order) with their labels, without preparing anything.
+pub fn preview_sources(
+    sources: &[DatasetSource],
+    builder: &SampleBuilder,
+    options: &DataOptions,
+    n: usize,
+) -> Result<Vec<PreviewItem>> {
+    let files = sources
+        .iter()
+        .map(super::source::resolve)
+        .collect::<Result<Vec<_>>>()?;
+    let parsers = sources
+        .iter()
+        .map(RowParser::new)
+        .collect::<Result<Vec<_>>>()?;
+    preview(sources, &files, &parsers, builder, options, n)
+}
+
 /// Render the first `n` records of the datasets (in file order) with their labels.
 pub fn preview(
     sources: &[DatasetSource],
