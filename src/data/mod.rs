@@ -47,6 +47,8 @@
 pub mod cache;
 pub mod loader;
 pub mod options;
+#[cfg(test)]
+mod parity;
 pub mod render;
 pub mod report;
 pub mod rows;
@@ -81,25 +83,7 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(".loratune-cache/data")
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-    /// Other fields of the message (passed to the template).
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-            extra: serde_json::Map::new(),
-        }
-    }
-}
+pub use crate::tokenizer::Message;
 
 /// A group of datasets (train or eval) ready to be read.
 #[derive(Clone)]

@@ -40,6 +40,55 @@ pub trait ChatRenderer: Send + Sync {
     fn fingerprint(&self) -> String;
 }
 
+impl ChatRenderer for crate::tokenizer::ChatTemplate {
+    fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        crate::tokenizer::ChatTemplate::render(self, messages, add_generation_prompt)
+    }
+    fn render_generation_spans(
+        &self,
+        messages: &[Message],
+    ) -> Result<Option<(String, Vec<Range<usize>>)>> {
+        if !self.has_generation_blocks() {
+            return Ok(None);
+        }
+        self.render_with_spans(messages, false).map(Some)
+    }
+    fn fingerprint(&self) -> String {
+        format!(
+            "{}\u{0}{:?}\u{0}{:?}",
+            self.source(),
+            self.bos_token(),
+            self.eos_token()
+        )
+    }
+}
+
+/// The chat template to use: `override_` (a built-in name such as `chatml`, or Jinja text) or else the
+/// tokenizer's own `own` template; either is rendered with the tokenizer's BOS/EOS strings.
+pub fn select_template(
+    override_: Option<&str>,
+    own: Option<&str>,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<Option<crate::tokenizer::ChatTemplate>> {
+    use crate::tokenizer::ChatTemplate;
+    match override_.map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => {
+            if let Ok(src) = ChatTemplate::builtin_source(t) {
+                return ChatTemplate::new(src, bos, eos).map(Some);
+            }
+            if t.contains("{%") || t.contains("{{") {
+                return ChatTemplate::new(t, bos, eos).map(Some);
+            }
+            Err(Error::Data(format!(
+                "chat_template `{t}` is neither a built-in template ({}) nor Jinja template text",
+                crate::tokenizer::BUILTIN_TEMPLATES.join(", ")
+            )))
+        }
+        None => own.map(|src| ChatTemplate::new(src, bos, eos)).transpose(),
+    }
+}
+
 /// A special token: its text and id.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SpecialToken {
