@@ -1216,3 +1216,201 @@ fn eval_batches_come_from_the_split_in_data_order() {
         .sum();
     assert_eq!(train_samples, 15);
 }
+
+#[test]
+fn packed_text_samples_never_predict_across_the_boundary() {
+    // Raw text trains every token, so without the first-token rule the last position of one packed sample
+    // would be trained to predict the first token of the next.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = String::new();
+    for i in 0..30 {
+        s.push_str(&serde_json::json!({"text": format!("sample {i} says hello")}).to_string());
+        s.push('\n');
+    }
+    let f = write(dir.path(), "t.jsonl", &s);
+    let o = DataOptions {
+        sample_packing: true,
+        micro_batch_size: 2,
+        sequence_len: 64,
+        ..opts()
+    };
+    let p = pipeline(
+        vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Text)],
+        o,
+        &dir.path().join("c"),
+    );
+    let prep = p.prepared().unwrap();
+    let mut boundaries = 0;
+    for b in p
+        .train_loader(None)
+        .unwrap()
+        .take(prep.epoch_plan(0).batches())
+    {
+        let b = b.unwrap();
+        let seg = b.tokens.segment_ids.clone().unwrap();
+        let targets = crate::data::tests::shift(&b.labels, b.tokens.batch, b.tokens.seq);
+        for r in 0..b.tokens.batch {
+            for i in 0..b.tokens.seq - 1 {
+                let (a, c) = (r * b.tokens.seq + i, r * b.tokens.seq + i + 1);
+                if seg[a] != seg[c] {
+                    boundaries += 1;
+                    assert_eq!(
+                        targets[a], IGNORE_INDEX,
+                        "position {i} of row {r} predicts across a sample boundary"
+                    );
+                } else if b.tokens.attention_mask[c] {
+                    assert_ne!(
+                        targets[a], IGNORE_INDEX,
+                        "text samples train every next token"
+                    );
+                }
+            }
+        }
+    }
+    assert!(boundaries > 10);
+}
+
+/// Next-token targets as the loss uses them (`labels[i+1]` per row; last position ignored).
+pub(crate) fn shift(labels: &[i64], batch: usize, seq: usize) -> Vec<i64> {
+    let mut t = vec![IGNORE_INDEX; batch * seq];
+    for r in 0..batch {
+        for i in 0..seq.saturating_sub(1) {
+            t[r * seq + i] = labels[r * seq + i + 1];
+        }
+    }
+    t
+}
+
+#[test]
+fn separate_eval_datasets_are_prepared_and_batched() {
+    let dir = tempfile::tempdir().unwrap();
+    let tr = chat_jsonl(dir.path(), "train.jsonl", 12);
+    let ev = chat_jsonl(dir.path(), "eval.jsonl", 5);
+    let o = DataOptions {
+        micro_batch_size: 2,
+        ..opts()
+    };
+    let p = DataPipeline::new(
+        vec![DatasetSource::new(tr.to_string_lossy(), DataFormat::Chat)],
+        vec![DatasetSource::new(ev.to_string_lossy(), DataFormat::Chat)],
+        o.clone(),
+        chat_builder(3),
+        dir.path().join("c"),
+    )
+    .unwrap();
+    let eval: Vec<Batch> = p.eval_batches().unwrap().map(|b| b.unwrap()).collect();
+    assert_eq!(eval.len(), 3);
+    assert_eq!(eval.iter().map(|b| b.samples).sum::<usize>(), 5);
+    let st = p.stats().unwrap();
+    assert_eq!((st.train_samples, st.eval_samples), (12, 5));
+    assert_eq!(st.eval_counts.unwrap().records, 5);
+    // Both a split and eval datasets is refused.
+    let err = DataPipeline::new(
+        vec![DatasetSource::new(tr.to_string_lossy(), DataFormat::Chat)],
+        vec![DatasetSource::new(ev.to_string_lossy(), DataFormat::Chat)],
+        DataOptions {
+            val_set_size: 0.1,
+            ..o
+        },
+        chat_builder(3),
+        dir.path().join("c"),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("val_set_size"));
+}
+
+#[test]
+fn missing_files_and_bad_options_fail_before_preparation() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = |src: DatasetSource, o: DataOptions| {
+        DataPipeline::new(vec![src], vec![], o, chat_builder(3), dir.path().join("c"))
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let msg = e(
+        DatasetSource::new("nope/missing.jsonl", DataFormat::Chat),
+        opts(),
+    );
+    assert!(
+        msg.contains("nope/missing.jsonl") && msg.contains("no such file"),
+        "{msg}"
+    );
+    let msg = e(DatasetSource::new("nope/*.jsonl", DataFormat::Chat), opts());
+    assert!(msg.contains("matches no files"), "{msg}");
+    let f = chat_jsonl(dir.path(), "d.jsonl", 3);
+    let msg = e(
+        DatasetSource::new(f.to_string_lossy(), DataFormat::Chat),
+        DataOptions {
+            val_set_size: 2.5,
+            ..opts()
+        },
+    );
+    assert!(msg.contains("whole number"), "{msg}");
+    let mut src = DatasetSource::new(f.to_string_lossy(), DataFormat::Chat);
+    src.roles_to_train = Some(vec!["assitant".into()]);
+    let msg = e(src, opts());
+    assert!(
+        msg.contains("roles_to_train") && msg.contains("assitant"),
+        "{msg}"
+    );
+    let txt = write(dir.path(), "d.txt", "hello");
+    let msg = e(
+        DatasetSource::new(txt.to_string_lossy(), DataFormat::Text),
+        opts(),
+    );
+    assert!(
+        msg.contains("unsupported file extension") && msg.contains("ds_type"),
+        "{msg}"
+    );
+    // A chat dataset without any template.
+    let b = SampleBuilder {
+        template: None,
+        ..chat_builder(3)
+    };
+    let msg = DataPipeline::new(
+        vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Chat)],
+        vec![],
+        opts(),
+        b,
+        dir.path().join("c"),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(msg.contains("chat_template"), "{msg}");
+}
+
+#[test]
+fn globs_and_folders_resolve_sorted() {
+    let dir = tempfile::tempdir().unwrap();
+    chat_jsonl(dir.path(), "b.jsonl", 2);
+    chat_jsonl(dir.path(), "a.jsonl", 3);
+    write(dir.path(), "notes.md", "x");
+    let by_glob = source::resolve(&DatasetSource::new(
+        format!("{}/*.jsonl", dir.path().display()),
+        DataFormat::Chat,
+    ))
+    .unwrap();
+    let names: Vec<String> = by_glob
+        .iter()
+        .map(|f| f.path.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["a.jsonl", "b.jsonl"]);
+    let by_dir = source::resolve(&DatasetSource::new(
+        dir.path().to_string_lossy(),
+        DataFormat::Chat,
+    ))
+    .unwrap();
+    assert_eq!(by_dir, by_glob);
+    let p = pipeline(
+        vec![DatasetSource::new(
+            dir.path().to_string_lossy(),
+            DataFormat::Chat,
+        )],
+        opts(),
+        &dir.path().join("c"),
+    );
+    assert_eq!(p.prepared().unwrap().train_cache.len(), 5);
+}
