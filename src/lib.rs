@@ -4,10 +4,14 @@
 //! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
 //! [`generate`] (sampling) and [`cli`].
 
+pub mod cli;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod gguf;
+pub mod lora;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

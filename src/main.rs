@@ -1,1 +1,6 @@
-fn main() {}
+fn main() {
+    if let Err(e) = loratune::cli::main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -208,7 +208,9 @@ impl ModelConfig {
 
         let hidden_size = c.req_usize("hidden_size")?;
         let num_attention_heads = c.req_usize("num_attention_heads")?;
-        let num_key_value_heads = c.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = c
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         let head_dim = match c.opt_usize("head_dim")? {
             Some(d) => d,
             None => {
@@ -228,19 +230,27 @@ impl ModelConfig {
         let num_hidden_layers = c.req_usize("num_hidden_layers")?;
         let max_position_embeddings = c.opt_usize("max_position_embeddings")?.unwrap_or(2048);
 
-        let act_key = if obj.get("hidden_activation").is_some_and(|v| !v.is_null()) {
-            "hidden_activation"
-        } else {
-            "hidden_act"
+        // transformers v5: Gemma reads `hidden_act` (legacy "gelu" means the tanh form), Gemma2
+        // `hidden_activation`; the other families `hidden_act`.
+        let act_keys: &[&str] = match family {
+            Family::Gemma2 => &["hidden_activation", "hidden_act"],
+            Family::Gemma => &["hidden_act", "hidden_activation"],
+            _ => &["hidden_act"],
         };
-        let hidden_act = match c.opt_str(act_key)? {
+        let mut act_name = None;
+        for k in act_keys {
+            if let Some(s) = c.opt_str(k)? {
+                act_name = Some(s);
+                break;
+            }
+        }
+        let hidden_act = match act_name {
             Some(s) => Activation::parse(s)?,
             None => match family {
                 Family::Gemma | Family::Gemma2 => Activation::GeluTanh,
                 _ => Activation::Silu,
             },
         };
-        // transformers' Gemma forces the tanh approximation even where old configs say "gelu".
         let hidden_act = if family == Family::Gemma && hidden_act == Activation::Gelu {
             Activation::GeluTanh
         } else {
@@ -274,7 +284,10 @@ impl ModelConfig {
                 (
                     c.opt_f64("attn_logit_softcapping")?,
                     c.opt_f64("final_logit_softcapping")?,
-                    Some(c.opt_f64("query_pre_attn_scalar")?.unwrap_or(head_dim as f64)),
+                    Some(
+                        c.opt_f64("query_pre_attn_scalar")?
+                            .unwrap_or(head_dim as f64),
+                    ),
                 )
             } else {
                 (None, None, None)
@@ -448,7 +461,11 @@ impl ModelConfig {
             } else {
                 0
             };
-        let norms = if self.family == Family::Gemma2 { 4 * h } else { 2 * h };
+        let norms = if self.family == Family::Gemma2 {
+            4 * h
+        } else {
+            2 * h
+        };
         let layer = attn + mlp + norms;
         embed
             + self.num_hidden_layers * layer
@@ -487,7 +504,10 @@ impl ModelConfig {
         put("num_attention_heads", json!(self.num_attention_heads));
         put("num_key_value_heads", json!(self.num_key_value_heads));
         put("head_dim", json!(self.head_dim));
-        put("max_position_embeddings", json!(self.max_position_embeddings));
+        put(
+            "max_position_embeddings",
+            json!(self.max_position_embeddings),
+        );
         put("rms_norm_eps", json!(self.rms_norm_eps));
         put("rope_theta", json!(self.rope.theta));
         let scaling = match &self.rope.scaling {
@@ -513,7 +533,7 @@ impl ModelConfig {
                 json!(self.rope.partial_rotary_factor),
             );
         }
-        let act_key = if self.family.is_gemma() {
+        let act_key = if self.family == Family::Gemma2 {
             "hidden_activation"
         } else {
             "hidden_act"
@@ -594,9 +614,9 @@ fn detect_family(obj: &Map<String, Value>) -> Result<Family> {
     };
     match obj.get("architectures") {
         Some(Value::Array(a)) if !a.is_empty() => {
-            let name = a[0].as_str().ok_or_else(|| {
-                Error::Config("`architectures[0]` must be a string".to_string())
-            })?;
+            let name = a[0]
+                .as_str()
+                .ok_or_else(|| Error::Config("`architectures[0]` must be a string".to_string()))?;
             SUPPORTED_ARCHITECTURES
                 .iter()
                 .find(|(n, _)| *n == name)
@@ -647,7 +667,9 @@ fn parse_rope(obj: &Map<String, Value>, family: Family, head_dim: usize) -> Resu
                 .ok_or_else(|| Error::Config("`rope_theta` must be a number".into()))?,
         ),
     };
-    let param_theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64);
+    let param_theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64);
     // transformers' own default when a checkpoint names no theta at all.
     let theta = param_theta.or(top_theta).unwrap_or(10_000.0);
 
@@ -759,7 +781,13 @@ fn parse_windows(c: &Reader, family: Family, n_layers: usize) -> Result<Vec<Opti
     Ok(match family {
         Family::Mistral | Family::Phi3 => vec![window; n_layers],
         Family::Gemma2 => (0..n_layers)
-            .map(|i| if i % 2 == 0 { Some(window.unwrap_or(4096)) } else { None })
+            .map(|i| {
+                if i % 2 == 0 {
+                    Some(window.unwrap_or(4096))
+                } else {
+                    None
+                }
+            })
             .collect(),
         Family::Qwen2 | Family::Qwen3 => {
             let used = c.opt_bool("use_sliding_window")?.unwrap_or(false);
@@ -794,10 +822,9 @@ impl Reader<'_> {
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| Error::Config(format!("`{k}` must be a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                Error::Config(format!("`{k}` must be a non-negative integer, got {v}"))
+            }),
         }
     }
     fn opt_u32(&self, k: &str) -> Result<Option<u32>> {
@@ -891,7 +918,10 @@ mod tests {
         let mut v = llama();
         v["architectures"] = json!(["FalconForCausalLM"]);
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("FalconForCausalLM") && e.contains("Qwen3ForCausalLM"), "{e}");
+        assert!(
+            e.contains("FalconForCausalLM") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
     }
 
     #[test]

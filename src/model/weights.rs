@@ -78,7 +78,9 @@ pub fn convert_raw(
     // Same type: one copy straight into the backend's buffer.
     let same = matches!(
         (from, to),
-        (StoredDtype::F32, DType::F32) | (StoredDtype::F16, DType::F16) | (StoredDtype::BF16, DType::BF16)
+        (StoredDtype::F32, DType::F32)
+            | (StoredDtype::F16, DType::F16)
+            | (StoredDtype::BF16, DType::BF16)
     );
     if same {
         return Ok(TensorData::from_bytes_vec(bytes.to_vec(), shape, to));
@@ -102,7 +104,12 @@ pub fn convert_raw(
 }
 
 /// Wrap f32 values as `TensorData` of the requested float dtype.
-pub fn f32_to_data(values: Vec<f32>, shape: Vec<usize>, to: DType, name: &str) -> Result<TensorData> {
+pub fn f32_to_data(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    to: DType,
+    name: &str,
+) -> Result<TensorData> {
     Ok(match to {
         DType::F32 => TensorData::new(values, shape),
         DType::BF16 => TensorData::new(
@@ -148,18 +155,25 @@ impl SafetensorsSource {
         let index = path.join("model.safetensors.index.json");
         if index.is_file() {
             let text = crate::error::read_to_string(&index)?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::Weights(format!("{}: missing `weight_map` object", index.display()))
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::Weights(format!("{}: missing `weight_map` object", index.display()))
+                })?;
             let mut files: Vec<String> = map
                 .values()
                 .map(|f| {
                     f.as_str().map(str::to_string).ok_or_else(|| {
-                        Error::Weights(format!("{}: weight_map values must be file names", index.display()))
+                        Error::Weights(format!(
+                            "{}: weight_map values must be file names",
+                            index.display()
+                        ))
                     })
                 })
                 .collect::<Result<_>>()?;
@@ -179,19 +193,19 @@ impl SafetensorsSource {
             for (name, file) in map {
                 let file = file.as_str().unwrap_or_default();
                 match src.entries.get(name) {
-                    Some(e) if src.shards[e.shard].0.file_name().and_then(|s| s.to_str()) == Some(file) => {}
+                    Some(e)
+                        if src.shards[e.shard].0.file_name().and_then(|s| s.to_str())
+                            == Some(file) => {}
                     Some(_) => {
                         return Err(Error::Weights(format!(
                             "{}: index says `{name}` is in {file}, but it is in another shard",
                             index.display()
                         )))
                     }
-                    None => {
-                        return Err(Error::Weights(format!(
-                            "{}: index lists `{name}` in {file}, but that shard does not contain it",
-                            index.display()
-                        )))
-                    }
+                    None => return Err(Error::Weights(format!(
+                        "{}: index lists `{name}` in {file}, but that shard does not contain it",
+                        index.display()
+                    ))),
                 }
             }
             Ok(src)
@@ -251,9 +265,17 @@ type HeaderEntry = (StoredDtype, Vec<usize>, usize, usize);
 
 /// Parse and validate a safetensors header against the file size. Never panics on bad input.
 pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String, HeaderEntry)>> {
-    let bad = |msg: String| Error::Weights(format!("{}: corrupt safetensors file: {msg}", path.display()));
+    let bad = |msg: String| {
+        Error::Weights(format!(
+            "{}: corrupt safetensors file: {msg}",
+            path.display()
+        ))
+    };
     if bytes.len() < 8 {
-        return Err(bad(format!("only {} bytes, too short for a header", bytes.len())));
+        return Err(bad(format!(
+            "only {} bytes, too short for a header",
+            bytes.len()
+        )));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
     if n > (bytes.len() as u64 - 8) || n > 100 * 1024 * 1024 {
@@ -265,7 +287,9 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String
     let header = &bytes[8..8 + n as usize];
     let v: serde_json::Value =
         serde_json::from_slice(header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_start = 8 + n as usize;
     let data_len = bytes.len() - data_start;
     let mut out = Vec::new();
@@ -362,7 +386,8 @@ impl TensorSource for SafetensorsSource {
             let s = e.start / page * page;
             let len = e.end - s;
             // SAFETY: DontNeed on a read-only file mapping only drops clean pages; later reads refault them.
-            let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, len) };
+            let _ =
+                unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, len) };
         }
         Ok(data)
     }

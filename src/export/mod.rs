@@ -1,0 +1,4 @@
+//! Writing results: atomic files and folders, safetensors, merged Hugging Face folders.
+
+pub mod atomic;
+pub mod safetensors;

@@ -1,0 +1,217 @@
+//! Attaching adapters to a model (PEFT-style init), counting parameters, merging.
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::linear::LoraAdapter;
+use super::targets::{TargetMatcher, TargetSpec};
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+
+/// How A is initialised (B always starts at zero, so the adapter starts as the identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// PEFT's default (`init_lora_weights: true`): A ~ Kaiming-uniform(a=√5) = U(-1/√in, 1/√in).
+    Kaiming,
+    /// PEFT's `"gaussian"`: A ~ N(0, (1/r)²).
+    Gaussian,
+}
+
+/// Everything that defines an adapter.
+#[derive(Debug, Clone)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    pub targets: TargetSpec,
+    /// Restrict to these decoder layers.
+    pub layers: Option<Vec<usize>>,
+    pub init: LoraInit,
+    pub seed: u64,
+}
+
+impl LoraSettings {
+    /// alpha/r, or alpha/√r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Range checks, with the key names users write.
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Lora("lora_r must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::Lora(format!(
+                "lora_alpha must be a positive number, got {}",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Lora(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What `attach` did.
+#[derive(Debug, Clone)]
+pub struct LoraReport {
+    /// Module paths that received an adapter, in model order.
+    pub modules: Vec<String>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+}
+
+impl std::fmt::Display for LoraReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LoRA on {} modules: {} trainable / {} total parameters ({:.3}%)",
+            self.modules.len(),
+            self.trainable_params,
+            self.total_params,
+            100.0 * self.trainable_params as f64 / self.total_params.max(1) as f64
+        )
+    }
+}
+
+/// Attach fresh adapters to every selected module. Deterministic for a given seed.
+pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<LoraReport> {
+    s.validate()?;
+    let matcher = TargetMatcher::new(s.targets.clone(), s.layers.clone())?;
+    let paths: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
+    let chosen = matcher.select(&paths)?;
+    if chosen.iter().any(|p| p == "lm_head") && model.config.tie_word_embeddings {
+        return Err(Error::Lora(
+            "lm_head shares its weight with embed_tokens in this model (tied embeddings): an adapter on it would \
+             also change the embeddings when merged. Remove lm_head from lora_target_modules."
+                .into(),
+        ));
+    }
+    let device = model.device.clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let scale = s.scale();
+    let r = s.r;
+    for (path, lin) in model.linears_mut() {
+        if !chosen.contains(&path) {
+            continue;
+        }
+        if lin.lora.is_some() {
+            return Err(Error::Lora(format!(
+                "module `{path}` already has an adapter"
+            )));
+        }
+        let (inf, outf) = (lin.in_features(), lin.out_features());
+        let a: Vec<f32> = match s.init {
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (inf as f64).sqrt();
+                (0..r * inf)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect()
+            }
+            LoraInit::Gaussian => {
+                let std = 1.0 / r as f64;
+                (0..r * inf)
+                    .map(|_| (normal(&mut rng) * std) as f32)
+                    .collect()
+            }
+        };
+        lin.lora = Some(LoraAdapter {
+            a: Tensor::from_data(TensorData::new(a, [r, inf]), (&device, DType::F32)),
+            b: Tensor::zeros([outf, r], (&device, DType::F32)),
+            scale,
+            dropout: s.dropout,
+        });
+    }
+    Ok(report(model, chosen))
+}
+
+/// Parameter counts for the model as it stands.
+pub fn report<B: Backend>(model: &CausalLm<B>, modules: Vec<String>) -> LoraReport {
+    let trainable = model
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| {
+            l.lora
+                .as_ref()
+                .map(|a| a.a.dims()[0] * (a.a.dims()[1] + a.b.dims()[0]))
+        })
+        .sum::<usize>();
+    LoraReport {
+        modules,
+        trainable_params: trainable,
+        total_params: model.config.num_parameters() + trainable,
+    }
+}
+
+/// Standard normal by Box-Muller (deterministic, portable).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Merge every adapter into its base weight (f32 math, cast back to the weight dtype) and drop the adapters.
+pub fn merge_all<B: Backend>(model: &mut CausalLm<B>) {
+    for (_, lin) in model.linears_mut() {
+        lin.merge_and_unload();
+    }
+    // A tied lm_head can never carry an adapter (attach refuses), so the sharing is intact.
+}
+
+/// Remove adapters without merging (switching adapters on a base that was never merged into).
+pub fn detach_all<B: Backend>(model: &mut CausalLm<B>) {
+    for (_, lin) in model.linears_mut() {
+        lin.lora = None;
+    }
+}
+
+/// The PEFT key of a factor: `base_model.model.<path>.lora_A.weight` / `lora_B`.
+pub fn peft_key(path: &str, which: char) -> String {
+    format!("base_model.model.{path}.lora_{which}.weight")
+}
+
+/// All adapter factors with their PEFT keys, in model order (A then B per module).
+pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Tensor<B, 2>)> {
+    let mut out = Vec::new();
+    for (path, lin) in model.linears() {
+        if let Some(l) = &lin.lora {
+            out.push((peft_key(&path, 'A'), l.a.clone()));
+            out.push((peft_key(&path, 'B'), l.b.clone()));
+        }
+    }
+    out
+}
+
+/// Replace the adapter factors (same order as [`lora_params`]).
+pub fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, mut values: Vec<Tensor<B, 2>>) {
+    values.reverse();
+    for (_, lin) in model.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            if let (Some(a), Some(b)) = (values.pop(), values.pop()) {
+                l.a = a;
+                l.b = b;
+            }
+        }
+    }
+}
+
+/// Mark every adapter factor as requiring gradients (autodiff backends); base weights stay frozen.
+pub fn set_trainable<B: burn::tensor::backend::AutodiffBackend>(model: &mut CausalLm<B>) {
+    for (_, lin) in model.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            l.a = l.a.clone().require_grad();
+            l.b = l.b.clone().require_grad();
+        }
+    }
+}

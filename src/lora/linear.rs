@@ -1,0 +1,161 @@
+//! `LoraLinear`: a frozen linear layer with an optional PEFT-style low-rank adapter.
+//!
+//! y = x·Wᵀ (+ b) + scale · (dropout(x)·Aᵀ)·Bᵀ, with W `[out, in]` (torch layout, never transposed in memory)
+//! frozen, and A `[r, in]`, B `[out, r]` trainable (kept in f32 whatever the base dtype). W + scale·B·A is never
+//! materialised during training: the adapter costs two thin GEMMs.
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+
+use crate::error::{Error, Result};
+
+/// A LoRA adapter's factors, in PEFT's torch layout.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter<B: Backend> {
+    /// `lora_A.weight`, `[r, in]`, f32.
+    pub a: Tensor<B, 2>,
+    /// `lora_B.weight`, `[out, r]`, f32.
+    pub b: Tensor<B, 2>,
+    /// alpha / r, or alpha / √r with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the adapter's input (training only).
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// Rank r.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A linear layer of the base model, possibly carrying a LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear<B: Backend> {
+    /// `weight`, `[out, in]` (torch layout). Frozen.
+    pub weight: Tensor<B, 2>,
+    /// Optional `bias`, `[out]`. Frozen.
+    pub bias: Option<Tensor<B, 1>>,
+    /// The adapter, when this module is a LoRA target.
+    pub lora: Option<LoraAdapter<B>>,
+    /// True when the adapter's delta has been added into `weight` (the forward then skips the adapter path).
+    pub merged: bool,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// A plain (adapter-less) linear.
+    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        LoraLinear {
+            weight,
+            bias,
+            lora: None,
+            merged: false,
+        }
+    }
+
+    /// `in_features`.
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `out_features`.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Forward on a `[n, in]` input. `dropout_mask`, when given, is the already-scaled keep mask
+    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input.
+    pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        let mut y = x.clone().matmul(self.weight.clone().transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.clone().unsqueeze_dim::<2>(0);
+        }
+        if let (Some(l), false) = (&self.lora, self.merged) {
+            let base_dtype = x.dtype();
+            let mut h = if base_dtype != DType::F32 {
+                x.cast(DType::F32)
+            } else {
+                x
+            };
+            if let Some(m) = dropout_mask {
+                h = h * m;
+            }
+            let low = h.matmul(l.a.clone().transpose());
+            let delta = low.matmul(l.b.clone().transpose()).mul_scalar(l.scale);
+            let delta = if base_dtype != DType::F32 {
+                delta.cast(base_dtype)
+            } else {
+                delta
+            };
+            y = y + delta;
+        }
+        y
+    }
+
+    /// Forward on `[batch, seq, in]`.
+    pub fn forward3(&self, x: Tensor<B, 3>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let [b, s, i] = x.dims();
+        let y = self.forward(x.reshape([b * s, i]), dropout_mask);
+        let o = y.dims()[1];
+        y.reshape([b, s, o])
+    }
+
+    /// scale·B·A in f32, `[out, in]`.
+    fn delta(l: &LoraAdapter<B>) -> Tensor<B, 2> {
+        l.b.clone().matmul(l.a.clone()).mul_scalar(l.scale)
+    }
+
+    /// W + scale·B·A computed in f32, cast back to W's dtype (what PEFT's `merge_and_unload` does).
+    pub fn merged_weight(&self) -> Tensor<B, 2> {
+        match (&self.lora, self.merged) {
+            (Some(l), false) => {
+                let dtype = self.weight.dtype();
+                (self.weight.clone().cast(DType::F32) + Self::delta(l)).cast(dtype)
+            }
+            _ => self.weight.clone(),
+        }
+    }
+
+    /// Add the adapter into W (keeping the adapter so it can be unmerged).
+    pub fn merge(&mut self) {
+        if self.lora.is_some() && !self.merged {
+            self.weight = self.merged_weight();
+            self.merged = true;
+        }
+    }
+
+    /// Subtract a merged adapter back out of W (exact up to the weight dtype's rounding).
+    pub fn unmerge(&mut self) {
+        if let (Some(l), true) = (&self.lora, self.merged) {
+            let dtype = self.weight.dtype();
+            self.weight = (self.weight.clone().cast(DType::F32) - Self::delta(l)).cast(dtype);
+            self.merged = false;
+        }
+    }
+
+    /// Merge and drop the adapter (inference / export).
+    pub fn merge_and_unload(&mut self) {
+        self.merge();
+        self.lora = None;
+        self.merged = false;
+    }
+}
+
+/// Build an f32 tensor from host values with a shape check that names the tensor.
+pub fn tensor_from_f32<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+    name: &str,
+) -> Result<Tensor<B, D>> {
+    let n: usize = shape.iter().product();
+    if values.len() != n {
+        return Err(Error::Lora(format!(
+            "tensor `{name}`: {} values for shape {shape:?}",
+            values.len()
+        )));
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(values, shape),
+        (device, DType::F32),
+    ))
+}

@@ -1,0 +1,426 @@
+//! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`, read and written exactly as PEFT,
+//! transformers, vLLM and llama.cpp's converter expect them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use serde_json::{json, Value};
+
+use super::adapter::{LoraInit, LoraSettings};
+use super::linear::LoraAdapter;
+use super::targets::{short_name, TargetSpec};
+use crate::error::{Error, Result};
+use crate::export::atomic::{write_atomic, AtomicDir};
+use crate::export::safetensors::{encode, pt_metadata, write_safetensors, OutDtype, TensorEntry};
+use crate::model::weights::{convert_raw, parse_safetensors_header, StoredDtype};
+use crate::model::CausalLm;
+
+const PREFIX: &str = "base_model.model.";
+
+/// A number as JSON: an integer when it is one (Ollama reads `lora_alpha` as an integer).
+fn num(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// Build `adapter_config.json` for a model's current adapters.
+pub fn adapter_config<B: Backend>(
+    model: &CausalLm<B>,
+    s: &LoraSettings,
+    base_model: &str,
+) -> Value {
+    let modules: Vec<String> = model
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .map(|(p, _)| p)
+        .collect();
+    let target_modules = match &s.targets {
+        TargetSpec::Names(n) => json!(n),
+        TargetSpec::AllLinear => {
+            let set: BTreeSet<&str> = modules.iter().map(|p| short_name(p)).collect();
+            json!(set.into_iter().collect::<Vec<_>>())
+        }
+        TargetSpec::Regex(r) => json!(r),
+    };
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": s.r,
+        "lora_alpha": num(s.alpha),
+        "lora_dropout": s.dropout,
+        "target_modules": target_modules,
+        "use_rslora": s.use_rslora,
+        "use_dora": false,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": match s.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
+        "modules_to_save": null,
+        "inference_mode": true,
+        "layers_to_transform": s.layers,
+        "layers_pattern": if s.layers.is_some() { json!("layers") } else { Value::Null },
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    })
+}
+
+/// The adapter tensors in PEFT naming and torch layout, f32.
+pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut out = Vec::new();
+    for (path, lin) in model.linears() {
+        if let Some(l) = &lin.lora {
+            for (suffix, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
+                let dims = t.dims().to_vec();
+                let v = t
+                    .clone()
+                    .cast(DType::F32)
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .unwrap_or_default();
+                out.push((format!("{PREFIX}{path}.{suffix}.weight"), dims, v));
+            }
+        }
+    }
+    out
+}
+
+/// Write a PEFT adapter folder atomically: adapter_config.json, adapter_model.safetensors, README.md.
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    s: &LoraSettings,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
+    let tensors = adapter_tensors(model);
+    if tensors.is_empty() {
+        return Err(Error::Lora("the model carries no adapter to save".into()));
+    }
+    let staging = AtomicDir::create(dir)?;
+    let cfg = adapter_config(model, s, base_model);
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Export(e.to_string()))?;
+    write_atomic(&staging.path().join("adapter_config.json"), text.as_bytes())?;
+    let entries: Vec<TensorEntry> = tensors
+        .into_iter()
+        .map(|(name, shape, v)| TensorEntry {
+            name,
+            dtype: OutDtype::F32,
+            shape,
+            bytes: encode(&v, OutDtype::F32),
+        })
+        .collect();
+    write_safetensors(
+        &staging.path().join("adapter_model.safetensors"),
+        &entries,
+        &pt_metadata(),
+    )?;
+    let readme = model_card(model, s, base_model);
+    write_atomic(&staging.path().join("README.md"), readme.as_bytes())?;
+    staging.commit()
+}
+
+fn model_card<B: Backend>(model: &CausalLm<B>, s: &LoraSettings, base_model: &str) -> String {
+    let n_mod = model
+        .linears()
+        .iter()
+        .filter(|(_, l)| l.lora.is_some())
+        .count();
+    format!(
+        "---\nbase_model: {base_model}\nlibrary_name: peft\ntags:\n- lora\n- loratune\n---\n\n\
+# LoRA adapter\n\nTrained with [loratune](https://github.com/) on `{base_model}` ({arch}).\n\n\
+- rank r = {r}, lora_alpha = {alpha}, scale = {scale:.4}{rs}\n- {n_mod} adapted modules\n\n\
+Load with PEFT:\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\
+base = AutoModelForCausalLM.from_pretrained(\"{base_model}\")\nmodel = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n",
+        arch = model.config.architecture(),
+        r = s.r,
+        alpha = s.alpha,
+        scale = s.scale(),
+        rs = if s.use_rslora { " (rsLoRA)" } else { "" },
+    )
+}
+
+/// What an adapter folder declares.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    pub settings: LoraSettings,
+    pub base_model: Option<String>,
+    /// Module path → (A `[r, in]`, B `[out, r]`, scale).
+    pub modules: BTreeMap<String, (Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>, f64)>,
+}
+
+/// PEFT's pattern lookup for rank_pattern / alpha_pattern: a key matches a module whose path ends with it
+/// (after a dot) or equals it.
+fn pattern_value(patterns: &serde_json::Map<String, Value>, path: &str) -> Option<f64> {
+    patterns.iter().find_map(|(k, v)| {
+        let re = regex::Regex::new(&format!(r"^(.*\.)?(?:{k})$")).ok()?;
+        if re.is_match(path) {
+            v.as_f64()
+        } else {
+            None
+        }
+    })
+}
+
+/// Read a PEFT adapter folder (ours or PEFT's).
+pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = crate::error::read_to_string(&cfg_path)?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let bad = |m: String| Error::Lora(format!("{}: {m}", cfg_path.display()));
+    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(bad(format!(
+            "peft_type `{peft_type}` is not supported (only LORA)"
+        )));
+    }
+    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "DoRA adapters (use_dora: true) are not supported".into()
+        ));
+    }
+    if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "fan_in_fan_out: true (Conv1D bases such as GPT-2) is not supported".into(),
+        ));
+    }
+    if let Some(m) = v
+        .get("modules_to_save")
+        .filter(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(bad(format!(
+            "modules_to_save {m} is not supported: the adapter must hold only LoRA factors"
+        )));
+    }
+    let r = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("missing integer `r`".into()))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad("missing number `lora_alpha`".into()))?;
+    let use_rslora = v
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
+    let targets = match v.get("target_modules") {
+        Some(Value::Array(a)) => TargetSpec::Names(
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+        ),
+        Some(Value::String(s)) if s == "all-linear" => TargetSpec::AllLinear,
+        Some(Value::String(s)) => TargetSpec::Regex(s.clone()),
+        _ => return Err(bad("missing `target_modules`".into())),
+    };
+    let layers = v.get("layers_to_transform").and_then(|l| match l {
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as usize))
+                .collect(),
+        ),
+        Value::Number(n) => n.as_u64().map(|x| vec![x as usize]),
+        _ => None,
+    });
+    let init = match v.get("init_lora_weights") {
+        Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+        _ => LoraInit::Kaiming,
+    };
+    let empty = serde_json::Map::new();
+    let rank_pattern = v
+        .get("rank_pattern")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    let alpha_pattern = v
+        .get("alpha_pattern")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+
+    // Tensors.
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.is_file() {
+        let hint = if dir.join("adapter_model.bin").is_file() {
+            " (adapter_model.bin is a pickle: re-save it with safe_serialization=True)"
+        } else {
+            ""
+        };
+        return Err(Error::Lora(format!("{}: missing{hint}", st_path.display())));
+    }
+    let bytes = crate::error::read_file(&st_path)?;
+    let header = parse_safetensors_header(&bytes, &st_path)?;
+    let mut a_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut b_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    for (key, (dtype, shape, start, end)) in header {
+        let rest = key.strip_prefix(PREFIX).ok_or_else(|| {
+            Error::Lora(format!(
+                "{}: tensor `{key}` does not start with `{PREFIX}`",
+                st_path.display()
+            ))
+        })?;
+        let rest = rest.replace(".default.", ".");
+        let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
+            (p.to_string(), 'A')
+        } else if let Some(p) = rest.strip_suffix(".lora_B.weight") {
+            (p.to_string(), 'B')
+        } else {
+            return Err(Error::Lora(format!(
+                "{}: tensor `{key}` is not a LoRA factor (lora_A/lora_B); embeddings, biases and DoRA magnitudes are not supported",
+                st_path.display()
+            )));
+        };
+        if shape.len() != 2 {
+            return Err(Error::Lora(format!(
+                "{}: tensor `{key}` has shape {shape:?}, expected 2-D",
+                st_path.display()
+            )));
+        }
+        if matches!(dtype, StoredDtype::Other(_)) {
+            return Err(Error::Lora(format!(
+                "{}: tensor `{key}` has unsupported dtype {dtype}",
+                st_path.display()
+            )));
+        }
+        let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
+        let vals = data
+            .to_vec::<f32>()
+            .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+        if which == 'A' {
+            a_map.insert(path, (shape, vals));
+        } else {
+            b_map.insert(path, (shape, vals));
+        }
+    }
+    let mut modules = BTreeMap::new();
+    for (path, (ash, av)) in a_map {
+        let (bsh, bv) = b_map.remove(&path).ok_or_else(|| {
+            Error::Lora(format!(
+                "{}: `{path}` has lora_A but no lora_B",
+                st_path.display()
+            ))
+        })?;
+        let rr = ash[0];
+        if bsh[1] != rr {
+            return Err(Error::Lora(format!(
+                "{}: `{path}` lora_A is {ash:?} but lora_B is {bsh:?} (ranks differ)",
+                st_path.display()
+            )));
+        }
+        let expected_r = pattern_value(rank_pattern, &path)
+            .map(|x| x as usize)
+            .unwrap_or(r);
+        if rr != expected_r {
+            return Err(Error::Lora(format!(
+                "{}: `{path}` has rank {rr} but the config says {expected_r}",
+                st_path.display()
+            )));
+        }
+        let a = pattern_value(alpha_pattern, &path).unwrap_or(alpha);
+        let scale = if use_rslora {
+            a / (rr as f64).sqrt()
+        } else {
+            a / rr as f64
+        };
+        modules.insert(path, (ash, av, bsh, bv, scale));
+    }
+    if let Some(path) = b_map.keys().next() {
+        return Err(Error::Lora(format!(
+            "{}: `{path}` has lora_B but no lora_A",
+            st_path.display()
+        )));
+    }
+    if modules.is_empty() {
+        return Err(Error::Lora(format!(
+            "{}: no LoRA tensors",
+            st_path.display()
+        )));
+    }
+    Ok(PeftAdapter {
+        settings: LoraSettings {
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            targets,
+            layers,
+            init,
+            seed: 0,
+        },
+        base_model: v
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        modules,
+    })
+}
+
+/// Put an adapter's factors onto a model (replacing nothing: a module that already has one is an error).
+pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter) -> Result<()> {
+    let device = model.device.clone();
+    let tied = model.config.tie_word_embeddings;
+    let mut remaining: BTreeSet<&String> = adapter.modules.keys().collect();
+    for (path, lin) in model.linears_mut() {
+        let Some((ash, av, bsh, bv, scale)) = adapter.modules.get(&path) else {
+            continue;
+        };
+        remaining.remove(&path);
+        if path == "lm_head" && tied {
+            return Err(Error::Lora(
+                "the adapter targets lm_head, but this model ties lm_head to embed_tokens; not supported".into(),
+            ));
+        }
+        let (inf, outf) = (lin.in_features(), lin.out_features());
+        if ash[1] != inf || bsh[0] != outf {
+            return Err(Error::Lora(format!(
+                "adapter module `{path}`: lora_A {ash:?} / lora_B {bsh:?} do not fit the base layer [out {outf}, in {inf}] (adapter for another base model?)"
+            )));
+        }
+        if lin.lora.is_some() {
+            return Err(Error::Lora(format!(
+                "module `{path}` already has an adapter"
+            )));
+        }
+        lin.lora = Some(LoraAdapter {
+            a: Tensor::from_data(
+                TensorData::new(av.clone(), [ash[0], ash[1]]),
+                (&device, DType::F32),
+            ),
+            b: Tensor::from_data(
+                TensorData::new(bv.clone(), [bsh[0], bsh[1]]),
+                (&device, DType::F32),
+            ),
+            scale: *scale,
+            dropout: adapter.settings.dropout,
+        });
+        lin.merged = false;
+    }
+    if let Some(p) = remaining.into_iter().next() {
+        let avail: Vec<String> = model
+            .linears()
+            .into_iter()
+            .take(8)
+            .map(|(p, _)| p)
+            .collect();
+        return Err(Error::Lora(format!(
+            "adapter module `{p}` does not exist in this model (its modules look like: {}, ...)",
+            avail.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Read and apply in one step.
+pub fn load_adapter<B: Backend>(model: &mut CausalLm<B>, dir: &Path) -> Result<PeftAdapter> {
+    let a = read_adapter(dir)?;
+    apply_adapter(model, &a)?;
+    Ok(a)
+}

@@ -1,0 +1,628 @@
+//! One decoder-only transformer with per-family switches (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma2).
+//!
+//! Field names mirror transformers' module tree (`model.layers.N.self_attn.q_proj`, ...) so that loading,
+//! LoRA targeting and exporting all speak the same names. Linear weights stay in torch layout `[out, in]`.
+
+use std::collections::HashMap;
+
+use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor, TensorData};
+
+use super::config::{Activation, Family, ModelConfig};
+use crate::lora::linear::LoraLinear;
+
+/// RMSNorm, plain (`x̂·w`) or Gemma-style (`x̂·(1+w)`), computed in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+    pub gemma: bool,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalise over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let xf = if dtype != DType::F32 {
+            x.cast(DType::F32)
+        } else {
+            x
+        };
+        let var = xf.clone().square().mean_dim(D - 1);
+        let normed = xf * (var.add_scalar(self.eps)).sqrt().recip();
+        let w = self.weight.clone().cast(DType::F32);
+        let w = if self.gemma { w.add_scalar(1.0) } else { w };
+        let mut shape = [1usize; D];
+        shape[D - 1] = w.dims()[0];
+        let out = normed * w.reshape(shape);
+        if dtype != DType::F32 {
+            out.cast(dtype)
+        } else {
+            out
+        }
+    }
+}
+
+/// q/k/v projections: separate (most families) or fused `qkv_proj` (Phi-3), as in the checkpoint.
+#[derive(Debug, Clone)]
+pub enum QkvProj<B: Backend> {
+    Split {
+        q_proj: LoraLinear<B>,
+        k_proj: LoraLinear<B>,
+        v_proj: LoraLinear<B>,
+    },
+    Fused {
+        qkv_proj: LoraLinear<B>,
+    },
+}
+
+/// gate/up projections: separate or fused `gate_up_proj` (Phi-3).
+#[derive(Debug, Clone)]
+pub enum GateUpProj<B: Backend> {
+    Split {
+        gate_proj: LoraLinear<B>,
+        up_proj: LoraLinear<B>,
+    },
+    Fused {
+        gate_up_proj: LoraLinear<B>,
+    },
+}
+
+/// `self_attn`.
+#[derive(Debug, Clone)]
+pub struct SelfAttention<B: Backend> {
+    pub qkv: QkvProj<B>,
+    pub o_proj: LoraLinear<B>,
+    /// Qwen3 per-head norms.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+}
+
+/// `mlp`.
+#[derive(Debug, Clone)]
+pub struct Mlp<B: Backend> {
+    pub gate_up: GateUpProj<B>,
+    pub down_proj: LoraLinear<B>,
+    pub act: Activation,
+}
+
+/// `model.layers.N`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: SelfAttention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma2 only.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma2 only.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Sliding-window size of this layer (`None` = full causal).
+    pub window: Option<usize>,
+}
+
+/// `model`.
+#[derive(Debug, Clone)]
+pub struct Model<B: Backend> {
+    pub embed_tokens: Tensor<B, 2>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// The causal LM: `model` + `lm_head` (sharing `embed_tokens` when tied).
+#[derive(Debug, Clone)]
+pub struct CausalLm<B: Backend> {
+    pub config: ModelConfig,
+    pub model: Model<B>,
+    pub lm_head: LoraLinear<B>,
+    /// RoPE inverse frequencies (f32, as transformers computes them).
+    pub inv_freq: Vec<f32>,
+    pub device: B::Device,
+}
+
+/// One forward pass's token layout: a `[batch, seq]` grid of ids with positions, padding and packing.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    pub batch: usize,
+    pub seq: usize,
+    /// `[batch·seq]` token ids.
+    pub input_ids: Vec<u32>,
+    /// `[batch·seq]` RoPE positions (restart at 0 for each packed sample).
+    pub position_ids: Vec<u32>,
+    /// `[batch·seq]`: false for padding (never attended to).
+    pub attention_mask: Vec<bool>,
+    /// `[batch·seq]` packed-sample ids: attention never crosses a segment boundary.
+    pub segment_ids: Option<Vec<u32>>,
+}
+
+impl TokenBatch {
+    /// Rows of ids with an attention mask (1 = real token); positions `0..seq` as transformers uses by default.
+    pub fn from_rows(rows: &[Vec<u32>], masks: Option<&[Vec<bool>]>) -> Self {
+        let batch = rows.len();
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let mut input_ids = Vec::with_capacity(batch * seq);
+        let mut attention_mask = Vec::with_capacity(batch * seq);
+        for (r, row) in rows.iter().enumerate() {
+            for i in 0..seq {
+                input_ids.push(row.get(i).copied().unwrap_or(0));
+                let real = i < row.len()
+                    && masks
+                        .map(|m| m[r].get(i).copied().unwrap_or(false))
+                        .unwrap_or(true);
+                attention_mask.push(real);
+            }
+        }
+        let position_ids = (0..batch).flat_map(|_| 0..seq as u32).collect();
+        TokenBatch {
+            batch,
+            seq,
+            input_ids,
+            position_ids,
+            attention_mask,
+            segment_ids: None,
+        }
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Attention mask of every cached position (per batch row).
+    key_valid: Vec<Vec<bool>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `n_layers` layers and `batch` rows.
+    pub fn new(n_layers: usize, batch: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+            key_valid: vec![Vec::new(); batch],
+            len: 0,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Source of LoRA-dropout masks during training (None in eval / inference).
+pub trait DropoutSource<B: Backend> {
+    /// A keep mask scaled by 1/(1-p), `[n, features]`, or None when p == 0.
+    fn mask(
+        &mut self,
+        n: usize,
+        features: usize,
+        p: f64,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2>>;
+}
+
+/// No dropout (evaluation, inference, parity tests).
+pub struct NoDropout;
+
+impl<B: Backend> DropoutSource<B> for NoDropout {
+    fn mask(&mut self, _: usize, _: usize, _: f64, _: &B::Device) -> Option<Tensor<B, 2>> {
+        None
+    }
+}
+
+fn lin<B: Backend>(
+    l: &LoraLinear<B>,
+    x: Tensor<B, 2>,
+    drop: &mut dyn DropoutSource<B>,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let mask = match &l.lora {
+        Some(a) if a.dropout > 0.0 => {
+            let [n, f] = x.dims();
+            drop.mask(n, f, a.dropout, device)
+        }
+        _ => None,
+    };
+    l.forward(x, mask)
+}
+
+/// Positions of a batch as a `[b, 1, s, rot]` cos / sin pair (rotate-half layout: frequencies duplicated).
+fn rope_tables<B: Backend>(
+    inv_freq: &[f32],
+    positions: &[u32],
+    batch: usize,
+    seq: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let half = inv_freq.len();
+    let rot = 2 * half;
+    let mut cos = Vec::with_capacity(batch * seq * rot);
+    let mut sin = Vec::with_capacity(batch * seq * rot);
+    let mut cs = vec![0f32; half];
+    let mut sn = vec![0f32; half];
+    for &p in positions {
+        for (j, f) in inv_freq.iter().enumerate() {
+            let a = p as f32 * f;
+            cs[j] = a.cos();
+            sn[j] = a.sin();
+        }
+        cos.extend_from_slice(&cs);
+        cos.extend_from_slice(&cs);
+        sin.extend_from_slice(&sn);
+        sin.extend_from_slice(&sn);
+    }
+    let mk = |v: Vec<f32>| {
+        Tensor::<B, 4>::from_data(
+            TensorData::new(v, [batch, 1, seq, rot]),
+            (device, DType::F32),
+        )
+    };
+    let (c, s) = (mk(cos), mk(sin));
+    if dtype != DType::F32 {
+        (c.cast(dtype), s.cast(dtype))
+    } else {
+        (c, s)
+    }
+}
+
+/// Rotate-half RoPE on `[b, h, s, hd]`, rotating the first `rot` dims.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, s, hd] = x.dims();
+    let rot = cos.dims()[3];
+    let half = rot / 2;
+    let (xr, pass) = if rot < hd {
+        (
+            x.clone().slice([0..b, 0..h, 0..s, 0..rot]),
+            Some(x.slice([0..b, 0..h, 0..s, rot..hd])),
+        )
+    } else {
+        (x, None)
+    };
+    let x1 = xr.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = xr.clone().slice([0..b, 0..h, 0..s, half..rot]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let out = xr * cos.clone() + rotated * sin.clone();
+    match pass {
+        Some(p) => Tensor::cat(vec![out, p], 3),
+        None => out,
+    }
+}
+
+/// Boolean attention mask `[b, 1, q, k]` (true = blocked) for queries at absolute positions
+/// `offset..offset+q` over keys `0..k`.
+fn build_mask<B: Backend>(
+    batch: usize,
+    q_len: usize,
+    k_len: usize,
+    offset: usize,
+    key_valid: &[Vec<bool>],
+    segments: Option<&[u32]>,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let mut m = vec![false; batch * q_len * k_len];
+    for b in 0..batch {
+        for i in 0..q_len {
+            let qi = offset + i;
+            let row = &mut m[(b * q_len + i) * k_len..(b * q_len + i + 1) * k_len];
+            let mut any_open = false;
+            for (j, cell) in row.iter_mut().enumerate() {
+                let mut blocked = j > qi || !key_valid[b].get(j).copied().unwrap_or(false);
+                if let Some(w) = window {
+                    blocked |= qi >= j + w;
+                }
+                if let Some(seg) = segments {
+                    // Packing is a training-time layout: no cache, so q and k index the same grid.
+                    blocked |= seg[b * k_len + j] != seg[b * k_len + qi.min(k_len - 1)];
+                }
+                *cell = blocked;
+                any_open |= !blocked;
+            }
+            if !any_open && qi < k_len {
+                // A query with nothing to attend to (a fully padded row) attends to itself: finite, unused.
+                row[qi] = false;
+            }
+        }
+    }
+    Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [batch, 1, q_len, k_len]), device)
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Final hidden states `[b·s, hidden]` (after the final norm).
+    pub fn forward_hidden(
+        &self,
+        batch: &TokenBatch,
+        cache: Option<&mut KvCache<B>>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let cfg = &self.config;
+        let (b, s) = (batch.batch, batch.seq);
+        let device = &self.device;
+        let ids: Vec<i32> = batch.input_ids.iter().map(|&x| x as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), device);
+        let mut x = self.model.embed_tokens.clone().select(0, ids);
+        let dtype = x.dtype();
+        if cfg.family.is_gemma() {
+            // transformers: hidden * tensor(hidden_size**0.5, dtype=hidden.dtype)
+            let normalizer = (cfg.hidden_size as f64).sqrt() as f32;
+            x = x.mul_scalar(normalizer);
+        }
+        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &batch.position_ids, b, s, dtype, device);
+
+        // Key validity over the whole (cached + new) sequence.
+        let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let mut key_valid: Vec<Vec<bool>> = match &cache {
+            Some(c) => c.key_valid.clone(),
+            None => vec![Vec::new(); b],
+        };
+        for (r, kv) in key_valid.iter_mut().enumerate() {
+            kv.extend_from_slice(&batch.attention_mask[r * s..(r + 1) * s]);
+        }
+        let k_len = offset + s;
+        let mut masks: HashMap<Option<usize>, Tensor<B, 4, Bool>> = HashMap::new();
+        for layer in &self.model.layers {
+            masks.entry(layer.window).or_insert_with(|| {
+                build_mask::<B>(
+                    b,
+                    s,
+                    k_len,
+                    offset,
+                    &key_valid,
+                    batch.segment_ids.as_deref(),
+                    layer.window,
+                    device,
+                )
+            });
+        }
+
+        let mut cache = cache;
+        for (li, layer) in self.model.layers.iter().enumerate() {
+            let mask = &masks[&layer.window];
+            let kv_slot = cache.as_mut().map(|c| &mut c.layers[li]);
+            x = self.layer_forward(layer, x, b, s, &cos, &sin, mask, kv_slot, drop);
+        }
+        if let Some(c) = cache {
+            c.key_valid = key_valid;
+            c.len = k_len;
+        }
+        self.model.norm.forward(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Tensor<B, 2>,
+        b: usize,
+        s: usize,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4, Bool>,
+        kv_slot: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let gemma2 = self.config.family == Family::Gemma2;
+        let residual = x.clone();
+        let h = layer.input_layernorm.forward(x);
+        let h = self.attention(&layer.self_attn, h, b, s, cos, sin, mask, kv_slot, drop);
+        let h = if gemma2 {
+            layer.post_attention_layernorm.forward(h)
+        } else {
+            h
+        };
+        let x = residual + h;
+        let residual = x.clone();
+        let h = match &layer.pre_feedforward_layernorm {
+            Some(n) => n.forward(x),
+            None => layer.post_attention_layernorm.forward(x),
+        };
+        let h = self.mlp(&layer.mlp, h, drop);
+        let h = match &layer.post_feedforward_layernorm {
+            Some(n) => n.forward(h),
+            None => h,
+        };
+        residual + h
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &SelfAttention<B>,
+        x: Tensor<B, 2>,
+        b: usize,
+        s: usize,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        mask: &Tensor<B, 4, Bool>,
+        kv_slot: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let cfg = &self.config;
+        let device = &self.device;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let g = nh / nkv;
+        let (q, k, v) = match &attn.qkv {
+            QkvProj::Split {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
+                lin(q_proj, x.clone(), drop, device),
+                lin(k_proj, x.clone(), drop, device),
+                lin(v_proj, x, drop, device),
+            ),
+            QkvProj::Fused { qkv_proj } => {
+                let y = lin(qkv_proj, x, drop, device);
+                let n = b * s;
+                let (qo, ko) = (nh * hd, nkv * hd);
+                (
+                    y.clone().slice([0..n, 0..qo]),
+                    y.clone().slice([0..n, qo..qo + ko]),
+                    y.slice([0..n, qo + ko..qo + 2 * ko]),
+                )
+            }
+        };
+        let mut q = q.reshape([b, s, nh, hd]);
+        let mut k = k.reshape([b, s, nkv, hd]);
+        if let Some(n) = &attn.q_norm {
+            q = n.forward(q);
+        }
+        if let Some(n) = &attn.k_norm {
+            k = n.forward(k);
+        }
+        let q = apply_rope(q.swap_dims(1, 2), cos, sin);
+        let mut k = apply_rope(k.swap_dims(1, 2), cos, sin);
+        let mut v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
+        if let Some(slot) = kv_slot {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let t = k.dims()[2];
+        let dtype = q.dtype();
+        // GQA without copying k/v: fold the g query heads of each kv head into the row dimension.
+        let q5 = q.reshape([b, nkv, g * s, hd]);
+        let scores = q5.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, t]);
+        let mut scores = if dtype != DType::F32 {
+            scores.cast(DType::F32)
+        } else {
+            scores
+        };
+        scores = scores.mul_scalar(cfg.attn_scale());
+        if let Some(cap) = cfg.attn_logit_softcapping {
+            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+        }
+        let scores = scores.mask_fill(mask.clone().expand([b, nh, s, t]), f32::NEG_INFINITY);
+        let probs = activation::softmax(scores, 3);
+        let probs = if dtype != DType::F32 {
+            probs.cast(dtype)
+        } else {
+            probs
+        };
+        let out = probs.reshape([b, nkv, g * s, t]).matmul(v);
+        let out = out
+            .reshape([b, nh, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b * s, nh * hd]);
+        lin(&attn.o_proj, out, drop, device)
+    }
+
+    fn mlp(&self, mlp: &Mlp<B>, x: Tensor<B, 2>, drop: &mut dyn DropoutSource<B>) -> Tensor<B, 2> {
+        let device = &self.device;
+        let (gate, up) = match &mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => (
+                lin(gate_proj, x.clone(), drop, device),
+                lin(up_proj, x, drop, device),
+            ),
+            GateUpProj::Fused { gate_up_proj } => {
+                let y = lin(gate_up_proj, x, drop, device);
+                let [n, two_i] = y.dims();
+                let i = two_i / 2;
+                (y.clone().slice([0..n, 0..i]), y.slice([0..n, i..two_i]))
+            }
+        };
+        let act = match mlp.act {
+            Activation::Silu => activation::silu(gate),
+            Activation::GeluTanh => activation::gelu_approximate(gate),
+            Activation::Gelu => activation::gelu(gate),
+        };
+        lin(&mlp.down_proj, act * up, drop, device)
+    }
+
+    /// Logits `[n, vocab]` for hidden rows `[n, hidden]` (lm_head + Gemma2 final soft-capping).
+    pub fn logits(&self, hidden: Tensor<B, 2>, drop: &mut dyn DropoutSource<B>) -> Tensor<B, 2> {
+        let logits = lin(&self.lm_head, hidden, drop, &self.device);
+        match self.config.final_logit_softcapping {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
+    }
+
+    /// Full forward to logits `[b, s, vocab]` in f32 (inference / parity checks).
+    pub fn forward(&self, batch: &TokenBatch) -> Tensor<B, 3> {
+        let h = self.forward_hidden(batch, None, &mut NoDropout);
+        let logits = self.logits(h, &mut NoDropout).cast(DType::F32);
+        logits.reshape([batch.batch, batch.seq, self.config.vocab_size])
+    }
+
+    /// Visit every linear module with its HF path (`model.layers.0.self_attn.q_proj`, ..., `lm_head`).
+    pub fn linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            match &l.self_attn.qkv {
+                QkvProj::Split {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                } => {
+                    out.push((format!("{p}.self_attn.q_proj"), q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), v_proj));
+                }
+                QkvProj::Fused { qkv_proj } => {
+                    out.push((format!("{p}.self_attn.qkv_proj"), qkv_proj))
+                }
+            }
+            out.push((format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj));
+            match &l.mlp.gate_up {
+                GateUpProj::Split { gate_proj, up_proj } => {
+                    out.push((format!("{p}.mlp.gate_proj"), gate_proj));
+                    out.push((format!("{p}.mlp.up_proj"), up_proj));
+                }
+                GateUpProj::Fused { gate_up_proj } => {
+                    out.push((format!("{p}.mlp.gate_up_proj"), gate_up_proj))
+                }
+            }
+            out.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
+        }
+        out.push(("lm_head".to_string(), &self.lm_head));
+        out
+    }
+
+    /// Mutable visit of every linear module with its HF path.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            match &mut l.self_attn.qkv {
+                QkvProj::Split {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                } => {
+                    out.push((format!("{p}.self_attn.q_proj"), q_proj));
+                    out.push((format!("{p}.self_attn.k_proj"), k_proj));
+                    out.push((format!("{p}.self_attn.v_proj"), v_proj));
+                }
+                QkvProj::Fused { qkv_proj } => {
+                    out.push((format!("{p}.self_attn.qkv_proj"), qkv_proj))
+                }
+            }
+            out.push((format!("{p}.self_attn.o_proj"), &mut l.self_attn.o_proj));
+            match &mut l.mlp.gate_up {
+                GateUpProj::Split { gate_proj, up_proj } => {
+                    out.push((format!("{p}.mlp.gate_proj"), gate_proj));
+                    out.push((format!("{p}.mlp.up_proj"), up_proj));
+                }
+                GateUpProj::Fused { gate_up_proj } => {
+                    out.push((format!("{p}.mlp.gate_up_proj"), gate_up_proj))
+                }
+            }
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out.push(("lm_head".to_string(), &mut self.lm_head));
+        out
+    }
+}

@@ -1,0 +1,4 @@
+//! Training: loss, optimizer, schedules, the loop, checkpoints.
+
+pub mod loss;
+pub mod optim;

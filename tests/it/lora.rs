@@ -1,0 +1,237 @@
+//! LoRA parity with PEFT on the fixture adapters (tests/fixtures/adapters/*): forward logits, gradients of every
+//! lora_A / lora_B, one AdamW step, grad clipping, merge; plus frozen-base guarantees.
+
+use burn::tensor::Tensor;
+use loratune::lora::adapter::{lora_params, set_lora_params, set_trainable};
+use loratune::lora::peft::load_adapter;
+use loratune::model::NoDropout;
+use loratune::train::loss::lm_loss_sum;
+use loratune::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+use crate::common::*;
+use crate::parity::reference_batch;
+
+fn base_dir(adapter: &str) -> std::path::PathBuf {
+    let arch = adapter.split('-').next().unwrap();
+    fixture(&format!("models/{arch}"))
+}
+
+fn real_positions_diff(a: &[f32], b: &[f32], mask: &[bool], v: usize) -> f32 {
+    (0..mask.len())
+        .filter(|&p| mask[p])
+        .map(|p| max_abs_diff(&a[p * v..(p + 1) * v], &b[p * v..(p + 1) * v]))
+        .fold(0.0, f32::max)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    max_abs_diff(a, b) / scale
+}
+
+fn check_forward(adapter: &str) {
+    let dir = fixture(&format!("adapters/{adapter}"));
+    let reference = dir.join("reference.safetensors");
+    let device = Default::default();
+    let mut model = load_fixture_model::<B>(&base_dir(adapter), &device);
+    load_adapter(&mut model, &dir).unwrap();
+    let (batch, labels) = reference_batch(&reference);
+    let v = model.config.vocab_size;
+    let logits = to_vec(model.forward(&batch));
+    let (_, expected) = read_ref(&reference, "logits");
+    let d = real_positions_diff(&logits, &expected, &batch.attention_mask, v);
+    let (_, exp_loss) = read_ref(&reference, "loss");
+    let loss = crate::parity::hf_loss(&logits, &labels, batch.batch, batch.seq, v);
+    println!(
+        "{adapter}: adapter forward max |Δlogit| = {d:.3e}, loss Δ = {:.3e}",
+        (loss - exp_loss[0] as f64).abs()
+    );
+    assert!(d <= 1e-4, "{adapter}: max |Δlogit| {d}");
+    assert!((loss - exp_loss[0] as f64).abs() <= 1e-5);
+
+    // Merged weights give the same logits (PEFT's merge_and_unload reference too).
+    loratune::lora::merge_all(&mut model);
+    assert!(model.linears().iter().all(|(_, l)| l.lora.is_none()));
+    let merged = to_vec(model.forward(&batch));
+    let (_, exp_merged) = read_ref(&reference, "merged_logits");
+    let dm = real_positions_diff(&merged, &exp_merged, &batch.attention_mask, v);
+    println!("{adapter}: merged max |Δlogit| vs PEFT merge_and_unload = {dm:.3e}");
+    assert!(dm <= 1e-4, "{adapter}: merged max |Δlogit| {dm}");
+}
+
+#[test]
+fn peft_forward_llama() {
+    check_forward("llama");
+}
+#[test]
+fn peft_forward_llama_rslora() {
+    check_forward("llama-rslora");
+}
+#[test]
+fn peft_forward_qwen2() {
+    check_forward("qwen2");
+}
+#[test]
+fn peft_forward_phi3_fused() {
+    check_forward("phi3");
+}
+#[test]
+fn peft_forward_gemma2() {
+    check_forward("gemma2");
+}
+
+fn check_grads_and_step(adapter: &str) {
+    let dir = fixture(&format!("adapters/{adapter}"));
+    let reference = dir.join("reference.safetensors");
+    let device = Default::default();
+    let mut model = load_fixture_model::<AD>(&base_dir(adapter), &device);
+    load_adapter(&mut model, &dir).unwrap();
+    set_trainable(&mut model);
+    let (batch, labels) = reference_batch(&reference);
+    let (sum, n) = lm_loss_sum(&model, &batch, &labels, &mut NoDropout);
+    let loss = sum.div_scalar(n as f64);
+    let grads = loss.backward();
+
+    // The frozen base gets no gradient at all.
+    for (path, lin) in model.linears() {
+        assert!(
+            lin.weight.grad(&grads).is_none(),
+            "{path}.weight received a gradient"
+        );
+    }
+    assert!(model.model.embed_tokens.grad(&grads).is_none());
+
+    let params = lora_params(&model);
+    let mut gs = Vec::new();
+    let mut worst = 0f32;
+    for (key, p) in &params {
+        let g = p
+            .grad(&grads)
+            .unwrap_or_else(|| panic!("{key}: no gradient"));
+        let (_, expected) = read_ref(&reference, &format!("grad.{key}"));
+        let got = to_vec(g.clone());
+        let e = rel_err(&got, &expected);
+        worst = worst.max(e);
+        assert!(e <= 1e-4, "{adapter} {key}: grad relative error {e}");
+        gs.push(g);
+    }
+    println!(
+        "{adapter}: {} LoRA grads, worst relative error {worst:.3e}",
+        params.len()
+    );
+
+    // One AdamW step (lr 1e-3, wd 0) and one with wd 0.01, from the same start. Weight decay moves a parameter
+    // by only lr·wd·p ≈ 1e-5·p, so the tolerance is 1e-6 (the issue asks 1e-5) to make that difference visible.
+    let mut stepped: Vec<Vec<Vec<f32>>> = Vec::new();
+    for (prefix, wd) in [("step1", 0.0), ("step1wd", 0.01)] {
+        let mut opt = AdamW::<B>::new(
+            AdamWConfig {
+                weight_decay: wd,
+                ..Default::default()
+            },
+            params.len(),
+        );
+        let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
+        let updated = opt.step(1e-3, inner, gs.clone());
+        let mut worst = 0f32;
+        for ((key, _), u) in params.iter().zip(&updated) {
+            let (_, expected) = read_ref(&reference, &format!("{prefix}.{key}"));
+            let d = max_abs_diff(&to_vec(u.clone()), &expected);
+            worst = worst.max(d);
+            assert!(d <= 1e-6, "{adapter} {prefix} {key}: max |Δ| {d}");
+        }
+        stepped.push(updated.iter().map(|u| to_vec(u.clone())).collect());
+        println!("{adapter}: AdamW {prefix} max |Δparam| {worst:.3e}");
+    }
+    let wd_effect = stepped[0]
+        .iter()
+        .zip(&stepped[1])
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f32::max);
+    assert!(
+        wd_effect > 2e-6,
+        "weight decay had no visible effect ({wd_effect})"
+    );
+
+    // clip_grad_norm_(max_norm=0.5).
+    let mut clipped = gs.clone();
+    let total = clip_grad_norm(&mut clipped, 0.5);
+    let (_, exp_total) = read_ref(&reference, "clip_total_norm");
+    assert!(
+        ((total - exp_total[0] as f64) / exp_total[0] as f64).abs() < 1e-5,
+        "total norm {total} vs {}",
+        exp_total[0]
+    );
+    for ((key, _), g) in params.iter().zip(&clipped) {
+        let (_, expected) = read_ref(&reference, &format!("clip.{key}"));
+        let e = rel_err(&to_vec(g.clone()), &expected);
+        assert!(e <= 1e-4, "{adapter} clip {key}: {e}");
+    }
+}
+
+#[test]
+fn peft_grads_and_adamw_llama() {
+    check_grads_and_step("llama");
+}
+#[test]
+fn peft_grads_and_adamw_llama_rslora() {
+    check_grads_and_step("llama-rslora");
+}
+#[test]
+fn peft_grads_and_adamw_qwen2() {
+    check_grads_and_step("qwen2");
+}
+#[test]
+fn peft_grads_and_adamw_phi3() {
+    check_grads_and_step("phi3");
+}
+#[test]
+fn peft_grads_and_adamw_gemma2() {
+    check_grads_and_step("gemma2");
+}
+
+/// Several optimizer steps leave every base tensor bit-identical.
+#[test]
+fn base_weights_stay_bit_identical_after_training_steps() {
+    let adapter = "llama";
+    let dir = fixture(&format!("adapters/{adapter}"));
+    let reference = dir.join("reference.safetensors");
+    let device = Default::default();
+    let mut model = load_fixture_model::<AD>(&base_dir(adapter), &device);
+    load_adapter(&mut model, &dir).unwrap();
+    set_trainable(&mut model);
+    let before: Vec<Vec<f32>> = model
+        .linears()
+        .iter()
+        .map(|(_, l)| to_vec(l.weight.clone().inner()))
+        .collect();
+    let (batch, labels) = reference_batch(&reference);
+    let mut opt = AdamW::<B>::new(AdamWConfig::default(), lora_params(&model).len());
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let (sum, n) = lm_loss_sum(&model, &batch, &labels, &mut NoDropout);
+        let loss = sum.div_scalar(n as f64);
+        losses.push(to_vec(loss.clone().inner())[0]);
+        let grads = loss.backward();
+        let params = lora_params(&model);
+        let gs: Vec<_> = params
+            .iter()
+            .map(|(_, p)| p.grad(&grads).unwrap())
+            .collect();
+        let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
+        let updated = opt.step(1e-2, inner, gs);
+        set_lora_params(
+            &mut model,
+            updated
+                .into_iter()
+                .map(|t| Tensor::from_inner(t).require_grad())
+                .collect(),
+        );
+    }
+    let after: Vec<Vec<f32>> = model
+        .linears()
+        .iter()
+        .map(|(_, l)| to_vec(l.weight.clone().inner()))
+        .collect();
+    assert_eq!(before, after, "a frozen base weight changed");
+    assert!(losses[2] < losses[0], "loss did not decrease: {losses:?}");
+}

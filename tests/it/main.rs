@@ -1,0 +1,5 @@
+//! loratune's integration tests: one test binary (one link) with a module per concern.
+
+mod common;
+mod lora;
+mod parity;
