@@ -14,6 +14,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::ops::Range;
+use std::sync::Arc;
 
 use minijinja::value::{Kwargs, Rest, ValueKind};
 use minijinja::{Environment, ErrorKind, Value};
@@ -121,9 +122,10 @@ thread_local! {
 }
 
 /// A compiled chat template plus the special tokens it is rendered with.
+#[derive(Clone)]
 pub struct ChatTemplate {
     source: String,
-    env: Environment<'static>,
+    env: Arc<Environment<'static>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     fixed_now: Option<chrono::NaiveDateTime>,
@@ -139,21 +141,6 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
-impl Clone for ChatTemplate {
-    fn clone(&self) -> Self {
-        // Compiling succeeded once for this source, so it succeeds again.
-        build_env(&self.source, self.fixed_now)
-            .map(|env| ChatTemplate {
-                source: self.source.clone(),
-                env,
-                bos_token: self.bos_token.clone(),
-                eos_token: self.eos_token.clone(),
-                fixed_now: self.fixed_now,
-            })
-            .unwrap_or_else(|e| unreachable!("recompiling a compiled chat template failed: {e}"))
-    }
-}
-
 impl ChatTemplate {
     /// Compile `source` (a Jinja chat template as found in `tokenizer_config.json`, `chat_template.jinja` or GGUF
     /// `tokenizer.chat_template`). `bos_token` / `eos_token` are the strings the template sees; `None` leaves the
@@ -162,7 +149,7 @@ impl ChatTemplate {
         let env = build_env(source, None)?;
         Ok(ChatTemplate {
             source: source.to_string(),
-            env,
+            env: Arc::new(env),
             bos_token: bos_token.map(str::to_string),
             eos_token: eos_token.map(str::to_string),
             fixed_now: None,
@@ -185,7 +172,7 @@ impl ChatTemplate {
 
     /// Freeze the clock behind `strftime_now` (for reproducible renders, e.g. Llama 3.1's "Today Date").
     pub fn with_fixed_now(mut self, now: chrono::NaiveDateTime) -> Result<Self> {
-        self.env = build_env(&self.source, Some(now))?;
+        self.env = Arc::new(build_env(&self.source, Some(now))?);
         self.fixed_now = Some(now);
         Ok(self)
     }
@@ -407,6 +394,7 @@ fn build_env(
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(python_formatter);
     env.add_filter("tojson", tojson_filter);
+    env.add_filter("string", python_str_filter);
     env.add_filter(GENERATION_FILTER, generation_filter);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", move |format: String| {
@@ -434,6 +422,16 @@ fn python_formatter(
             .write_str(if value.is_true() { "True" } else { "False" })
             .map_err(minijinja::Error::from),
         _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// `str(x)` as Python writes it: `None`, `True`, `False` (minijinja's own `string` filter writes `none`, `true`).
+fn python_str_filter(value: &Value) -> Value {
+    match value.kind() {
+        ValueKind::None => Value::from("None"),
+        ValueKind::Bool => Value::from(if value.is_true() { "True" } else { "False" }),
+        ValueKind::String => value.clone(),
+        _ => Value::from(value.to_string()),
     }
 }
 
@@ -1001,6 +999,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("strftime_now"), "{e}");
+    }
+
+    #[test]
+    fn chat_template_is_send_sync_and_clone() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<ChatTemplate>();
+        check::<crate::tokenizer::LoadedTokenizer>();
+        let t = ChatTemplate::builtin("chatml").unwrap();
+        let t2 = t.clone();
+        let h = std::thread::spawn(move || t2.render(&[Message::new("user", "x")], true).unwrap());
+        assert_eq!(
+            h.join().unwrap(),
+            t.render(&[Message::new("user", "x")], true).unwrap()
+        );
     }
 
     #[test]
