@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod data;
 mod inspect;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
@@ -16,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Show a model's architecture, sizes, dtypes and the linear modules LoRA can target.
     Inspect(inspect::InspectArgs),
+    /// Preview rendered training samples with their trained tokens marked, or print dataset statistics.
+    Data(data::DataArgs),
 }
 
 /// Entry point used by the binary.
@@ -23,5 +26,6 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Data(a) => data::run(a),
     }
 }

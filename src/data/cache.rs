@@ -30,7 +30,7 @@ use super::source::{read_records, RawRecord, ResolvedFile, RowLoc};
 use crate::error::{Error, Result};
 
 /// Bump when the cache layout or the meaning of its contents changes.
-pub const CACHE_VERSION: u32 = 1;
+pub const CACHE_VERSION: u32 = 2;
 const ENTRY_BYTES: usize = 32;
 
 /// 64-bit FNV-1a, seeded (a stable hash for cache keys and fingerprints).
@@ -41,6 +41,31 @@ pub fn fnv1a64(bytes: &[u8], seed: u64) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// A streaming 128-bit FNV-1a digest (two seeds).
+#[derive(Debug, Clone)]
+pub struct Digest(u64, u64);
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest(
+            0xcbf2_9ce4_8422_2325,
+            0xcbf2_9ce4_8422_2325 ^ 0x9e37_79b9_7f4a_7c15,
+        )
+    }
+}
+
+impl Digest {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            self.1 = (self.1 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    pub fn hex(&self) -> String {
+        format!("{:016x}{:016x}", self.0, self.1)
+    }
 }
 
 /// 128-bit hex digest of a text (two seeded FNV-1a passes).
@@ -102,6 +127,9 @@ pub struct CacheMeta {
     pub files: Vec<CachedFile>,
     pub sequence_len: usize,
     pub counts: Counts,
+    /// Digest of the cached samples (ids, labels, lengths, dataset entry): identifies the data for resuming,
+    /// independently of file paths and modification times.
+    pub content_digest: String,
 }
 
 /// One sample's index entry.
@@ -491,6 +519,7 @@ fn build_into(
         ..Default::default()
     };
     let mut offset = 0u64;
+    let mut content = Digest::default();
     let seq_len = opts.sequence_len;
     let mut failure: Option<Error> = None;
     'chunks: for chunk in rx.iter() {
@@ -591,6 +620,10 @@ fn build_into(
             index_w
                 .write_all(&entry.to_bytes())
                 .map_err(|e| Error::io(&index_path, e))?;
+            content.update(&(len as u32).to_le_bytes());
+            content.update(&(source as u32).to_le_bytes());
+            content.update(&buf);
+            content.update(&mb);
             offset += len as u64;
             counts.samples += 1;
             counts.tokens += len as u64;
@@ -626,6 +659,7 @@ fn build_into(
         files,
         sequence_len: seq_len,
         counts,
+        content_digest: content.hex(),
     };
     let meta_path = tmp.join("meta.json");
     let text = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Json {

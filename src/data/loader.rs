@@ -219,8 +219,8 @@ impl Prepared {
             )));
         }
         let fp = serde_json::json!({
-            "train": train_cache.meta.key,
-            "eval": eval_cache.as_ref().map(|c| c.meta.key.clone()),
+            "train": train_cache.meta.content_digest,
+            "eval": eval_cache.as_ref().map(|c| c.meta.content_digest.clone()),
             "seed": options.seed,
             "shuffle": options.shuffle,
             "packing": options.sample_packing,

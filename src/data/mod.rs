@@ -65,7 +65,7 @@ pub use loader::{Batch, EpochPlan, LoaderState, Prepared, TrainLoader, IGNORE_IN
 pub use options::{
     DataFormat, DataOptions, DatasetSource, FileKind, OnBadRow, PropertyMappings, Truncation,
 };
-pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TextTokenizer};
+pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TemplateRenderer, TextTokenizer};
 pub use report::{DataStats, PreviewItem};
 pub use rows::{BadRow, BadRowKind, Example, RowParser};
 

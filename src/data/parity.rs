@@ -91,7 +91,7 @@ fn builder(case: &Case) -> SampleBuilder {
             add_bos: false,
             end_of_turn_ids,
         },
-        template: Some(Arc::new(template)),
+        template: Some(Arc::new(TemplateRenderer::new(template))),
         train_on_inputs: false,
     }
 }

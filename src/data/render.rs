@@ -40,26 +40,51 @@ pub trait ChatRenderer: Send + Sync {
     fn fingerprint(&self) -> String;
 }
 
-impl ChatRenderer for crate::tokenizer::ChatTemplate {
+/// A compiled chat template prepared for the data path (whether it has `{% generation %}` blocks is decided
+/// once, not per sample).
+pub struct TemplateRenderer {
+    template: crate::tokenizer::ChatTemplate,
+    generation: bool,
+    fingerprint: String,
+}
+
+impl TemplateRenderer {
+    pub fn new(template: crate::tokenizer::ChatTemplate) -> Self {
+        let generation = template.has_generation_blocks();
+        let fingerprint = format!(
+            "{}\u{0}{:?}\u{0}{:?}",
+            template.source(),
+            template.bos_token(),
+            template.eos_token()
+        );
+        TemplateRenderer {
+            template,
+            generation,
+            fingerprint,
+        }
+    }
+
+    /// The template.
+    pub fn template(&self) -> &crate::tokenizer::ChatTemplate {
+        &self.template
+    }
+}
+
+impl ChatRenderer for TemplateRenderer {
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        crate::tokenizer::ChatTemplate::render(self, messages, add_generation_prompt)
+        self.template.render(messages, add_generation_prompt)
     }
     fn render_generation_spans(
         &self,
         messages: &[Message],
     ) -> Result<Option<(String, Vec<Range<usize>>)>> {
-        if !self.has_generation_blocks() {
+        if !self.generation {
             return Ok(None);
         }
-        self.render_with_spans(messages, false).map(Some)
+        self.template.render_with_spans(messages, false).map(Some)
     }
     fn fingerprint(&self) -> String {
-        format!(
-            "{}\u{0}{:?}\u{0}{:?}",
-            self.source(),
-            self.bos_token(),
-            self.eos_token()
-        )
+        self.fingerprint.clone()
     }
 }
 
@@ -223,6 +248,57 @@ pub fn alpaca_prompt(system: Option<&str>, instruction: &str, input: Option<&str
 }
 
 impl SampleBuilder {
+    /// From a loaded tokenizer: its special tokens, BOS policy and stop ids, and the chat template —
+    /// `chat_template` (a built-in name or Jinja text) or else the tokenizer's own. Padding uses the pad token,
+    /// else EOS (labels of padding are -100 whatever the id).
+    pub fn from_tokenizer(
+        tok: &crate::tokenizer::LoadedTokenizer,
+        chat_template: Option<&str>,
+        train_on_inputs: bool,
+    ) -> Result<Self> {
+        let special = |t: &Option<(String, u32)>| {
+            t.as_ref().map(|(text, id)| SpecialToken {
+                text: text.clone(),
+                id: *id,
+            })
+        };
+        let (bos, eos) = (special(&tok.bos), special(&tok.eos));
+        let template = select_template(
+            chat_template,
+            tok.chat_template.as_deref(),
+            bos.as_ref().map(|b| b.text.as_str()),
+            eos.as_ref().map(|e| e.text.as_str()),
+        )?;
+        let mut end_of_turn_ids = tok.stop_ids();
+        if let Some(t) = &template {
+            for s in t.end_of_turn_tokens() {
+                if let Some(id) = tok.token_to_id(&s) {
+                    if !end_of_turn_ids.contains(&id) {
+                        end_of_turn_ids.push(id);
+                    }
+                }
+            }
+        }
+        let pad_id = tok
+            .pad
+            .as_ref()
+            .map(|p| p.1)
+            .or(eos.as_ref().map(|e| e.id))
+            .unwrap_or(0);
+        Ok(SampleBuilder {
+            tok: TextTokenizer {
+                tokenizer: Arc::new(tok.tokenizer.clone()),
+                bos,
+                eos,
+                pad_id,
+                add_bos: tok.add_bos,
+                end_of_turn_ids,
+            },
+            template: template.map(|t| Arc::new(TemplateRenderer::new(t)) as Arc<dyn ChatRenderer>),
+            train_on_inputs,
+        })
+    }
+
     /// Text and trained spans of an example.
     pub fn render(&self, ex: &Example) -> std::result::Result<Rendered, BadRow> {
         let plain = |text: String, prompt_len: usize, train_all: bool| {

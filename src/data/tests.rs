@@ -939,9 +939,15 @@ fn save_and_restore_resume_at_the_same_batch_across_epochs() {
             let saved = serde_json::to_string(&l.state()).unwrap();
             drop(l);
             let state: LoaderState = serde_json::from_str(&saved).unwrap();
-            // A fresh pipeline (as after a restart) resumes at the same batch.
+            // A fresh pipeline (as after a restart, here on a copy of the data at another path with another
+            // modification time, so the cache is rebuilt) resumes at the same batch.
+            let moved = dir.path().join(format!("moved-{cut}.jsonl"));
+            std::fs::copy(&f, &moved).unwrap();
             let p2 = pipeline(
-                vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Chat)],
+                vec![DatasetSource::new(
+                    moved.to_string_lossy(),
+                    DataFormat::Chat,
+                )],
                 p.options().clone(),
                 &dir.path().join("c"),
             );
