@@ -2,14 +2,18 @@
 //!
 //! # Using it
 //! ```text
-//! let data = DataPipeline::new(train_sources, eval_sources, options, builder, cache_dir)?; // returns at once
-//! // ... load the model while the data is prepared on a background thread ...
-//! let steps = data.batches_in_epoch(0)?;            // waits for preparation
+//! // Returns at once; the datasets are prepared on a background thread while the model loads.
+//! let data = DataPipeline::from_tokenizer(train_sources, eval_sources, options, &tokenizer, cache_dir)?;
+//! let per_epoch = data.batches_in_epoch(0)?;       // waits for preparation (exact counts for the schedule)
 //! let mut loader = data.train_loader(None)?;       // or Some(&state_from_checkpoint)
-//! for batch in loader.by_ref().take(steps) { let batch = batch?; /* forward/backward */ }
-//! let state = loader.state();                      // store in the checkpoint
-//! for batch in data.eval_batches()? { ... }
+//! let batch = loader.next().unwrap()?;             // Batch { tokens: TokenBatch, labels, trained_tokens, .. }
+//! let state = loader.state();                      // serialise into the checkpoint (serde)
+//! for batch in data.eval_batches()? { let batch = batch?; /* eval loss */ }
+//! println!("{}", data.stats()?);                   // what `loratune data stats` prints
 //! ```
+//! The loader is endless: it moves to the next epoch by itself and every batch carries its `epoch` and
+//! `index`. Labels follow transformers (`labels[i]` = token i or -100; the loss shifts), and
+//! `trained_tokens` is the number of loss targets, for normalising gradient accumulation per token.
 //!
 //! # Design
 //! **Sources** ([`source`]): files, folders and globs of JSONL / JSON arrays / CSV / TSV / Parquet are read as a
@@ -23,26 +27,29 @@
 //! never a search for the response text), the text is tokenized once without special tokens (no double BOS),
 //! and tokens are marked trained through the tokenizer's byte offsets. The end-of-turn token of a trained turn
 //! is trained; padding is masked by position, never by comparing ids, so pad = eos cannot unlabel an EOS.
+//! Trained turns that do not end with an end-of-turn/EOS token are counted and reported.
 //!
 //! **Preparation and the token cache** ([`cache`]): a background thread streams records in chunks of
 //! `chunk_rows` (a reader thread fills a 2-chunk channel; chunks are rendered and tokenized in parallel with
 //! rayon) and appends each sample to an on-disk cache — token ids, trained flags and a fixed-size index entry —
 //! keyed by a hash of the files (path, size, mtime), dataset entries, tokenizer, template and the
-//! tokenization options. Memory is bounded by a few chunks plus a 12-byte-per-sample index in RAM when reading;
-//! the tokens themselves are memory-mapped, so a dataset larger than RAM works, and a second run (or `data
-//! stats` followed by `train`) reuses the cache. Long samples are dropped or truncated per `truncation`, with
-//! counts.
+//! tokenization options. Records never accumulate in memory: RAM holds a few chunks while preparing, and
+//! afterwards the memory-mapped index plus ~20 bytes per sample for the split and the epoch plan; token ids
+//! are read from the memory-mapped cache as batches are built. A dataset larger than RAM therefore works, and
+//! a second run (or `data stats` followed by `train`) reuses the cache. Long samples are dropped or truncated
+//! per `truncation`, with counts.
 //!
-//! Training starts when preparation has finished: the learning-rate schedule, the progress bar and the
-//! validation split need the exact number of samples and batches, which only a complete pass knows. The
-//! trainer overlaps preparation with loading the model, and a cached dataset is ready at once.
+//! Training starts when preparation has finished: the learning-rate schedule, the progress bar, the
+//! validation split and the packing need the exact number and lengths of the samples, which only a complete
+//! pass knows. The trainer overlaps preparation with loading the model, and a cached dataset is ready at once.
 //!
 //! **Order, split, batches** ([`loader`]): a seeded permutation picks the validation samples
 //! (`val_set_size`), each epoch shuffles the training samples with ChaCha8 (seed, stream = epoch), per-dataset
 //! weights repeat or subsample entries, and rows are formed either by first-fit packing (positions restart at
 //! 0 in each sample, segment ids keep attention inside samples, each sample's first token is never a label) or
 //! one sample per row, length-bucketed and right-padded. The stream position is (epoch, batch):
-//! [`LoaderState`] serialises it and [`DataPipeline::train_loader`] resumes at exactly the same batch.
+//! [`LoaderState`] serialises it with a fingerprint of the cached contents (not of paths or modification
+//! times) and the order options, and [`DataPipeline::train_loader`] resumes at exactly the same batch.
 
 pub mod cache;
 pub mod loader;
@@ -148,6 +155,8 @@ impl DataPipeline {
         cache_dir: impl Into<PathBuf>,
     ) -> Result<Self> {
         options.validate()?;
+        let mut builder = builder;
+        builder.train_on_inputs = options.train_on_inputs;
         if train.is_empty() {
             return Err(Error::Data(
                 "no datasets: add at least one entry under `datasets:`".into(),
@@ -210,6 +219,23 @@ impl DataPipeline {
             job: Mutex::new(Some(job)),
             ready: OnceLock::new(),
         })
+    }
+
+    /// [`DataPipeline::new`] with the tokenizer's special tokens and stop ids, and the chat template named by
+    /// `options.chat_template` (a built-in name or Jinja text) or else the tokenizer's own.
+    pub fn from_tokenizer(
+        train: Vec<DatasetSource>,
+        eval: Vec<DatasetSource>,
+        options: DataOptions,
+        tokenizer: &crate::tokenizer::LoadedTokenizer,
+        cache_dir: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        let builder = SampleBuilder::from_tokenizer(
+            tokenizer,
+            options.chat_template.as_deref(),
+            options.train_on_inputs,
+        )?;
+        Self::new(train, eval, options, builder, cache_dir)
     }
 
     /// Live counters of the preparation.
