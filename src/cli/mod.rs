@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod common;
 mod generate;
 mod inspect;
@@ -25,6 +26,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
     Convert(merge::ConvertArgs),
+    /// Time the training step (forward, backward, AdamW) and report tokens/s, MFU and peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 /// Entry point used by the binary.
@@ -35,5 +38,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::Convert(a) => merge::run_convert(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
