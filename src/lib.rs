@@ -5,10 +5,13 @@
 //! [`generate`] (sampling) and [`cli`].
 
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod tokenizer;

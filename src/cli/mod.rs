@@ -2,8 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod common;
 mod data;
+mod generate;
 mod inspect;
+mod merge;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
 #[derive(Parser, Debug)]
@@ -17,6 +21,14 @@ pub struct Cli {
 pub enum Command {
     /// Show a model's architecture, sizes, dtypes and the linear modules LoRA can target.
     Inspect(inspect::InspectArgs),
+    /// Complete a prompt (raw or with the chat template), streaming tokens; greedy or sampled.
+    Generate(generate::GenerateArgs),
+    /// Merge a PEFT adapter into its base model and write a Hugging Face folder.
+    Merge(merge::MergeArgs),
+    /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
+    Convert(merge::ConvertArgs),
+    /// Time the training step (forward, backward, AdamW) and report tokens/s, MFU and peak RSS.
+    Bench(bench::BenchArgs),
     /// Preview rendered training samples with their trained tokens marked, or print dataset statistics.
     Data(data::DataArgs),
 }
@@ -26,6 +38,10 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Merge(a) => merge::run_merge(a),
+        Command::Convert(a) => merge::run_convert(a),
+        Command::Bench(a) => bench::run(a),
         Command::Data(a) => data::run(a),
     }
 }

@@ -104,13 +104,20 @@ impl<B: Backend> LoraLinear<B> {
         l.b.clone().matmul(l.a.clone()).mul_scalar(l.scale)
     }
 
-    /// W + scale·B·A computed in f32, cast back to W's dtype (what PEFT's `merge_and_unload` does).
+    /// W + scale·B·A in f32 (not rounded to W's dtype): what exports encode.
+    pub fn merged_weight_f32(&self) -> Tensor<B, 2> {
+        let w = self.weight.clone().cast(DType::F32);
+        match (&self.lora, self.merged) {
+            (Some(l), false) => w + Self::delta(l),
+            _ => w,
+        }
+    }
+
+    /// W + scale·B·A computed in f32, rounded (to nearest even, as torch) back to W's dtype — what PEFT's
+    /// `merge_and_unload` does.
     pub fn merged_weight(&self) -> Tensor<B, 2> {
         match (&self.lora, self.merged) {
-            (Some(l), false) => {
-                let dtype = self.weight.dtype();
-                (self.weight.clone().cast(DType::F32) + Self::delta(l)).cast(dtype)
-            }
+            (Some(_), false) => round_to_dtype(self.merged_weight_f32(), self.weight.dtype()),
             _ => self.weight.clone(),
         }
     }
@@ -127,7 +134,8 @@ impl<B: Backend> LoraLinear<B> {
     pub fn unmerge(&mut self) {
         if let (Some(l), true) = (&self.lora, self.merged) {
             let dtype = self.weight.dtype();
-            self.weight = (self.weight.clone().cast(DType::F32) - Self::delta(l)).cast(dtype);
+            self.weight =
+                round_to_dtype(self.weight.clone().cast(DType::F32) - Self::delta(l), dtype);
             self.merged = false;
         }
     }
@@ -138,6 +146,34 @@ impl<B: Backend> LoraLinear<B> {
         self.lora = None;
         self.merged = false;
     }
+}
+
+/// Cast an f32 tensor to `dtype` with round-to-nearest-even (torch's rounding). Burn-flex's own f32→bf16 cast
+/// goes through f64 and drops sticky bits, so lossy casts of weights are done here on the host.
+pub fn round_to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if !matches!(dtype, DType::BF16 | DType::F16) || t.dtype() == dtype {
+        return t.cast(dtype);
+    }
+    let device = t.device();
+    let shape = t.dims();
+    let v = t
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
+    let data = if dtype == DType::BF16 {
+        TensorData::new(
+            v.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>(),
+            shape,
+        )
+    } else {
+        TensorData::new(
+            v.into_iter().map(half::f16::from_f32).collect::<Vec<_>>(),
+            shape,
+        )
+    };
+    Tensor::from_data(data, (&device, dtype))
 }
 
 /// Build an f32 tensor from host values with a shape check that names the tensor.

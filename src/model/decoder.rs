@@ -626,3 +626,95 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 }
+
+/// Converting a training model (autodiff backend) to its inner backend for evaluation / generation without
+/// building a graph. Tensors are shared (no copy).
+mod valid {
+    use burn::tensor::backend::AutodiffBackend;
+
+    use super::*;
+    use crate::lora::linear::LoraAdapter;
+
+    fn lin<B: AutodiffBackend>(l: &LoraLinear<B>) -> LoraLinear<B::InnerBackend> {
+        LoraLinear {
+            weight: l.weight.clone().inner(),
+            bias: l.bias.clone().map(|b| b.inner()),
+            lora: l.lora.as_ref().map(|a| LoraAdapter {
+                a: a.a.clone().inner(),
+                b: a.b.clone().inner(),
+                scale: a.scale,
+                dropout: a.dropout,
+            }),
+            merged: l.merged,
+        }
+    }
+
+    fn norm<B: AutodiffBackend>(n: &RmsNorm<B>) -> RmsNorm<B::InnerBackend> {
+        RmsNorm {
+            weight: n.weight.clone().inner(),
+            eps: n.eps,
+            gemma: n.gemma,
+        }
+    }
+
+    impl<B: AutodiffBackend> CausalLm<B> {
+        /// The same model on the inner backend (no autodiff graph), sharing every tensor.
+        pub fn valid(&self) -> CausalLm<B::InnerBackend> {
+            let layers = self
+                .model
+                .layers
+                .iter()
+                .map(|l| DecoderLayer {
+                    self_attn: SelfAttention {
+                        qkv: match &l.self_attn.qkv {
+                            QkvProj::Split {
+                                q_proj,
+                                k_proj,
+                                v_proj,
+                            } => QkvProj::Split {
+                                q_proj: lin(q_proj),
+                                k_proj: lin(k_proj),
+                                v_proj: lin(v_proj),
+                            },
+                            QkvProj::Fused { qkv_proj } => QkvProj::Fused {
+                                qkv_proj: lin(qkv_proj),
+                            },
+                        },
+                        o_proj: lin(&l.self_attn.o_proj),
+                        q_norm: l.self_attn.q_norm.as_ref().map(norm),
+                        k_norm: l.self_attn.k_norm.as_ref().map(norm),
+                    },
+                    mlp: Mlp {
+                        gate_up: match &l.mlp.gate_up {
+                            GateUpProj::Split { gate_proj, up_proj } => GateUpProj::Split {
+                                gate_proj: lin(gate_proj),
+                                up_proj: lin(up_proj),
+                            },
+                            GateUpProj::Fused { gate_up_proj } => GateUpProj::Fused {
+                                gate_up_proj: lin(gate_up_proj),
+                            },
+                        },
+                        down_proj: lin(&l.mlp.down_proj),
+                        act: l.mlp.act,
+                    },
+                    input_layernorm: norm(&l.input_layernorm),
+                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    pre_feedforward_layernorm: l.pre_feedforward_layernorm.as_ref().map(norm),
+                    post_feedforward_layernorm: l.post_feedforward_layernorm.as_ref().map(norm),
+                    window: l.window,
+                })
+                .collect();
+            CausalLm {
+                config: self.config.clone(),
+                model: Model {
+                    embed_tokens: self.model.embed_tokens.clone().inner(),
+                    layers,
+                    norm: norm(&self.model.norm),
+                },
+                lm_head: lin(&self.lm_head),
+                inv_freq: self.inv_freq.clone(),
+                device: self.device.clone(),
+            }
+        }
+    }
+}

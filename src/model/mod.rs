@@ -20,7 +20,7 @@ pub struct OpenedModel {
     pub source: Box<dyn TensorSource>,
 }
 
-/// Open a Hugging Face model folder (config.json + safetensors).
+/// Open a Hugging Face model folder (config.json + safetensors) or a `.gguf` file.
 pub fn open(path: &Path) -> Result<OpenedModel> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
@@ -35,6 +35,18 @@ pub fn open(path: &Path) -> Result<OpenedModel> {
         return Ok(OpenedModel {
             path: path.to_path_buf(),
             config,
+            source: Box::new(source),
+        });
+    }
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        let source = crate::gguf::GgufSource::open(path)?;
+        return Ok(OpenedModel {
+            path: path.to_path_buf(),
+            config: source.config().clone(),
             source: Box::new(source),
         });
     }

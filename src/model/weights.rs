@@ -202,10 +202,12 @@ impl SafetensorsSource {
                             index.display()
                         )))
                     }
-                    None => return Err(Error::Weights(format!(
+                    None => {
+                        return Err(Error::Weights(format!(
                         "{}: index lists `{name}` in {file}, but that shard does not contain it",
                         index.display()
-                    ))),
+                    )))
+                    }
                 }
             }
             Ok(src)

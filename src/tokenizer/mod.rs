@@ -479,3 +479,35 @@ fn preview(text: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// The tokenizer that belongs to a model location: `tokenizer.json` & co. in an HF folder, or the
+/// `tokenizer.ggml.*` metadata of a `.gguf` file.
+pub fn load_for_model(path: &Path) -> Result<LoadedTokenizer> {
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        let f = crate::gguf::GgufFile::open(path)?;
+        return tokenizer_from_gguf_metadata(f.metadata())
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())));
+    }
+    LoadedTokenizer::from_hf_dir(path)
+}
+
+impl LoadedTokenizer {
+    /// Every id that should end generation: eos, the extra eos ids, and the chat template's end-of-turn tokens.
+    pub fn generation_stop_ids(&self) -> Vec<u32> {
+        let mut ids = self.stop_ids();
+        if let Ok(t) = self.chat_template() {
+            for tok in t.end_of_turn_tokens() {
+                if let Some(id) = self.token_to_id(&tok) {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        ids
+    }
+}

@@ -549,3 +549,72 @@ fn offsets_map_generation_spans_to_tokens() {
     );
     assert_eq!(inside.last(), tok.eos.as_ref().map(|(_, id)| id));
 }
+
+/// The real SmolLM2 GGUF (scripts/fetch-smollm2.sh). Fails (never skips) with the fix when it is absent.
+fn smollm2_gguf() -> PathBuf {
+    let p = std::env::var_os("LORATUNE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh (or set LORATUNE_SMOLLM2_GGUF to the file)",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2-135M-Instruct's own GGUF, read with the GGUF reader: ids, decodes and chat ids equal transformers'
+/// (tests/fixtures/tokenizer/smollm2_ids.json), also after writing and re-reading the Hugging Face files.
+#[test]
+fn smollm2_gguf_tokenizer_matches_transformers() {
+    let file = crate::gguf::GgufFile::open(&smollm2_gguf()).unwrap();
+    let tok = tokenizer_from_gguf_metadata(file.metadata()).unwrap();
+    let fx = read_json(&fixture_dir().join("smollm2_ids.json"));
+    let n = 49152;
+    assert_eq!(tok.vocab_size(), n);
+    assert_eq!(
+        tok.vocab_size() as u64,
+        fx["expected"]["vocab_size_with_added"].as_u64().unwrap()
+    );
+    assert_eq!(tok.bos, Some(("<|im_start|>".to_string(), 1)));
+    assert_eq!(tok.eos, Some(("<|im_end|>".to_string(), 2)));
+    assert_eq!(tok.pad, Some(("<|im_end|>".to_string(), 2)));
+    assert_eq!(tok.unk, Some(("<|endoftext|>".to_string(), 0)));
+    assert!(!tok.add_bos);
+    assert_eq!(tok.stop_ids(), vec![2]);
+    let cases = fx["cases"].as_array().unwrap();
+    assert!(cases.len() >= 25);
+    assert_eq!(check_cases("smollm2", &tok, cases, n), (cases.len(), 0));
+    let chats = check_chat_cases("smollm2", &tok, fx["chat_cases"].as_array().unwrap());
+    assert_eq!(chats, 4);
+    // The template writes `<|im_start|>` (SmolLM2's BOS) itself and the tokenizer adds none: nothing is prepended.
+    let text = tok
+        .chat_template()
+        .unwrap()
+        .render(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let ids = tok.encode_templated(&text).unwrap();
+    assert_eq!(ids, tok.encode(&text, false).unwrap());
+    assert_eq!(&ids[..2], &[1, 9690]); // <|im_start|> system
+    let dir = tempfile::tempdir().unwrap();
+    tok.to_hf_files(dir.path()).unwrap();
+    let back = LoadedTokenizer::from_hf_dir(dir.path()).unwrap();
+    assert_eq!(
+        (back.bos.clone(), back.eos.clone(), back.add_bos),
+        (tok.bos.clone(), tok.eos.clone(), false)
+    );
+    assert_eq!(
+        check_cases("smollm2 (HF files)", &back, cases, n),
+        (cases.len(), 0)
+    );
+    check_chat_cases(
+        "smollm2 (HF files)",
+        &back,
+        fx["chat_cases"].as_array().unwrap(),
+    );
+}

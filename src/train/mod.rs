@@ -1,4 +1,8 @@
 //! Training: loss, optimizer, schedules, the loop, checkpoints.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod report;
+pub mod schedule;
+pub mod step;

@@ -1,6 +1,12 @@
 //! loratune's integration tests: one test binary (one link) with a module per concern.
 
 mod common;
+mod config;
 mod data;
+mod export;
+mod generate;
+mod hub;
 mod lora;
 mod parity;
+mod train;
+mod weights;

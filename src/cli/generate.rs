@@ -1,0 +1,135 @@
+//! `loratune generate`: complete a prompt (raw or through the chat template) with the KV-cached decoder.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use super::common::load_cpu;
+use crate::generate::{generate, GenerateOptions, StopReason, StreamDecoder};
+use crate::tokenizer::Message;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter folder to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt as a user message with the model's chat template (and a generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object (prompt ids, generated ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if a.temperature < 0.0 {
+        bail!(
+            "--temperature must be ≥ 0 (0 = greedy), got {}",
+            a.temperature
+        );
+    }
+    if a.system.is_some() && !a.chat {
+        bail!("--system needs --chat");
+    }
+    let loaded = load_cpu(&a.model, a.adapter.as_ref())?;
+    let tok = &loaded.tokenizer;
+    let (prompt_text, prompt_ids) = if a.chat {
+        let template = tok.chat_template()?;
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s.clone()));
+        }
+        msgs.push(Message::new("user", a.prompt.clone()));
+        let text = template.render(&msgs, true)?;
+        let ids = tok.encode_templated(&text)?;
+        (text, ids)
+    } else {
+        let ids = tok.encode(&a.prompt, tok.add_bos)?;
+        (a.prompt.clone(), ids)
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        stop_ids: tok.generation_stop_ids(),
+    };
+    let t0 = std::time::Instant::now();
+    let mut first_token_at = None;
+    let mut stream = StreamDecoder::new();
+    let quiet = a.json;
+    let mut stdout = std::io::stdout();
+    let (ids, reason) = generate(&loaded.model, &prompt_ids, &opts, &mut |id| {
+        if first_token_at.is_none() {
+            first_token_at = Some(t0.elapsed().as_secs_f64());
+        }
+        if !quiet && !opts.stop_ids.contains(&id) {
+            if let Some(s) = stream.push(id, tok) {
+                let _ = write!(stdout, "{s}");
+                let _ = stdout.flush();
+            }
+        }
+    })?;
+    let total = t0.elapsed().as_secs_f64();
+    let text = tok.decode(&ids, true)?;
+    let prefill = first_token_at.unwrap_or(total);
+    let decode_tps = if ids.len() > 1 {
+        (ids.len() - 1) as f64 / (total - prefill).max(1e-9)
+    } else {
+        0.0
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "prompt": prompt_text,
+            "prompt_ids": prompt_ids,
+            "generated_ids": ids,
+            "text": text,
+            "stop_reason": format!("{reason:?}").to_lowercase(),
+            "load_seconds": loaded.load_seconds,
+            "prefill_seconds": prefill,
+            "decode_tokens_per_second": decode_tps,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated ({}), load {:.2}s, prefill {:.2}s, {:.1} tokens/s]",
+            prompt_ids.len(),
+            ids.len(),
+            match reason {
+                StopReason::Stop => "stop token",
+                StopReason::Length => "max-new-tokens",
+                StopReason::Context => "context full",
+            },
+            loaded.load_seconds,
+            prefill,
+            decode_tps
+        );
+    }
+    Ok(())
+}

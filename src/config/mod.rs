@@ -1,0 +1,759 @@
+//! The YAML training config (`loratune train config.yaml`), with Axolotl's key names.
+//!
+//! Loading is strict and happens before any model is touched:
+//! 1. the YAML is parsed (syntax errors carry line/column);
+//! 2. `--set key=value` overrides are applied ([`Override`]);
+//! 3. every key is checked against the schema: unknown keys are errors with a did-you-mean, keys Axolotl has
+//!    but loratune does not implement get a specific message, wrong types name the expected type;
+//! 4. defaults are filled in and every value is checked (ranges, conflicts, dataset files exist, …).
+//!
+//! All problems found are reported together, each with the line and column of the offending key or value
+//! (or the `--set` argument it came from). Checks that need the model or the data (target modules that do
+//! not exist, a batch larger than the dataset) are exposed as [`TrainConfig::check_model`] and
+//! [`TrainConfig::check_data`] for the training loop to call once it has loaded them.
+//!
+//! The resolved config (every default filled in) is written to the run folder with
+//! [`TrainConfig::write_resolved`], and [`TrainConfig::config_hash`] identifies the settings that a checkpoint
+//! must agree with to be resumed.
+
+mod load;
+pub mod names;
+pub mod suggest;
+mod validate;
+pub mod yaml;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use load::LoadOptions;
+pub use names::{
+    Adapter, Bf16, ByteSize, ChatTemplateName, DatasetType, Device, DsType, ExportDtype, LayerList,
+    LoraInit, LrScheduler, Optimizer, TargetModules, TrainOnEos, Truncation,
+};
+pub use validate::{DataFacts, ModelFacts};
+pub use yaml::{KeyPath, Override, Pos};
+
+/// The training configuration. Field names are the YAML keys (Axolotl's names where Axolotl has the
+/// setting). Every field documents its default; `Option` fields are "unset" when absent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // ----------------------------------------------------------------------------------------- model
+    /// **Required.** The base model: a local Hugging Face folder (config.json + safetensors), a `.gguf`
+    /// file, or a Hub repo id `org/name` (downloaded into the standard HF cache). See [`crate::hub`].
+    pub base_model: String,
+    /// Hub revision (branch, tag or commit sha) of `base_model` when it is a repo id. Default: unset = `main`.
+    /// Pin a commit sha for reproducible runs. Axolotl's name `revision_of_model` is accepted.
+    #[serde(alias = "revision_of_model")]
+    pub base_model_revision: Option<String>,
+
+    // -------------------------------------------------------------------------------------- datasets
+    /// **Required.** Training datasets (at least one); see [`DatasetConfig`].
+    pub datasets: Vec<DatasetConfig>,
+    /// Separate evaluation datasets. Default: none. Mutually exclusive with `val_set_size` > 0 (as in Axolotl).
+    pub test_datasets: Vec<DatasetConfig>,
+    /// Held-out evaluation split of the training data: a fraction in (0, 1) or a whole number of samples
+    /// (≥ 1). Default: `0` (no split).
+    pub val_set_size: f64,
+    /// Folder to cache tokenized datasets in. Default: unset (no cache).
+    pub dataset_prepared_path: Option<PathBuf>,
+    /// Skip malformed rows (counted and reported) instead of stopping at the first one. Default: `false`.
+    pub skip_bad_rows: bool,
+    /// Chat template for chat datasets: `tokenizer_default` (the base model's own), a built-in (`chatml`,
+    /// `llama3`, `mistral`, `gemma`, `phi3`, `alpaca`) or `jinja` (with `chat_template_jinja`).
+    /// Default: `tokenizer_default`, or `jinja` when `chat_template_jinja` is given.
+    pub chat_template: ChatTemplateName,
+    /// A Jinja chat template (the text, or the path of a `.jinja` file, which is read at load time).
+    /// Default: unset.
+    pub chat_template_jinja: Option<String>,
+    /// Train on prompt/user tokens too, not only on the responses. Default: `false`.
+    pub train_on_inputs: bool,
+    /// Maximum tokens per sample (and per packed row). Default: `512` (Axolotl).
+    pub sequence_len: usize,
+    /// Pack several samples into one row (attention never crosses sample boundaries). Default: `false`.
+    pub sample_packing: bool,
+    /// What to do with samples longer than `sequence_len`: `drop` or `truncate`. Default: `drop` (Axolotl).
+    pub truncation: Truncation,
+    /// Overrides of the tokenizer's special tokens. Default: none.
+    pub special_tokens: SpecialTokens,
+
+    // ------------------------------------------------------------------------------------------ LoRA
+    /// Adapter kind; only `lora` (`qlora` is refused with an explanation). Default: `lora`.
+    pub adapter: Adapter,
+    /// LoRA rank r (≥ 1). Default: `8` (PEFT).
+    pub lora_r: usize,
+    /// LoRA alpha (> 0); the scale is alpha/r (alpha/√r with rsLoRA). Default: `8` (PEFT).
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input, in [0, 1). Default: `0.0` (Axolotl, PEFT).
+    pub lora_dropout: f64,
+    /// Modules to adapt: a list of names (`[q_proj, v_proj]`), `all-linear`, or a regex matched against the
+    /// full module path. Default: unset = PEFT's per-architecture default (q_proj and v_proj; Phi-3: qkv_proj),
+    /// or every linear layer when `lora_target_linear: true`.
+    pub lora_target_modules: Option<TargetModules>,
+    /// Adapt every linear layer except `lm_head` (PEFT `all-linear`). Default: `false`.
+    pub lora_target_linear: bool,
+    /// Only adapt these decoder layers (indices). Default: unset = all layers. Axolotl's name
+    /// `peft_layers_to_transform` is accepted.
+    #[serde(alias = "peft_layers_to_transform")]
+    pub lora_layers_to_transform: Option<LayerList>,
+    /// Rank-stabilised LoRA: scale alpha/√r instead of alpha/r. Default: `false`.
+    pub peft_use_rslora: bool,
+    /// LoRA initialisation: `true` (PEFT default: Kaiming-uniform A, zero B) or `gaussian`. Default: `true`.
+    /// Axolotl's name `peft_init_lora_weights` is accepted.
+    #[serde(alias = "peft_init_lora_weights")]
+    pub lora_init: LoraInit,
+
+    // -------------------------------------------------------------------------------------- training
+    /// Samples per forward/backward pass (≥ 1). Default: `1` (Axolotl).
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step (≥ 1). Default: `1`.
+    pub gradient_accumulation_steps: usize,
+    /// Epochs over the training data (may be fractional). Default: unset. At least one of `num_epochs`
+    /// and `max_steps` is required; when both are set `max_steps` wins (transformers).
+    pub num_epochs: Option<f64>,
+    /// Total optimizer steps. Default: unset (see `num_epochs`).
+    pub max_steps: Option<u64>,
+    /// **Required.** Peak learning rate (> 0), e.g. `2e-4` for LoRA. A numeric string is accepted (Axolotl).
+    #[serde(deserialize_with = "lenient_f64")]
+    pub learning_rate: f64,
+    /// `constant` (alias `constant_with_warmup`), `linear` or `cosine`. Default: `cosine` (Axolotl).
+    pub lr_scheduler: LrScheduler,
+    /// Linear warmup steps. Default: unset (0). Exclusive with `warmup_ratio`.
+    pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the total steps, in [0, 1); steps = ceil(ratio × total) (transformers).
+    /// Default: unset (0). Exclusive with `warmup_steps`.
+    pub warmup_ratio: Option<f64>,
+    /// With `cosine`: the final learning rate as a fraction of the peak, in [0, 1]. Default: unset (0).
+    pub cosine_min_lr_ratio: Option<f64>,
+    /// AdamW decoupled weight decay (≥ 0). Default: `0.0`.
+    pub weight_decay: f64,
+    /// Gradient-norm clipping threshold (≥ 0; 0 disables clipping). Default: `1.0` (transformers).
+    pub max_grad_norm: f64,
+    /// `adamw_torch` (aliases `adamw`, `adamw_hf`, `adamw_torch_fused`). Default: `adamw_torch`.
+    pub optimizer: Optimizer,
+    /// AdamW β1 in [0, 1). Default: `0.9`.
+    pub adam_beta1: f64,
+    /// AdamW β2 in [0, 1). Default: `0.999`.
+    pub adam_beta2: f64,
+    /// AdamW ε (> 0). Default: `1e-8`.
+    pub adam_epsilon: f64,
+    /// Keep the frozen base in bf16: `true`, `false` or `auto` (bf16 on a GPU that supports it, f32 on the
+    /// CPU). LoRA weights and optimizer state are always f32. Default: `auto` (Axolotl).
+    pub bf16: Bf16,
+    /// Recompute activations in the backward pass to save memory. Default: `false`.
+    pub gradient_checkpointing: bool,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`. Default: `auto`.
+    pub device: Device,
+    /// Random seed for LoRA init, shuffling and dropout. Default: `42` (transformers, Axolotl).
+    pub seed: u64,
+
+    // ------------------------------------------------------------------------------ outputs & checkpoints
+    /// Run folder: checkpoints, `adapter/`, `merged/`, metrics and the resolved config. Default:
+    /// `./model-out` (Axolotl).
+    pub output_dir: PathBuf,
+    /// Checkpoint every N optimizer steps (≥ 1). Default: unset = a checkpoint at the end of each epoch.
+    pub save_steps: Option<u64>,
+    /// Keep at most N checkpoints (≥ 1), deleting the oldest. Default: unset = keep all.
+    pub save_total_limit: Option<u32>,
+    /// Evaluate every N optimizer steps (≥ 1) when there is an evaluation set. Default: unset = at the end
+    /// of each epoch.
+    pub eval_steps: Option<u64>,
+    /// Log metrics every N optimizer steps (≥ 1). Default: unset = Axolotl's rule, 0.5 % of the total steps
+    /// clamped to 1..=10 (see [`TrainConfig::logging_steps_for`]).
+    pub logging_steps: Option<u64>,
+    /// Stop when the eval loss has not improved for N evaluations (≥ 1; needs an eval set). Default: unset.
+    pub early_stopping_patience: Option<u32>,
+    /// Resume from this checkpoint folder. Default: unset.
+    pub resume_from_checkpoint: Option<PathBuf>,
+    /// Resume from the newest checkpoint in `output_dir` if there is one. Default: `false`.
+    pub auto_resume_from_checkpoints: bool,
+    /// Also write the merged model (`output_dir/merged/`, HF folder) at the end. Default: `false`.
+    pub merge_lora: bool,
+    /// Dtype of the merged model: `auto` (the base's stored dtype), `f32`, `bf16`, `f16`. Default: `auto`.
+    pub export_dtype: ExportDtype,
+    /// Maximum size of one merged safetensors shard, e.g. `2GB` (transformers' units). Default: `5GB`.
+    pub merged_shard_size: ByteSize,
+
+    /// Where the config came from (file, text, overrides): used to point later errors at lines.
+    #[serde(skip)]
+    origin: Option<Arc<load::Origin>>,
+    /// Non-fatal findings (ignored Axolotl keys, settings without effect).
+    #[serde(skip)]
+    warnings: Vec<ConfigIssue>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            base_model: String::new(),
+            base_model_revision: None,
+            datasets: Vec::new(),
+            test_datasets: Vec::new(),
+            val_set_size: 0.0,
+            dataset_prepared_path: None,
+            skip_bad_rows: false,
+            chat_template: ChatTemplateName::TokenizerDefault,
+            chat_template_jinja: None,
+            train_on_inputs: false,
+            sequence_len: 512,
+            sample_packing: false,
+            truncation: Truncation::Drop,
+            special_tokens: SpecialTokens::default(),
+            adapter: Adapter::Lora,
+            lora_r: 8,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            lora_target_modules: None,
+            lora_target_linear: false,
+            lora_layers_to_transform: None,
+            peft_use_rslora: false,
+            lora_init: LoraInit::Default,
+            micro_batch_size: 1,
+            gradient_accumulation_steps: 1,
+            num_epochs: None,
+            max_steps: None,
+            learning_rate: 0.0,
+            lr_scheduler: LrScheduler::Cosine,
+            warmup_steps: None,
+            warmup_ratio: None,
+            cosine_min_lr_ratio: None,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            optimizer: Optimizer::AdamW,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            bf16: Bf16::Auto,
+            gradient_checkpointing: false,
+            device: Device::Auto,
+            seed: 42,
+            output_dir: PathBuf::from("./model-out"),
+            save_steps: None,
+            save_total_limit: None,
+            eval_steps: None,
+            logging_steps: None,
+            early_stopping_patience: None,
+            resume_from_checkpoint: None,
+            auto_resume_from_checkpoints: false,
+            merge_lora: false,
+            export_dtype: ExportDtype::Auto,
+            merged_shard_size: ByteSize {
+                text: "5GB".to_string(),
+                bytes: 5_000_000_000,
+            },
+            origin: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    names::LenientF64::deserialize(d).map(|v| v.0)
+}
+
+/// One dataset entry of `datasets:` / `test_datasets:` (Axolotl's keys). Field defaults depend on `type` and
+/// are filled in at load time, so after loading every field relevant to the type is `Some`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// **Required.** A file, a folder, or a glob (`data/*.jsonl`), relative to the working directory.
+    pub path: String,
+    /// **Required.** `alpaca`, `chat_template` (alias `chat`), `completion` or `text`.
+    #[serde(rename = "type")]
+    pub kind: DatasetType,
+    /// File format `json` (JSONL or a JSON array), `csv` or `parquet`. Default: from the file extension.
+    pub ds_type: Option<DsType>,
+    /// Split name; for local files only `train` exists (Axolotl's convention). Default: unset (= train).
+    pub split: Option<String>,
+    /// chat_template: the field holding the message list. Default: `messages`.
+    pub field_messages: Option<String>,
+    /// chat_template: message property → field name, e.g. `{role: from, content: value}` for ShareGPT.
+    /// Default: `{role: role, content: content}` (missing entries are filled with these).
+    pub message_property_mappings: Option<BTreeMap<String, String>>,
+    /// chat_template: target role → source role names. Default: `{user: [human, user], assistant: [gpt,
+    /// assistant], system: [system], tool: [tool]}` (Axolotl).
+    pub roles: Option<BTreeMap<String, Vec<String>>>,
+    /// chat_template: roles whose turns carry loss. Default: `[assistant]`.
+    pub roles_to_train: Option<Vec<String>>,
+    /// chat_template: which end-of-turn tokens carry loss: `turn`, `all`, `last`. Default: `turn` (Axolotl).
+    pub train_on_eos: Option<TrainOnEos>,
+    /// alpaca: instruction field. Default: `instruction`.
+    pub field_instruction: Option<String>,
+    /// alpaca: input field (may be empty per row). Default: `input`.
+    pub field_input: Option<String>,
+    /// alpaca: output field. Default: `output`.
+    pub field_output: Option<String>,
+    /// alpaca: optional system-prompt field. Default: `system`.
+    pub field_system: Option<String>,
+    /// completion: prompt field. Default: `prompt`.
+    pub field_prompt: Option<String>,
+    /// completion: completion field. Default: `completion`.
+    pub field_completion: Option<String>,
+    /// text: the text field. Default: `text`. Axolotl's name `field` is accepted.
+    #[serde(alias = "field")]
+    pub field_text: Option<String>,
+    /// chat_template: remove a leading system message from every conversation (for templates without a system
+    /// role, such as Gemma's), as Axolotl does. Default: `false`.
+    pub drop_system_message: bool,
+    /// chat_template: a per-dataset chat template overriding the top-level one. Default: unset.
+    pub chat_template: Option<ChatTemplateName>,
+    /// chat_template: per-dataset Jinja template text (or `.jinja` file path). Default: unset.
+    pub chat_template_jinja: Option<String>,
+}
+
+impl DatasetConfig {
+    /// Every key a dataset entry accepts (with Axolotl aliases).
+    pub fn known_keys() -> &'static [&'static str] {
+        load::fields_of::<DatasetConfig>()
+    }
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        DatasetConfig {
+            path: String::new(),
+            kind: DatasetType::ChatTemplate,
+            ds_type: None,
+            split: None,
+            field_messages: None,
+            message_property_mappings: None,
+            roles: None,
+            roles_to_train: None,
+            train_on_eos: None,
+            field_instruction: None,
+            field_input: None,
+            field_output: None,
+            field_system: None,
+            field_prompt: None,
+            field_completion: None,
+            field_text: None,
+            drop_system_message: false,
+            chat_template: None,
+            chat_template_jinja: None,
+        }
+    }
+}
+
+/// `special_tokens:` overrides of the tokenizer's special tokens (Axolotl's keys). Default: all unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpecialTokens {
+    /// Beginning-of-sequence token text.
+    pub bos_token: Option<String>,
+    /// End-of-sequence token text (also what a trained turn must end with).
+    pub eos_token: Option<String>,
+    /// Padding token text (never pad with EOS silently: the loop must keep EOS labels).
+    pub pad_token: Option<String>,
+    /// Unknown token text.
+    pub unk_token: Option<String>,
+}
+
+/// Which modules get LoRA adapters, combining `lora_target_modules` and `lora_target_linear`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraTargets {
+    /// Every linear layer except `lm_head` (`lora_target_linear: true` or `lora_target_modules: all-linear`).
+    AllLinear,
+    /// Modules whose path equals a name or ends with `.name`.
+    Names(Vec<String>),
+    /// Modules whose full path matches the regex entirely (PEFT's `re.fullmatch`).
+    Regex(String),
+    /// Nothing specified: PEFT's per-architecture default (q_proj and v_proj; qkv_proj for Phi-3).
+    ArchitectureDefault,
+}
+
+/// The evaluation split requested by `val_set_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValSplit {
+    /// No held-out split.
+    None,
+    /// This fraction of the training samples (0 < f < 1).
+    Fraction(f64),
+    /// This many training samples.
+    Count(u64),
+}
+
+/// Where the chat template comes from, after combining `chat_template` and `chat_template_jinja`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatTemplateChoice {
+    /// The base model's own template.
+    TokenizerDefault,
+    /// A built-in template by name (`chatml`, `llama3`, `mistral`, `gemma`, `phi3`, `alpaca`).
+    Builtin(ChatTemplateName),
+    /// Jinja text.
+    Jinja(String),
+}
+
+/// One problem (or warning) in a config, pointing at the key or value in the file, or at the `--set`
+/// argument it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path (`datasets.0.path`); empty for the whole document.
+    pub key: String,
+    /// Position in the config file, when the key/value is in the file.
+    pub pos: Option<Pos>,
+    /// The `--set` argument that produced the value, when it came from one.
+    pub from_override: Option<String>,
+    /// What is wrong, e.g. "unknown key `lora_alpah`".
+    pub what: String,
+    /// Why / how to fix it, e.g. "did you mean `lora_alpha`?".
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)?;
+        if let Some(p) = self.pos {
+            write!(f, " at line {} column {}", p.line, p.column)?;
+        }
+        if let Some(o) = &self.from_override {
+            write!(f, " (from --set {o})")?;
+        }
+        if let Some(d) = &self.detail {
+            write!(f, "; {d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a config file; displays as a list under the file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    /// The config file (as given), or a label for in-memory text.
+    pub file: String,
+    /// The problems, in file order (those without a position last).
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.issues.as_slice() {
+            [one] => write!(f, "{}: {}", self.file, one),
+            many => {
+                write!(f, "{}: {} problems in the config:", self.file, many.len())?;
+                for i in many {
+                    write!(f, "\n  - {i}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigErrors> for crate::Error {
+    fn from(e: ConfigErrors) -> Self {
+        crate::Error::Config(e.to_string())
+    }
+}
+
+impl TrainConfig {
+    /// Load, override, check and resolve a config file, with the default [`LoadOptions`] (dataset files
+    /// and local model paths must exist, relative to the working directory). `overrides` are `--set`
+    /// arguments (`key=value`).
+    pub fn load(path: &Path, overrides: &[String]) -> crate::Result<TrainConfig> {
+        Ok(Self::load_with(path, overrides, &LoadOptions::default())?)
+    }
+
+    /// [`TrainConfig::load`] with options, returning every problem in structured form.
+    pub fn load_with(
+        path: &Path,
+        overrides: &[String],
+        opts: &LoadOptions,
+    ) -> Result<TrainConfig, ConfigErrors> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: label.clone(),
+            issues: vec![ConfigIssue {
+                key: String::new(),
+                pos: None,
+                from_override: None,
+                what: "cannot read the config file".to_string(),
+                detail: Some(e.to_string()),
+            }],
+        })?;
+        load::load_str(&text, &label, overrides, opts)
+    }
+
+    /// Load from YAML text; `label` names it in messages (e.g. the file name).
+    pub fn from_yaml_str(
+        text: &str,
+        label: &str,
+        overrides: &[String],
+        opts: &LoadOptions,
+    ) -> Result<TrainConfig, ConfigErrors> {
+        load::load_str(text, label, overrides, opts)
+    }
+
+    /// Every key the top level accepts (with Axolotl aliases), from the struct definition itself.
+    pub fn known_keys() -> &'static [&'static str] {
+        load::fields_of::<TrainConfig>()
+    }
+
+    /// Non-fatal findings from loading (ignored Axolotl keys, settings that have no effect); print them.
+    pub fn warnings(&self) -> &[ConfigIssue] {
+        &self.warnings
+    }
+
+    /// The config file this came from (its label), if it was loaded from one.
+    pub fn source_label(&self) -> Option<&str> {
+        self.origin.as_ref().map(|o| o.label.as_str())
+    }
+
+    /// Resolve a path from the config (dataset, checkpoint, model) against the base folder the config was
+    /// loaded with (the working directory by default). Absolute paths are returned unchanged.
+    pub fn resolve_path(&self, p: impl AsRef<Path>) -> PathBuf {
+        let p = p.as_ref();
+        match self.origin.as_ref().and_then(|o| o.base_dir.as_ref()) {
+            Some(base) if p.is_relative() => base.join(p),
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// The Hub revision to use for `base_model` (`main` when unset).
+    pub fn revision(&self) -> &str {
+        self.base_model_revision.as_deref().unwrap_or("main")
+    }
+
+    /// LoRA scale: alpha/r, or alpha/√r with `peft_use_rslora`.
+    pub fn lora_scale(&self) -> f64 {
+        let r = self.lora_r.max(1) as f64;
+        if self.peft_use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }
+    }
+
+    /// The modules to adapt.
+    pub fn lora_targets(&self) -> LoraTargets {
+        if self.lora_target_linear {
+            return LoraTargets::AllLinear;
+        }
+        match &self.lora_target_modules {
+            None => LoraTargets::ArchitectureDefault,
+            Some(TargetModules::List(v)) => LoraTargets::Names(v.clone()),
+            Some(TargetModules::Pattern(p)) if p.eq_ignore_ascii_case("all-linear") => {
+                LoraTargets::AllLinear
+            }
+            Some(TargetModules::Pattern(p)) => LoraTargets::Regex(p.clone()),
+        }
+    }
+
+    /// The `val_set_size` split.
+    pub fn val_split(&self) -> ValSplit {
+        let v = self.val_set_size;
+        if v <= 0.0 {
+            ValSplit::None
+        } else if v < 1.0 {
+            ValSplit::Fraction(v)
+        } else {
+            ValSplit::Count(v as u64)
+        }
+    }
+
+    /// Whether the run has an evaluation set (`test_datasets` or `val_set_size` > 0).
+    pub fn has_eval_set(&self) -> bool {
+        !self.test_datasets.is_empty() || self.val_set_size > 0.0
+    }
+
+    /// The chat template for a dataset (its own `chat_template`/`chat_template_jinja`, else the top-level one).
+    pub fn chat_template_for(&self, ds: &DatasetConfig) -> ChatTemplateChoice {
+        let (name, jinja) = match (ds.chat_template, &ds.chat_template_jinja) {
+            (Some(n), j) => (n, j.as_ref()),
+            (None, Some(j)) => (ChatTemplateName::Jinja, Some(j)),
+            (None, None) => (self.chat_template, self.chat_template_jinja.as_ref()),
+        };
+        match name {
+            ChatTemplateName::TokenizerDefault => ChatTemplateChoice::TokenizerDefault,
+            ChatTemplateName::Jinja => {
+                ChatTemplateChoice::Jinja(jinja.cloned().unwrap_or_default())
+            }
+            other => ChatTemplateChoice::Builtin(other),
+        }
+    }
+
+    /// The top-level chat template.
+    pub fn chat_template_choice(&self) -> ChatTemplateChoice {
+        match self.chat_template {
+            ChatTemplateName::TokenizerDefault => ChatTemplateChoice::TokenizerDefault,
+            ChatTemplateName::Jinja => {
+                ChatTemplateChoice::Jinja(self.chat_template_jinja.clone().unwrap_or_default())
+            }
+            other => ChatTemplateChoice::Builtin(other),
+        }
+    }
+
+    /// Samples per optimizer step (`micro_batch_size × gradient_accumulation_steps`).
+    pub fn samples_per_step(&self) -> usize {
+        self.micro_batch_size
+            .saturating_mul(self.gradient_accumulation_steps)
+    }
+
+    /// Total optimizer steps given the number of micro-batches in one epoch, with transformers' rule:
+    /// `max_steps` if set, else `ceil(num_epochs × max(micro_batches / gradient_accumulation_steps, 1))`.
+    pub fn total_steps(&self, micro_batches_per_epoch: u64) -> u64 {
+        if let Some(m) = self.max_steps {
+            return m;
+        }
+        let per_epoch =
+            (micro_batches_per_epoch / self.gradient_accumulation_steps.max(1) as u64).max(1);
+        let epochs = self.num_epochs.unwrap_or(1.0);
+        (epochs * per_epoch as f64).ceil() as u64
+    }
+
+    /// Warmup steps for a run of `total_steps`: `warmup_steps`, or `ceil(warmup_ratio × total)`, or 0.
+    pub fn warmup_steps_for(&self, total_steps: u64) -> u64 {
+        match (self.warmup_steps, self.warmup_ratio) {
+            (Some(w), _) => w,
+            (None, Some(r)) => (r * total_steps as f64).ceil() as u64,
+            (None, None) => 0,
+        }
+    }
+
+    /// Logging interval for a run of `total_steps`: `logging_steps`, or Axolotl's default
+    /// `clamp(int(0.005 × total), 1, 10)`.
+    pub fn logging_steps_for(&self, total_steps: u64) -> u64 {
+        self.logging_steps
+            .unwrap_or_else(|| ((total_steps as f64 * 0.005) as u64).clamp(1, 10))
+    }
+
+    /// The resolved config as YAML (every default filled in). Loading this text gives the same settings.
+    pub fn to_yaml(&self) -> crate::Result<String> {
+        serde_yaml::to_string(self)
+            .map_err(|e| crate::Error::Config(format!("cannot serialise the config: {e}")))
+    }
+
+    /// Write the resolved config to `dir/config.yaml` (atomically: temp file + rename), with a header
+    /// naming the source file and the config hash. Returns the written path.
+    pub fn write_resolved(&self, dir: &Path) -> crate::Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let path = dir.join("config.yaml");
+        let tmp = dir.join(".config.yaml.tmp");
+        let mut text = String::new();
+        text.push_str(
+            "# Resolved loratune config: every default filled in, --set overrides applied.\n",
+        );
+        if let Some(label) = self.source_label() {
+            text.push_str(&format!("# source: {label}\n"));
+        }
+        if let Some(o) = &self.origin {
+            for ov in &o.overrides {
+                text.push_str(&format!("# --set {}\n", ov.raw.replace('\n', " ")));
+            }
+        }
+        text.push_str(&format!("# config_hash: {}\n", self.config_hash()));
+        text.push_str(&self.to_yaml()?);
+        std::fs::write(&tmp, text).map_err(|e| crate::Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| crate::Error::io(&path, e))?;
+        Ok(path)
+    }
+
+    /// Keys left out of [`TrainConfig::config_hash`]: they may change between a checkpoint and its resume
+    /// without changing the training trajectory (where outputs go, how often to log/save/evaluate, how to
+    /// export at the end, which device, caching).
+    pub const HASH_EXCLUDED_KEYS: &'static [&'static str] = &[
+        "output_dir",
+        "resume_from_checkpoint",
+        "auto_resume_from_checkpoints",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "logging_steps",
+        "early_stopping_patience",
+        "merge_lora",
+        "export_dtype",
+        "merged_shard_size",
+        "dataset_prepared_path",
+        "device",
+    ];
+
+    /// A stable hash (16 hex digits, FNV-1a 64 over the canonical JSON of the resolved config minus
+    /// [`TrainConfig::HASH_EXCLUDED_KEYS`]). Equal hashes mean a checkpoint can be resumed with this config.
+    pub fn config_hash(&self) -> String {
+        let mut v = match serde_json::to_value(self) {
+            Ok(v) => v,
+            // Serialising plain data cannot fail; hash the debug form rather than panic.
+            Err(_) => serde_json::Value::String(format!("{self:?}")),
+        };
+        if let Some(obj) = v.as_object_mut() {
+            for k in Self::HASH_EXCLUDED_KEYS {
+                obj.remove(*k);
+            }
+        }
+        let text = v.to_string();
+        format!("{:016x}", fnv1a64(text.as_bytes()))
+    }
+}
+
+/// FNV-1a, 64-bit: a tiny, fully specified hash (stable across platforms and Rust versions).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_reference_values() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn step_arithmetic_follows_transformers() {
+        let mut c = TrainConfig {
+            gradient_accumulation_steps: 4,
+            num_epochs: Some(2.0),
+            ..TrainConfig::default()
+        };
+        // 10 micro-batches / 4 = 2 updates per epoch (floor, as transformers), × 2 epochs.
+        assert_eq!(c.total_steps(10), 4);
+        // fewer micro-batches than one accumulation still gives one step per epoch
+        assert_eq!(c.total_steps(3), 2);
+        c.num_epochs = Some(1.5);
+        assert_eq!(c.total_steps(10), 3);
+        c.max_steps = Some(7);
+        assert_eq!(c.total_steps(10), 7);
+        c.warmup_ratio = Some(0.1);
+        assert_eq!(c.warmup_steps_for(95), 10);
+        c.warmup_ratio = None;
+        assert_eq!(c.warmup_steps_for(95), 0);
+        assert_eq!(c.logging_steps_for(100), 1);
+        assert_eq!(c.logging_steps_for(1000), 5);
+        assert_eq!(c.logging_steps_for(100_000), 10);
+    }
+
+    #[test]
+    fn lora_scale_and_targets() {
+        let mut c = TrainConfig {
+            lora_r: 16,
+            lora_alpha: 32.0,
+            ..TrainConfig::default()
+        };
+        assert_eq!(c.lora_scale(), 2.0);
+        c.peft_use_rslora = true;
+        assert_eq!(c.lora_scale(), 8.0);
+        assert_eq!(c.lora_targets(), LoraTargets::ArchitectureDefault);
+        c.lora_target_modules = Some(TargetModules::Pattern("all-linear".into()));
+        assert_eq!(c.lora_targets(), LoraTargets::AllLinear);
+        c.lora_target_modules = Some(TargetModules::Pattern(r".*\.(q|v)_proj".into()));
+        assert_eq!(
+            c.lora_targets(),
+            LoraTargets::Regex(r".*\.(q|v)_proj".into())
+        );
+        c.lora_target_linear = true;
+        assert_eq!(c.lora_targets(), LoraTargets::AllLinear);
+    }
+}

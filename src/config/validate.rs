@@ -1,0 +1,988 @@
+//! Defaults that depend on other keys, and the semantic checks that run before any model is loaded, plus
+//! the later checks that need the model ([`TrainConfig::check_model`]) or the data ([`TrainConfig::check_data`]).
+
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::load::{finalize, Issue, LoadOptions};
+use super::suggest::did_you_mean;
+use super::yaml::{KeyPath, Target};
+use super::{
+    ChatTemplateName, ConfigErrors, ConfigIssue, DatasetConfig, DatasetType, DsType, LoraTargets,
+    TrainConfig, TrainOnEos, ValSplit,
+};
+
+/// The target roles a chat dataset can map to.
+pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
+
+fn present(doc: &Mapping, key: &str) -> bool {
+    doc.get(key).is_some_and(|v| !v.is_null())
+}
+
+fn k(key: &str) -> KeyPath {
+    KeyPath::root().key(key)
+}
+
+fn finite(x: f64) -> bool {
+    x.is_finite()
+}
+
+/// Fill type-dependent defaults and check every value. `doc` is the document after overrides (to tell
+/// "absent" from "default"); issues on keys that already failed the schema check are filtered by the caller.
+pub(crate) fn resolve_and_validate(
+    cfg: &mut TrainConfig,
+    doc: &Mapping,
+    opts: &LoadOptions,
+    issues: &mut Vec<Issue>,
+    warnings: &mut Vec<Issue>,
+) {
+    let base = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        match &opts.base_dir {
+            Some(b) if p.is_relative() => b.join(p),
+            _ => p.to_path_buf(),
+        }
+    };
+
+    // ---------------------------------------------------------------------------------------- model
+    if !present(doc, "base_model") || cfg.base_model.trim().is_empty() {
+        issues.push(Issue::missing(
+            k("base_model"),
+            "set it to a Hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local model folder or a .gguf file",
+        ));
+    } else {
+        match crate::hub::BaseModelRef::classify(
+            &cfg.base_model,
+            opts.base_dir.as_deref(),
+            opts.check_files,
+        ) {
+            Ok(r) => {
+                if !matches!(r, crate::hub::BaseModelRef::Hub { .. })
+                    && cfg.base_model_revision.is_some()
+                {
+                    warnings.push(Issue::key(
+                        k("base_model_revision"),
+                        "`base_model_revision` is ignored",
+                        Some("base_model is a local path, not a Hub repo id".into()),
+                    ));
+                }
+            }
+            Err(msg) => issues.push(Issue::invalid(k("base_model"), msg)),
+        }
+    }
+    if let Some(rev) = &cfg.base_model_revision {
+        if rev.trim().is_empty() {
+            let key = if doc.contains_key("revision_of_model") {
+                "revision_of_model"
+            } else {
+                "base_model_revision"
+            };
+            issues.push(Issue::invalid(
+                k(key),
+                "the revision is empty; remove the key to use `main`",
+            ));
+        }
+    }
+
+    // ------------------------------------------------------------------------------------- datasets
+    let example = "add at least one entry, e.g.\n      datasets:\n        - path: data/train.jsonl\n          type: chat_template";
+    if !present(doc, "datasets") {
+        issues.push(Issue::missing(k("datasets"), example));
+    } else if cfg.datasets.is_empty() {
+        issues.push(Issue::value(k("datasets"), "`datasets` is empty", example));
+    }
+    let raw_entries = |key: &str| -> Vec<Mapping> {
+        match doc.get(key) {
+            Some(Value::Sequence(s)) => s
+                .iter()
+                .map(|e| match e {
+                    Value::Mapping(m) => m.clone(),
+                    _ => Mapping::new(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    for (list_key, list) in [
+        ("datasets", raw_entries("datasets")),
+        ("test_datasets", raw_entries("test_datasets")),
+    ] {
+        let entries = if list_key == "datasets" {
+            &mut cfg.datasets
+        } else {
+            &mut cfg.test_datasets
+        };
+        for (i, ds) in entries.iter_mut().enumerate() {
+            let raw = list.get(i).cloned().unwrap_or_default();
+            let p = k(list_key).index(i);
+            validate_dataset(ds, &raw, &p, opts, &base, issues, warnings);
+        }
+    }
+    if cfg.val_set_size.is_nan() || cfg.val_set_size < 0.0 {
+        issues.push(Issue::invalid(
+            k("val_set_size"),
+            format!(
+                "must be a fraction in (0, 1) or a whole number of samples ≥ 1, got {}",
+                cfg.val_set_size
+            ),
+        ));
+    } else if cfg.val_set_size >= 1.0 && cfg.val_set_size.fract() != 0.0 {
+        issues.push(Issue::invalid(
+            k("val_set_size"),
+            format!(
+                "{} is neither a fraction below 1 nor a whole number of samples; use e.g. 0.05 or {}",
+                cfg.val_set_size,
+                cfg.val_set_size.round()
+            ),
+        ));
+    } else if !cfg.val_set_size.is_finite() {
+        issues.push(Issue::invalid(k("val_set_size"), "must be finite"));
+    }
+    if cfg.val_set_size > 0.0 && present(doc, "test_datasets") && !cfg.test_datasets.is_empty() {
+        issues.push(Issue::key(
+            k("test_datasets"),
+            "`test_datasets` and `val_set_size` are both set",
+            Some("use one evaluation set: remove val_set_size (or set it to 0) to evaluate on test_datasets".into()),
+        ));
+    }
+
+    // -------------------------------------------------------------------------------- chat template
+    resolve_template(
+        &mut cfg.chat_template,
+        &mut cfg.chat_template_jinja,
+        doc.get("chat_template").is_some_and(|v| !v.is_null()),
+        &KeyPath::root(),
+        opts,
+        &base,
+        issues,
+    );
+
+    if cfg.sequence_len < 2 {
+        issues.push(Issue::invalid(
+            k("sequence_len"),
+            format!(
+                "must be at least 2 tokens (next-token prediction needs two), got {}",
+                cfg.sequence_len
+            ),
+        ));
+    }
+    for (key, tok) in [
+        ("bos_token", &cfg.special_tokens.bos_token),
+        ("eos_token", &cfg.special_tokens.eos_token),
+        ("pad_token", &cfg.special_tokens.pad_token),
+        ("unk_token", &cfg.special_tokens.unk_token),
+    ] {
+        if tok.as_deref().is_some_and(str::is_empty) {
+            issues.push(Issue::invalid(
+                k("special_tokens").key(key),
+                "the token text is empty; remove the key to keep the tokenizer's",
+            ));
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------ LoRA
+    if cfg.lora_r == 0 {
+        issues.push(Issue::invalid(
+            k("lora_r"),
+            "the LoRA rank must be at least 1, got 0 (typical: 8–64)",
+        ));
+    }
+    if !(cfg.lora_alpha > 0.0 && finite(cfg.lora_alpha)) {
+        issues.push(Issue::invalid(
+            k("lora_alpha"),
+            format!(
+                "must be greater than 0, got {} (a common choice is 2 × lora_r)",
+                cfg.lora_alpha
+            ),
+        ));
+    }
+    if !(cfg.lora_dropout >= 0.0 && cfg.lora_dropout < 1.0) {
+        issues.push(Issue::invalid(
+            k("lora_dropout"),
+            format!(
+                "must be in [0, 1), got {} (typical: 0.0–0.1)",
+                cfg.lora_dropout
+            ),
+        ));
+    }
+    match &cfg.lora_target_modules {
+        Some(super::TargetModules::List(v)) => {
+            if v.is_empty() {
+                issues.push(Issue::invalid(
+                    k("lora_target_modules"),
+                    "the list is empty; name modules (e.g. [q_proj, v_proj]), or use lora_target_linear: true",
+                ));
+            }
+            for (i, name) in v.iter().enumerate() {
+                if name.trim().is_empty() {
+                    issues.push(Issue::invalid(
+                        k("lora_target_modules").index(i),
+                        "empty module name",
+                    ));
+                }
+            }
+        }
+        Some(super::TargetModules::Pattern(p)) if !p.eq_ignore_ascii_case("all-linear") => {
+            if let Err(e) = regex::Regex::new(&format!("^(?:{p})$")) {
+                issues.push(Issue::invalid(
+                    k("lora_target_modules"),
+                    format!("a single string is `all-linear` or a regular expression, and this is not a valid regex: {e}"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    if cfg.lora_target_linear && cfg.lora_target_modules.is_some() {
+        warnings.push(Issue::key(
+            k("lora_target_modules"),
+            "`lora_target_modules` has no effect",
+            Some("lora_target_linear: true already adapts every linear layer".into()),
+        ));
+    }
+    if let Some(layers) = &cfg.lora_layers_to_transform {
+        let key = if doc.contains_key("peft_layers_to_transform") {
+            "peft_layers_to_transform"
+        } else {
+            "lora_layers_to_transform"
+        };
+        if layers.0.is_empty() {
+            issues.push(Issue::invalid(
+                k(key),
+                "the list is empty; remove the key to adapt every layer",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for l in &layers.0 {
+            if !seen.insert(*l) {
+                issues.push(Issue::invalid(k(key), format!("layer {l} is listed twice")));
+            }
+        }
+    }
+
+    // -------------------------------------------------------------------------------------- training
+    if cfg.micro_batch_size == 0 {
+        issues.push(Issue::invalid(
+            k("micro_batch_size"),
+            "must be at least 1, got 0",
+        ));
+    }
+    if cfg.gradient_accumulation_steps == 0 {
+        issues.push(Issue::invalid(
+            k("gradient_accumulation_steps"),
+            "must be at least 1, got 0",
+        ));
+    }
+    match (cfg.num_epochs, cfg.max_steps) {
+        (None, None) => issues.push(Issue::missing(
+            k("num_epochs"),
+            "set `num_epochs` (e.g. 1) or `max_steps` (e.g. 300) so the run has a length",
+        )),
+        (Some(e), _) if !(e > 0.0 && finite(e)) => issues.push(Issue::invalid(
+            k("num_epochs"),
+            format!("must be greater than 0, got {e}"),
+        )),
+        _ => {}
+    }
+    if cfg.max_steps == Some(0) {
+        issues.push(Issue::invalid(k("max_steps"), "must be at least 1, got 0"));
+    }
+    if cfg.num_epochs.is_some() && cfg.max_steps.is_some() {
+        warnings.push(Issue::key(
+            k("num_epochs"),
+            "`num_epochs` has no effect",
+            Some("max_steps is also set and takes precedence (as in transformers)".into()),
+        ));
+    }
+    if !present(doc, "learning_rate") {
+        issues.push(Issue::missing(
+            k("learning_rate"),
+            "set the peak learning rate, e.g. 2e-4 for LoRA",
+        ));
+    } else if !(cfg.learning_rate > 0.0 && finite(cfg.learning_rate)) {
+        issues.push(Issue::invalid(
+            k("learning_rate"),
+            format!(
+                "must be greater than 0, got {} (typical for LoRA: 1e-4 to 3e-4)",
+                cfg.learning_rate
+            ),
+        ));
+    }
+    if cfg.warmup_steps.is_some() && cfg.warmup_ratio.is_some() {
+        issues.push(Issue::key(
+            k("warmup_ratio"),
+            "`warmup_steps` and `warmup_ratio` are both set",
+            Some("keep one of them".into()),
+        ));
+    }
+    if let Some(r) = cfg.warmup_ratio {
+        if !(0.0..1.0).contains(&r) {
+            issues.push(Issue::invalid(
+                k("warmup_ratio"),
+                format!("must be in [0, 1), got {r}"),
+            ));
+        }
+    }
+    if let (Some(w), Some(m)) = (cfg.warmup_steps, cfg.max_steps) {
+        if w >= m && m > 0 {
+            warnings.push(Issue::value(
+                k("warmup_steps"),
+                "`warmup_steps` covers the whole run",
+                format!(
+                    "{w} warmup steps ≥ max_steps {m}: the learning rate never reaches its peak"
+                ),
+            ));
+        }
+    }
+    if let Some(r) = cfg.cosine_min_lr_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            issues.push(Issue::invalid(
+                k("cosine_min_lr_ratio"),
+                format!("must be in [0, 1], got {r}"),
+            ));
+        } else if cfg.lr_scheduler != super::LrScheduler::Cosine {
+            warnings.push(Issue::key(
+                k("cosine_min_lr_ratio"),
+                "`cosine_min_lr_ratio` has no effect",
+                Some(format!(
+                    "lr_scheduler is `{}`, not `cosine`",
+                    cfg.lr_scheduler
+                )),
+            ));
+        }
+    }
+    if !(cfg.weight_decay >= 0.0 && finite(cfg.weight_decay)) {
+        issues.push(Issue::invalid(
+            k("weight_decay"),
+            format!("must be ≥ 0, got {}", cfg.weight_decay),
+        ));
+    }
+    if !(cfg.max_grad_norm >= 0.0 && finite(cfg.max_grad_norm)) {
+        issues.push(Issue::invalid(
+            k("max_grad_norm"),
+            format!(
+                "must be ≥ 0 (0 disables clipping), got {}",
+                cfg.max_grad_norm
+            ),
+        ));
+    }
+    for (key, b) in [
+        ("adam_beta1", cfg.adam_beta1),
+        ("adam_beta2", cfg.adam_beta2),
+    ] {
+        if !(0.0..1.0).contains(&b) {
+            issues.push(Issue::invalid(
+                k(key),
+                format!("must be in [0, 1), got {b}"),
+            ));
+        }
+    }
+    if !(cfg.adam_epsilon > 0.0 && finite(cfg.adam_epsilon)) {
+        issues.push(Issue::invalid(
+            k("adam_epsilon"),
+            format!("must be greater than 0, got {}", cfg.adam_epsilon),
+        ));
+    }
+    if let super::Device::Cuda(_) = cfg.device {
+        if !cfg!(feature = "cuda") {
+            issues.push(Issue::invalid(
+                k("device"),
+                "this loratune binary was built without CUDA; rebuild with `cargo build --release --features cuda`, or use device: cpu / auto",
+            ));
+        }
+    }
+
+    // ------------------------------------------------------------------------------ outputs & checkpoints
+    for (key, v) in [
+        ("save_steps", cfg.save_steps),
+        ("eval_steps", cfg.eval_steps),
+        ("logging_steps", cfg.logging_steps),
+    ] {
+        if v == Some(0) {
+            issues.push(Issue::invalid(
+                k(key),
+                "must be at least 1, got 0 (remove the key for the default)",
+            ));
+        }
+    }
+    if cfg.save_total_limit == Some(0) {
+        issues.push(Issue::invalid(
+            k("save_total_limit"),
+            "0 would delete every checkpoint; use at least 1, or remove the key to keep all",
+        ));
+    }
+    if cfg.early_stopping_patience == Some(0) {
+        issues.push(Issue::invalid(
+            k("early_stopping_patience"),
+            "must be at least 1, got 0",
+        ));
+    }
+    if cfg.early_stopping_patience.is_some() && !cfg.has_eval_set() {
+        issues.push(Issue::key(
+            k("early_stopping_patience"),
+            "`early_stopping_patience` needs an evaluation set",
+            Some("set val_set_size (e.g. 0.05) or test_datasets".into()),
+        ));
+    }
+    if cfg.eval_steps.is_some() && !cfg.has_eval_set() {
+        warnings.push(Issue::key(
+            k("eval_steps"),
+            "`eval_steps` has no effect",
+            Some(
+                "there is no evaluation set (val_set_size is 0 and test_datasets is empty)".into(),
+            ),
+        ));
+    }
+    if cfg.output_dir.as_os_str().is_empty() {
+        issues.push(Issue::invalid(k("output_dir"), "the path is empty"));
+    } else if opts.check_files {
+        let out = base(&cfg.output_dir.to_string_lossy());
+        if out.is_file() {
+            issues.push(Issue::invalid(
+                k("output_dir"),
+                format!("`{}` is a file; output_dir must be a folder", out.display()),
+            ));
+        }
+    }
+    if let Some(ck) = &cfg.resume_from_checkpoint {
+        let path = base(&ck.to_string_lossy());
+        if opts.check_files && !path.is_dir() {
+            issues.push(Issue::invalid(
+                k("resume_from_checkpoint"),
+                format!("checkpoint folder `{}` does not exist", path.display()),
+            ));
+        }
+        if cfg.auto_resume_from_checkpoints {
+            warnings.push(Issue::key(
+                k("auto_resume_from_checkpoints"),
+                "`auto_resume_from_checkpoints` has no effect",
+                Some("resume_from_checkpoint names the checkpoint explicitly".into()),
+            ));
+        }
+    }
+}
+
+/// Combine `chat_template` / `chat_template_jinja` (top level or per dataset) the way Axolotl does, and read
+/// a `.jinja` file when the text is a path.
+fn resolve_template(
+    name: &mut ChatTemplateName,
+    jinja: &mut Option<String>,
+    name_given: bool,
+    at: &KeyPath,
+    opts: &LoadOptions,
+    base: &dyn Fn(&str) -> PathBuf,
+    issues: &mut Vec<Issue>,
+) {
+    let jkey = at.key("chat_template_jinja");
+    if let Some(text) = jinja.clone() {
+        let looks_like_path = !text.contains("{{") && !text.contains("{%") && !text.contains('\n');
+        if looks_like_path {
+            let path = base(text.trim());
+            if path.is_file() {
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => *jinja = Some(t),
+                    Err(e) => issues.push(Issue::invalid(
+                        jkey.clone(),
+                        format!("cannot read `{}`: {e}", path.display()),
+                    )),
+                }
+            } else if opts.check_files {
+                issues.push(Issue::invalid(
+                    jkey.clone(),
+                    format!(
+                        "this is neither Jinja template text (no `{{{{` or `{{%`) nor an existing file (`{}` not found)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if !name_given {
+            *name = ChatTemplateName::Jinja;
+        } else if *name != ChatTemplateName::Jinja {
+            issues.push(Issue::key(
+                jkey.clone(),
+                format!("`{jkey}` conflicts with `chat_template: {name}`"),
+                Some("set `chat_template: jinja` to use the Jinja text, or remove chat_template_jinja".into()),
+            ));
+        }
+    } else if *name == ChatTemplateName::Jinja {
+        issues.push(Issue::value(
+            at.key("chat_template"),
+            "`chat_template: jinja` needs `chat_template_jinja`",
+            "add `chat_template_jinja:` with the template text or the path of a .jinja file",
+        ));
+    }
+}
+
+fn validate_dataset(
+    ds: &mut DatasetConfig,
+    raw: &Mapping,
+    p: &KeyPath,
+    opts: &LoadOptions,
+    base: &dyn Fn(&str) -> PathBuf,
+    issues: &mut Vec<Issue>,
+    warnings: &mut Vec<Issue>,
+) {
+    let has = |key: &str| raw.get(key).is_some_and(|v| !v.is_null());
+    let type_known = has("type");
+    if !type_known {
+        issues.push(Issue {
+            path: p.clone(),
+            target: Target::Value,
+            what: format!("dataset entry `{p}` has no `type`"),
+            detail: Some(format!(
+                "add `type:` with one of {}",
+                DatasetType::NAMES.join(", ")
+            )),
+        });
+    }
+    if !has("path") || ds.path.trim().is_empty() {
+        issues.push(Issue {
+            path: p.clone(),
+            target: Target::Value,
+            what: format!("dataset entry `{p}` has no `path`"),
+            detail: Some("add `path:` with a file, a folder or a glob such as data/*.jsonl".into()),
+        });
+    } else {
+        // Format from the extension when ds_type is absent.
+        if ds.ds_type.is_none() {
+            match infer_ds_type(&ds.path) {
+                Some(t) => ds.ds_type = Some(t),
+                None if !is_dir_like(&ds.path, base) => issues.push(Issue::invalid(
+                    p.key("path"),
+                    format!(
+                        "cannot tell the file format of `{}` from its extension; add `ds_type:` (json, csv or parquet)",
+                        ds.path
+                    ),
+                )),
+                None => {}
+            }
+        }
+        if opts.check_files {
+            if let Err(msg) = expand_dataset_path(&ds.path, base) {
+                issues.push(Issue::invalid(p.key("path"), msg));
+            }
+        }
+    }
+    if let Some(split) = &ds.split {
+        if split != "train" {
+            issues.push(Issue::invalid(
+                p.key("split"),
+                format!("local files have only the `train` split (got `{split}`); point `path` at the file you want"),
+            ));
+        }
+    }
+
+    // Type-dependent defaults; fields meant for other types are reported.
+    let kind = ds.kind;
+    let fill = |f: &mut Option<String>, d: &str| {
+        if f.is_none() {
+            *f = Some(d.to_string());
+        }
+    };
+    let mut irrelevant: Vec<&str> = Vec::new();
+    let chat_fields = [
+        "field_messages",
+        "message_property_mappings",
+        "roles",
+        "roles_to_train",
+        "train_on_eos",
+        "drop_system_message",
+        "chat_template",
+        "chat_template_jinja",
+    ];
+    let alpaca_fields = [
+        "field_instruction",
+        "field_input",
+        "field_output",
+        "field_system",
+    ];
+    let completion_fields = ["field_prompt", "field_completion"];
+    let text_fields = ["field_text", "field"];
+    let others: [&[&str]; 3] = match kind {
+        DatasetType::ChatTemplate => [&alpaca_fields, &completion_fields, &text_fields],
+        DatasetType::Alpaca => [&chat_fields, &completion_fields, &text_fields],
+        DatasetType::Completion => [&chat_fields, &alpaca_fields, &text_fields],
+        DatasetType::Text => [&chat_fields, &alpaca_fields, &completion_fields],
+    };
+    let set_on = |key: &str| {
+        raw.get(key)
+            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
+    };
+    if type_known {
+        for group in others {
+            for f in group {
+                if set_on(f) {
+                    irrelevant.push(f);
+                }
+            }
+        }
+    }
+    for f in irrelevant {
+        warnings.push(Issue::key(
+            p.key(f),
+            format!("`{}` has no effect", p.key(f)),
+            Some(format!("it does not apply to `type: {kind}`")),
+        ));
+    }
+    match kind {
+        DatasetType::ChatTemplate => {
+            fill(&mut ds.field_messages, "messages");
+            let m = ds
+                .message_property_mappings
+                .get_or_insert_with(BTreeMap::new);
+            m.entry("role".into()).or_insert_with(|| "role".into());
+            m.entry("content".into())
+                .or_insert_with(|| "content".into());
+            if ds.roles.is_none() {
+                let mut r = BTreeMap::new();
+                r.insert(
+                    "user".to_string(),
+                    vec!["human".to_string(), "user".to_string()],
+                );
+                r.insert(
+                    "assistant".to_string(),
+                    vec!["gpt".to_string(), "assistant".to_string()],
+                );
+                r.insert("system".to_string(), vec!["system".to_string()]);
+                r.insert("tool".to_string(), vec!["tool".to_string()]);
+                ds.roles = Some(r);
+            } else if let Some(roles) = &ds.roles {
+                for target in roles.keys() {
+                    if !ROLES.contains(&target.as_str()) {
+                        let mut d = format!("roles map onto {}", ROLES.join(", "));
+                        if let Some(s) = did_you_mean(target, ROLES.iter().copied()) {
+                            d.push_str(&format!("; did you mean `{s}`?"));
+                        }
+                        issues.push(Issue::key(
+                            p.key("roles").key(target),
+                            format!("unknown target role `{target}`"),
+                            Some(d),
+                        ));
+                    }
+                }
+            }
+            if ds.roles_to_train.is_none() {
+                ds.roles_to_train = Some(vec!["assistant".to_string()]);
+            }
+            if let Some(rt) = &ds.roles_to_train {
+                for (i, r) in rt.iter().enumerate() {
+                    if !ROLES.contains(&r.as_str()) {
+                        let mut d =
+                            format!("roles_to_train names target roles: {}", ROLES.join(", "));
+                        if let Some(s) = did_you_mean(r, ROLES.iter().copied()) {
+                            d.push_str(&format!("; did you mean `{s}`?"));
+                        }
+                        issues.push(Issue::invalid(p.key("roles_to_train").index(i), d));
+                    }
+                }
+            }
+            if ds.train_on_eos.is_none() {
+                ds.train_on_eos = Some(TrainOnEos::Turn);
+            }
+            if ds.chat_template.is_some() || ds.chat_template_jinja.is_some() {
+                let mut name = ds.chat_template.unwrap_or(ChatTemplateName::Jinja);
+                resolve_template(
+                    &mut name,
+                    &mut ds.chat_template_jinja,
+                    ds.chat_template.is_some(),
+                    p,
+                    opts,
+                    base,
+                    issues,
+                );
+                ds.chat_template = Some(name);
+            }
+        }
+        DatasetType::Alpaca => {
+            fill(&mut ds.field_instruction, "instruction");
+            fill(&mut ds.field_input, "input");
+            fill(&mut ds.field_output, "output");
+            fill(&mut ds.field_system, "system");
+        }
+        DatasetType::Completion => {
+            fill(&mut ds.field_prompt, "prompt");
+            fill(&mut ds.field_completion, "completion");
+        }
+        DatasetType::Text => fill(&mut ds.field_text, "text"),
+    }
+}
+
+fn has_glob(p: &str) -> bool {
+    p.contains(['*', '?', '['])
+}
+
+fn is_dir_like(p: &str, base: &dyn Fn(&str) -> PathBuf) -> bool {
+    p.ends_with('/') || base(p).is_dir()
+}
+
+/// The format implied by a path's extension (also for globs such as `data/*.jsonl`).
+pub fn infer_ds_type(path: &str) -> Option<DsType> {
+    let lower = path.to_ascii_lowercase();
+    let ext = Path::new(&lower).extension()?.to_str()?.to_string();
+    match ext.as_str() {
+        "jsonl" | "json" | "ndjson" => Some(DsType::Json),
+        "csv" => Some(DsType::Csv),
+        "parquet" => Some(DsType::Parquet),
+        _ => None,
+    }
+}
+
+/// The files a dataset `path` names: the file itself, every data file in a folder (sorted, non-recursive:
+/// `.jsonl`, `.json`, `.csv`, `.parquet`), or every match of a glob (sorted). An error names the path when
+/// nothing exists or nothing matches.
+pub fn expand_dataset_path(
+    path: &str,
+    base: &dyn Fn(&str) -> PathBuf,
+) -> Result<Vec<PathBuf>, String> {
+    let full = base(path);
+    if has_glob(path) {
+        let pattern = full.to_string_lossy().to_string();
+        let entries = glob::glob(&pattern).map_err(|e| format!("invalid glob `{path}`: {e}"))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(format!("the glob `{pattern}` matches no files"));
+        }
+        return Ok(files);
+    }
+    if full.is_file() {
+        return Ok(vec![full]);
+    }
+    if full.is_dir() {
+        let rd = std::fs::read_dir(&full)
+            .map_err(|e| format!("cannot list `{}`: {e}", full.display()))?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && infer_ds_type(&p.to_string_lossy()).is_some())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(format!(
+                "the folder `{}` holds no .jsonl, .json, .csv or .parquet files",
+                full.display()
+            ));
+        }
+        return Ok(files);
+    }
+    let looks_like_hub = !path.starts_with(['.', '/', '~'])
+        && path.matches('/').count() == 1
+        && Path::new(path).extension().is_none();
+    if looks_like_hub {
+        Err(format!(
+            "dataset file `{}` not found (loading datasets from the Hugging Face Hub is not supported; download it and give the local path)",
+            full.display()
+        ))
+    } else {
+        Err(format!("dataset file `{}` not found", full.display()))
+    }
+}
+
+impl TrainConfig {
+    /// The files of a dataset entry (see [`expand_dataset_path`]), resolved against the config's base folder.
+    pub fn dataset_files(&self, ds: &DatasetConfig) -> crate::Result<Vec<PathBuf>> {
+        expand_dataset_path(&ds.path, &|p: &str| self.resolve_path(p)).map_err(|m| {
+            crate::Error::Config(format!("{}: {m}", self.source_label().unwrap_or("config")))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------- later checks (hooks)
+
+/// What the training loop knows about the loaded model, for [`TrainConfig::check_model`].
+#[derive(Debug, Clone, Default)]
+pub struct ModelFacts {
+    /// Full paths of the linear modules LoRA can adapt (e.g. `model.layers.0.self_attn.q_proj`), as PEFT
+    /// names them; include `lm_head` only if it may be targeted by name.
+    pub linear_modules: Vec<String>,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// The model's context length, if known.
+    pub max_position_embeddings: Option<usize>,
+    /// Whether the tokenizer ships a chat template (for `chat_template: tokenizer_default`).
+    pub has_chat_template: bool,
+}
+
+/// What the data pipeline knows after tokenizing, for [`TrainConfig::check_data`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DataFacts {
+    /// Training samples (or packed rows with `sample_packing`) after the eval split and dropping.
+    pub train_samples: usize,
+    /// Evaluation samples (0 when there is no eval set).
+    pub eval_samples: usize,
+    /// Samples before the `val_set_size` split (for checking the split itself).
+    pub samples_before_split: usize,
+}
+
+impl TrainConfig {
+    fn report(
+        &self,
+        errors: Vec<Issue>,
+        warnings: Vec<Issue>,
+    ) -> Result<Vec<ConfigIssue>, ConfigErrors> {
+        let (source, overrides, label) = match &self.origin {
+            Some(o) => (o.source.as_str(), o.overrides.as_slice(), o.label.clone()),
+            None => ("", &[][..], "config".to_string()),
+        };
+        if errors.is_empty() {
+            Ok(finalize(warnings, source, overrides))
+        } else {
+            Err(ConfigErrors {
+                file: label,
+                issues: finalize(errors, source, overrides),
+            })
+        }
+    }
+
+    /// Checks that need the model: every target module exists (listing the available names when not),
+    /// a regex target matches something, `lora_layers_to_transform` is within the model, the chat template
+    /// exists when chat data uses `tokenizer_default`. Errors carry the config's line/column; the `Ok`
+    /// value holds warnings (e.g. `sequence_len` beyond the model's context).
+    pub fn check_model(&self, m: &ModelFacts) -> Result<Vec<ConfigIssue>, ConfigErrors> {
+        let mut issues = Vec::new();
+        let mut warnings = Vec::new();
+        let short_names: std::collections::BTreeSet<&str> = m
+            .linear_modules
+            .iter()
+            .map(|p| p.rsplit('.').next().unwrap_or(p.as_str()))
+            .collect();
+        let available = short_names.iter().copied().collect::<Vec<_>>().join(", ");
+        match self.lora_targets() {
+            LoraTargets::Names(names) => {
+                for (i, n) in names.iter().enumerate() {
+                    let hit = m
+                        .linear_modules
+                        .iter()
+                        .any(|p| p == n || p.ends_with(&format!(".{n}")));
+                    if !hit {
+                        let mut d = format!("this model's linear modules are: {available}");
+                        if let Some(s) = did_you_mean(n, short_names.iter().copied()) {
+                            d.push_str(&format!("; did you mean `{s}`?"));
+                        }
+                        issues.push(Issue::invalid(
+                            k("lora_target_modules").index(i),
+                            format!("no module named `{n}` in the model; {d}"),
+                        ));
+                    }
+                }
+            }
+            LoraTargets::Regex(re) => {
+                if let Ok(r) = regex::Regex::new(&format!("^(?:{re})$")) {
+                    if !m.linear_modules.iter().any(|p| r.is_match(p)) {
+                        issues.push(Issue::invalid(
+                            k("lora_target_modules"),
+                            format!(
+                                "the regex `{re}` matches no module (it must match the full path, e.g. {}); linear modules: {available}",
+                                m.linear_modules.first().map(String::as_str).unwrap_or("model.layers.0.self_attn.q_proj")
+                            ),
+                        ));
+                    }
+                }
+            }
+            LoraTargets::AllLinear | LoraTargets::ArchitectureDefault => {}
+        }
+        if let Some(layers) = &self.lora_layers_to_transform {
+            let key = self
+                .origin
+                .as_ref()
+                .filter(|o| o.source.contains("peft_layers_to_transform"))
+                .map_or("lora_layers_to_transform", |_| "peft_layers_to_transform");
+            for l in &layers.0 {
+                if *l >= m.num_layers {
+                    issues.push(Issue::invalid(
+                        k(key),
+                        format!(
+                            "layer {l} does not exist: the model has {} layers (0..={})",
+                            m.num_layers,
+                            m.num_layers.saturating_sub(1)
+                        ),
+                    ));
+                }
+            }
+        }
+        let uses_default_template = self.datasets.iter().chain(&self.test_datasets).any(|d| {
+            d.kind == DatasetType::ChatTemplate
+                && self.chat_template_for(d) == super::ChatTemplateChoice::TokenizerDefault
+        });
+        if uses_default_template && !m.has_chat_template {
+            issues.push(Issue::value(
+                k("chat_template"),
+                "the base model has no chat template",
+                "chat datasets use `chat_template: tokenizer_default`; choose a built-in one (chatml, llama3, mistral, gemma, phi3, alpaca) or give chat_template_jinja",
+            ));
+        }
+        if let Some(ctx) = m.max_position_embeddings {
+            if self.sequence_len > ctx {
+                warnings.push(Issue::value(
+                    k("sequence_len"),
+                    format!(
+                        "`sequence_len` {} is longer than the model's context ({ctx})",
+                        self.sequence_len
+                    ),
+                    "positions beyond the trained context degrade quality",
+                ));
+            }
+        }
+        self.report(issues, warnings)
+    }
+
+    /// Checks that need the data: the training set fills at least one optimizer step
+    /// (`micro_batch_size × gradient_accumulation_steps` samples), the `val_set_size` split leaves samples on
+    /// both sides, and an eval set is not empty.
+    pub fn check_data(&self, d: &DataFacts) -> Result<Vec<ConfigIssue>, ConfigErrors> {
+        let mut issues = Vec::new();
+        match self.val_split() {
+            ValSplit::Count(n) if n as usize >= d.samples_before_split => issues.push(Issue::invalid(
+                k("val_set_size"),
+                format!(
+                    "{n} evaluation samples leave none for training: the dataset has {} samples",
+                    d.samples_before_split
+                ),
+            )),
+            ValSplit::Fraction(f) if d.samples_before_split > 0 && (f * d.samples_before_split as f64) < 1.0 => {
+                issues.push(Issue::invalid(
+                    k("val_set_size"),
+                    format!(
+                        "{f} of {} samples is less than one evaluation sample; use a larger fraction or a count",
+                        d.samples_before_split
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if d.train_samples == 0 {
+            issues.push(Issue::missing(
+                k("datasets"),
+                "the training set is empty after filtering (all samples dropped or too long?); see `loratune data stats`",
+            ));
+        } else if d.train_samples < self.micro_batch_size {
+            issues.push(Issue::invalid(
+                k("micro_batch_size"),
+                format!(
+                    "micro_batch_size {} is larger than the training set ({} samples); lower it to at most {}",
+                    self.micro_batch_size, d.train_samples, d.train_samples
+                ),
+            ));
+        } else if d.train_samples < self.samples_per_step() {
+            issues.push(Issue::invalid(
+                k("gradient_accumulation_steps"),
+                format!(
+                    "one optimizer step needs micro_batch_size × gradient_accumulation_steps = {} samples, but the training set has {}; lower gradient_accumulation_steps to at most {}",
+                    self.samples_per_step(),
+                    d.train_samples,
+                    (d.train_samples / self.micro_batch_size.max(1)).max(1)
+                ),
+            ));
+        }
+        if !self.test_datasets.is_empty() && d.eval_samples == 0 {
+            issues.push(Issue::invalid(
+                k("test_datasets"),
+                "the evaluation datasets hold no usable samples",
+            ));
+        }
+        self.report(issues, Vec::new())
+    }
+}

@@ -1,0 +1,168 @@
+//! [`GgufSource`]: a GGUF file as a [`TensorSource`] of HF-named, HF-layout tensors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{DType, TensorData};
+
+use super::config::model_config;
+use super::reader::GgufFile;
+use super::tensors::{plan, unpermute_rope_rows, HfTensorSpec, Transform};
+use super::types::GgmlType;
+use crate::error::{Error, Result};
+use crate::model::weights::{convert_raw, f32_to_data, StoredDtype, TensorSource};
+use crate::model::ModelConfig;
+
+/// A GGUF model file: its config (from metadata) and its tensors under HF names.
+pub struct GgufSource {
+    file: GgufFile,
+    config: ModelConfig,
+    specs: BTreeMap<String, HfTensorSpec>,
+}
+
+impl std::fmt::Debug for GgufSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSource")
+            .field("file", &self.file)
+            .field("family", &self.config.family)
+            .field("tensors", &self.specs.len())
+            .finish()
+    }
+}
+
+impl GgufSource {
+    /// Open a GGUF file, derive its [`ModelConfig`] and map its tensors to HF names.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::from_file(GgufFile::open(path)?)
+    }
+
+    /// Wrap an already opened file.
+    pub fn from_file(file: GgufFile) -> Result<Self> {
+        let config = model_config(&file)?;
+        let specs = plan(&file, &config)?;
+        Ok(GgufSource {
+            file,
+            config,
+            specs,
+        })
+    }
+
+    /// The model configuration derived from the metadata.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The underlying file (metadata for the tokenizer: `tokenizer.ggml.*`, `tokenizer.chat_template`).
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// How an HF tensor is produced.
+    pub fn spec(&self, hf_name: &str) -> Option<&HfTensorSpec> {
+        self.specs.get(hf_name)
+    }
+
+    fn spec_or_err(&self, name: &str) -> Result<&HfTensorSpec> {
+        self.specs.get(name).ok_or_else(|| {
+            Error::Weights(format!(
+                "tensor `{name}` not found in {} (it holds {} tensors, e.g. `{}`)",
+                self.origin(),
+                self.specs.len(),
+                self.specs.keys().next().map(String::as_str).unwrap_or("-")
+            ))
+        })
+    }
+
+    /// Load one HF tensor as f32 in torch layout (dequantised, un-permuted, Gemma norms shifted back).
+    pub fn load_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let spec = self.spec_or_err(name)?;
+        let info = self.file.tensor_info(&spec.gguf_name).ok_or_else(|| {
+            Error::Gguf(format!(
+                "{}: tensor `{}` vanished",
+                self.origin(),
+                spec.gguf_name
+            ))
+        })?;
+        let data = self.file.dequantize_rows(info, 0, info.n_rows())?;
+        self.file.release(info);
+        let data = apply_transform(data, &spec.shape, spec.transform).map_err(|e| {
+            Error::Gguf(format!(
+                "{}: tensor `{}` (`{name}`): {e}",
+                self.origin(),
+                spec.gguf_name
+            ))
+        })?;
+        Ok((data, spec.shape.clone()))
+    }
+}
+
+fn apply_transform(
+    mut data: Vec<f32>,
+    shape: &[usize],
+    t: Transform,
+) -> std::result::Result<Vec<f32>, String> {
+    match t {
+        Transform::None => Ok(data),
+        Transform::GemmaNorm => {
+            for v in &mut data {
+                *v -= 1.0;
+            }
+            Ok(data)
+        }
+        Transform::UnpermuteRope { n_head } => {
+            let rows = shape.first().copied().unwrap_or(1);
+            let cols = shape.iter().skip(1).product::<usize>();
+            unpermute_rope_rows(&data, rows, cols, n_head)
+        }
+    }
+}
+
+fn stored(t: GgmlType) -> StoredDtype {
+    match t {
+        GgmlType::F32 => StoredDtype::F32,
+        GgmlType::F16 => StoredDtype::F16,
+        GgmlType::BF16 => StoredDtype::BF16,
+        other => StoredDtype::Other(other.name()),
+    }
+}
+
+impl TensorSource for GgufSource {
+    fn origin(&self) -> String {
+        self.file.path().display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.specs.keys().cloned().collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.specs.get(name).map(|s| s.shape.clone())
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
+        let spec = self.specs.get(name)?;
+        self.file
+            .tensor_info(&spec.gguf_name)
+            .map(|i| stored(i.ggml_type))
+    }
+
+    fn load(&self, name: &str, dtype: DType) -> Result<TensorData> {
+        let spec = self.spec_or_err(name)?;
+        // Plain float tensors that need no fix-up go straight from the file to the requested dtype.
+        if spec.transform == Transform::None {
+            if let Some(info) = self.file.tensor_info(&spec.gguf_name) {
+                if let st @ (StoredDtype::F32 | StoredDtype::F16 | StoredDtype::BF16) =
+                    stored(info.ggml_type)
+                {
+                    let bytes = self.file.tensor_bytes(&spec.gguf_name)?;
+                    let data = convert_raw(bytes, st, spec.shape.clone(), dtype, name)
+                        .map_err(|e| Error::Weights(format!("{}: {e}", self.origin())))?;
+                    self.file.release(info);
+                    return Ok(data);
+                }
+            }
+        }
+        let (values, shape) = self.load_f32(name)?;
+        f32_to_data(values, shape, dtype, name)
+    }
+}

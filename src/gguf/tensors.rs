@@ -1,0 +1,420 @@
+//! llama.cpp tensor names ↔ Hugging Face names, and the layout fix-ups between the two.
+//!
+//! Names follow gguf-py's `tensor_mapping.py` (0.19.0) as llama.cpp's `convert_hf_to_gguf.py` applies it
+//! (checked with `gguf.get_tensor_name_map(arch, n)` for llama, qwen2, qwen3, phi3, gemma, gemma2):
+//!
+//! | GGUF | HF |
+//! |------|----|
+//! | `token_embd.weight` | `model.embed_tokens.weight` |
+//! | `output_norm.weight` | `model.norm.weight` |
+//! | `output.weight` | `lm_head.weight` |
+//! | `blk.N.attn_norm` | `model.layers.N.input_layernorm` |
+//! | `blk.N.attn_q` / `attn_k` / `attn_v` / `attn_output` | `self_attn.q_proj` / `k_proj` / `v_proj` / `o_proj` |
+//! | `blk.N.attn_qkv` (phi3) | `self_attn.qkv_proj` (fused, as in HF Phi-3 checkpoints) |
+//! | `blk.N.attn_q_norm` / `attn_k_norm` (qwen3) | `self_attn.q_norm` / `k_norm` |
+//! | `blk.N.ffn_gate` / `ffn_down` | `mlp.gate_proj` / `mlp.down_proj` |
+//! | `blk.N.ffn_up` | phi3: `mlp.gate_up_proj` (fused); others: `mlp.up_proj` |
+//! | `blk.N.ffn_norm` | gemma2: `pre_feedforward_layernorm`; others: `post_attention_layernorm` |
+//! | `blk.N.post_attention_norm` (gemma2) | `post_attention_layernorm` |
+//! | `blk.N.post_ffw_norm` (gemma2) | `post_feedforward_layernorm` |
+//!
+//! Layout fix-ups applied on import (and their inverses, for the GGUF writer):
+//! - `llama` architecture (Llama, Mistral, SmolLM): the converter permutes the rows of q_proj / k_proj
+//!   (weights and biases) per head from HF's half-split rotary layout to interleaved pairs: HF row
+//!   `a·(d/2) + j` of a head of size `d` is stored as row `2j + a` ([`unpermute_rope_rows`] undoes it; k uses
+//!   the kv head count).
+//! - `gemma`, `gemma2`: the converter stores every `*norm.weight` as `w + 1` (HF's Gemma RMSNorm multiplies
+//!   by `1 + w`); we subtract 1, as transformers' GGUF loader does.
+//! - GGUF dims are innermost first; shapes are reported in torch order (`[out, in]`).
+
+use std::collections::BTreeMap;
+
+use super::reader::GgufFile;
+use crate::error::{Error, Result};
+use crate::model::{Family, ModelConfig};
+
+/// The GGUF `general.architecture` llama.cpp uses for a family.
+pub fn gguf_architecture(family: Family) -> &'static str {
+    match family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+        Family::Phi3 => "phi3",
+        Family::Gemma => "gemma",
+        Family::Gemma2 => "gemma2",
+    }
+}
+
+/// Whether llama.cpp stores q/k rows of this family permuted for its interleaved RoPE.
+pub fn permutes_qk(family: Family) -> bool {
+    gguf_architecture(family) == "llama"
+}
+
+/// Whether llama.cpp stores this family's RMSNorm weights as `w + 1`.
+pub fn norms_offset_by_one(family: Family) -> bool {
+    family.is_gemma()
+}
+
+/// Per-layer GGUF tensor base names → HF module paths (under `model.layers.N.`).
+fn block_table(family: Family) -> &'static [(&'static str, &'static str)] {
+    const LLAMA: &[(&str, &str)] = &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    const QWEN3: &[(&str, &str)] = &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    const PHI3: &[(&str, &str)] = &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_up", "mlp.gate_up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    const GEMMA2: &[(&str, &str)] = &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    match family {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma => LLAMA,
+        Family::Qwen3 => QWEN3,
+        Family::Phi3 => PHI3,
+        Family::Gemma2 => GEMMA2,
+    }
+}
+
+/// Model-level (not per-layer) names.
+const GLOBAL: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// GGUF tensors that carry hyperparameters rather than weights; the config reader interprets them.
+pub const CONFIG_TENSORS: &[&str] = &[
+    "rope_freqs.weight",
+    "rope_factors_long.weight",
+    "rope_factors_short.weight",
+];
+
+fn split_suffix(s: &str) -> Option<(&str, &str)> {
+    s.strip_suffix(".weight")
+        .map(|b| (b, "weight"))
+        .or_else(|| s.strip_suffix(".bias").map(|b| (b, "bias")))
+}
+
+/// HF name of a GGUF tensor, `None` for a name this family does not use.
+pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
+    if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == gguf_name) {
+        return Some(hf.to_string());
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty()
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+        || (layer.len() > 1 && layer.starts_with('0'))
+    {
+        return None;
+    }
+    let (base, suffix) = split_suffix(rest)?;
+    let (_, module) = block_table(family).iter().find(|(g, _)| *g == base)?;
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// GGUF name of an HF tensor (the inverse of [`hf_name`]).
+pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == hf_name) {
+        return Some(g.to_string());
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty()
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+        || (layer.len() > 1 && layer.starts_with('0'))
+    {
+        return None;
+    }
+    let (module, suffix) = split_suffix(rest)?;
+    let (base, _) = block_table(family).iter().find(|(_, m)| *m == module)?;
+    Some(format!("blk.{layer}.{base}.{suffix}"))
+}
+
+/// Fix-up applied to a tensor after dequantisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    None,
+    /// Undo llama.cpp's rotary row permutation with this many heads.
+    UnpermuteRope {
+        n_head: usize,
+    },
+    /// Subtract 1 (Gemma norms stored as `w + 1`).
+    GemmaNorm,
+}
+
+/// How one HF tensor is produced from the GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfTensorSpec {
+    pub hf_name: String,
+    pub gguf_name: String,
+    pub transform: Transform,
+    /// Torch-layout shape of the result.
+    pub shape: Vec<usize>,
+}
+
+fn layer_base(gguf_name: &str) -> Option<(&str, &str)> {
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (_, rest) = rest.split_once('.')?;
+    split_suffix(rest)
+}
+
+/// The transform for a (non-fused) GGUF tensor.
+fn transform_for(cfg: &ModelConfig, gguf_name: &str, hf: &str) -> Transform {
+    if permutes_qk(cfg.family) {
+        match layer_base(gguf_name) {
+            Some(("attn_q", _)) => {
+                return Transform::UnpermuteRope {
+                    n_head: cfg.num_attention_heads,
+                }
+            }
+            Some(("attn_k", _)) => {
+                return Transform::UnpermuteRope {
+                    n_head: cfg.num_key_value_heads,
+                }
+            }
+            _ => {}
+        }
+    }
+    if norms_offset_by_one(cfg.family) && hf.ends_with("norm.weight") {
+        return Transform::GemmaNorm;
+    }
+    Transform::None
+}
+
+/// Map every tensor of `file` to its HF tensor(s). Unknown tensors are an error naming them (we never drop
+/// weights silently).
+pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTensorSpec>> {
+    let mut out = BTreeMap::new();
+    let mut unknown = Vec::new();
+    let mut insert = |spec: HfTensorSpec| -> Result<()> {
+        if let Some(prev) = out.insert(spec.hf_name.clone(), spec) {
+            return Err(Error::Gguf(format!(
+                "{}: two GGUF tensors map to `{}` (one is `{}`)",
+                file.path().display(),
+                prev.hf_name,
+                prev.gguf_name
+            )));
+        }
+        Ok(())
+    };
+    for info in file.tensor_infos() {
+        let name = info.name.as_str();
+        if CONFIG_TENSORS.contains(&name) {
+            continue;
+        }
+        if let Some(hf) = hf_name(cfg.family, name) {
+            let transform = transform_for(cfg, name, &hf);
+            insert(HfTensorSpec {
+                hf_name: hf,
+                gguf_name: name.to_string(),
+                transform,
+                shape: info.shape(),
+            })?;
+            continue;
+        }
+        unknown.push(name.to_string());
+    }
+    if !unknown.is_empty() {
+        let shown: Vec<_> = unknown.iter().take(8).map(|n| format!("`{n}`")).collect();
+        return Err(Error::Gguf(format!(
+            "{}: {} tensor(s) have no Hugging Face equivalent for a {} model: {}{} (is the file a {} model, or a variant loratune does not support?)",
+            file.path().display(),
+            unknown.len(),
+            gguf_architecture(cfg.family),
+            shown.join(", "),
+            if unknown.len() > 8 { ", ..." } else { "" },
+            gguf_architecture(cfg.family),
+        )));
+    }
+    Ok(out)
+}
+
+fn check_rope_rows(rows: usize, n_head: usize) -> std::result::Result<usize, String> {
+    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+        return Err(format!(
+            "{rows} rows cannot be split into {n_head} heads of even size for the rotary permutation"
+        ));
+    }
+    Ok(rows / n_head / 2)
+}
+
+/// Undo llama.cpp's q/k permutation: `data` is `rows × cols` (row-major), rows = `n_head · head_dim`.
+/// Stored row `h·d + 2j + a` becomes HF row `h·d + a·(d/2) + j`.
+pub fn unpermute_rope_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    let half = check_rope_rows(rows, n_head)?;
+    if data.len() != rows * cols {
+        return Err(format!("{} values for {rows}×{cols}", data.len()));
+    }
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for j in 0..half {
+            for a in 0..2 {
+                let src = h * 2 * half + 2 * j + a;
+                let dst = h * 2 * half + a * half + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Apply llama.cpp's q/k permutation (the inverse of [`unpermute_rope_rows`]), for the GGUF writer.
+pub fn permute_rope_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    let half = check_rope_rows(rows, n_head)?;
+    if data.len() != rows * cols {
+        return Err(format!("{} values for {rows}×{cols}", data.len()));
+    }
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for j in 0..half {
+            for a in 0..2 {
+                let hf = h * 2 * half + a * half + j;
+                let gg = h * 2 * half + 2 * j + a;
+                out[gg * cols..(gg + 1) * cols].copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_per_family() {
+        let cases: &[(Family, &str, &str)] = &[
+            (
+                Family::Llama,
+                "blk.3.attn_q.weight",
+                "model.layers.3.self_attn.q_proj.weight",
+            ),
+            (
+                Family::Llama,
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                Family::Llama,
+                "blk.12.attn_output.weight",
+                "model.layers.12.self_attn.o_proj.weight",
+            ),
+            (
+                Family::Qwen2,
+                "blk.0.attn_k.bias",
+                "model.layers.0.self_attn.k_proj.bias",
+            ),
+            (
+                Family::Qwen3,
+                "blk.1.attn_k_norm.weight",
+                "model.layers.1.self_attn.k_norm.weight",
+            ),
+            (
+                Family::Phi3,
+                "blk.2.attn_qkv.weight",
+                "model.layers.2.self_attn.qkv_proj.weight",
+            ),
+            (
+                Family::Phi3,
+                "blk.2.ffn_up.weight",
+                "model.layers.2.mlp.gate_up_proj.weight",
+            ),
+            (
+                Family::Gemma2,
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.pre_feedforward_layernorm.weight",
+            ),
+            (
+                Family::Gemma2,
+                "blk.0.post_attention_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                Family::Gemma2,
+                "blk.0.post_ffw_norm.weight",
+                "model.layers.0.post_feedforward_layernorm.weight",
+            ),
+            (Family::Gemma, "output_norm.weight", "model.norm.weight"),
+            (
+                Family::Llama,
+                "token_embd.weight",
+                "model.embed_tokens.weight",
+            ),
+            (Family::Llama, "output.weight", "lm_head.weight"),
+        ];
+        for &(f, g, h) in cases {
+            assert_eq!(hf_name(f, g).as_deref(), Some(h), "{f:?} {g}");
+            assert_eq!(gguf_name(f, h).as_deref(), Some(g), "{f:?} {h}");
+        }
+        // Names that belong to other families, or are malformed, do not map.
+        assert_eq!(hf_name(Family::Llama, "blk.0.post_ffw_norm.weight"), None);
+        assert_eq!(hf_name(Family::Llama, "blk.0.attn_q_norm.weight"), None);
+        assert_eq!(hf_name(Family::Phi3, "blk.0.ffn_gate.weight"), None);
+        assert_eq!(hf_name(Family::Llama, "blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name(Family::Llama, "blk.01.attn_q.weight"), None);
+        assert_eq!(hf_name(Family::Llama, "blk.0.attn_q.scale"), None);
+    }
+
+    /// Hand-computed: 2 heads of size 4 (half = 2), one column. Stored rows per head are
+    /// [a0j0, a1j0, a0j1, a1j1]; HF rows are [a0j0, a0j1, a1j0, a1j1].
+    #[test]
+    fn unpermute_by_hand() {
+        let stored = [0., 1., 2., 3., 10., 11., 12., 13.];
+        let hf = unpermute_rope_rows(&stored, 8, 1, 2).unwrap();
+        assert_eq!(hf, vec![0., 2., 1., 3., 10., 12., 11., 13.]);
+        assert_eq!(permute_rope_rows(&hf, 8, 1, 2).unwrap(), stored.to_vec());
+        // Two columns move together.
+        let stored2: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let hf2 = unpermute_rope_rows(&stored2, 8, 2, 2).unwrap();
+        assert_eq!(&hf2[..8], &[0., 1., 4., 5., 2., 3., 6., 7.]);
+        assert!(unpermute_rope_rows(&stored, 8, 1, 3).is_err());
+        assert!(unpermute_rope_rows(&stored, 6, 1, 2).is_err());
+    }
+}

@@ -1,0 +1,754 @@
+//! Resolving `base_model`: a local Hugging Face folder, a `.gguf` file, or a Hub repo id downloaded with
+//! `hf-hub` into the standard Hugging Face cache.
+//!
+//! Environment (read by [`HubOptions::from_env`], the same variables as `huggingface_hub`):
+//! - `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`), else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
+//!   `~/.cache/huggingface/hub`: the cache (shared with Python: same `models--org--name/{blobs,refs,snapshots}`
+//!   layout);
+//! - `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the token file (`HF_TOKEN_PATH`, else
+//!   `HF_HOME/token`) written by `huggingface-cli login` — hf-hub itself only reads the file under HF_HOME;
+//! - `HF_HUB_OFFLINE=1`: never touch the network, resolve from the cache only (hf-hub has no such switch);
+//! - `HF_ENDPOINT`: another hub (a mirror, or the loopback fake hub in the tests).
+//!
+//! Only the files needed to train are downloaded: `config.json`, `generation_config.json`, the tokenizer files,
+//! `chat_template.jinja`, and `model.safetensors` or `model.safetensors.index.json` plus the shards it lists.
+//! Like `huggingface_hub.snapshot_download`, the revision is first resolved to a commit sha and every file is
+//! fetched at that sha, so a branch that moves during the download cannot mix two commits.
+
+use hf_hub::api::sync::{ApiBuilder, ApiError};
+use hf_hub::{Cache, Repo, RepoType};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Default Hub endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// Small files fetched when the repo has them (besides `config.json`, which is required).
+pub const METADATA_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// What `base_model` names, decided without network access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseModelRef {
+    /// A local Hugging Face model folder.
+    LocalDir(PathBuf),
+    /// A local GGUF file.
+    Gguf(PathBuf),
+    /// A Hub repo id (`org/name`, or a legacy single `name`).
+    Hub {
+        /// The repo id.
+        repo_id: String,
+    },
+}
+
+/// Whether `s` is a syntactically valid Hub repo id (`name` or `org/name`; letters, digits, `-`, `_`, `.`).
+pub fn is_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.is_empty() || parts.len() > 2 {
+        return false;
+    }
+    parts.iter().all(|p| {
+        !p.is_empty()
+            && p.len() <= 96
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.starts_with(['-', '.'])
+            && !p.ends_with('.')
+            && !p.contains("--")
+            && !p.contains("..")
+    })
+}
+
+impl BaseModelRef {
+    /// Decide what `base_model` is. A path that exists is local; a `.gguf` name must exist; anything else
+    /// must look like a repo id. With `check_files` off, a missing local-looking path is still accepted as
+    /// local (for checking configs on machines without the model). The error is a complete sentence.
+    pub fn classify(
+        base_model: &str,
+        base_dir: Option<&Path>,
+        check_files: bool,
+    ) -> std::result::Result<Self, String> {
+        let raw = base_model.trim();
+        let path = match base_dir {
+            Some(b) if Path::new(raw).is_relative() => b.join(raw),
+            _ => PathBuf::from(raw),
+        };
+        let is_gguf = raw.to_ascii_lowercase().ends_with(".gguf");
+        if is_gguf {
+            if path.is_file() || !check_files {
+                return Ok(BaseModelRef::Gguf(path));
+            }
+            return Err(format!(
+                "GGUF file `{}` not found (for the quickstart model run scripts/fetch-smollm2.sh first)",
+                path.display()
+            ));
+        }
+        if path.is_dir() {
+            return Ok(BaseModelRef::LocalDir(path));
+        }
+        if path.is_file() {
+            return Err(format!(
+                "`{}` is a file, but base_model must be a model folder (config.json + safetensors), a .gguf file or a Hub repo id",
+                path.display()
+            ));
+        }
+        let local_looking =
+            raw.starts_with(['.', '/', '~']) || raw.contains('\\') || raw.split('/').count() > 2;
+        if !local_looking && is_repo_id(raw) {
+            return Ok(BaseModelRef::Hub {
+                repo_id: raw.to_string(),
+            });
+        }
+        if !check_files {
+            return Ok(BaseModelRef::LocalDir(path));
+        }
+        Err(format!(
+            "model folder `{}` not found, and `{raw}` is not a Hub repo id (org/name)",
+            path.display()
+        ))
+    }
+}
+
+/// How to reach the Hub and where the cache is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Base URL, without a trailing slash.
+    pub endpoint: String,
+    /// The hub cache folder (the one holding `models--org--name`).
+    pub cache_dir: PathBuf,
+    /// Access token sent as `Authorization: Bearer …`.
+    pub token: Option<String>,
+    /// Resolve from the cache only (`HF_HUB_OFFLINE`).
+    pub offline: bool,
+    /// Draw hf-hub's download progress bars (on stderr).
+    pub progress: bool,
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_uppercase().as_str(),
+        "1" | "ON" | "YES" | "TRUE"
+    )
+}
+
+impl HubOptions {
+    /// Options from the process environment (see the module docs).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Options from any variable lookup (testable without touching the process environment).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let home_cache = || -> Result<PathBuf> {
+            if let Some(x) = get("XDG_CACHE_HOME") {
+                return Ok(PathBuf::from(x).join("huggingface"));
+            }
+            match get("HOME").or_else(|| get("USERPROFILE")) {
+                Some(h) => Ok(PathBuf::from(h).join(".cache").join("huggingface")),
+                None => Err(Error::Hub(
+                    "cannot find the Hugging Face cache: HOME is not set; set HF_HOME or HF_HUB_CACHE".into(),
+                )),
+            }
+        };
+        let hf_home = match get("HF_HOME") {
+            Some(h) => PathBuf::from(h),
+            None => home_cache()?,
+        };
+        let cache_dir = match get("HF_HUB_CACHE").or_else(|| get("HUGGINGFACE_HUB_CACHE")) {
+            Some(c) => PathBuf::from(c),
+            None => hf_home.join("hub"),
+        };
+        let token = get("HF_TOKEN")
+            .or_else(|| get("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| {
+                let file = get("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_home.join("token"));
+                std::fs::read_to_string(file)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            });
+        let endpoint = get("HF_ENDPOINT")
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        Ok(HubOptions {
+            endpoint,
+            cache_dir,
+            token: token.map(|t| t.trim().to_string()),
+            offline: get("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)),
+            progress: false,
+        })
+    }
+}
+
+/// The files of a Hugging Face model folder that loratune uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The folder (for a Hub model: `…/snapshots/<sha>`).
+    pub dir: PathBuf,
+    /// `config.json`.
+    pub config: PathBuf,
+    /// `generation_config.json`, if present.
+    pub generation_config: Option<PathBuf>,
+    /// `tokenizer.json`, if present.
+    pub tokenizer: Option<PathBuf>,
+    /// `tokenizer_config.json`, if present.
+    pub tokenizer_config: Option<PathBuf>,
+    /// `special_tokens_map.json`, if present.
+    pub special_tokens_map: Option<PathBuf>,
+    /// `chat_template.jinja`, if present.
+    pub chat_template: Option<PathBuf>,
+    /// `model.safetensors.index.json`, for sharded weights.
+    pub weights_index: Option<PathBuf>,
+    /// The safetensors files (one, or the shards in index order).
+    pub weights: Vec<PathBuf>,
+    /// The Hub commit sha the files come from (Hub models only).
+    pub commit: Option<String>,
+}
+
+/// A resolved `base_model`.
+#[allow(clippy::large_enum_variant)] // built once per run
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolvedModel {
+    /// A Hugging Face folder (local, or a Hub snapshot in the cache).
+    Folder(ModelFiles),
+    /// A GGUF file.
+    Gguf(PathBuf),
+}
+
+/// Resolve `base_model` (+ revision for Hub ids) to local files, downloading when needed.
+pub fn resolve_base_model(
+    base_model: &str,
+    revision: Option<&str>,
+    opts: &HubOptions,
+) -> Result<ResolvedModel> {
+    resolve_base_model_in(base_model, revision, None, opts)
+}
+
+/// [`resolve_base_model`] with relative paths resolved against `base_dir`.
+pub fn resolve_base_model_in(
+    base_model: &str,
+    revision: Option<&str>,
+    base_dir: Option<&Path>,
+    opts: &HubOptions,
+) -> Result<ResolvedModel> {
+    match BaseModelRef::classify(base_model, base_dir, true)
+        .map_err(|m| Error::Hub(format!("base_model: {m}")))?
+    {
+        BaseModelRef::Gguf(p) => Ok(ResolvedModel::Gguf(p)),
+        BaseModelRef::LocalDir(d) => Ok(ResolvedModel::Folder(inspect_folder(&d, None)?)),
+        BaseModelRef::Hub { repo_id } => Ok(ResolvedModel::Folder(fetch_model(
+            &repo_id,
+            revision.unwrap_or("main"),
+            opts,
+        )?)),
+    }
+}
+
+fn opt_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    let p = dir.join(name);
+    p.is_file().then_some(p)
+}
+
+/// Weight-file names that are pickles (unsupported: loading them can run code).
+fn is_pickle(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [".bin", ".pt", ".pth", ".ckpt", ".pkl"]
+        .iter()
+        .any(|e| n.ends_with(e))
+        && !n.ends_with("training_args.bin")
+        && !n.contains("optimizer")
+}
+
+/// Shard file names listed in a `model.safetensors.index.json`, in first-appearance order.
+pub fn index_shards(index_path: &Path) -> Result<Vec<String>> {
+    let bytes = crate::error::read_file(index_path)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: index_path.to_path_buf(),
+        source: e,
+    })?;
+    let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(Error::Weights(format!(
+            "{}: no `weight_map` object",
+            index_path.display()
+        )));
+    };
+    let mut shards: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let Some(f) = file.as_str() else {
+            return Err(Error::Weights(format!(
+                "{}: weight_map entry `{tensor}` is not a file name",
+                index_path.display()
+            )));
+        };
+        if f.contains("..") || f.starts_with('/') {
+            return Err(Error::Weights(format!(
+                "{}: weight_map entry `{tensor}` points outside the folder (`{f}`)",
+                index_path.display()
+            )));
+        }
+        if !shards.iter().any(|s| s == f) {
+            shards.push(f.to_string());
+        }
+    }
+    if shards.is_empty() {
+        return Err(Error::Weights(format!(
+            "{}: `weight_map` is empty",
+            index_path.display()
+        )));
+    }
+    Ok(shards)
+}
+
+/// Check a local folder (or cached snapshot) and list its files. `what` names it in errors (a repo id).
+pub fn inspect_folder(dir: &Path, what: Option<&str>) -> Result<ModelFiles> {
+    let name = what
+        .map(str::to_string)
+        .unwrap_or_else(|| dir.display().to_string());
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        if dir.join("adapter_config.json").is_file() {
+            return Err(Error::Hub(format!(
+                "`{name}` is a LoRA adapter, not a base model: set base_model to the model named in its adapter_config.json (base_model_name_or_path)"
+            )));
+        }
+        return Err(Error::Hub(format!(
+            "`{name}` has no config.json: not a Hugging Face model folder (base_model may also be a .gguf file)"
+        )));
+    }
+    let (weights_index, weights) = if let Some(single) = opt_file(dir, "model.safetensors") {
+        (None, vec![single])
+    } else if let Some(index) = opt_file(dir, "model.safetensors.index.json") {
+        let shards = index_shards(&index)?;
+        let mut files = Vec::new();
+        for s in shards {
+            let p = dir.join(&s);
+            if !p.is_file() {
+                return Err(Error::Hub(format!(
+                    "`{name}`: shard `{s}` listed in model.safetensors.index.json is missing"
+                )));
+            }
+            files.push(p);
+        }
+        (Some(index), files)
+    } else {
+        let pickles: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| is_pickle(n))
+            .collect();
+        return Err(no_safetensors(&name, &pickles));
+    };
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        config,
+        generation_config: opt_file(dir, "generation_config.json"),
+        tokenizer: opt_file(dir, "tokenizer.json"),
+        tokenizer_config: opt_file(dir, "tokenizer_config.json"),
+        special_tokens_map: opt_file(dir, "special_tokens_map.json"),
+        chat_template: opt_file(dir, "chat_template.jinja"),
+        weights_index,
+        weights,
+        commit: None,
+    })
+}
+
+fn no_safetensors(name: &str, pickles: &[String]) -> Error {
+    if pickles.is_empty() {
+        Error::Hub(format!(
+            "`{name}` has no safetensors weights (model.safetensors or model.safetensors.index.json)"
+        ))
+    } else {
+        Error::Hub(format!(
+            "`{name}` only has PyTorch pickle weights ({}), which loratune does not load (unpickling can run arbitrary code); \
+             use a revision or copy of the model with safetensors weights (e.g. convert with transformers: \
+             `AutoModelForCausalLM.from_pretrained(...).save_pretrained(dir, safe_serialization=True)`)",
+            pickles.join(", ")
+        ))
+    }
+}
+
+fn is_commit_sha(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The snapshot folder for `repo_id@revision` in the cache, if the revision is known there.
+pub fn cached_snapshot(
+    cache_dir: &Path,
+    repo_id: &str,
+    revision: &str,
+) -> Option<(String, PathBuf)> {
+    let repo_dir = cache_dir.join(Repo::model(repo_id.to_string()).folder_name());
+    if is_commit_sha(revision) {
+        let snap = repo_dir.join("snapshots").join(revision);
+        if snap.is_dir() {
+            return Some((revision.to_string(), snap));
+        }
+    }
+    let sha = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+    let sha = sha.trim().to_string();
+    let snap = repo_dir.join("snapshots").join(&sha);
+    snap.is_dir().then_some((sha, snap))
+}
+
+fn resolve_offline(
+    repo_id: &str,
+    revision: &str,
+    opts: &HubOptions,
+    why: &str,
+) -> Result<ModelFiles> {
+    let Some((sha, snap)) = cached_snapshot(&opts.cache_dir, repo_id, revision) else {
+        return Err(Error::Hub(format!(
+            "{why}, and `{repo_id}` (revision `{revision}`) is not in the Hugging Face cache at {}. \
+             Unset HF_HUB_OFFLINE and run with network access to download it, or point HF_HOME / HF_HUB_CACHE at a cache that has it",
+            opts.cache_dir.display()
+        )));
+    };
+    let mut files = inspect_folder(&snap, Some(&format!("{repo_id}@{revision} (cached)"))).map_err(|e| {
+        Error::Hub(format!(
+            "{e}. The cached copy is incomplete; {why}: unset HF_HUB_OFFLINE to download the missing files"
+        ))
+    })?;
+    files.commit = Some(sha);
+    Ok(files)
+}
+
+/// Download (or find in the cache) `repo_id` at `revision` and return its files.
+pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    if opts.offline {
+        return resolve_offline(repo_id, revision, opts, "HF_HUB_OFFLINE is set");
+    }
+    let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
+        .with_endpoint(opts.endpoint.clone())
+        .with_token(opts.token.clone())
+        .with_progress(opts.progress)
+        .build()
+        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+    let ctx = Ctx {
+        repo_id,
+        revision,
+        opts,
+    };
+
+    let info = match api
+        .repo(Repo::with_revision(
+            repo_id.to_string(),
+            RepoType::Model,
+            revision.to_string(),
+        ))
+        .info()
+    {
+        Ok(i) => i,
+        Err(e) => {
+            if let Some(net) = network_failure(&e) {
+                // Like huggingface_hub: without a connection, fall back to a cached copy of this revision.
+                return resolve_offline(
+                    repo_id,
+                    revision,
+                    opts,
+                    &format!(
+                        "cannot reach {} ({net}; set HF_HUB_OFFLINE=1 to use the cache only)",
+                        opts.endpoint
+                    ),
+                );
+            }
+            return Err(ctx.api_error(&e, None));
+        }
+    };
+    let sha = info.sha.clone();
+    if sha.trim().is_empty() {
+        return Err(Error::Hub(format!(
+            "{}: the Hub returned no commit for `{repo_id}` at `{revision}`",
+            opts.endpoint
+        )));
+    }
+    let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let has = |n: &str| names.contains(&n);
+
+    if !has("config.json") {
+        if has("adapter_config.json") {
+            return Err(Error::Hub(format!(
+                "`{repo_id}` is a LoRA adapter repo, not a base model: set base_model to the model named in its adapter_config.json (base_model_name_or_path)"
+            )));
+        }
+        let ggufs: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+            .collect();
+        if !ggufs.is_empty() {
+            return Err(Error::Hub(format!(
+                "`{repo_id}` holds GGUF files ({}), not a Hugging Face model folder: download one of them and set base_model to the .gguf path",
+                ggufs.join(", ")
+            )));
+        }
+        return Err(Error::Hub(format!(
+            "`{repo_id}` (revision `{revision}`) has no config.json: not a transformers model repo"
+        )));
+    }
+
+    // Everything is fetched at the resolved sha (a moving branch cannot mix commits).
+    let pinned = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        sha.clone(),
+    ));
+    let snapshot_cache = Cache::new(opts.cache_dir.clone()).repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        sha.clone(),
+    ));
+    let get = |file: &str| -> Result<PathBuf> {
+        if let Some(p) = snapshot_cache.get(file) {
+            return Ok(p);
+        }
+        pinned
+            .download(file)
+            .map_err(|e| ctx.api_error(&e, Some(file)))
+    };
+
+    // Decide on the weights from the file list before transferring anything.
+    let sharded = if has("model.safetensors") {
+        false
+    } else if has("model.safetensors.index.json") {
+        true
+    } else {
+        let pickles: Vec<String> = names
+            .iter()
+            .filter(|n| is_pickle(n))
+            .map(|n| n.to_string())
+            .collect();
+        return Err(no_safetensors(&format!("{repo_id}@{revision}"), &pickles));
+    };
+
+    let config = get("config.json")?;
+    let mut optional = Vec::new();
+    for f in METADATA_FILES {
+        optional.push(if has(f) { Some(get(f)?) } else { None });
+    }
+    let (weights_index, weights) = if !sharded {
+        (None, vec![get("model.safetensors")?])
+    } else {
+        let index = get("model.safetensors.index.json")?;
+        let shards = index_shards(&index)?;
+        if let Some(s) = shards.iter().find(|s| !has(s)) {
+            return Err(Error::Hub(format!(
+                "`{repo_id}` (revision `{revision}`): shard `{s}` listed in model.safetensors.index.json is not in the repo"
+            )));
+        }
+        let mut files = Vec::new();
+        for s in &shards {
+            files.push(get(s)?);
+        }
+        (Some(index), files)
+    };
+
+    // Record the branch/tag → sha mapping so offline runs find this snapshot by the name the config uses.
+    if revision != sha {
+        Cache::new(opts.cache_dir.clone())
+            .repo(Repo::with_revision(
+                repo_id.to_string(),
+                RepoType::Model,
+                revision.to_string(),
+            ))
+            .create_ref(&sha)
+            .map_err(|e| Error::io(opts.cache_dir.join("refs"), e))?;
+    }
+
+    let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut it = optional.into_iter();
+    let mut next = || it.next().flatten();
+    Ok(ModelFiles {
+        dir,
+        config,
+        generation_config: next(),
+        tokenizer: next(),
+        tokenizer_config: next(),
+        special_tokens_map: next(),
+        chat_template: next(),
+        weights_index,
+        weights,
+        commit: Some(sha),
+    })
+}
+
+struct Ctx<'a> {
+    repo_id: &'a str,
+    revision: &'a str,
+    opts: &'a HubOptions,
+}
+
+fn ureq_error(e: &ApiError) -> Option<&ureq::Error> {
+    match e {
+        ApiError::RequestError(b) => Some(b.as_ref()),
+        ApiError::TooManyRetries(inner) => ureq_error(inner),
+        _ => None,
+    }
+}
+
+/// A description of a connection-level failure (no HTTP status), if that is what `e` is.
+fn network_failure(e: &ApiError) -> Option<String> {
+    match ureq_error(e)? {
+        ureq::Error::StatusCode(_) => None,
+        ureq::Error::Io(io) => Some(io.to_string()),
+        ureq::Error::HostNotFound => Some("host not found".into()),
+        ureq::Error::ConnectionFailed => Some("connection failed".into()),
+        ureq::Error::Timeout(t) => Some(format!("timeout: {t}")),
+        _ => None,
+    }
+}
+
+impl Ctx<'_> {
+    fn api_error(&self, e: &ApiError, file: Option<&str>) -> Error {
+        let (repo, rev) = (self.repo_id, self.revision);
+        let page = format!("{}/{repo}", self.opts.endpoint);
+        let what = match file {
+            Some(f) => format!("downloading `{f}` of `{repo}` (revision `{rev}`)"),
+            None => format!(
+                "looking up `{repo}` (revision `{rev}`) on {}",
+                self.opts.endpoint
+            ),
+        };
+        if let Some(ureq::Error::StatusCode(code)) = ureq_error(e) {
+            let msg = match *code {
+                401 => {
+                    let tok = if self.opts.token.is_some() {
+                        "the token in HF_TOKEN (or the token file) was rejected or has no access"
+                    } else {
+                        "no token was sent"
+                    };
+                    format!(
+                        "{what}: access denied (HTTP 401; {tok}). The model is gated or private, or the repo id is misspelled. \
+                         For a gated model, accept its licence on {page} while logged in, create a read token at \
+                         https://huggingface.co/settings/tokens and set HF_TOKEN to it"
+                    )
+                }
+                403 => format!(
+                    "{what}: forbidden (HTTP 403): your token has no access to this gated model. Accept the licence on {page} \
+                     with the account the token belongs to (fine-grained tokens also need \"read access to public gated repos\"), \
+                     then retry with HF_TOKEN set"
+                ),
+                404 => match file {
+                    Some(f) => format!("{what}: `{f}` not found (HTTP 404) at that revision"),
+                    None => format!(
+                        "{what}: not found (HTTP 404): check the repo id `{repo}` and the revision `{rev}` (base_model / base_model_revision)"
+                    ),
+                },
+                429 => format!("{what}: rate limited by the Hub (HTTP 429); wait and retry, or set HF_TOKEN"),
+                c => format!("{what}: the Hub answered HTTP {c}"),
+            };
+            return Error::Hub(msg);
+        }
+        if let Some(net) = network_failure(e) {
+            return Error::Hub(format!(
+                "{what}: cannot reach {} ({net}). Check the network/HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a cached copy",
+                self.opts.endpoint
+            ));
+        }
+        Error::Hub(format!("{what}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids() {
+        assert!(is_repo_id("HuggingFaceTB/SmolLM2-135M-Instruct"));
+        assert!(is_repo_id("gpt2"));
+        assert!(is_repo_id("Qwen/Qwen2.5-0.5B-Instruct"));
+        assert!(!is_repo_id("a/b/c"));
+        assert!(!is_repo_id("./models/x"));
+        assert!(!is_repo_id("org/"));
+        assert!(!is_repo_id("org/na me"));
+        assert!(!is_repo_id("org/a--b"));
+    }
+
+    #[test]
+    fn classify_paths_and_ids() {
+        let t = tempfile::tempdir().unwrap();
+        let g = t.path().join("m.gguf");
+        std::fs::write(&g, b"GGUF").unwrap();
+        assert_eq!(
+            BaseModelRef::classify("m.gguf", Some(t.path()), true),
+            Ok(BaseModelRef::Gguf(g))
+        );
+        assert_eq!(
+            BaseModelRef::classify(".", Some(t.path()), true),
+            Ok(BaseModelRef::LocalDir(t.path().join(".")))
+        );
+        assert_eq!(
+            BaseModelRef::classify("org/name", Some(t.path()), true),
+            Ok(BaseModelRef::Hub {
+                repo_id: "org/name".into()
+            })
+        );
+        let e = BaseModelRef::classify("missing.gguf", Some(t.path()), true).unwrap_err();
+        assert!(e.contains("missing.gguf") && e.contains("not found"), "{e}");
+        let e = BaseModelRef::classify("./models/nope", Some(t.path()), true).unwrap_err();
+        assert!(
+            e.contains("not found") && e.contains("not a Hub repo id"),
+            "{e}"
+        );
+        assert!(BaseModelRef::classify("missing.gguf", None, false).is_ok());
+    }
+
+    #[test]
+    fn env_lookup() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("hfhome");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(home.join("token"), "file-token\n").unwrap();
+        let env = |pairs: &'static [(&'static str, &'static str)], home: PathBuf| {
+            move |k: &str| {
+                if k == "HF_HOME" {
+                    return Some(home.to_string_lossy().to_string());
+                }
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let o = HubOptions::from_lookup(env(&[], home.clone())).unwrap();
+        assert_eq!(o.cache_dir, home.join("hub"));
+        assert_eq!(o.token.as_deref(), Some("file-token"));
+        assert_eq!(o.endpoint, DEFAULT_ENDPOINT);
+        assert!(!o.offline);
+        let o = HubOptions::from_lookup(env(
+            &[
+                ("HF_TOKEN", "env-token"),
+                ("HF_HUB_OFFLINE", "1"),
+                ("HF_ENDPOINT", "http://127.0.0.1:9/"),
+                ("HF_HUB_CACHE", "/x/cache"),
+            ],
+            home.clone(),
+        ))
+        .unwrap();
+        assert_eq!(o.token.as_deref(), Some("env-token"));
+        assert!(o.offline);
+        assert_eq!(o.endpoint, "http://127.0.0.1:9");
+        assert_eq!(o.cache_dir, PathBuf::from("/x/cache"));
+        let o = HubOptions::from_lookup(env(&[("HF_HUB_OFFLINE", "0")], home.clone())).unwrap();
+        assert!(!o.offline);
+        let o = HubOptions::from_lookup(|k| match k {
+            "HOME" => Some("/home/u".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(o.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert!(HubOptions::from_lookup(|_| None).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! One optimizer step: gradient accumulation with the loss normalised over every trained token of the step
+//! (not a mean of per-micro-batch means), global grad-norm clipping, a NaN/Inf guard, AdamW on the LoRA
+//! factors only. Deterministic: LoRA dropout masks come from a ChaCha8 stream keyed by (seed, step, micro-batch).
+
+use burn::tensor::{
+    backend::AutodiffBackend, backend::Backend, DType, ElementConversion, Tensor, TensorData,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::loss::{lm_loss_sum, shift_labels, IGNORE_INDEX};
+use super::optim::{clip_grad_norm, AdamW};
+use crate::error::{Error, Result};
+use crate::lora::adapter::{lora_params, set_lora_params};
+use crate::model::decoder::DropoutSource;
+use crate::model::{CausalLm, TokenBatch};
+
+/// LoRA dropout masks from a seeded ChaCha8 stream.
+pub struct SeededDropout {
+    rng: ChaCha8Rng,
+}
+
+impl SeededDropout {
+    /// The stream for micro-batch `micro` of optimizer step `step`.
+    pub fn new(seed: u64, step: u64, micro: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6c6f_7261_7475_6e65);
+        rng.set_stream(step.wrapping_mul(1 << 20).wrapping_add(micro));
+        SeededDropout { rng }
+    }
+}
+
+impl<B: Backend> DropoutSource<B> for SeededDropout {
+    fn mask(
+        &mut self,
+        n: usize,
+        features: usize,
+        p: f64,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2>> {
+        if p <= 0.0 {
+            return None;
+        }
+        let keep = (1.0 / (1.0 - p)) as f32;
+        // 16-bit thresholds: P(drop) = round(p·65536)/65536.
+        let threshold = (p * 65536.0).round() as u32;
+        let total = n * features;
+        let mut v = Vec::with_capacity(total);
+        while v.len() < total {
+            let r: u64 = self.rng.random();
+            for k in 0..4 {
+                if v.len() == total {
+                    break;
+                }
+                let x = ((r >> (16 * k)) & 0xffff) as u32;
+                v.push(if x < threshold { 0.0 } else { keep });
+            }
+        }
+        Some(Tensor::from_data(
+            TensorData::new(v, [n, features]),
+            (device, DType::F32),
+        ))
+    }
+}
+
+/// Number of positions that contribute to the loss (after the shift).
+pub fn trained_tokens(tokens: &TokenBatch, labels: &[i64]) -> usize {
+    shift_labels(labels, tokens.batch, tokens.seq)
+        .iter()
+        .filter(|&&t| t != IGNORE_INDEX)
+        .count()
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss per trained token over all micro-batches of the step.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Trained tokens in the step.
+    pub trained_tokens: usize,
+    /// Real (non-padding) tokens processed.
+    pub real_tokens: usize,
+}
+
+/// Settings of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig {
+    pub lr: f64,
+    /// 0 = no clipping.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub step: u64,
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    let v: f32 = t.into_scalar().elem();
+    v as f64
+}
+
+/// Run forward/backward over the micro-batches and update the adapters in place.
+/// On a NaN/Inf loss or gradient nothing is updated and an error is returned.
+pub fn train_step<B: AutodiffBackend>(
+    model: &mut CausalLm<B>,
+    opt: &mut AdamW<B::InnerBackend>,
+    micro: &[(&TokenBatch, &[i64])],
+    cfg: StepConfig,
+) -> Result<StepStats> {
+    let total: usize = micro.iter().map(|(t, l)| trained_tokens(t, l)).sum();
+    let real: usize = micro
+        .iter()
+        .map(|(t, _)| t.attention_mask.iter().filter(|&&m| m).count())
+        .sum();
+    if total == 0 {
+        return Err(Error::Train(format!(
+            "step {}: the micro-batches of this step contain no trained token (every label is masked); check \
+             train_on_inputs / roles_to_train and the data preview (`loratune data preview`)",
+            cfg.step + 1
+        )));
+    }
+    let params = lora_params(model);
+    if params.is_empty() {
+        return Err(Error::Train(
+            "the model carries no LoRA adapter to train".into(),
+        ));
+    }
+    let mut acc: Vec<Option<Tensor<B::InnerBackend, 2>>> = vec![None; params.len()];
+    let mut loss_sum = 0.0f64;
+    for (mi, (tokens, labels)) in micro.iter().enumerate() {
+        let mut drop = SeededDropout::new(cfg.seed, cfg.step, mi as u64);
+        let (sum, _) = lm_loss_sum(model, tokens, labels, &mut drop);
+        let loss = sum.div_scalar(total as f64);
+        loss_sum += scalar(loss.clone().inner()) * total as f64;
+        let grads = loss.backward();
+        for (slot, (key, p)) in acc.iter_mut().zip(&params) {
+            let g = p
+                .grad(&grads)
+                .ok_or_else(|| Error::Train(format!("no gradient reached {key}")))?;
+            *slot = Some(match slot.take() {
+                Some(a) => a + g,
+                None => g,
+            });
+        }
+    }
+    let loss = loss_sum / total as f64;
+    let mut grads: Vec<Tensor<B::InnerBackend, 2>> = acc.into_iter().flatten().collect();
+    let grad_norm = if cfg.max_grad_norm > 0.0 {
+        clip_grad_norm(&mut grads, cfg.max_grad_norm)
+    } else {
+        super::optim::global_norm(&grads)
+    };
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return Err(Error::Train(format!(
+            "step {}: the {} is {} — training stopped before applying it. Lower learning_rate, enable \
+             max_grad_norm, check the data for extreme lengths, or use f32 instead of bf16.",
+            cfg.step + 1,
+            if !loss.is_finite() { "loss" } else { "gradient norm" },
+            if !loss.is_finite() { loss } else { grad_norm }
+        )));
+    }
+    let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
+    let updated = opt.step(cfg.lr, inner, grads);
+    set_lora_params(
+        model,
+        updated
+            .into_iter()
+            .map(|t| Tensor::from_inner(t).require_grad())
+            .collect(),
+    );
+    Ok(StepStats {
+        loss,
+        grad_norm,
+        trained_tokens: total,
+        real_tokens: real,
+    })
+}
+
+/// Evaluation: (sum of token losses, token count) over batches, no graph.
+pub fn eval_loss<B: Backend>(
+    model: &CausalLm<B>,
+    batches: &[(&TokenBatch, &[i64])],
+) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for (t, l) in batches {
+        let (s, c) = lm_loss_sum(model, t, l, &mut crate::model::NoDropout);
+        sum += scalar(s);
+        n += c;
+    }
+    (sum, n)
+}
