@@ -1,16 +1,19 @@
 //! `loratune data preview|stats`: see what training will consume before spending compute.
 //!
-//! Until the YAML config is wired in, the datasets and options are given as flags:
-//! `loratune data stats --dataset datasets/nimbrel/support_chat.jsonl --type chat --tokenizer MODEL_DIR`.
+//! `loratune data preview CONFIG [-n 3]` / `loratune data stats CONFIG` read a training config (its datasets,
+//! data options and the base model's tokenizer); without a config, flags name the data:
+//! `loratune data stats --dataset datasets/nimbrel/support_chat.jsonl --type chat --tokenizer MODEL_DIR_OR_GGUF`.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::config::TrainConfig;
 use crate::data::{
-    default_cache_dir, DataFormat, DataOptions, DataPipeline, DatasetSource, OnBadRow,
+    default_cache_dir, from_config, DataFormat, DataOptions, DataPipeline, DatasetSource, OnBadRow,
     SampleBuilder, Truncation,
 };
 use crate::tokenizer::LoadedTokenizer;
@@ -29,18 +32,25 @@ pub enum DataCommand {
     Stats(StatsArgs),
 }
 
-/// Where the data is and how to read it.
+/// Where the data is and how to read it: a training config, or flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SourceArgs {
+    /// A training config (YAML): its datasets, test_datasets, chat template, sequence_len, packing, split and
+    /// the base model's tokenizer. Without it, give --dataset and --tokenizer.
+    pub config: Option<PathBuf>,
+    /// Config overrides `key=value` (with CONFIG).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// A dataset file, folder or glob (.jsonl, .json, .csv, .tsv, .parquet); repeat for several.
-    #[arg(long = "dataset", required = true)]
+    #[arg(long = "dataset", required_unless_present = "config")]
     pub datasets: Vec<String>,
     /// Record format: alpaca, chat (alias chat_template, sharegpt), completion, text.
     #[arg(long = "type", default_value = "chat")]
     pub format: String,
-    /// The tokenizer: a Hugging Face model folder (tokenizer.json, tokenizer_config.json).
-    #[arg(long)]
-    pub tokenizer: PathBuf,
+    /// The tokenizer: a Hugging Face model folder (tokenizer.json, tokenizer_config.json) or a .gguf file.
+    /// With CONFIG the default is the base model's.
+    #[arg(long, required_unless_present = "config")]
+    pub tokenizer: Option<PathBuf>,
     /// Chat template: a built-in name (chatml, llama3, mistral, gemma, phi3, alpaca) or a .jinja file;
     /// default: the tokenizer's own.
     #[arg(long)]
@@ -81,19 +91,20 @@ pub struct PreviewArgs {
 pub struct StatsArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Pack several samples per row.
+    /// Pack several samples per row (without CONFIG).
     #[arg(long)]
     pub sample_packing: bool,
-    /// Rows per batch.
+    /// Rows per batch (without CONFIG).
     #[arg(long, default_value_t = 1)]
     pub micro_batch_size: usize,
-    /// Validation split: a fraction in (0, 1) or a number of samples.
+    /// Validation split: a fraction in (0, 1) or a number of samples (without CONFIG).
     #[arg(long, default_value_t = 0.0)]
     pub val_set_size: f64,
-    /// Seed of the split and shuffle.
+    /// Seed of the split and shuffle (without CONFIG).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Token cache folder (default: $XDG_CACHE_HOME/loratune/data or ~/.cache/loratune/data).
+    /// Token cache folder (default: the config's dataset_prepared_path, else $XDG_CACHE_HOME/loratune/data or
+    /// ~/.cache/loratune/data).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// Print the statistics as JSON.
@@ -101,12 +112,61 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-fn build(
-    src: &SourceArgs,
-    extra: impl FnOnce(&mut DataOptions),
-) -> Result<(Vec<DatasetSource>, DataOptions, SampleBuilder)> {
+/// Everything `data preview|stats` needs.
+struct Inputs {
+    train: Vec<DatasetSource>,
+    eval: Vec<DatasetSource>,
+    options: DataOptions,
+    builder: SampleBuilder,
+    cache_dir: Option<PathBuf>,
+}
+
+fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer> {
+    crate::tokenizer::load_for_model(path)
+        .with_context(|| format!("loading the tokenizer {}", path.display()))
+}
+
+fn inputs(src: &SourceArgs, flags: impl FnOnce(&mut DataOptions)) -> Result<Inputs> {
+    if let Some(cfg_path) = &src.config {
+        let cfg = TrainConfig::load(cfg_path, &src.set)?;
+        let tok = match &src.tokenizer {
+            Some(t) => load_tokenizer(t)?,
+            None => {
+                let opts = crate::hub::HubOptions::from_env()?;
+                match crate::hub::resolve_base_model(
+                    &cfg.base_model,
+                    cfg.base_model_revision.as_deref(),
+                    &opts,
+                )? {
+                    crate::hub::ResolvedModel::Folder(f) => load_tokenizer(&f.dir)?,
+                    crate::hub::ResolvedModel::Gguf(p) => load_tokenizer(&p)?,
+                }
+            }
+        };
+        let options = from_config::options_from_config(&cfg);
+        let builder = SampleBuilder::from_tokenizer(
+            &tok,
+            options.chat_template.as_deref(),
+            options.train_on_inputs,
+        )?;
+        return Ok(Inputs {
+            train: cfg
+                .datasets
+                .iter()
+                .map(|d| from_config::source_from_config(&cfg, d))
+                .collect(),
+            eval: cfg
+                .test_datasets
+                .iter()
+                .map(|d| from_config::source_from_config(&cfg, d))
+                .collect(),
+            options,
+            builder,
+            cache_dir: Some(from_config::cache_dir_from_config(&cfg)),
+        });
+    }
     let format = DataFormat::parse(&src.format)?;
-    let sources: Vec<DatasetSource> = src
+    let train: Vec<DatasetSource> = src
         .datasets
         .iter()
         .map(|p| {
@@ -139,14 +199,24 @@ fn build(
         chat_template: template,
         ..Default::default()
     };
-    extra(&mut options);
-    let tok = LoadedTokenizer::from_hf_dir(&src.tokenizer)?;
+    flags(&mut options);
+    let tok_path = src
+        .tokenizer
+        .as_ref()
+        .context("--tokenizer is required without a config")?;
+    let tok = load_tokenizer(tok_path)?;
     let builder = SampleBuilder::from_tokenizer(
         &tok,
         options.chat_template.as_deref(),
         options.train_on_inputs,
     )?;
-    Ok((sources, options, builder))
+    Ok(Inputs {
+        train,
+        eval: Vec::new(),
+        options,
+        builder,
+        cache_dir: None,
+    })
 }
 
 pub fn run(a: DataArgs) -> Result<()> {
@@ -157,9 +227,9 @@ pub fn run(a: DataArgs) -> Result<()> {
 }
 
 fn preview(a: PreviewArgs) -> Result<()> {
-    let (sources, options, builder) = build(&a.source, |_| {})?;
+    let inp = inputs(&a.source, |_| {})?;
     let color = !a.no_color && std::io::stdout().is_terminal();
-    let items = crate::data::report::preview_sources(&sources, &builder, &options, a.n)?;
+    let items = crate::data::report::preview_sources(&inp.train, &inp.builder, &inp.options, a.n)?;
     if color {
         println!("trained tokens in \x1b[1;32mgreen\x1b[0m; the first token of each sample is never trained");
     } else {
@@ -172,23 +242,27 @@ fn preview(a: PreviewArgs) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
-    let (sources, options, builder) = build(&a.source, |o| {
+    let inp = inputs(&a.source, |o| {
         o.sample_packing = a.sample_packing;
         o.micro_batch_size = a.micro_batch_size;
         o.val_set_size = a.val_set_size;
         o.seed = a.seed;
     })?;
-    let cache = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let pipeline = DataPipeline::new(sources, vec![], options, builder, cache)?;
+    let cache = a
+        .cache_dir
+        .clone()
+        .or(inp.cache_dir)
+        .unwrap_or_else(default_cache_dir);
+    let pipeline = DataPipeline::new(inp.train, inp.eval, inp.options, inp.builder, cache)?;
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     while !pipeline.is_ready() {
         let p = pipeline.progress();
         bar.set_message(format!(
             "preparing: {} records, {} samples, {} tokens",
-            p.records.load(std::sync::atomic::Ordering::Relaxed),
-            p.samples.load(std::sync::atomic::Ordering::Relaxed),
-            p.tokens.load(std::sync::atomic::Ordering::Relaxed)
+            p.records.load(Ordering::Relaxed),
+            p.samples.load(Ordering::Relaxed),
+            p.tokens.load(Ordering::Relaxed)
         ));
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -191,8 +191,8 @@ pub struct Progress {
 pub struct CacheInputs<'a> {
     pub sources: &'a [DatasetSource],
     pub files: &'a [Vec<ResolvedFile>],
-    pub builder: &'a SampleBuilder,
-    pub template_fingerprint: String,
+    /// One builder per dataset entry (same tokenizer; the entry's template and `train_on_eos`).
+    pub builders: &'a [SampleBuilder],
     pub options: &'a DataOptions,
 }
 
@@ -204,9 +204,14 @@ impl CacheInputs<'_> {
             "version": CACHE_VERSION,
             "sources": self.sources,
             "files": self.files,
-            "tokenizer": digest(&self.builder.tok.fingerprint_text()),
-            "template": digest(&self.template_fingerprint),
-            "train_on_inputs": self.builder.train_on_inputs,
+            "tokenizer": self.builders.first().map(|b| digest(&b.tok.fingerprint_text())),
+            "templates": self
+                .builders
+                .iter()
+                .map(|b| b.template.as_ref().map(|t| digest(&t.fingerprint())))
+                .collect::<Vec<_>>(),
+            "train_on_eos": self.builders.iter().map(|b| b.train_on_eos).collect::<Vec<_>>(),
+            "train_on_inputs": o.train_on_inputs,
             "sequence_len": o.sequence_len,
             "truncation": o.truncation,
             "on_bad_row": o.on_bad_row,
@@ -540,10 +545,10 @@ fn build_into(
             .map(|(fi, rec)| {
                 let source = files[*fi].source;
                 let parsed = match &rec.value {
-                    Ok(v) => parsers[source].parse(v, inputs.builder.train_on_inputs),
+                    Ok(v) => parsers[source].parse(v, inputs.builders[source].train_on_inputs),
                     Err(b) => Err(b.clone()),
                 };
-                match parsed.and_then(|ex| inputs.builder.build(&ex)) {
+                match parsed.and_then(|ex| inputs.builders[source].build(&ex)) {
                     Ok(s) => Outcome::Sample(s),
                     Err(b) => Outcome::Bad(b),
                 }

@@ -52,6 +52,7 @@
 //! times) and the order options, and [`DataPipeline::train_loader`] resumes at exactly the same batch.
 
 pub mod cache;
+pub mod from_config;
 pub mod loader;
 pub mod options;
 #[cfg(test)]
@@ -70,7 +71,8 @@ use std::thread::JoinHandle;
 pub use cache::{CacheMeta, Counts, Progress, TokenCache};
 pub use loader::{Batch, EpochPlan, LoaderState, Prepared, TrainLoader, IGNORE_INDEX};
 pub use options::{
-    DataFormat, DataOptions, DatasetSource, FileKind, OnBadRow, PropertyMappings, Truncation,
+    DataFormat, DataOptions, DatasetSource, FileKind, OnBadRow, PropertyMappings, TrainOnEos,
+    Truncation,
 };
 pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TemplateRenderer, TextTokenizer};
 pub use report::{DataStats, PreviewItem};
@@ -92,21 +94,33 @@ pub fn default_cache_dir() -> PathBuf {
 
 pub use crate::tokenizer::Message;
 
-/// A group of datasets (train or eval) ready to be read.
+/// A group of datasets (train or eval) ready to be read: files, parsers and a sample builder per entry.
 #[derive(Clone)]
 struct Group {
     sources: Vec<DatasetSource>,
     files: Vec<Vec<source::ResolvedFile>>,
     parsers: Vec<RowParser>,
+    builders: Vec<SampleBuilder>,
 }
 
 impl Group {
-    fn new(sources: Vec<DatasetSource>) -> Result<Self> {
+    fn new(sources: Vec<DatasetSource>, base: &SampleBuilder) -> Result<Self> {
         let mut files = Vec::new();
         let mut parsers = Vec::new();
+        let mut builders = Vec::new();
         for s in &sources {
             files.push(source::resolve(s)?);
             parsers.push(RowParser::new(s)?);
+            let b = base.for_source(s)?;
+            if s.format == DataFormat::Chat && b.template.is_none() {
+                return Err(Error::Data(format!(
+                    "dataset {}: chat datasets need a chat template, and the tokenizer has none; set \
+                     `chat_template:` to a built-in name (chatml, llama3, mistral, gemma, phi3) or to the template \
+                     text",
+                    s.path
+                )));
+            }
+            builders.push(b);
             if let Some(w) = s.weight {
                 if !w.is_finite() || w < 0.0 {
                     return Err(Error::Data(format!(
@@ -120,6 +134,7 @@ impl Group {
             sources,
             files,
             parsers,
+            builders,
         })
     }
 }
@@ -127,7 +142,6 @@ impl Group {
 /// The data pipeline: prepares the datasets on a background thread and serves batches.
 pub struct DataPipeline {
     options: DataOptions,
-    builder: SampleBuilder,
     train: Group,
     cache_dir: PathBuf,
     progress: Arc<Progress>,
@@ -169,29 +183,18 @@ impl DataPipeline {
                     .into(),
             ));
         }
-        let needs_template = train
-            .iter()
-            .chain(&eval)
-            .any(|s| s.format == DataFormat::Chat);
-        if needs_template && builder.template.is_none() {
-            return Err(Error::Data(
-                "chat datasets need a chat template, and the tokenizer has none; set `chat_template:` to a \
-                 built-in name (chatml, llama3, mistral, gemma, phi3) or to the template text"
-                    .into(),
-            ));
-        }
-        let train_g = Group::new(train)?;
+        let train_g = Group::new(train, &builder)?;
         let eval_g = if eval.is_empty() {
             None
         } else {
-            Some(Group::new(eval)?)
+            Some(Group::new(eval, &builder)?)
         };
         let cache_dir = cache_dir.into();
         let progress = Arc::new(Progress::default());
         let job = {
-            let (options, builder, train_g, dir, progress) = (
+            let (options, pad_id, train_g, dir, progress) = (
                 options.clone(),
-                builder.clone(),
+                builder.tok.pad_id,
                 train_g.clone(),
                 cache_dir.clone(),
                 progress.clone(),
@@ -199,20 +202,12 @@ impl DataPipeline {
             std::thread::Builder::new()
                 .name("loratune-data-prepare".into())
                 .spawn(move || {
-                    prepare(
-                        &options,
-                        &builder,
-                        &train_g,
-                        eval_g.as_ref(),
-                        &dir,
-                        &progress,
-                    )
+                    prepare(&options, pad_id, &train_g, eval_g.as_ref(), &dir, &progress)
                 })
                 .map_err(|e| Error::io(&cache_dir, e))?
         };
         Ok(DataPipeline {
             options,
-            builder,
             train: train_g,
             cache_dir,
             progress,
@@ -322,7 +317,7 @@ impl DataPipeline {
             &self.train.sources,
             &self.train.files,
             &self.train.parsers,
-            &self.builder,
+            &self.train.builders,
             &self.options,
             n,
         )
@@ -331,23 +326,17 @@ impl DataPipeline {
 
 fn prepare(
     options: &DataOptions,
-    builder: &SampleBuilder,
+    pad_id: u32,
     train: &Group,
     eval: Option<&Group>,
     cache_dir: &Path,
     progress: &Progress,
 ) -> Result<Prepared> {
-    let template_fp = builder
-        .template
-        .as_ref()
-        .map(|t| t.fingerprint())
-        .unwrap_or_default();
     let build_group = |g: &Group| -> Result<Arc<TokenCache>> {
         let inputs = cache::CacheInputs {
             sources: &g.sources,
             files: &g.files,
-            builder,
-            template_fingerprint: template_fp.clone(),
+            builders: &g.builders,
             options,
         };
         let dir = cache::build(&inputs, &g.parsers, cache_dir, progress)?;
@@ -363,11 +352,5 @@ fn prepare(
         .iter()
         .map(|s| s.weight.unwrap_or(1.0))
         .collect();
-    Prepared::new(
-        train_cache,
-        eval_cache,
-        weights,
-        options.clone(),
-        builder.tok.pad_id,
-    )
+    Prepared::new(train_cache, eval_cache, weights, options.clone(), pad_id)
 }

@@ -120,6 +120,13 @@ pub struct DatasetSource {
     pub field_prompt: Option<String>,
     pub field_completion: Option<String>,
     pub field_text: Option<String>,
+    /// Chat: which end-of-turn tokens are trained (`turn`: those of trained turns; `all`: every one; `last`:
+    /// only the conversation's last).
+    pub train_on_eos: TrainOnEos,
+    /// Chat: remove a leading system message (for templates without a system role, e.g. Gemma's).
+    pub drop_system_message: bool,
+    /// Chat: this dataset's own chat template (a built-in name or Jinja text); `None` = the run's template.
+    pub chat_template: Option<String>,
     /// Sampling weight in the training mix: each epoch takes every sample ⌊weight⌋ times plus a seeded
     /// fraction `weight − ⌊weight⌋` of them. `None` = 1.
     pub weight: Option<f64>,
@@ -144,6 +151,9 @@ impl Default for DatasetSource {
             field_prompt: None,
             field_completion: None,
             field_text: None,
+            train_on_eos: TrainOnEos::Turn,
+            drop_system_message: false,
+            chat_template: None,
             weight: None,
             limit: None,
         }
@@ -159,6 +169,19 @@ impl DatasetSource {
             ..Default::default()
         }
     }
+}
+
+/// Which end-of-turn tokens of a chat sample are trained (Axolotl's `train_on_eos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOnEos {
+    /// The end-of-turn token closing each trained turn (default).
+    #[default]
+    Turn,
+    /// Every end-of-turn token in the text, also those closing untrained (user/system) turns.
+    All,
+    /// Only the end-of-turn token of the last trained turn.
+    Last,
 }
 
 /// What to do with a sample longer than `sequence_len`.

@@ -93,6 +93,7 @@ fn builder(case: &Case) -> SampleBuilder {
         },
         template: Some(Arc::new(TemplateRenderer::new(template))),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     }
 }
 
@@ -149,4 +150,54 @@ fn template_masks_match_transformers() {
         }
     }
     assert!(checked >= 30, "{checked} conversations checked");
+}
+
+/// The real SmolLM2-135M-Instruct GGUF (fetched by scripts/fetch-smollm2.sh; CI runs it first).
+fn smollm2_gguf() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("LORATUNE_SMOLLM2_GGUF") {
+        return p.into();
+    }
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh (or set LORATUNE_SMOLLM2_GGUF)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_masks_match_transformers() {
+    // The whole production path: tokenizer, special tokens and template from the GGUF, as training uses them.
+    let doc = load();
+    let case = doc
+        .cases
+        .iter()
+        .find(|c| c.name == "smollm2-gguf")
+        .expect("fixture lacks the smollm2-gguf case");
+    let tok = crate::tokenizer::load_for_model(&smollm2_gguf()).unwrap();
+    assert_eq!(
+        tok.eos.as_ref().map(|e| e.0.as_str()),
+        case.eos_token.as_deref()
+    );
+    let b = SampleBuilder::from_tokenizer(&tok, None, false).unwrap();
+    assert_eq!(
+        b.tok.pad_id,
+        tok.eos.as_ref().unwrap().1,
+        "SmolLM2's GGUF pads with EOS"
+    );
+    let parser = RowParser::new(&DatasetSource::new("fixture", DataFormat::Chat)).unwrap();
+    assert_eq!(case.conversations.len(), 6);
+    for (k, conv) in case.conversations.iter().enumerate() {
+        let ex = parser
+            .parse(&serde_json::json!({"messages": conv.messages}), false)
+            .unwrap();
+        let s = b.build(&ex).unwrap();
+        assert_eq!(b.render(&ex).unwrap().text, conv.text, "#{k}");
+        assert_eq!(s.ids, conv.input_ids, "#{k}: input ids");
+        let want: Vec<bool> = conv.assistant_masks.iter().map(|&m| m != 0).collect();
+        assert_eq!(s.trained, want, "#{k}: assistant mask");
+        assert_eq!(s.spans_without_end, 0);
+    }
 }

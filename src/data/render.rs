@@ -22,6 +22,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use super::options::{DatasetSource, TrainOnEos};
 use super::rows::{BadRow, BadRowKind, Example};
 use super::Message;
 use crate::error::{Error, Result};
@@ -171,6 +172,8 @@ pub struct Rendered {
     pub prepend_bos: bool,
     /// Append the EOS id (trained).
     pub append_eos: bool,
+    /// Rendered by the chat template (`train_on_eos` applies).
+    pub chat: bool,
 }
 
 /// A tokenized sample: ids and which of them are trained (before the first-token rule).
@@ -196,6 +199,8 @@ pub struct SampleBuilder {
     pub tok: TextTokenizer,
     pub template: Option<Arc<dyn ChatRenderer>>,
     pub train_on_inputs: bool,
+    /// Chat samples: which end-of-turn tokens are trained.
+    pub train_on_eos: TrainOnEos,
 }
 
 fn tmpl_err(e: Error) -> BadRow {
@@ -296,7 +301,24 @@ impl SampleBuilder {
             },
             template: template.map(|t| Arc::new(TemplateRenderer::new(t)) as Arc<dyn ChatRenderer>),
             train_on_inputs,
+            train_on_eos: TrainOnEos::Turn,
         })
+    }
+
+    /// This builder adapted to a dataset entry: its own chat template (compiled with this tokenizer's BOS/EOS
+    /// strings) and its `train_on_eos`.
+    pub fn for_source(&self, source: &DatasetSource) -> Result<Self> {
+        let mut b = self.clone();
+        b.train_on_eos = source.train_on_eos;
+        if let Some(t) = source.chat_template.as_deref() {
+            let bos = self.tok.bos.as_ref().map(|x| x.text.as_str());
+            let eos = self.tok.eos.as_ref().map(|x| x.text.as_str());
+            let compiled = select_template(Some(t), None, bos, eos)
+                .map_err(|e| Error::Data(format!("dataset {}: chat_template: {e}", source.path)))?;
+            b.template =
+                compiled.map(|t| Arc::new(TemplateRenderer::new(t)) as Arc<dyn ChatRenderer>);
+        }
+        Ok(b)
     }
 
     /// Text and trained spans of an example.
@@ -314,6 +336,7 @@ impl SampleBuilder {
                 text,
                 prepend_bos,
                 append_eos: self.tok.eos.is_some(),
+                chat: false,
             }
         };
         match ex {
@@ -356,6 +379,7 @@ impl SampleBuilder {
             spans,
             prepend_bos: false,
             append_eos: false,
+            chat: true,
         };
         if self.train_on_inputs {
             let n = full.len();
@@ -500,10 +524,31 @@ impl SampleBuilder {
                 ranges.push(None);
             }
         }
+        let eot = &self.tok.end_of_turn_ids;
         for last in &last_in_span {
             match last {
-                Some(i) if self.tok.end_of_turn_ids.contains(&ids[*i]) => {}
+                Some(i) if eot.contains(&ids[*i]) => {}
                 _ => spans_without_end += 1,
+            }
+        }
+        if r.chat {
+            match self.train_on_eos {
+                TrainOnEos::Turn => {}
+                TrainOnEos::Last => {
+                    let n = last_in_span.len();
+                    for &i in last_in_span.iter().take(n.saturating_sub(1)).flatten() {
+                        if eot.contains(&ids[i]) {
+                            trained[i] = false;
+                        }
+                    }
+                }
+                TrainOnEos::All => {
+                    for (t, id) in trained.iter_mut().zip(&ids) {
+                        if eot.contains(id) {
+                            *t = true;
+                        }
+                    }
+                }
             }
         }
         Ok((

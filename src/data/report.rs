@@ -339,7 +339,13 @@ pub fn preview_sources(
         .iter()
         .map(RowParser::new)
         .collect::<Result<Vec<_>>>()?;
-    preview(sources, &files, &parsers, builder, options, n)
+    let mut base = builder.clone();
+    base.train_on_inputs = options.train_on_inputs;
+    let builders = sources
+        .iter()
+        .map(|s| base.for_source(s))
+        .collect::<Result<Vec<_>>>()?;
+    preview(sources, &files, &parsers, &builders, options, n)
 }
 
 /// Render the first `n` records of the datasets (in file order) with their labels.
@@ -347,7 +353,7 @@ pub fn preview(
     sources: &[DatasetSource],
     files: &[Vec<ResolvedFile>],
     parsers: &[RowParser],
-    builder: &SampleBuilder,
+    builders: &[SampleBuilder],
     options: &DataOptions,
     n: usize,
 ) -> Result<Vec<PreviewItem>> {
@@ -363,6 +369,7 @@ pub fn preview(
                 .and_then(|src| src.limit)
                 .map_or(want, |l| l.min(want));
             let parser = &parsers[s];
+            let builder = &builders[s];
             let columns = parser.columns();
             read_records(file, Some(limit), columns.as_deref(), 256, &mut |rec| {
                 let mut item = PreviewItem {

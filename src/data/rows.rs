@@ -122,6 +122,7 @@ pub struct RowParser {
     role_map: HashMap<String, String>,
     roles_to_train: Vec<String>,
     fields: BTreeMap<&'static str, String>,
+    drop_system_message: bool,
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -194,6 +195,7 @@ impl RowParser {
             role_map,
             roles_to_train,
             fields,
+            drop_system_message: source.drop_system_message,
         })
     }
 
@@ -461,6 +463,10 @@ impl RowParser {
                 content,
                 extra,
             });
+        }
+        if self.drop_system_message && messages.first().is_some_and(|m| m.role == "system") {
+            messages.remove(0);
+            trained.remove(0);
         }
         if !trained.iter().any(|&t| t) {
             return Err(BadRow::new(

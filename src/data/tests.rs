@@ -67,6 +67,7 @@ pub(crate) fn chat_builder(pad_id: u32) -> SampleBuilder {
         tok: fixture_tok(pad_id),
         template: Some(Arc::new(SmolChatMl)),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     }
 }
 
@@ -272,6 +273,7 @@ fn non_incremental_template_is_an_error_not_a_silent_mask() {
         tok: fixture_tok(3),
         template: Some(Arc::new(Rewriting)),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     };
     let msgs = vec![
         Message::new("user", "a"),
@@ -320,6 +322,7 @@ fn generation_spans_are_used_when_the_template_has_them() {
         tok: fixture_tok(3),
         template: Some(Arc::new(Gen)),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     };
     let s = b
         .build(&Example::Chat {
@@ -363,6 +366,7 @@ fn no_double_bos_when_text_already_starts_with_bos() {
         tok: tok_with_bos(true),
         template: None,
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     };
     let plain = b
         .build(&Example::Text {
@@ -416,6 +420,7 @@ fn no_double_bos_from_a_template_that_writes_bos() {
         tok: tok_with_bos(true),
         template: Some(Arc::new(BosTemplate)),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     };
     let s = b
         .build(&Example::Chat {
@@ -433,6 +438,7 @@ fn completion_and_alpaca_append_a_trained_eos_and_mask_the_prompt() {
         tok: tok_with_bos(true),
         template: None,
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     };
     let s = b
         .build(&Example::Completion {
@@ -1419,4 +1425,171 @@ fn globs_and_folders_resolve_sorted() {
         &dir.path().join("c"),
     );
     assert_eq!(p.prepared().unwrap().train_cache.len(), 5);
+}
+
+/// Decoded runs of trained tokens.
+fn trained_runs(b: &SampleBuilder, s: &render::Sample) -> Vec<String> {
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for (id, &t) in s.ids.iter().zip(&s.trained) {
+        if t {
+            if !prev {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(*id);
+        }
+        prev = t;
+    }
+    runs.iter().map(|r| decode(&b.tok, r)).collect()
+}
+
+#[test]
+fn train_on_eos_turn_last_all() {
+    let msgs = vec![
+        Message::new("user", "Q1"),
+        Message::new("assistant", "A1"),
+        Message::new("user", "Q2"),
+        Message::new("assistant", "A2"),
+    ];
+    let ex = Example::Chat {
+        trained: vec![false, true, false, true],
+        messages: msgs,
+    };
+    let mut b = chat_builder(3);
+    let runs = |b: &SampleBuilder| trained_runs(b, &b.build(&ex).unwrap());
+    assert_eq!(runs(&b), vec!["A1<|im_end|>", "A2<|im_end|>"]);
+    b.train_on_eos = TrainOnEos::Last;
+    assert_eq!(runs(&b), vec!["A1", "A2<|im_end|>"]);
+    b.train_on_eos = TrainOnEos::All;
+    // The default system turn and both user turns end with <|im_end|> too.
+    assert_eq!(
+        runs(&b),
+        vec![
+            "<|im_end|>",
+            "<|im_end|>",
+            "A1<|im_end|>",
+            "<|im_end|>",
+            "A2<|im_end|>"
+        ]
+    );
+}
+
+#[test]
+fn drop_system_message_and_per_dataset_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = serde_json::json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]})
+    .to_string();
+    let f = write(dir.path(), "d.jsonl", &format!("{rec}\n"));
+    let mut plain = DatasetSource::new(f.to_string_lossy(), DataFormat::Chat);
+    let mut dropped = plain.clone();
+    dropped.drop_system_message = true;
+    let mut own = plain.clone();
+    own.chat_template =
+        Some("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}".into());
+    plain.limit = Some(1);
+    let texts: Vec<String> =
+        report::preview_sources(&[plain, dropped, own], &chat_builder(3), &opts(), 3)
+            .unwrap()
+            .iter()
+            .map(|it| it.marked_text(false))
+            .collect();
+    assert_eq!(
+        texts[0],
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Hello<|im_end|>⟧\n"
+    );
+    // Without its system message the SmolLM2 template inserts its default one.
+    assert!(
+        texts[1].starts_with(SMOL_SYSTEM) && !texts[1].contains("Be brief"),
+        "{}",
+        texts[1]
+    );
+    // This template has no generation prompt, so the assistant header belongs to the trained turn.
+    assert_eq!(
+        texts[2],
+        "[system] Be brief.\n[user] Hi\n⟦[assistant] Hello⟧\n"
+    );
+}
+
+#[test]
+fn training_config_maps_onto_the_data_path() {
+    use crate::config::{LoadOptions, TrainConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let chat = chat_jsonl(dir.path(), "chat.jsonl", 20);
+    let sg = write(
+        dir.path(),
+        "sg.jsonl",
+        &(serde_json::json!({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]})
+            .to_string()
+            + "\n"),
+    );
+    let yaml = format!(
+        "base_model: {base}\nlearning_rate: 2e-4\nnum_epochs: 1\nsequence_len: 300\nsample_packing: true\n\
+         micro_batch_size: 2\nval_set_size: 0.1\nseed: 7\nskip_bad_rows: true\ntruncation: truncate\n\
+         dataset_prepared_path: prepared\n\
+         datasets:\n  - path: chat.jsonl\n    type: chat_template\n    train_on_eos: last\n\
+         \x20 - path: sg.jsonl\n    type: chat_template\n    field_messages: conversations\n\
+         \x20   message_property_mappings: {{role: from, content: value}}\n    chat_template: chatml\n",
+        base = fixture("models/llama").display()
+    );
+    let cfg = TrainConfig::from_yaml_str(
+        &yaml,
+        "test.yaml",
+        &[],
+        &LoadOptions {
+            base_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = from_config::options_from_config(&cfg);
+    assert_eq!(
+        (
+            o.sequence_len,
+            o.sample_packing,
+            o.micro_batch_size,
+            o.val_set_size,
+            o.seed
+        ),
+        (300, true, 2, 0.1, 7)
+    );
+    assert_eq!(
+        (o.on_bad_row, o.truncation, o.chat_template.clone()),
+        (OnBadRow::Skip, Truncation::Truncate, None)
+    );
+    let s0 = from_config::source_from_config(&cfg, &cfg.datasets[0]);
+    let s1 = from_config::source_from_config(&cfg, &cfg.datasets[1]);
+    assert_eq!(std::path::Path::new(&s0.path), chat);
+    assert_eq!(
+        (s0.train_on_eos, s0.chat_template.clone()),
+        (TrainOnEos::Last, None)
+    );
+    assert_eq!(s1.chat_template.as_deref(), Some("chatml"));
+    assert_eq!(
+        s1.message_property_mappings,
+        Some(PropertyMappings {
+            role: "from".into(),
+            content: "value".into()
+        })
+    );
+    assert_eq!(
+        from_config::cache_dir_from_config(&cfg),
+        dir.path().join("prepared")
+    );
+    let tok = crate::tokenizer::LoadedTokenizer::from_hf_dir(&fixture("tokenizer")).unwrap();
+    let p = DataPipeline::from_config(&cfg, &tok).unwrap();
+    let st = p.stats().unwrap();
+    assert_eq!(st.train_counts.samples, 21);
+    assert_eq!((st.train_samples, st.eval_samples), (18, 3));
+    assert!(st.cache.starts_with(dir.path().join("prepared")));
+    // The ShareGPT record went through the generic ChatML template (no default system prompt).
+    let items = p.preview(21).unwrap();
+    assert_eq!(
+        items[20].marked_text(false),
+        format!("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo<|im_end|>⟧\n")
+    );
+    let _ = sg;
 }

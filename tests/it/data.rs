@@ -35,6 +35,7 @@ fn builder() -> SampleBuilder {
             ChatTemplate::new(&src, None, Some("<|im_end|>")).unwrap(),
         ))),
         train_on_inputs: false,
+        train_on_eos: Default::default(),
     }
 }
 
@@ -251,4 +252,43 @@ fn cli_preview_and_stats_on_the_shipped_dataset() {
         "{stderr}"
     );
     assert!(stderr.contains("roles: {assistant: [bot]}"), "{stderr}");
+}
+
+#[test]
+fn cli_stats_from_a_training_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::common::root();
+    let cfg = dir.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {}\n    type: chat_template\nval_set_size: 10\n\
+             sequence_len: 1024\nsample_packing: true\nmicro_batch_size: 2\nlearning_rate: 1e-4\nnum_epochs: 1\n\
+             dataset_prepared_path: {}\n",
+            fixture("models/llama").display(),
+            root.join("datasets/nimbrel/support_chat.jsonl").display(),
+            dir.path().join("prepared").display()
+        ),
+    )
+    .unwrap();
+    let out = loratune(&["data", "stats", cfg.to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = std::fs::read_to_string(root.join("datasets/nimbrel/support_chat.jsonl"))
+        .unwrap()
+        .lines()
+        .count() as u64;
+    assert_eq!(st["train_counts"]["records"], n);
+    assert_eq!(st["eval_samples"], 10);
+    assert_eq!(st["train_samples"].as_u64().unwrap(), n - 10);
+    assert_eq!(st["micro_batch_size"], 2);
+    assert!(st["sample_packing"].as_bool().unwrap());
+    assert!(st["cache"]
+        .as_str()
+        .unwrap()
+        .starts_with(dir.path().join("prepared").to_str().unwrap()));
 }
