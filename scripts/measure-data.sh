@@ -3,14 +3,14 @@
 # then split/pack/plan) on the shipped company chat dataset replicated to N records, with a cold cache and again
 # with the cache warm.
 #
-#   scripts/measure-data.sh TOKENIZER_DIR [N=100000] [extra `data stats` flags...]
+#   scripts/measure-data.sh TOKENIZER [N=100000] [extra `data stats` flags...]
 #
-# TOKENIZER_DIR: a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json / chat_template.jinja),
-# e.g. SmolLM2-135M-Instruct's. Prints records/s, tokens/s (over the wall time of the whole command), CPU time
+# TOKENIZER: a .gguf file or a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json),
+# e.g. models/SmolLM2-135M-Instruct.Q4_1.gguf. Prints records/s, tokens/s (over the wall time of the whole command), CPU time
 # and peak RSS (/usr/bin/time -v).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tok=${1:?usage: scripts/measure-data.sh TOKENIZER_DIR [N] [flags...]}
+tok=${1:?usage: scripts/measure-data.sh TOKENIZER [N] [flags...]}
 n=${2:-100000}
 shift $(( $# >= 2 ? 2 : 1 ))
 
