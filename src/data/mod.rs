@@ -305,6 +305,26 @@ impl DataPipeline {
         }))
     }
 
+    /// The counts the config's semantic checks need (`batch larger than data`, split sizes): training samples
+    /// (packed rows with `sample_packing`), evaluation samples, and samples before the split.
+    pub fn data_facts(&self) -> Result<crate::config::DataFacts> {
+        let p = self.prepared()?;
+        let train_samples = if p.options.sample_packing {
+            p.epoch_plan(0).rows()
+        } else {
+            p.train_ids.len()
+        };
+        let before_split = match &p.eval_cache {
+            Some(ec) if Arc::ptr_eq(ec, &p.train_cache) => p.train_cache.len(),
+            _ => p.train_ids.len(),
+        };
+        Ok(crate::config::DataFacts {
+            train_samples,
+            eval_samples: p.eval_ids.len(),
+            samples_before_split: before_split,
+        })
+    }
+
     /// Statistics of the prepared data.
     pub fn stats(&self) -> Result<DataStats> {
         report::stats(&*self.prepared()?)

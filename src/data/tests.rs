@@ -1585,6 +1585,13 @@ fn training_config_maps_onto_the_data_path() {
     assert_eq!(st.train_counts.samples, 21);
     assert_eq!((st.train_samples, st.eval_samples), (18, 3));
     assert!(st.cache.starts_with(dir.path().join("prepared")));
+    let facts = p.data_facts().unwrap();
+    assert_eq!((facts.eval_samples, facts.samples_before_split), (3, 21));
+    assert_eq!(
+        facts.train_samples,
+        p.prepared().unwrap().epoch_plan(0).rows(),
+        "packed rows"
+    );
     // The ShareGPT record went through the generic ChatML template (no default system prompt).
     let items = p.preview(21).unwrap();
     assert_eq!(
