@@ -8,6 +8,7 @@ mod data;
 mod generate;
 mod inspect;
 mod merge;
+mod train;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
 #[derive(Parser, Debug)]
@@ -27,6 +28,10 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
     Convert(merge::ConvertArgs),
+    /// Fine-tune with LoRA as a YAML config says (Axolotl key names); resumes, evaluates, exports.
+    Train(train::TrainArgs),
+    /// Eval loss and perplexity of a run's adapter (or the base model) on the config's eval set.
+    Eval(train::EvalArgs),
     /// Time the training step (forward, backward, AdamW) and report tokens/s, MFU and peak RSS.
     Bench(bench::BenchArgs),
     /// Preview rendered training samples with their trained tokens marked, or print dataset statistics.
@@ -42,6 +47,8 @@ pub fn main() -> anyhow::Result<()> {
         Command::Merge(a) => merge::run_merge(a),
         Command::Convert(a) => merge::run_convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run_train(a),
+        Command::Eval(a) => train::run_eval(a),
         Command::Data(a) => data::run(a),
     }
 }
