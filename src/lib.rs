@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 
