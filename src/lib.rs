@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod export;
 pub mod generate;
@@ -13,6 +14,7 @@ pub mod gguf;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 

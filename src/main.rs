@@ -1,4 +1,5 @@
 fn main() {
+    loratune::runtime::tune_allocator();
     if let Err(e) = loratune::cli::main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

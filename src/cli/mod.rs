@@ -2,11 +2,14 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod common;
+mod data;
 mod export;
 mod generate;
 mod inspect;
 mod merge;
+mod train;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
 #[derive(Parser, Debug)]
@@ -26,6 +29,14 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Convert a GGUF model into a standard Hugging Face folder (config, safetensors, tokenizer, template).
     Convert(merge::ConvertArgs),
+    /// Fine-tune with LoRA as a YAML config says (Axolotl key names); resumes, evaluates, exports.
+    Train(train::TrainArgs),
+    /// Eval loss and perplexity of a run's adapter (or the base model) on the config's eval set.
+    Eval(train::EvalArgs),
+    /// Time the training step (forward, backward, AdamW) and report tokens/s, MFU and peak RSS.
+    Bench(bench::BenchArgs),
+    /// Preview rendered training samples with their trained tokens marked, or print dataset statistics.
+    Data(data::DataArgs),
     /// Export for llama.cpp / Ollama: a merged GGUF, a GGUF LoRA adapter, or an Ollama folder with a Modelfile.
     Export(export::ExportArgs),
 }
@@ -38,6 +49,10 @@ pub fn main() -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Merge(a) => merge::run_merge(a),
         Command::Convert(a) => merge::run_convert(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run_train(a),
+        Command::Eval(a) => train::run_eval(a),
+        Command::Data(a) => data::run(a),
         Command::Export(a) => export::run(a),
     }
 }

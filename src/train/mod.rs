@@ -1,6 +1,9 @@
 //! Training: loss, optimizer, schedules, the loop, checkpoints.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod report;
+pub mod run;
 pub mod schedule;
 pub mod step;

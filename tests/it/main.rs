@@ -2,6 +2,7 @@
 
 mod common;
 mod config;
+mod data;
 mod export;
 mod generate;
 mod gguf_export;

@@ -174,3 +174,198 @@ fn nan_loss_stops_without_touching_the_adapter() {
     );
     assert_eq!(params(&m), before, "a failed step changed the adapter");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Whole runs from a YAML config on the tiny llama fixture (tests/fixtures/models/llama) and a small chat set.
+
+mod runs {
+    use std::path::Path;
+
+    use loratune::config::TrainConfig;
+    use loratune::train::checkpoint::list_checkpoints;
+    use loratune::train::run::{train, ProgressMode, RunOptions};
+
+    use crate::common::*;
+
+    fn config(dir: &Path, extra: &str) -> TrainConfig {
+        config_with(dir, extra, &[])
+    }
+
+    fn config_with(dir: &Path, extra: &str, sets: &[&str]) -> TrainConfig {
+        let yaml = format!(
+            "base_model: {model}\n\
+             datasets:\n  - path: {data}\n    type: chat_template\n\
+             dataset_prepared_path: {cache}\n\
+             sequence_len: 256\n\
+             micro_batch_size: 4\n\
+             gradient_accumulation_steps: 2\n\
+             lora_r: 8\n\
+             lora_alpha: 16\n\
+             lora_dropout: 0.1\n\
+             lora_target_linear: true\n\
+             learning_rate: 0.01\n\
+             lr_scheduler: cosine\n\
+             warmup_steps: 2\n\
+             seed: 7\n\
+             output_dir: {out}\n\
+             logging_steps: 1\n\
+             {extra}\n",
+            model = fixture("models/llama").display(),
+            data = fixture("train/facts_chat.jsonl").display(),
+            cache = dir.join("cache").display(),
+            out = dir.join("run").display(),
+        );
+        let p = dir.join("config.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        TrainConfig::load(&p, &sets).unwrap()
+    }
+
+    fn quiet() -> RunOptions {
+        RunOptions {
+            stop_after: None,
+            progress: ProgressMode::Quiet,
+        }
+    }
+
+    #[test]
+    fn thirty_steps_drive_the_loss_well_down_and_write_every_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), "max_steps: 30\nval_set_size: 8\neval_steps: 10\nsave_steps: 10\nsave_total_limit: 2\nmerge_lora: true");
+        let s = train(&cfg, &quiet()).unwrap();
+        assert_eq!(s.steps, 30);
+        let start = s.losses[0];
+        let end = s.losses[25..].iter().sum::<f64>() / 5.0;
+        println!("loss {start:.3} → {end:.3}; eval {:?}", s.best_eval_loss);
+        assert!(
+            end < 0.5 * start,
+            "loss did not fall well below its start: {start} → {end}"
+        );
+        let out = tmp.path().join("run");
+        // Outputs: PEFT adapter, merged folder, metrics, curve, resolved config; 2 newest checkpoints kept.
+        for f in [
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "merged/config.json",
+            "merged/model.safetensors",
+            "merged/tokenizer.json",
+            "metrics.jsonl",
+            "loss_curve.svg",
+            "config.yaml",
+        ] {
+            assert!(out.join(f).is_file(), "missing {f}");
+        }
+        let ck: Vec<u64> = list_checkpoints(&out).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(ck, vec![20, 30]);
+        let metrics = loratune::train::report::read_metrics(&out).unwrap();
+        assert_eq!(metrics.iter().filter(|m| m.loss.is_some()).count(), 30);
+        assert_eq!(metrics.iter().filter(|m| m.eval_loss.is_some()).count(), 3);
+        // The merged folder reproduces base + adapter.
+        let device = Default::default();
+        let mut with_adapter = load_fixture_model::<B>(&fixture("models/llama"), &device);
+        loratune::lora::peft::load_adapter(&mut with_adapter, &out.join("adapter")).unwrap();
+        let merged = load_fixture_model::<B>(&out.join("merged"), &device);
+        let (batch, _) =
+            crate::parity::reference_batch(&fixture("models/llama/reference.safetensors"));
+        let a = to_vec(with_adapter.forward(&batch));
+        let b = to_vec(merged.forward(&batch));
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-4, "merged differs from base+adapter by {d}");
+    }
+
+    /// A run killed after a checkpoint and resumed gives exactly the losses of an uninterrupted run.
+    #[test]
+    fn resume_after_interruption_is_bit_identical() {
+        let extra = "max_steps: 12\nsave_steps: 4\nauto_resume_from_checkpoints: true";
+        let a_dir = tempfile::tempdir().unwrap();
+        let full = train(&config(a_dir.path(), extra), &quiet()).unwrap();
+        assert_eq!(full.losses.len(), 12);
+
+        let b_dir = tempfile::tempdir().unwrap();
+        let cfg = config(b_dir.path(), extra);
+        let first = train(
+            &cfg,
+            &RunOptions {
+                stop_after: Some(6),
+                progress: ProgressMode::Quiet,
+            },
+        )
+        .unwrap();
+        assert!(first.interrupted);
+        assert_eq!(first.losses, full.losses[..6].to_vec());
+        // The newest checkpoint is step 4: steps 5 and 6 are redone after the "crash".
+        let second = train(&cfg, &quiet()).unwrap();
+        assert!(second
+            .resumed_from
+            .as_ref()
+            .unwrap()
+            .ends_with("checkpoint-4"));
+        assert_eq!(
+            second.losses,
+            full.losses[4..].to_vec(),
+            "resumed losses differ from the uninterrupted run"
+        );
+        let fa = std::fs::read(a_dir.path().join("run/adapter/adapter_model.safetensors")).unwrap();
+        let fb = std::fs::read(b_dir.path().join("run/adapter/adapter_model.safetensors")).unwrap();
+        assert!(fa == fb, "final adapters differ");
+        // metrics.jsonl holds each step once.
+        let m = loratune::train::report::read_metrics(&b_dir.path().join("run")).unwrap();
+        let steps: Vec<u64> = m
+            .iter()
+            .filter(|l| l.loss.is_some())
+            .map(|l| l.step)
+            .collect();
+        assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    }
+
+    /// A checkpoint write that died half-way (its staging folder, or a folder without trainer_state.json)
+    /// is ignored: the previous checkpoint is what resumes.
+    #[test]
+    fn interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(
+            tmp.path(),
+            "max_steps: 8\nsave_steps: 4\nauto_resume_from_checkpoints: true",
+        );
+        let s = train(
+            &cfg,
+            &RunOptions {
+                stop_after: Some(5),
+                progress: ProgressMode::Quiet,
+            },
+        )
+        .unwrap();
+        assert!(s.interrupted);
+        let out = tmp.path().join("run");
+        // What a crash during the save of step 8 could leave: a staging folder and a partial folder.
+        std::fs::create_dir_all(out.join(".checkpoint-8.tmp-4242")).unwrap();
+        std::fs::write(
+            out.join(".checkpoint-8.tmp-4242/adapter_model.safetensors"),
+            b"partial",
+        )
+        .unwrap();
+        std::fs::create_dir_all(out.join("checkpoint-8")).unwrap();
+        std::fs::write(
+            out.join("checkpoint-8/adapter_model.safetensors"),
+            b"partial",
+        )
+        .unwrap();
+        let r = train(&cfg, &quiet()).unwrap();
+        assert!(r.resumed_from.unwrap().ends_with("checkpoint-4"));
+        assert_eq!(r.steps, 8);
+    }
+
+    #[test]
+    fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A learning rate so small that eval loss cannot improve after the first evaluation.
+        let cfg = config_with(
+            tmp.path(),
+            "max_steps: 20\nval_set_size: 8\neval_steps: 1\nearly_stopping_patience: 2",
+            &["learning_rate=1.0e-12", "warmup_steps=0"],
+        );
+        let s = train(&cfg, &quiet()).unwrap();
+        assert!(s.stopped_early);
+        assert!(s.steps < 20 && s.steps >= 3, "stopped at {}", s.steps);
+    }
+}

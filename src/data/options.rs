@@ -1,0 +1,318 @@
+//! Plain runtime descriptions of the datasets and of the data options. The YAML config module converts its
+//! (Axolotl-named) keys into these; nothing here parses YAML.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How a record is turned into text (Axolotl's `type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// `{"instruction", "input", "output"}` (+ optional `"system"`), rendered with the Stanford Alpaca prompt;
+    /// the response and EOS are trained.
+    Alpaca,
+    /// `{"messages": [{"role", "content"}]}` (or ShareGPT `{"conversations": [{"from", "value"}]}`), rendered
+    /// with the chat template; assistant turns (content + end-of-turn token) are trained.
+    #[serde(alias = "chat_template", alias = "sharegpt", alias = "messages")]
+    Chat,
+    /// `{"prompt", "completion"}`: the prompt is masked, the completion and EOS are trained.
+    #[serde(alias = "prompt_completion")]
+    Completion,
+    /// `{"text"}`: raw text, all trained (BOS per the tokenizer, EOS appended).
+    #[serde(alias = "pretrain", alias = "raw")]
+    Text,
+}
+
+impl DataFormat {
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::Chat => "chat",
+            DataFormat::Completion => "completion",
+            DataFormat::Text => "text",
+        }
+    }
+
+    /// Parse a config name (`alpaca`, `chat`/`chat_template`/`sharegpt`, `completion`, `text`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "alpaca" => Ok(DataFormat::Alpaca),
+            "chat" | "chat_template" | "sharegpt" | "messages" => Ok(DataFormat::Chat),
+            "completion" | "prompt_completion" => Ok(DataFormat::Completion),
+            "text" | "pretrain" | "raw" => Ok(DataFormat::Text),
+            other => Err(Error::Data(format!(
+                "unknown dataset type `{other}`; use one of: alpaca, chat (alias chat_template, sharegpt), \
+                 completion (prompt/completion fields), text (a raw `text` field)"
+            ))),
+        }
+    }
+}
+
+/// The file kind (Axolotl's `ds_type`); by default taken from the file extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    /// One JSON object per line (`.jsonl`, `.ndjson`).
+    #[serde(alias = "ndjson")]
+    Jsonl,
+    /// A JSON array of objects (`.json`); a `.json` file whose first character is `{` is read as JSON lines.
+    Json,
+    /// Comma-separated values with a header row (`.csv`); `.tsv` is tab-separated.
+    Csv,
+    /// Tab-separated values with a header row.
+    Tsv,
+    /// Apache Parquet.
+    Parquet,
+}
+
+impl FileKind {
+    /// From a file extension (case-insensitive).
+    pub fn from_extension(ext: &str) -> Option<Self> {
+        match ext.to_ascii_lowercase().as_str() {
+            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
+            "json" => Some(FileKind::Json),
+            "csv" => Some(FileKind::Csv),
+            "tsv" => Some(FileKind::Tsv),
+            "parquet" | "pq" => Some(FileKind::Parquet),
+            _ => None,
+        }
+    }
+}
+
+/// Which record fields hold a message's role and content (Axolotl's `message_property_mappings`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PropertyMappings {
+    pub role: String,
+    pub content: String,
+}
+
+/// One dataset entry of the config: files plus how to read their records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatasetSource {
+    /// A file, a folder (all .jsonl/.json/.csv/.tsv/.parquet files in it, sorted) or a glob (`data/*.jsonl`).
+    pub path: String,
+    /// Record format (Axolotl `type`).
+    #[serde(rename = "type")]
+    pub format: DataFormat,
+    /// File kind; `None` = from the extension.
+    pub ds_type: Option<FileKind>,
+    /// Chat: the field holding the list of messages. `None` = `messages`, or `conversations` when a record has
+    /// no `messages` field.
+    pub field_messages: Option<String>,
+    /// Chat: the message fields holding role and content. `None` = `role`/`content`, or ShareGPT's
+    /// `from`/`value` when a message has no `role` field.
+    pub message_property_mappings: Option<PropertyMappings>,
+    /// Chat: extra role names, target role → names used in the data (e.g. `assistant: [gpt, bot]`). Always
+    /// included: user ← human, user; assistant ← gpt, assistant, model; system ← system; tool ← tool.
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Chat: the roles whose turns are trained; `None` = `["assistant"]`.
+    pub roles_to_train: Option<Vec<String>>,
+    /// Alpaca / completion / text field names (`None` = the standard name).
+    pub field_instruction: Option<String>,
+    pub field_input: Option<String>,
+    pub field_output: Option<String>,
+    pub field_system: Option<String>,
+    pub field_prompt: Option<String>,
+    pub field_completion: Option<String>,
+    pub field_text: Option<String>,
+    /// Chat: which end-of-turn tokens are trained (`turn`: those of trained turns; `all`: every one; `last`:
+    /// only the conversation's last).
+    pub train_on_eos: TrainOnEos,
+    /// Chat: remove a leading system message (for templates without a system role, e.g. Gemma's).
+    pub drop_system_message: bool,
+    /// Chat: this dataset's own chat template (a built-in name or Jinja text); `None` = the run's template.
+    pub chat_template: Option<String>,
+    /// Sampling weight in the training mix: each epoch takes every sample ⌊weight⌋ times plus a seeded
+    /// fraction `weight − ⌊weight⌋` of them. `None` = 1.
+    pub weight: Option<f64>,
+    /// Read at most this many records of this dataset (the first ones, in file order).
+    pub limit: Option<usize>,
+}
+
+impl Default for DatasetSource {
+    fn default() -> Self {
+        DatasetSource {
+            path: String::new(),
+            format: DataFormat::Chat,
+            ds_type: None,
+            field_messages: None,
+            message_property_mappings: None,
+            roles: BTreeMap::new(),
+            roles_to_train: None,
+            field_instruction: None,
+            field_input: None,
+            field_output: None,
+            field_system: None,
+            field_prompt: None,
+            field_completion: None,
+            field_text: None,
+            train_on_eos: TrainOnEos::Turn,
+            drop_system_message: false,
+            chat_template: None,
+            weight: None,
+            limit: None,
+        }
+    }
+}
+
+impl DatasetSource {
+    /// A source with default field names.
+    pub fn new(path: impl Into<String>, format: DataFormat) -> Self {
+        DatasetSource {
+            path: path.into(),
+            format,
+            ..Default::default()
+        }
+    }
+}
+
+/// Which end-of-turn tokens of a chat sample are trained (Axolotl's `train_on_eos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOnEos {
+    /// The end-of-turn token closing each trained turn (default).
+    #[default]
+    Turn,
+    /// Every end-of-turn token in the text, also those closing untrained (user/system) turns.
+    All,
+    /// Only the end-of-turn token of the last trained turn.
+    Last,
+}
+
+/// What to do with a sample longer than `sequence_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Drop it (counted in the stats). Axolotl's default.
+    Drop,
+    /// Keep its first `sequence_len` tokens (counted in the stats).
+    Truncate,
+}
+
+/// What to do with a record that cannot be used (missing field, wrong type, unknown role, template error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRow {
+    /// Stop with an error naming the file, line/row and field.
+    Error,
+    /// Skip it and count it per reason (reported in the stats and at the end of preparation).
+    Skip,
+}
+
+/// Options of the data path (Axolotl names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataOptions {
+    /// Maximum tokens per sample, and per packed row.
+    pub sequence_len: usize,
+    /// Pack several samples into each row (attention never crosses samples; positions restart).
+    pub sample_packing: bool,
+    /// Train on every token (prompts included), not only on the trained roles / completions.
+    pub train_on_inputs: bool,
+    /// Policy for samples longer than `sequence_len`.
+    pub truncation: Truncation,
+    /// Held-out validation split taken from the training data: 0 = none, a value in (0, 1) = that fraction
+    /// (rounded up, as `datasets.train_test_split`), an integer ≥ 1 = that many samples.
+    pub val_set_size: f64,
+    /// Seed of the split, the shuffle and the weighted sampling.
+    pub seed: u64,
+    /// Rows (packed or not) per batch.
+    pub micro_batch_size: usize,
+    /// Shuffle the training samples each epoch.
+    pub shuffle: bool,
+    /// Bad records: error (default) or skip with per-reason counts.
+    pub on_bad_row: OnBadRow,
+    /// Chat template override: a built-in name (chatml, llama3, mistral, gemma, phi3, alpaca) or Jinja text;
+    /// `None` = the tokenizer's own template.
+    pub chat_template: Option<String>,
+    /// Records per chunk read, rendered and tokenized together by the preparation thread.
+    pub chunk_rows: usize,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        DataOptions {
+            sequence_len: 2048,
+            sample_packing: false,
+            train_on_inputs: false,
+            truncation: Truncation::Drop,
+            val_set_size: 0.0,
+            seed: 42,
+            micro_batch_size: 1,
+            shuffle: true,
+            on_bad_row: OnBadRow::Error,
+            chat_template: None,
+            chunk_rows: 1024,
+        }
+    }
+}
+
+impl DataOptions {
+    /// Check the values that do not depend on the data.
+    pub fn validate(&self) -> Result<()> {
+        if self.sequence_len < 2 {
+            return Err(Error::Data(format!(
+                "sequence_len is {}; it must be at least 2 (one input and one target token), typically 512–4096",
+                self.sequence_len
+            )));
+        }
+        if self.micro_batch_size == 0 {
+            return Err(Error::Data(
+                "micro_batch_size is 0; set it to 1 or more".into(),
+            ));
+        }
+        if self.chunk_rows == 0 {
+            return Err(Error::Data(
+                "chunk_rows is 0; set it to 1 or more (default 1024)".into(),
+            ));
+        }
+        self.val_split_kind()?;
+        Ok(())
+    }
+
+    /// Interpret `val_set_size`.
+    pub fn val_split_kind(&self) -> Result<ValSplit> {
+        let v = self.val_set_size;
+        if !v.is_finite() || v < 0.0 {
+            return Err(Error::Data(format!(
+                "val_set_size is {v}; use 0 (no split), a fraction in (0, 1) such as 0.05, or a whole number of samples"
+            )));
+        }
+        if v == 0.0 {
+            Ok(ValSplit::None)
+        } else if v < 1.0 {
+            Ok(ValSplit::Fraction(v))
+        } else if v.fract() == 0.0 && v <= u32::MAX as f64 {
+            Ok(ValSplit::Count(v as usize))
+        } else {
+            Err(Error::Data(format!(
+                "val_set_size is {v}: a value ≥ 1 is a number of samples and must be a whole number (or use a \
+                 fraction in (0, 1))"
+            )))
+        }
+    }
+}
+
+/// The validation split requested by `val_set_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValSplit {
+    None,
+    Fraction(f64),
+    Count(usize),
+}
+
+impl ValSplit {
+    /// Number of validation samples out of `n` (fractions rounded up, as `datasets.train_test_split`).
+    pub fn count(self, n: usize) -> usize {
+        match self {
+            ValSplit::None => 0,
+            ValSplit::Fraction(f) => ((f * n as f64).ceil() as usize).min(n),
+            ValSplit::Count(c) => c,
+        }
+    }
+}

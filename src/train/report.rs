@@ -1,0 +1,224 @@
+//! What the user sees of a run: `metrics.jsonl` lines and the loss-curve SVG written at the end.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricLine {
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<f64>,
+}
+
+/// Append-only metrics.jsonl (flushed per line so a crash loses nothing written).
+pub struct MetricsWriter {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    pub lines: u64,
+}
+
+impl MetricsWriter {
+    /// Open `dir/metrics.jsonl`, keeping only its first `keep_lines` lines (a resumed run drops what came after
+    /// the checkpoint, so every step appears once).
+    pub fn open(dir: &Path, keep_lines: u64) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let kept: Vec<String> = std::fs::read_to_string(&path)
+            .map(|t| {
+                t.lines()
+                    .take(keep_lines as usize)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        for l in &kept {
+            writeln!(file, "{l}").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(MetricsWriter {
+            file,
+            path,
+            lines: kept.len() as u64,
+        })
+    }
+
+    pub fn write(&mut self, m: &MetricLine) -> Result<()> {
+        let s = serde_json::to_string(m).map_err(|e| Error::Train(e.to_string()))?;
+        writeln!(self.file, "{s}").map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.lines += 1;
+        Ok(())
+    }
+}
+
+/// Read metrics.jsonl back.
+pub fn read_metrics(dir: &Path) -> Result<Vec<MetricLine>> {
+    let path = dir.join("metrics.jsonl");
+    let text = crate::error::read_to_string(&path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Train(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// A self-contained SVG of train loss (and eval loss points) against step.
+pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
+    let train: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|m| m.loss.map(|l| (m.step as f64, l)))
+        .collect();
+    let eval: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter_map(|m| m.eval_loss.map(|l| (m.step as f64, l)))
+        .collect();
+    let (w, h, ml, mr, mt, mb) = (720.0, 420.0, 60.0, 20.0, 40.0, 50.0);
+    let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in &all {
+        if y.is_finite() {
+            x0 = x0.min(*x);
+            x1 = x1.max(*x);
+            y0 = y0.min(*y);
+            y1 = y1.max(*y);
+        }
+    }
+    if all.is_empty() || x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-9 {
+        x1 = x0 + 1.0;
+    }
+    if y1 - y0 < 1e-9 {
+        y1 = y0 + 1.0;
+    }
+    let pad = (y1 - y0) * 0.05;
+    let (y0, y1) = ((y0 - pad).max(0.0), y1 + pad);
+    let sx = |x: f64| ml + (x - x0) / (x1 - x0) * (w - ml - mr);
+    let sy = |y: f64| mt + (1.0 - (y - y0) / (y1 - y0)) * (h - mt - mb);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        w / 2.0,
+        xml_escape(title)
+    );
+    // Axes, ticks and grid.
+    for i in 0..=5 {
+        let yv = y0 + (y1 - y0) * i as f64 / 5.0;
+        let y = sy(yv);
+        s += &format!(
+            "<line x1=\"{ml}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#e5e5e5\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{yv:.3}</text>\n",
+            w - mr,
+            ml - 6.0,
+            y + 4.0
+        );
+        let xv = x0 + (x1 - x0) * i as f64 / 5.0;
+        let x = sx(xv);
+        s += &format!(
+            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            h - mb + 18.0,
+            xv.round()
+        );
+    }
+    s += &format!(
+        "<line x1=\"{ml}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/><line x1=\"{ml}\" y1=\"{mt}\" x2=\"{ml}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
+        h - mb,
+        w - mr,
+        h - mb,
+        h - mb
+    );
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">optimizer step</text>\n",
+        w / 2.0,
+        h - 12.0
+    );
+    if !train.is_empty() {
+        let pts: Vec<String> = train
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            pts.join(" ")
+        );
+    }
+    for (x, y) in &eval {
+        s += &format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d62728\"/>\n",
+            sx(*x),
+            sy(*y)
+        );
+    }
+    s += &format!(
+        "<rect x=\"{:.1}\" y=\"{mt}\" width=\"12\" height=\"3\" fill=\"#1f77b4\"/><text x=\"{:.1}\" y=\"{:.1}\">train loss</text>\n\
+<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d62728\"/><text x=\"{:.1}\" y=\"{:.1}\">eval loss</text>\n</svg>\n",
+        w - mr - 150.0,
+        w - mr - 132.0,
+        mt + 5.0,
+        w - mr - 144.0,
+        mt + 18.0,
+        w - mr - 132.0,
+        mt + 22.0
+    );
+    s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn svg_plots_every_train_point_and_eval_point() {
+        let m: Vec<MetricLine> = (1..=10)
+            .map(|i| MetricLine {
+                step: i,
+                loss: Some(3.0 - i as f64 * 0.1),
+                lr: None,
+                grad_norm: None,
+                tokens_per_second: None,
+                eval_loss: if i % 5 == 0 { Some(2.5) } else { None },
+                eval_perplexity: None,
+                epoch: None,
+            })
+            .collect();
+        let s = loss_curve_svg(&m, "a < b");
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        let poly = s
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(poly.split(' ').count(), 10);
+        assert_eq!(s.matches("<circle").count(), 2 + 1);
+        assert!(s.contains("a &lt; b"));
+    }
+}
