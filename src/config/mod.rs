@@ -58,7 +58,8 @@ pub struct TrainConfig {
     /// Held-out evaluation split of the training data: a fraction in (0, 1) or a whole number of samples
     /// (≥ 1). Default: `0` (no split).
     pub val_set_size: f64,
-    /// Folder to cache tokenized datasets in. Default: unset (no cache).
+    /// Folder of the tokenized-data cache. Default: unset = `$XDG_CACHE_HOME/loratune/data`, else
+    /// `~/.cache/loratune/data` (see [`crate::data::default_cache_dir`]).
     pub dataset_prepared_path: Option<PathBuf>,
     /// Skip malformed rows (counted and reported) instead of stopping at the first one. Default: `false`.
     pub skip_bad_rows: bool,
