@@ -332,7 +332,7 @@ impl SampleBuilder {
                     .as_ref()
                     .is_some_and(|b| !text.starts_with(b.text.as_str()));
             Rendered {
-                spans: vec![start..text.len()],
+                spans: std::iter::once(start..text.len()).collect(),
                 text,
                 prepend_bos,
                 append_eos: self.tok.eos.is_some(),
@@ -383,7 +383,7 @@ impl SampleBuilder {
         };
         if self.train_on_inputs {
             let n = full.len();
-            return Ok(mk(full, vec![0..n]));
+            return Ok(mk(full, std::iter::once(0..n).collect()));
         }
         let only_assistant = messages
             .iter()
@@ -470,6 +470,7 @@ impl SampleBuilder {
     }
 
     /// Tokenize rendered text: ids, trained flags and (for previews) each token's byte range in the text.
+    #[allow(clippy::type_complexity)]
     pub fn tokenize(
         &self,
         r: &Rendered,

@@ -891,6 +891,7 @@ fn val_split_is_disjoint_seeded_and_sized() {
         .contains("leaving none to train on"));
 }
 
+#[allow(clippy::type_complexity)]
 fn batch_key(
     b: &Batch,
 ) -> (

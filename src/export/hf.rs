@@ -61,7 +61,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
             )))
         }
     };
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         return Err(Error::Export(format!("size `{s}` must be positive")));
     }
     Ok((n * mult) as u64)

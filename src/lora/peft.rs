@@ -150,9 +150,12 @@ base = AutoModelForCausalLM.from_pretrained(\"{base_model}\")\nmodel = PeftModel
 pub struct PeftAdapter {
     pub settings: LoraSettings,
     pub base_model: Option<String>,
-    /// Module path → (A `[r, in]`, B `[out, r]`, scale).
-    pub modules: BTreeMap<String, (Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>, f64)>,
+    /// Module path → its factors.
+    pub modules: BTreeMap<String, ModuleFactors>,
 }
+
+/// One module's factors: (A shape `[r, in]`, A values, B shape `[out, r]`, B values, scale).
+pub type ModuleFactors = (Vec<usize>, Vec<f32>, Vec<usize>, Vec<f32>, f64);
 
 /// PEFT's pattern lookup for rank_pattern / alpha_pattern: a key matches a module whose path ends with it
 /// (after a dot) or equals it.

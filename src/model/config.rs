@@ -429,7 +429,8 @@ impl ModelConfig {
                     .map(|&f| {
                         let wl = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wl > low_wl { f / factor } else { f };
-                        if !(wl < high_wl) && !(wl > low_wl) {
+                        // transformers: ~(wl < high) & ~(wl > low); no NaN can occur here.
+                        if wl >= high_wl && wl <= low_wl {
                             let smooth = (old / wl - lff) / (hff - lff);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
                         } else {

@@ -1051,7 +1051,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             t2.render_with_spans(&[], false).unwrap(),
-            ("xy".to_string(), vec![1..2])
+            ("xy".to_string(), std::iter::once(1..2).collect::<Vec<_>>())
         );
         // Reserved marker characters in the data are refused, not silently mangled.
         let bad = vec![Message::new("assistant", "a\u{FDD0}b")];

@@ -19,6 +19,9 @@ pub use gguf::{tokenizer_from_gguf_metadata, SUPPORTED_PRE_TOKENIZERS};
 
 use crate::error::{read_to_string, Error, Result};
 
+/// Token ids with each token's byte range in the text.
+pub type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 /// A tokenizer plus its special tokens, BOS policy and chat template.
 #[derive(Clone)]
 pub struct LoadedTokenizer {
@@ -241,11 +244,7 @@ impl LoadedTokenizer {
 
     /// Token ids of `text` with each token's byte range in `text` (for mapping chat-template spans, such as
     /// [`ChatTemplate::render_with_spans`]'s, to tokens). Tokens added by the post-processor (BOS/EOS) get `(0, 0)`.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-        add_special: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<IdsAndOffsets> {
         let enc = self
             .tokenizer
             .encode(text, add_special)
