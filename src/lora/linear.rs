@@ -63,8 +63,34 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Forward on a `[n, in]` input. `dropout_mask`, when given, is the already-scaled keep mask
-    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input.
+    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input. On the CPU backends an unmerged adapter runs
+    /// as one fused node ([`crate::fast::lora`]); [`Self::forward_plain`] is the reference.
     pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        let (x, dropout_mask) = match (&self.lora, self.merged) {
+            (Some(l), false) => {
+                let p = crate::fast::lora::LoraInputs {
+                    weight: &self.weight,
+                    bias: self.bias.as_ref(),
+                    a: &l.a,
+                    b: &l.b,
+                    scale: l.scale,
+                };
+                match crate::fast::lora::lora_linear(x, dropout_mask, &p) {
+                    Ok(y) => return y,
+                    Err(back) => back,
+                }
+            }
+            _ => (x, dropout_mask),
+        };
+        self.forward_plain(x, dropout_mask)
+    }
+
+    /// The reference implementation with burn ops.
+    pub fn forward_plain(
+        &self,
+        x: Tensor<B, 2>,
+        dropout_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 2> {
         let mut y = x.clone().matmul(self.weight.clone().transpose());
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim::<2>(0);

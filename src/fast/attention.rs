@@ -1,0 +1,441 @@
+//! Attention with RoPE as one autodiff node.
+//!
+//! Reads q `[b·s, nh·hd]` and k / v `[b·s, nkv·hd]` exactly as the projections produce them (column slices of a
+//! fused projection too), applies rotate-half RoPE, computes `softmax(q·kᵀ·scale + mask)·v` per (batch, kv head)
+//! pair — the g = nh/nkv query heads of a group share their k/v without copies — and writes `[b·s, nh·hd]`, the
+//! layout o_proj reads. Queries go in blocks of [`BLOCK`] rows; a block only multiplies against keys up to its
+//! last row (the mask is causal), which skips most of the upper triangle. The backward recomputes nothing: it
+//! keeps the rotated q / k, v and the probabilities, and forms dv = Pᵀ·dO, dS = P ∘ (dO·vᵀ − rowsum(P ∘ dO·vᵀ)),
+//! dq = scale·dS·k, dk = scale·dSᵀ·q, then applies the transposed rotation to dq / dk.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Flex;
+use burn::tensor::{backend::Backend, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{gemm, MatMut, MatRef};
+use super::simd::{self, simd_fn};
+use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+
+/// Query rows per block.
+pub const BLOCK: usize = 64;
+
+/// Rotate-half RoPE tables for every token of a batch: `cos` / `sin` `[b·s, half]` (the rotated width is 2·half).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl Rope {
+    /// Tables for the given positions (angle = position · inv_freq, in f32 as transformers computes them).
+    pub fn new(inv_freq: &[f32], positions: &[u32]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    fn row(&self, token: usize) -> (&[f32], &[f32]) {
+        let r = token * self.half..(token + 1) * self.half;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// Shapes and masking of one attention call.
+#[derive(Debug, Clone)]
+pub struct AttnSpec {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub rope: Arc<Rope>,
+    /// `[batch, seq, seq]`, true = blocked; must block every key after its query (causal).
+    pub mask: Arc<Vec<bool>>,
+}
+
+simd_fn! {
+    fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+        let half = cos.len();
+        for c in 0..half {
+            let (x1, x2) = (x[c], x[c + half]);
+            y[c] = x1 * cos[c] - x2 * sin[c];
+            y[c + half] = x2 * cos[c] + x1 * sin[c];
+        }
+        let rot = 2 * half;
+        y[rot..].copy_from_slice(&x[rot..]);
+    }
+}
+
+simd_fn! {
+    fn unrope_row(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
+        let half = cos.len();
+        for c in 0..half {
+            let (d1, d2) = (dy[c], dy[c + half]);
+            dx[c] = d1 * cos[c] + d2 * sin[c];
+            dx[c + half] = d2 * cos[c] - d1 * sin[c];
+        }
+        let rot = 2 * half;
+        dx[rot..].copy_from_slice(&dy[rot..]);
+    }
+}
+
+simd_fn! {
+    fn softmax_row(row: &mut [f32], blocked: &[bool]) {
+        for (v, &b) in row.iter_mut().zip(blocked) {
+            if b {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let m = simd::max(row);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let s = simd::exp_shift_sum(row, m);
+        let inv = 1.0 / s;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+simd_fn! {
+    fn dsoftmax_row(p: &[f32], dp: &mut [f32]) {
+        let d = simd::dot(p, dp);
+        for (x, &pv) in dp.iter_mut().zip(p) {
+            *x = pv * (*x - d);
+        }
+    }
+}
+
+/// Everything the backward needs (all packed, per (batch, head)).
+#[derive(Debug)]
+struct Saved {
+    spec: AttnSpec,
+    /// Rotated q `[b, nh, s, hd]`.
+    qr: Vec<f32>,
+    /// Rotated k `[b, nkv, s, hd]`.
+    kr: Vec<f32>,
+    /// v `[b, nkv, s, hd]`.
+    v: Vec<f32>,
+    /// Probabilities `[b, nh, s, s]` (only each block's causal prefix is written).
+    p: Vec<f32>,
+}
+
+fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(s)))
+}
+
+/// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).
+fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Saved) {
+    let (b, s, nh, nkv, hd) = (
+        spec.batch,
+        spec.seq,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+    );
+    let g = nh / nkv;
+    let rope = &spec.rope;
+    let mut qr = vec![0f32; b * nh * s * hd];
+    let mut kr = vec![0f32; b * nkv * s * hd];
+    let mut vv = vec![0f32; b * nkv * s * hd];
+    let mut p = vec![0f32; b * nh * s * s];
+    let mut o = vec![0f32; b * nh * s * hd];
+    let tasks = b * nkv;
+    qr.par_chunks_mut(g * s * hd)
+        .zip(kr.par_chunks_mut(s * hd))
+        .zip(vv.par_chunks_mut(s * hd))
+        .zip(p.par_chunks_mut(g * s * s))
+        .zip(o.par_chunks_mut(g * s * hd))
+        .enumerate()
+        .for_each(|(task, ((((qt, kt), vt), pt), ot))| {
+            debug_assert!(task < tasks);
+            let (bi, j) = (task / nkv, task % nkv);
+            for i in 0..s {
+                let tok = bi * s + i;
+                let (c, sn) = rope.row(tok);
+                rope_row(
+                    &k.row(tok)[j * hd..(j + 1) * hd],
+                    c,
+                    sn,
+                    &mut kt[i * hd..(i + 1) * hd],
+                );
+                vt[i * hd..(i + 1) * hd].copy_from_slice(&v.row(tok)[j * hd..(j + 1) * hd]);
+            }
+            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
+            for t in 0..g {
+                let h = j * g + t;
+                let qh = &mut qt[t * s * hd..(t + 1) * s * hd];
+                for i in 0..s {
+                    let tok = bi * s + i;
+                    let (c, sn) = rope.row(tok);
+                    rope_row(
+                        &q.row(tok)[h * hd..(h + 1) * hd],
+                        c,
+                        sn,
+                        &mut qh[i * hd..(i + 1) * hd],
+                    );
+                }
+                let ph = &mut pt[t * s * s..(t + 1) * s * s];
+                let oh = &mut ot[t * s * hd..(t + 1) * s * hd];
+                for (r0, r1) in blocks(s) {
+                    let (bq, kb) = (r1 - r0, r1);
+                    gemm(
+                        MatMut::rows(ph, r0 * s, bq, kb, s),
+                        MatRef::packed(qh, s, hd).row_range(r0, r1),
+                        MatRef::packed(kt, s, hd).row_range(0, kb).t(),
+                        spec.scale,
+                        false,
+                        false,
+                    );
+                    for i in r0..r1 {
+                        softmax_row(&mut ph[i * s..i * s + kb], &mask[i * s..i * s + kb]);
+                    }
+                    gemm(
+                        MatMut::rows(oh, r0 * hd, bq, hd, hd),
+                        MatRef::rows(ph, r0 * s, bq, kb, s),
+                        MatRef::packed(vt, s, hd).row_range(0, kb),
+                        1.0,
+                        false,
+                        false,
+                    );
+                }
+            }
+        });
+    let out = heads_to_rows(&o, b, s, nh, hd);
+    (
+        out,
+        Saved {
+            spec: spec.clone(),
+            qr,
+            kr,
+            v: vv,
+            p,
+        },
+    )
+}
+
+/// `[b, h, s, hd]` → `[b·s, h·hd]`.
+fn heads_to_rows(x: &[f32], b: usize, s: usize, h: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b * s * h * hd];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(h * hd)
+        .enumerate()
+        .for_each(|(tok, row)| {
+            let (bi, i) = (tok / s, tok % s);
+            for hh in 0..h {
+                let src = ((bi * h + hh) * s + i) * hd;
+                row[hh * hd..(hh + 1) * hd].copy_from_slice(&x[src..src + hd]);
+            }
+        });
+    out
+}
+
+/// Backward on host rows: (dq `[b·s, nh·hd]`, dk, dv `[b·s, nkv·hd]`).
+fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let spec = &st.spec;
+    let (b, s, nh, nkv, hd) = (
+        spec.batch,
+        spec.seq,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+    );
+    let g = nh / nkv;
+    let rope = &spec.rope;
+    let mut dq = vec![0f32; b * nh * s * hd];
+    let mut dk = vec![0f32; b * nkv * s * hd];
+    let mut dv = vec![0f32; b * nkv * s * hd];
+    dq.par_chunks_mut(g * s * hd)
+        .zip(dk.par_chunks_mut(s * hd))
+        .zip(dv.par_chunks_mut(s * hd))
+        .enumerate()
+        .for_each(|(task, ((dqt, dkt), dvt))| {
+            let (bi, j) = (task / nkv, task % nkv);
+            let kt = &st.kr[task * s * hd..(task + 1) * s * hd];
+            let vt = &st.v[task * s * hd..(task + 1) * s * hd];
+            let mut dkr = vec![0f32; s * hd];
+            let mut dqr = vec![0f32; s * hd];
+            let mut ds = vec![0f32; BLOCK.min(s) * s];
+            for t in 0..g {
+                let h = j * g + t;
+                let bh = bi * nh + h;
+                let qh = &st.qr[bh * s * hd..(bh + 1) * s * hd];
+                let ph = &st.p[bh * s * s..(bh + 1) * s * s];
+                let d_o = MatRef::rows(
+                    dout.data(),
+                    dout.off + bi * s * dout.rs + h * hd,
+                    s,
+                    hd,
+                    dout.rs,
+                );
+                for (r0, r1) in blocks(s) {
+                    let (bq, kb) = (r1 - r0, r1);
+                    let p_blk = MatRef::rows(ph, r0 * s, bq, kb, s);
+                    let do_blk = d_o.row_range(r0, r1);
+                    // dv[0..kb] += Pᵀ·dO
+                    gemm(
+                        MatMut::rows(dvt, 0, kb, hd, hd),
+                        p_blk.t(),
+                        do_blk,
+                        1.0,
+                        true,
+                        false,
+                    );
+                    // dP = dO·vᵀ, then dS = P ∘ (dP − rowsum(P ∘ dP))
+                    gemm(
+                        MatMut::rows(&mut ds, 0, bq, kb, kb),
+                        do_blk,
+                        MatRef::packed(vt, s, hd).row_range(0, kb).t(),
+                        1.0,
+                        false,
+                        false,
+                    );
+                    for (ii, i) in (r0..r1).enumerate() {
+                        dsoftmax_row(&ph[i * s..i * s + kb], &mut ds[ii * kb..(ii + 1) * kb]);
+                    }
+                    let ds_blk = MatRef::rows(&ds, 0, bq, kb, kb);
+                    // dq = scale·dS·k
+                    gemm(
+                        MatMut::rows(&mut dqr, r0 * hd, bq, hd, hd),
+                        ds_blk,
+                        MatRef::packed(kt, s, hd).row_range(0, kb),
+                        spec.scale,
+                        false,
+                        false,
+                    );
+                    // dk[0..kb] += scale·dSᵀ·q
+                    gemm(
+                        MatMut::rows(&mut dkr, 0, kb, hd, hd),
+                        ds_blk.t(),
+                        MatRef::packed(qh, s, hd).row_range(r0, r1),
+                        spec.scale,
+                        true,
+                        false,
+                    );
+                }
+                for i in 0..s {
+                    let (c, sn) = rope.row(bi * s + i);
+                    unrope_row(
+                        &dqr[i * hd..(i + 1) * hd],
+                        c,
+                        sn,
+                        &mut dqt[(t * s + i) * hd..(t * s + i + 1) * hd],
+                    );
+                }
+            }
+            for i in 0..s {
+                let (c, sn) = rope.row(bi * s + i);
+                unrope_row(
+                    &dkr[i * hd..(i + 1) * hd],
+                    c,
+                    sn,
+                    &mut dkt[i * hd..(i + 1) * hd],
+                );
+            }
+        });
+    (
+        heads_to_rows(&dq, b, s, nh, hd),
+        heads_to_rows(&dk, b, s, nkv, hd),
+        heads_to_rows(&dv, b, s, nkv, hd),
+    )
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = Arc<Saved>;
+
+    fn backward(self, ops: Ops<Arc<Saved>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let st = ops.state;
+        let spec = &st.spec;
+        let n = spec.batch * spec.seq;
+        let (dq, dk, dv) = backward_host(&Rows::of(&grad), &st);
+        let [pq, pk, pv] = ops.parents;
+        if let Some(p) = pq {
+            grads.register::<Flex>(p.id, flex_f32(dq, &[n, spec.heads * spec.head_dim]));
+        }
+        if let Some(p) = pk {
+            grads.register::<Flex>(p.id, flex_f32(dk, &[n, spec.kv_heads * spec.head_dim]));
+        }
+        if let Some(p) = pv {
+            grads.register::<Flex>(p.id, flex_f32(dv, &[n, spec.kv_heads * spec.head_dim]));
+        }
+    }
+}
+
+/// Fused RoPE + attention for f32 tensors on `Flex` / `Autodiff<Flex>`; `Err((q, k, v))` when it does not apply.
+#[allow(clippy::type_complexity)]
+pub fn attention<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    spec: &AttnSpec,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    let Some(kd) = kind::<B>() else {
+        return Err((q, k, v));
+    };
+    let (qf, _) = flex_of(&q, kd);
+    let (kf, _) = flex_of(&k, kd);
+    let (vf, _) = flex_of(&v, kd);
+    let (b, s, nh, nkv, hd) = (
+        spec.batch,
+        spec.seq,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+    );
+    let n = b * s;
+    let ok = super::all_f32(&[&qf, &kf, &vf])
+        && nkv > 0
+        && nh % nkv == 0
+        && qf.layout().shape().dims::<2>() == [n, nh * hd]
+        && kf.layout().shape().dims::<2>() == [n, nkv * hd]
+        && vf.layout().shape().dims::<2>() == [n, nkv * hd]
+        && 2 * spec.rope.half <= hd
+        && spec.rope.cos.len() == n * spec.rope.half
+        && spec.mask.len() == b * s * s;
+    if !ok {
+        return Err((q, k, v));
+    }
+    let (out, saved) = forward_host(&Rows::of(&qf), &Rows::of(&kf), &Rows::of(&vf), spec);
+    let out = flex_f32(out, &[n, nh * hd]);
+    match kd {
+        Kind::Plain => Ok(from_flex(out)),
+        Kind::Autodiff => {
+            let (qa, ka, va) = (super::ad_prim(q), super::ad_prim(k), super::ad_prim(v));
+            let t = match AttentionBackward
+                .prepare::<NoCheckpointing>([qa.node.clone(), ka.node.clone(), va.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(Arc::new(saved), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Ok(from_ad(t))
+        }
+    }
+}
