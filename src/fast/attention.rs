@@ -234,25 +234,45 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
     )
 }
 
+/// GEMM FLOPs of the forward (q·kᵀ and P·v over each block's causal prefix).
+fn attn_flops(spec: &AttnSpec) -> f64 {
+    let per_head: usize = blocks(spec.seq).map(|(r0, r1)| (r1 - r0) * r1).sum();
+    4.0 * (spec.batch * spec.heads * per_head * spec.head_dim) as f64
+}
+
 /// `[b, h, s, hd]` → `[b·s, h·hd]`.
 fn heads_to_rows(x: &[f32], b: usize, s: usize, h: usize, hd: usize) -> Vec<f32> {
     let mut out = vec![0f32; b * s * h * hd];
-    if out.is_empty() {
-        return out;
-    }
-    out.par_chunks_mut(h * hd)
-        .enumerate()
-        .for_each(|(tok, row)| {
-            let (bi, i) = (tok / s, tok % s);
-            for hh in 0..h {
-                let src = ((bi * h + hh) * s + i) * hd;
-                row[hh * hd..(hh + 1) * hd].copy_from_slice(&x[src..src + hd]);
-            }
-        });
+    scatter_heads(&mut out, h * hd, &[(0, x, h)], s, hd);
     out
 }
 
-/// Backward on host rows: (dq `[b·s, nh·hd]`, dk, dv `[b·s, nkv·hd]`).
+/// Write head-major buffers `[b, h_j, s, hd]` into the rows of `out` (`[b·s, width]`), the j-th at columns
+/// `col0_j..col0_j + h_j·hd`.
+fn scatter_heads(
+    out: &mut [f32],
+    width: usize,
+    parts: &[(usize, &[f32], usize)],
+    s: usize,
+    hd: usize,
+) {
+    if out.is_empty() || width == 0 {
+        return;
+    }
+    out.par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(tok, row)| {
+            let (bi, i) = (tok / s, tok % s);
+            for &(col0, x, h) in parts {
+                for hh in 0..h {
+                    let src = ((bi * h + hh) * s + i) * hd;
+                    row[col0 + hh * hd..col0 + (hh + 1) * hd].copy_from_slice(&x[src..src + hd]);
+                }
+            }
+        });
+}
+
+/// Backward on host rows: head-major (dq `[b, nh, s, hd]`, dk, dv `[b, nkv, s, hd]`).
 fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let spec = &st.spec;
     let (b, s, nh, nkv, hd) = (
@@ -355,36 +375,73 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
                 );
             }
         });
-    (
-        heads_to_rows(&dq, b, s, nh, hd),
-        heads_to_rows(&dk, b, s, nkv, hd),
-        heads_to_rows(&dv, b, s, nkv, hd),
-    )
+    (dq, dk, dv)
+}
+
+#[derive(Debug, Clone)]
+struct BackState {
+    saved: Arc<Saved>,
+    /// One parent holding q|k|v side by side (instead of three).
+    packed: bool,
 }
 
 #[derive(Debug)]
 struct AttentionBackward;
 
-impl Backward<Flex, 3> for AttentionBackward {
-    type State = Arc<Saved>;
+impl<const N: usize> Backward<Flex, N> for AttentionBackward {
+    type State = BackState;
 
-    fn backward(self, ops: Ops<Arc<Saved>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<BackState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let st = ops.state;
+        let st = &ops.state.saved;
         let spec = &st.spec;
-        let n = spec.batch * spec.seq;
-        let (dq, dk, dv) = backward_host(&Rows::of(&grad), &st);
-        let [pq, pk, pv] = ops.parents;
-        if let Some(p) = pq {
-            grads.register::<Flex>(p.id, flex_f32(dq, &[n, spec.heads * spec.head_dim]));
+        let (b, s, nh, nkv, hd) = (
+            spec.batch,
+            spec.seq,
+            spec.heads,
+            spec.kv_heads,
+            spec.head_dim,
+        );
+        let n = b * s;
+        let timer = super::prof::time(super::prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
+        let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
+        let (qo, ko) = (nh * hd, nkv * hd);
+        if ops.state.packed {
+            let width = qo + 2 * ko;
+            let mut d = vec![0f32; n * width];
+            scatter_heads(
+                &mut d,
+                width,
+                &[(0, &dq, nh), (qo, &dk, nkv), (qo + ko, &dv, nkv)],
+                s,
+                hd,
+            );
+            drop(timer);
+            if let Some(p) = &ops.parents[0] {
+                grads.register::<Flex>(p.id, flex_f32(d, &[n, width]));
+            }
+            return;
         }
-        if let Some(p) = pk {
-            grads.register::<Flex>(p.id, flex_f32(dk, &[n, spec.kv_heads * spec.head_dim]));
-        }
-        if let Some(p) = pv {
-            grads.register::<Flex>(p.id, flex_f32(dv, &[n, spec.kv_heads * spec.head_dim]));
+        let outs = [
+            (heads_to_rows(&dq, b, s, nh, hd), qo),
+            (heads_to_rows(&dk, b, s, nkv, hd), ko),
+            (heads_to_rows(&dv, b, s, nkv, hd), ko),
+        ];
+        drop(timer);
+        for (p, (v, w)) in ops.parents.iter().zip(outs) {
+            if let Some(p) = p {
+                grads.register::<Flex>(p.id, flex_f32(v, &[n, w]));
+            }
         }
     }
+}
+
+fn check_spec(spec: &AttnSpec) -> bool {
+    spec.kv_heads > 0
+        && spec.heads % spec.kv_heads == 0
+        && 2 * spec.rope.half <= spec.head_dim
+        && spec.rope.cos.len() == spec.batch * spec.seq * spec.rope.half
+        && spec.mask.len() == spec.batch * spec.seq * spec.seq
 }
 
 /// Fused RoPE + attention for f32 tensors on `Flex` / `Autodiff<Flex>`; `Err((q, k, v))` when it does not apply.
@@ -401,28 +458,20 @@ pub fn attention<B: Backend>(
     let (qf, _) = flex_of(&q, kd);
     let (kf, _) = flex_of(&k, kd);
     let (vf, _) = flex_of(&v, kd);
-    let (b, s, nh, nkv, hd) = (
-        spec.batch,
-        spec.seq,
-        spec.heads,
-        spec.kv_heads,
-        spec.head_dim,
-    );
-    let n = b * s;
+    let n = spec.batch * spec.seq;
+    let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
     let ok = super::all_f32(&[&qf, &kf, &vf])
-        && nkv > 0
-        && nh % nkv == 0
-        && qf.layout().shape().dims::<2>() == [n, nh * hd]
-        && kf.layout().shape().dims::<2>() == [n, nkv * hd]
-        && vf.layout().shape().dims::<2>() == [n, nkv * hd]
-        && 2 * spec.rope.half <= hd
-        && spec.rope.cos.len() == n * spec.rope.half
-        && spec.mask.len() == b * s * s;
+        && check_spec(spec)
+        && qf.layout().shape().dims::<2>() == [n, qo]
+        && kf.layout().shape().dims::<2>() == [n, ko]
+        && vf.layout().shape().dims::<2>() == [n, ko];
     if !ok {
         return Err((q, k, v));
     }
+    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
     let (out, saved) = forward_host(&Rows::of(&qf), &Rows::of(&kf), &Rows::of(&vf), spec);
-    let out = flex_f32(out, &[n, nh * hd]);
+    drop(timer);
+    let out = flex_f32(out, &[n, qo]);
     match kd {
         Kind::Plain => Ok(from_flex(out)),
         Kind::Autodiff => {
@@ -432,7 +481,64 @@ pub fn attention<B: Backend>(
                 .compute_bound()
                 .stateful()
             {
-                OpsKind::Tracked(prep) => prep.finish(Arc::new(saved), out),
+                OpsKind::Tracked(prep) => prep.finish(
+                    BackState {
+                        saved: Arc::new(saved),
+                        packed: false,
+                    },
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Ok(from_ad(t))
+        }
+    }
+}
+
+/// [`attention`] on q|k|v side by side in one `[b·s, (nh + 2·nkv)·hd]` tensor (a fused or grouped projection's
+/// output): one parent, one gradient, no slices.
+pub fn attention_packed<B: Backend>(
+    qkv: Tensor<B, 2>,
+    spec: &AttnSpec,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let Some(kd) = kind::<B>() else {
+        return Err(qkv);
+    };
+    let (f, _) = flex_of(&qkv, kd);
+    let n = spec.batch * spec.seq;
+    let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+    if !super::all_f32(&[&f])
+        || !check_spec(spec)
+        || f.layout().shape().dims::<2>() != [n, qo + 2 * ko]
+    {
+        return Err(qkv);
+    }
+    let rows = Rows::of(&f);
+    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
+    let (out, saved) = forward_host(
+        &rows.col_range(0, qo),
+        &rows.col_range(qo, qo + ko),
+        &rows.col_range(qo + ko, qo + 2 * ko),
+        spec,
+    );
+    drop(timer);
+    let out = flex_f32(out, &[n, qo]);
+    match kd {
+        Kind::Plain => Ok(from_flex(out)),
+        Kind::Autodiff => {
+            let a = super::ad_prim(qkv);
+            let t = match AttentionBackward
+                .prepare::<NoCheckpointing>([a.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    BackState {
+                        saved: Arc::new(saved),
+                        packed: true,
+                    },
+                    out,
+                ),
                 OpsKind::UnTracked(prep) => prep.finish(out),
             };
             Ok(from_ad(t))

@@ -153,6 +153,125 @@ pub fn gemm(dst: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, beta: f32, acc: bool,
     }
 }
 
+/// One product of a [`gemm_cols_new`] / [`gemm_sum_new`] call.
+#[derive(Clone, Copy)]
+pub struct Term<'a> {
+    pub a: MatRef<'a>,
+    pub b: MatRef<'a>,
+    pub beta: f32,
+}
+
+fn parallelism(m: usize, n: usize, k: usize, parallel: bool) -> gemm_crate::Parallelism {
+    if parallel && m * n * k >= 96 * 96 * 96 {
+        gemm_crate::Parallelism::Rayon(0)
+    } else {
+        gemm_crate::Parallelism::None
+    }
+}
+
+/// Write `beta·a·b` (`acc` false) or add it (`acc` true) into rows of width `cols` of the buffer behind `dst`,
+/// columns `col0..col0 + b.cols`.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `acc`, reads of initialised values) of `a.rows · cols` f32.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    cols: usize,
+    col0: usize,
+    t: Term<'_>,
+    acc: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (t.a.rows, t.a.cols, t.b.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                // SAFETY: row r, columns col0..col0+n lie inside the m × cols buffer (caller's contract).
+                unsafe { std::ptr::write_bytes(dst.add(r * cols + col0), 0, n) };
+            }
+        }
+        return;
+    }
+    // SAFETY: operands were bounds-checked by the callers (`check`), the destination by the caller's contract.
+    unsafe {
+        gemm_crate::gemm(
+            m,
+            n,
+            k,
+            dst.add(col0),
+            1,
+            cols as isize,
+            acc,
+            t.a.data.as_ptr().add(t.a.off),
+            t.a.cs,
+            t.a.rs,
+            t.b.data.as_ptr().add(t.b.off),
+            t.b.cs,
+            t.b.rs,
+            1.0,
+            t.beta,
+            false,
+            false,
+            false,
+            parallelism(m, n, k, parallel),
+        );
+    }
+}
+
+/// A new row-major `[m, Σ n_j]` buffer whose column blocks are `beta_j·a_j·b_j`, side by side in order (no
+/// zero fill: every element is written once by a GEMM).
+pub fn gemm_cols_new(m: usize, terms: &[Term<'_>], parallel: bool) -> Vec<f32> {
+    let cols: usize = terms.iter().map(|t| t.b.cols).sum();
+    for t in terms {
+        assert!(
+            t.a.rows == m && t.b.rows == t.a.cols,
+            "gemm_cols_new: shapes"
+        );
+        t.a.check();
+        t.b.check();
+    }
+    let len = m * cols;
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    let mut col0 = 0;
+    for t in terms {
+        // SAFETY: the capacity holds m × cols values; each term writes its own column block of every row.
+        unsafe { gemm_raw(v.as_mut_ptr(), cols, col0, *t, false, parallel) };
+        col0 += t.b.cols;
+    }
+    // SAFETY: the column blocks cover 0..cols of all m rows, so all `len` values were written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// A new row-major `[m, n]` buffer holding `Σ_j beta_j·a_j·b_j` (no zero fill).
+pub fn gemm_sum_new(m: usize, n: usize, terms: &[Term<'_>], parallel: bool) -> Vec<f32> {
+    for t in terms {
+        assert!(
+            t.a.rows == m && t.b.cols == n && t.b.rows == t.a.cols,
+            "gemm_sum_new: shapes"
+        );
+        t.a.check();
+        t.b.check();
+    }
+    let Some(first) = terms.first() else {
+        return vec![0f32; m * n];
+    };
+    let len = m * n;
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the first term writes all m × n values; the others then read and update initialised values.
+    unsafe {
+        gemm_raw(v.as_mut_ptr(), n, 0, *first, false, parallel);
+        for t in &terms[1..] {
+            gemm_raw(v.as_mut_ptr(), n, 0, *t, true, parallel);
+        }
+        v.set_len(len);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +313,112 @@ mod tests {
         assert_eq!(out[0], 1.0);
         gemm(MatMut::rows(&mut out, 1, 3, 4, 6), am, bm, 1.0, false, true);
         assert!((out[1] - want[0]).abs() < 1e-5);
+
+        // Column blocks side by side, and a sum of products, into fresh buffers.
+        let t = Term {
+            a: am,
+            b: bm,
+            beta: 1.0,
+        };
+        let t2 = Term {
+            a: am,
+            b: bm,
+            beta: -0.5,
+        };
+        let cols = gemm_cols_new(3, &[t, t2], true);
+        let sum = gemm_sum_new(3, 4, &[t, t2, t], false);
+        for i in 0..3 {
+            for j in 0..4 {
+                let w = want[i * 4 + j];
+                assert!((cols[i * 8 + j] - w).abs() < 1e-5);
+                assert!((cols[i * 8 + 4 + j] + 0.5 * w).abs() < 1e-5);
+                assert!((sum[i * 4 + j] - 1.5 * w).abs() < 1e-5);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// GEMM throughput at the SmolLM2 LoRA step's shapes (run with `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn gemm_shapes() {
+        let shapes: &[(&str, usize, usize, usize, bool)] = &[
+            // (name, m, k, n, rhs transposed = x·Wᵀ with W [n, k])
+            ("q/o fwd x·Wᵀ", 1024, 576, 576, true),
+            ("k/v fwd", 1024, 576, 192, true),
+            ("gate/up fwd", 1024, 576, 1536, true),
+            ("down fwd", 1024, 1536, 576, true),
+            ("q/o bwd dy·W", 1024, 576, 576, false),
+            ("k/v bwd", 1024, 192, 576, false),
+            ("gate/up bwd", 1024, 1536, 576, false),
+            ("down bwd", 1024, 576, 1536, false),
+            ("lm_head chunk", 128, 576, 49152, true),
+            ("lm_head dh", 128, 49152, 576, false),
+            ("lm_head 1024", 1024, 576, 49152, true),
+        ];
+        for &(name, m, k, n, trans) in shapes {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect();
+            let mut c = vec![0f32; m * n];
+            let bref = if trans {
+                MatRef::packed(&b, n, k).t()
+            } else {
+                MatRef::packed(&b, k, n)
+            };
+            for mode in 0..3 {
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t0 = std::time::Instant::now();
+                    if mode == 2 {
+                        // rows split across the pool, one single-threaded GEMM per half
+                        let half = m / 2;
+                        let (c0, c1) = c.split_at_mut(half * n);
+                        let am = MatRef::packed(&a, m, k);
+                        rayon::join(
+                            || {
+                                gemm(
+                                    MatMut::packed(c0, half, n),
+                                    am.row_range(0, half),
+                                    bref,
+                                    1.0,
+                                    false,
+                                    false,
+                                )
+                            },
+                            || {
+                                gemm(
+                                    MatMut::packed(c1, m - half, n),
+                                    am.row_range(half, m),
+                                    bref,
+                                    1.0,
+                                    false,
+                                    false,
+                                )
+                            },
+                        );
+                    } else {
+                        gemm(
+                            MatMut::packed(&mut c, m, n),
+                            MatRef::packed(&a, m, k),
+                            bref,
+                            1.0,
+                            false,
+                            mode == 1,
+                        );
+                    }
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{name:<16} {m:>5}x{k:>5}x{n:>6} {} {:>7.2} ms {:>6.0} GFLOP/s",
+                    ["1T", "2T", "split"][mode],
+                    best * 1e3,
+                    2.0 * (m * k * n) as f64 / best / 1e9
+                );
+            }
+        }
     }
 }

@@ -24,6 +24,7 @@ pub mod attention;
 mod gemm;
 pub mod lora;
 pub mod norm;
+pub mod prof;
 mod simd;
 pub mod xent;
 
@@ -40,9 +41,25 @@ pub(crate) type AdTensor = <AD as burn::tensor::backend::BackendTypes>::FloatTen
 
 static ENABLED: AtomicU8 = AtomicU8::new(2);
 
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the fused kernels on or off for calls made from this thread (tests compare both paths without
+/// touching the process-wide switch).
+pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let prev = OVERRIDE.with(|o| o.replace(Some(on)));
+    let r = f();
+    OVERRIDE.with(|o| o.set(prev));
+    r
+}
+
 /// Whether the fused kernels are used (default yes; `LORATUNE_FUSED=0` in the environment or
 /// [`set_enabled`]`(false)` turns them off).
 pub fn enabled() -> bool {
+    if let Some(on) = OVERRIDE.with(|o| o.get()) {
+        return on;
+    }
     match ENABLED.load(Ordering::Relaxed) {
         0 => false,
         1 => true,
@@ -195,6 +212,18 @@ impl Rows {
             cols,
             rs,
             hold,
+        }
+    }
+
+    /// Columns `c0..c1` of every row (no copy).
+    pub fn col_range(&self, c0: usize, c1: usize) -> Rows {
+        assert!(c0 <= c1 && c1 <= self.cols, "column range");
+        Rows {
+            hold: self.hold.clone(),
+            off: self.off + c0,
+            rows: self.rows,
+            cols: c1 - c0,
+            rs: self.rs,
         }
     }
 

@@ -108,6 +108,7 @@ impl Backward<Flex, 1> for RmsNormBackward {
         let [parent] = ops.parents;
         if let Some(p) = parent {
             let s = ops.state;
+            let _t = super::prof::time(super::prof::Cat::NormBwd, 0.0);
             let shape = s.x.layout().shape().clone();
             let dx = backward_host(&Rows::of(&grad), &Rows::of(&s.x), &s.w, &s.rstd);
             grads.register::<Flex>(p.id, flex_f32(dx, &shape));
@@ -143,7 +144,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
     }
     let shape = xf.layout().shape().clone();
     let rows = Rows::of(&xf);
+    let timer = super::prof::time(super::prof::Cat::NormFwd, 0.0);
     let (y, rstd) = forward_host(&rows, &w, eps as f32);
+    drop(timer);
     let out = flex_f32(y, &shape);
     match k {
         Kind::Plain => Ok(from_flex(out)),

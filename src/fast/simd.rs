@@ -43,9 +43,13 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23
     let xc = x.clamp(-87.336_55, 88.376_26);
-    // Round to nearest with the 1.5·2^23 trick (vectorises without a rounding instruction).
-    let n = (xc * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest with the 1.5·2^23 trick: t's low mantissa bits hold n (no float→int conversion, which
+    // Rust saturates and LLVM would not vectorise).
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits());
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -54,7 +58,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
     if x < -87.336_55 {
         0.0
     } else {
@@ -98,23 +102,58 @@ pub fn sum(x: &[f32]) -> f32 {
     fold(acc)
 }
 
-/// Σ x·y.
+/// Fused multiply-add (one instruction in the AVX2/AVX-512 variants).
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
+/// 16 lanes starting at `i` (the slice must hold them).
+#[inline(always)]
+pub fn ld(s: &[f32], i: usize) -> [f32; LANES] {
+    <[f32; LANES]>::try_from(&s[i..i + LANES]).unwrap_or_default()
+}
+
+/// Store 16 lanes at `i`.
+#[inline(always)]
+pub fn st(s: &mut [f32], i: usize, v: [f32; LANES]) {
+    s[i..i + LANES].copy_from_slice(&v);
+}
+
+/// Σ x·y (four independent 16-lane accumulators).
 #[inline(always)]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &y[..n]);
-    let mut acc = [0f32; LANES];
-    let mut ix = x.chunks_exact(LANES);
-    let mut iy = y.chunks_exact(LANES);
-    for (a, b) in (&mut ix).zip(&mut iy) {
-        for i in 0..LANES {
-            acc[i] += a[i] * b[i];
+    let mut acc = [[0f32; LANES]; 4];
+    let mut i = 0;
+    while i + 4 * LANES <= n {
+        for (q, a) in acc.iter_mut().enumerate() {
+            let (xv, yv) = (ld(x, i + q * LANES), ld(y, i + q * LANES));
+            for l in 0..LANES {
+                a[l] = fma(xv[l], yv[l], a[l]);
+            }
+        }
+        i += 4 * LANES;
+    }
+    while i + LANES <= n {
+        let (xv, yv) = (ld(x, i), ld(y, i));
+        for l in 0..LANES {
+            acc[0][l] = fma(xv[l], yv[l], acc[0][l]);
+        }
+        i += LANES;
+    }
+    let mut tot = [0f32; LANES];
+    for a in &acc {
+        for l in 0..LANES {
+            tot[l] += a[l];
         }
     }
-    for (i, (&a, &b)) in ix.remainder().iter().zip(iy.remainder()).enumerate() {
-        acc[i] += a * b;
+    let mut s = fold(tot);
+    while i < n {
+        s = fma(x[i], y[i], s);
+        i += 1;
     }
-    fold(acc)
+    s
 }
 
 /// max x (-inf for an empty slice).

@@ -20,13 +20,14 @@ use super::gemm::{gemm, MatMut, MatRef};
 use super::simd::{self, simd_fn};
 use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
 
-/// Rows per chunk (`LORATUNE_XENT_CHUNK` overrides; default 128).
+/// Largest number of rows per chunk (`LORATUNE_XENT_CHUNK` overrides; default 512: a 100 MB logits buffer for a
+/// 49k vocabulary, large enough for the GEMMs to run at full speed).
 pub fn chunk_rows() -> usize {
     std::env::var("LORATUNE_XENT_CHUNK")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&c: &usize| c > 0)
-        .unwrap_or(128)
+        .unwrap_or(512)
 }
 
 simd_fn! {
@@ -59,7 +60,9 @@ pub(crate) fn forward_host(
     chunk: usize,
 ) -> (f64, Option<Vec<f32>>) {
     let (d, vocab) = (h.cols, w.rows);
-    let c = chunk.max(1).min(rows.len().max(1));
+    // Equal chunks of at most `chunk` rows.
+    let n_chunks = rows.len().div_ceil(chunk.max(1)).max(1);
+    let c = rows.len().div_ceil(n_chunks).max(1);
     let mut logits = vec![0f32; c * vocab];
     let mut hc = vec![0f32; c * d];
     let mut dhc = vec![0f32; c * d];
@@ -116,6 +119,7 @@ impl Backward<Flex, 1> for XentBackward {
         let grad = grads.consume::<Flex>(&ops.node);
         let [parent] = ops.parents;
         if let Some(p) = parent {
+            let _t = super::prof::time(super::prof::Cat::XentBwd, 0.0);
             let g = Rows::of(&grad).row(0)[0];
             let dh = ops.state;
             let shape = dh.layout().shape().clone();
@@ -163,7 +167,10 @@ fn lm_xent_chunked<B: Backend>(
         return Err(hidden);
     }
     let want_grad = k == Kind::Autodiff && h_tracked;
+    let flops = 2.0 * (rows.len() * h.cols * w.rows) as f64 * if want_grad { 2.0 } else { 1.0 };
+    let timer = super::prof::time(super::prof::Cat::XentFwd, flops);
     let (loss, dh) = forward_host(&h, &w, rows, targets, want_grad, chunk);
+    drop(timer);
     let out = flex_f32(vec![loss as f32], &[1]);
     match k {
         Kind::Plain => Ok(from_flex(out)),

@@ -66,23 +66,25 @@ impl<B: Backend> LoraLinear<B> {
     /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input. On the CPU backends an unmerged adapter runs
     /// as one fused node ([`crate::fast::lora`]); [`Self::forward_plain`] is the reference.
     pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-        let (x, dropout_mask) = match (&self.lora, self.merged) {
-            (Some(l), false) => {
-                let p = crate::fast::lora::LoraInputs {
-                    weight: &self.weight,
-                    bias: self.bias.as_ref(),
-                    a: &l.a,
-                    b: &l.b,
-                    scale: l.scale,
-                };
-                match crate::fast::lora::lora_linear(x, dropout_mask, &p) {
-                    Ok(y) => return y,
-                    Err(back) => back,
-                }
-            }
-            _ => (x, dropout_mask),
-        };
-        self.forward_plain(x, dropout_mask)
+        match crate::fast::lora::linear_group(x, &[self.fused_ref(dropout_mask.clone())]) {
+            Ok(y) => y,
+            Err(x) => self.forward_plain(x, dropout_mask),
+        }
+    }
+
+    /// This module as a member of a fused linear group ([`crate::fast::lora::linear_group`]).
+    pub fn fused_ref(
+        &self,
+        dropout_mask: Option<Tensor<B, 2>>,
+    ) -> crate::fast::lora::LinearRef<'_, B> {
+        crate::fast::lora::LinearRef {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            adapter: match (&self.lora, self.merged) {
+                (Some(l), false) => Some((&l.a, &l.b, l.scale, dropout_mask)),
+                _ => None,
+            },
+        }
     }
 
     /// The reference implementation with burn ops.

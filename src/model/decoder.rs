@@ -231,14 +231,51 @@ fn lin<B: Backend>(
     drop: &mut dyn DropoutSource<B>,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    let mask = match &l.lora {
-        Some(a) if a.dropout > 0.0 => {
-            let [n, f] = x.dims();
-            drop.mask(n, f, a.dropout, device)
-        }
-        _ => None,
-    };
+    let [n, f] = x.dims();
+    let mask = dropout_mask(l, n, f, drop, device);
     l.forward(x, mask)
+}
+
+/// The dropout mask `lin` would draw for `l` (same stream order).
+fn dropout_mask<B: Backend>(
+    l: &LoraLinear<B>,
+    n: usize,
+    f: usize,
+    drop: &mut dyn DropoutSource<B>,
+    device: &B::Device,
+) -> Option<Tensor<B, 2>> {
+    match &l.lora {
+        Some(a) if a.dropout > 0.0 => drop.mask(n, f, a.dropout, device),
+        _ => None,
+    }
+}
+
+/// Modules that read the same input (q/k/v, gate/up): their outputs side by side as one fused node on the CPU
+/// backends (`Ok`), else one output per module (`Err`). Dropout masks are drawn in module order either way.
+fn lin_group<B: Backend>(
+    mods: &[&LoraLinear<B>],
+    x: Tensor<B, 2>,
+    drop: &mut dyn DropoutSource<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>, Vec<Tensor<B, 2>>> {
+    let [n, f] = x.dims();
+    let masks: Vec<Option<Tensor<B, 2>>> = mods
+        .iter()
+        .map(|l| dropout_mask(l, n, f, drop, device))
+        .collect();
+    let refs: Vec<_> = mods
+        .iter()
+        .zip(&masks)
+        .map(|(l, m)| l.fused_ref(m.clone()))
+        .collect();
+    match crate::fast::lora::linear_group(x, &refs) {
+        Ok(y) => Ok(y),
+        Err(x) => Err(mods
+            .iter()
+            .zip(masks)
+            .map(|(l, m)| l.forward(x.clone(), m))
+            .collect()),
+    }
 }
 
 /// Positions of a batch as a `[b, 1, s, rot]` cos / sin pair (rotate-half layout: frequencies duplicated), from
@@ -545,26 +582,55 @@ impl<B: Backend> CausalLm<B> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let (q, k, v) = match &attn.qkv {
+        let n = b * s;
+        let (qo, ko) = (nh * hd, nkv * hd);
+        let mods: Vec<&LoraLinear<B>> = match &attn.qkv {
             QkvProj::Split {
                 q_proj,
                 k_proj,
                 v_proj,
-            } => (
-                lin(q_proj, x.clone(), drop, device),
-                lin(k_proj, x.clone(), drop, device),
-                lin(v_proj, x, drop, device),
-            ),
-            QkvProj::Fused { qkv_proj } => {
-                let y = lin(qkv_proj, x, drop, device);
-                let n = b * s;
-                let (qo, ko) = (nh * hd, nkv * hd);
-                (
-                    y.clone().slice([0..n, 0..qo]),
-                    y.clone().slice([0..n, qo..qo + ko]),
-                    y.slice([0..n, qo + ko..qo + 2 * ko]),
-                )
+            } => vec![q_proj, k_proj, v_proj],
+            QkvProj::Fused { qkv_proj } => vec![qkv_proj],
+        };
+        let fused_ok = ctx.fresh && kv_slot.is_none() && cfg.attn_logit_softcapping.is_none();
+        let spec = || AttnSpec {
+            batch: b,
+            seq: s,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: cfg.attn_scale() as f32,
+            rope: ctx.rope.clone(),
+            mask: ctx.mask_host(window).clone(),
+        };
+        let split = |y: Tensor<B, 2>| {
+            (
+                y.clone().slice([0..n, 0..qo]),
+                y.clone().slice([0..n, qo..qo + ko]),
+                y.slice([0..n, qo + ko..qo + 2 * ko]),
+            )
+        };
+        let (q, k, v) = match lin_group(&mods, x, drop, device) {
+            Ok(qkv) if fused_ok && attn.q_norm.is_none() && attn.k_norm.is_none() => {
+                match crate::fast::attention::attention_packed(qkv, &spec()) {
+                    Ok(out) => return lin(&attn.o_proj, out, drop, device),
+                    Err(qkv) => split(qkv),
+                }
             }
+            Ok(qkv) => split(qkv),
+            Err(mut outs) if outs.len() == 3 => {
+                let v = outs.pop();
+                let k = outs.pop();
+                let q = outs.pop();
+                match (q, k, v) {
+                    (Some(q), Some(k), Some(v)) => (q, k, v),
+                    _ => unreachable!("three outputs"),
+                }
+            }
+            Err(mut outs) => match outs.pop() {
+                Some(y) => split(y),
+                None => unreachable!("one output per module"),
+            },
         };
         let q = match &attn.q_norm {
             Some(n) => n
@@ -578,18 +644,8 @@ impl<B: Backend> CausalLm<B> {
                 .reshape([b * s, nkv * hd]),
             None => k,
         };
-        let (q, k, v) = if ctx.fresh && kv_slot.is_none() && cfg.attn_logit_softcapping.is_none() {
-            let spec = AttnSpec {
-                batch: b,
-                seq: s,
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                scale: cfg.attn_scale() as f32,
-                rope: ctx.rope.clone(),
-                mask: ctx.mask_host(window).clone(),
-            };
-            match crate::fast::attention::attention(q, k, v, &spec) {
+        let (q, k, v) = if fused_ok {
+            match crate::fast::attention::attention(q, k, v, &spec()) {
                 Ok(out) => return lin(&attn.o_proj, out, drop, device),
                 Err(qkv) => qkv,
             }
@@ -604,17 +660,29 @@ impl<B: Backend> CausalLm<B> {
 
     fn mlp(&self, mlp: &Mlp<B>, x: Tensor<B, 2>, drop: &mut dyn DropoutSource<B>) -> Tensor<B, 2> {
         let device = &self.device;
-        let (gate, up) = match &mlp.gate_up {
-            GateUpProj::Split { gate_proj, up_proj } => (
-                lin(gate_proj, x.clone(), drop, device),
-                lin(up_proj, x, drop, device),
-            ),
-            GateUpProj::Fused { gate_up_proj } => {
-                let y = lin(gate_up_proj, x, drop, device);
-                let [n, two_i] = y.dims();
-                let i = two_i / 2;
-                (y.clone().slice([0..n, 0..i]), y.slice([0..n, i..two_i]))
-            }
+        let mods: Vec<&LoraLinear<B>> = match &mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUpProj::Fused { gate_up_proj } => vec![gate_up_proj],
+        };
+        let split = |y: Tensor<B, 2>| {
+            let [n, two_i] = y.dims();
+            let i = two_i / 2;
+            (y.clone().slice([0..n, 0..i]), y.slice([0..n, i..two_i]))
+        };
+        let (gate, up) = match lin_group(&mods, x, drop, device) {
+            Ok(gu) if mlp.act == Activation::Silu => match crate::fast::act::silu_mul_packed(gu) {
+                Ok(h) => return lin(&mlp.down_proj, h, drop, device),
+                Err(gu) => split(gu),
+            },
+            Ok(gu) => split(gu),
+            Err(mut outs) if outs.len() == 2 => match (outs.pop(), outs.pop()) {
+                (Some(up), Some(gate)) => (gate, up),
+                _ => unreachable!("two outputs"),
+            },
+            Err(mut outs) => match outs.pop() {
+                Some(y) => split(y),
+                None => unreachable!("one output per module"),
+            },
         };
         let (gate, up) = match mlp.act {
             Activation::Silu => match crate::fast::act::silu_mul(gate, up) {
@@ -819,6 +887,12 @@ mod tests {
     /// width, a sequence longer than one query block) against the burn implementation: values and the
     /// gradients of q, k and v.
     fn check(window: Option<usize>, packed: bool) {
+        check_with(window, packed, false);
+        check_with(window, packed, true);
+    }
+
+    /// `one_input`: q|k|v side by side in one tensor ([`crate::fast::attention::attention_packed`]).
+    fn check_with(window: Option<usize>, packed: bool, one_input: bool) {
         let (b, s, nh, nkv, hd) = (2, 70, 4, 2, 8);
         let n = b * s;
         let inv_freq = vec![1.0f32, 0.1, 0.01]; // rot = 6 < hd
@@ -851,6 +925,26 @@ mod tests {
             let qt = ad_param::<2>(&q, [n, nh * hd], &dev);
             let kt = ad_param::<2>(&k, [n, nkv * hd], &dev);
             let vt = ad_param::<2>(&v, [n, nkv * hd], &dev);
+            let qkv = one_input.then(|| {
+                let t = Tensor::cat(
+                    vec![
+                        plain::<2>(&q, [n, nh * hd], &dev),
+                        plain::<2>(&k, [n, nkv * hd], &dev),
+                        plain::<2>(&v, [n, nkv * hd], &dev),
+                    ],
+                    1,
+                );
+                Tensor::<AD, 2>::from_data(t.into_data(), &dev).require_grad()
+            });
+            let (qt, kt, vt) = match &qkv {
+                Some(t) => (
+                    t.clone().slice([0..n, 0..nh * hd]),
+                    t.clone().slice([0..n, nh * hd..(nh + nkv) * hd]),
+                    t.clone()
+                        .slice([0..n, (nh + nkv) * hd..(nh + 2 * nkv) * hd]),
+                ),
+                None => (qt, kt, vt),
+            };
             let y = if fused {
                 let spec = AttnSpec {
                     batch: b,
@@ -862,9 +956,16 @@ mod tests {
                     rope: ctx.rope.clone(),
                     mask: ctx.mask_host(window).clone(),
                 };
-                crate::fast::attention::attention(qt.clone(), kt.clone(), vt.clone(), &spec)
-                    .ok()
-                    .expect("fused path applies")
+                match &qkv {
+                    Some(t) => crate::fast::attention::attention_packed(t.clone(), &spec)
+                        .ok()
+                        .expect("fused path applies"),
+                    None => {
+                        crate::fast::attention::attention(qt.clone(), kt.clone(), vt.clone(), &spec)
+                            .ok()
+                            .expect("fused path applies")
+                    }
+                }
             } else {
                 attention_core_plain(
                     qt.clone(),
@@ -879,12 +980,16 @@ mod tests {
                 )
             };
             let g = backward_with(y.clone(), &dy, [n, nh * hd]);
-            (
-                to_vec(y),
-                to_vec(qt.grad(&g).expect("dq")),
-                to_vec(kt.grad(&g).expect("dk")),
-                to_vec(vt.grad(&g).expect("dv")),
-            )
+            match &qkv {
+                // One leaf: its gradient holds dq | dk | dv per row.
+                Some(t) => (to_vec(y), to_vec(t.grad(&g).expect("dqkv")), vec![], vec![]),
+                None => (
+                    to_vec(y),
+                    to_vec(qt.grad(&g).expect("dq")),
+                    to_vec(kt.grad(&g).expect("dk")),
+                    to_vec(vt.grad(&g).expect("dv")),
+                ),
+            }
         };
         let f = run(true);
         let p = run(false);

@@ -4,6 +4,7 @@ mod common;
 mod config;
 mod data;
 mod export;
+mod fused;
 mod generate;
 mod hub;
 mod lora;
