@@ -203,6 +203,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         .with_context(|| format!("--device {d}: bad index"))?,
                     None => 0,
                 };
+                if !std::path::Path::new("/dev/nvidiactl").exists()
+                    && !std::path::Path::new("/proc/driver/nvidia/version").exists()
+                {
+                    bail!("--device {d}: no NVIDIA driver on this machine (no /dev/nvidiactl); use --device cpu");
+                }
                 type Cuda = burn::backend::Cuda<f32, i32>;
                 let device = burn::backend::cuda::CudaDevice::new(idx);
                 if let Some(dir) = &a.check_fixtures {

@@ -124,17 +124,19 @@ simd_fn! {
     }
 }
 
-/// Everything the backward needs (all packed, per (batch, head)).
+/// Everything the backward needs, per (batch, kv head) task; the task's g query heads are interleaved
+/// token-major (`[s, g, hd]`), so a block of query rows of all g heads is one matrix.
 #[derive(Debug)]
 struct Saved {
     spec: AttnSpec,
-    /// Rotated q `[b, nh, s, hd]`.
+    /// Rotated q `[b, nkv, s, g, hd]`.
     qr: Vec<f32>,
     /// Rotated k `[b, nkv, s, hd]`.
     kr: Vec<f32>,
     /// v `[b, nkv, s, hd]`.
     v: Vec<f32>,
-    /// Probabilities `[b, nh, s, s]` (only each block's causal prefix is written).
+    /// Probabilities `[b, nkv, s·g, s]` (row i·g + t: token i, head t of the group; only the causal prefix of
+    /// each block is written).
     p: Vec<f32>,
 }
 
@@ -142,6 +144,20 @@ fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..s)
         .step_by(BLOCK)
         .map(move |r0| (r0, (r0 + BLOCK).min(s)))
+}
+
+/// Copy task buffers `[s, w]` (task = b·nkv + j) into columns `col0 + j·w ..` of `out` rows `[b·s, width]`.
+fn scatter_tasks(out: &mut [f32], width: usize, col0: usize, x: &[f32], s: usize, nkv: usize, w: usize) {
+    if out.is_empty() || width == 0 || w == 0 {
+        return;
+    }
+    out.par_chunks_mut(width).enumerate().for_each(|(tok, row)| {
+        let (bi, i) = (tok / s, tok % s);
+        for j in 0..nkv {
+            let src = ((bi * nkv + j) * s + i) * w;
+            row[col0 + j * w..col0 + (j + 1) * w].copy_from_slice(&x[src..src + w]);
+        }
+    });
 }
 
 /// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).
@@ -154,21 +170,20 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
         spec.head_dim,
     );
     let g = nh / nkv;
+    let gw = g * hd;
     let rope = &spec.rope;
     let mut qr = vec![0f32; b * nh * s * hd];
     let mut kr = vec![0f32; b * nkv * s * hd];
     let mut vv = vec![0f32; b * nkv * s * hd];
     let mut p = vec![0f32; b * nh * s * s];
     let mut o = vec![0f32; b * nh * s * hd];
-    let tasks = b * nkv;
-    qr.par_chunks_mut(g * s * hd)
+    qr.par_chunks_mut(s * gw)
         .zip(kr.par_chunks_mut(s * hd))
         .zip(vv.par_chunks_mut(s * hd))
         .zip(p.par_chunks_mut(g * s * s))
-        .zip(o.par_chunks_mut(g * s * hd))
+        .zip(o.par_chunks_mut(s * gw))
         .enumerate()
         .for_each(|(task, ((((qt, kt), vt), pt), ot))| {
-            debug_assert!(task < tasks);
             let (bi, j) = (task / nkv, task % nkv);
             for i in 0..s {
                 let tok = bi * s + i;
@@ -180,48 +195,46 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
                     &mut kt[i * hd..(i + 1) * hd],
                 );
                 vt[i * hd..(i + 1) * hd].copy_from_slice(&v.row(tok)[j * hd..(j + 1) * hd]);
-            }
-            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
-            for t in 0..g {
-                let h = j * g + t;
-                let qh = &mut qt[t * s * hd..(t + 1) * s * hd];
-                for i in 0..s {
-                    let tok = bi * s + i;
-                    let (c, sn) = rope.row(tok);
+                let qrow = &q.row(tok)[j * gw..(j + 1) * gw];
+                for t in 0..g {
                     rope_row(
-                        &q.row(tok)[h * hd..(h + 1) * hd],
+                        &qrow[t * hd..(t + 1) * hd],
                         c,
                         sn,
-                        &mut qh[i * hd..(i + 1) * hd],
-                    );
-                }
-                let ph = &mut pt[t * s * s..(t + 1) * s * s];
-                let oh = &mut ot[t * s * hd..(t + 1) * s * hd];
-                for (r0, r1) in blocks(s) {
-                    let (bq, kb) = (r1 - r0, r1);
-                    gemm(
-                        MatMut::rows(ph, r0 * s, bq, kb, s),
-                        MatRef::packed(qh, s, hd).row_range(r0, r1),
-                        MatRef::packed(kt, s, hd).row_range(0, kb).t(),
-                        spec.scale,
-                        false,
-                        false,
-                    );
-                    for i in r0..r1 {
-                        softmax_row(&mut ph[i * s..i * s + kb], &mask[i * s..i * s + kb]);
-                    }
-                    gemm(
-                        MatMut::rows(oh, r0 * hd, bq, hd, hd),
-                        MatRef::rows(ph, r0 * s, bq, kb, s),
-                        MatRef::packed(vt, s, hd).row_range(0, kb),
-                        1.0,
-                        false,
-                        false,
+                        &mut qt[(i * g + t) * hd..(i * g + t + 1) * hd],
                     );
                 }
             }
+            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
+            let qm = MatRef::packed(qt, s * g, hd);
+            for (r0, r1) in blocks(s) {
+                let (rows, kb) = ((r1 - r0) * g, r1);
+                gemm(
+                    MatMut::rows(pt, r0 * g * s, rows, kb, s),
+                    qm.row_range(r0 * g, r1 * g),
+                    MatRef::packed(kt, s, hd).row_range(0, kb).t(),
+                    spec.scale,
+                    false,
+                    false,
+                );
+                for i in r0..r1 {
+                    for t in 0..g {
+                        let r = (i * g + t) * s;
+                        softmax_row(&mut pt[r..r + kb], &mask[i * s..i * s + kb]);
+                    }
+                }
+                gemm(
+                    MatMut::rows(ot, r0 * gw, rows, hd, hd),
+                    MatRef::rows(pt, r0 * g * s, rows, kb, s),
+                    MatRef::packed(vt, s, hd).row_range(0, kb),
+                    1.0,
+                    false,
+                    false,
+                );
+            }
         });
-    let out = heads_to_rows(&o, b, s, nh, hd);
+    let mut out = vec![0f32; b * s * nh * hd];
+    scatter_tasks(&mut out, nh * hd, 0, &o, s, nkv, gw);
     (
         out,
         Saved {
@@ -240,39 +253,7 @@ fn attn_flops(spec: &AttnSpec) -> f64 {
     4.0 * (spec.batch * spec.heads * per_head * spec.head_dim) as f64
 }
 
-/// `[b, h, s, hd]` → `[b·s, h·hd]`.
-fn heads_to_rows(x: &[f32], b: usize, s: usize, h: usize, hd: usize) -> Vec<f32> {
-    let mut out = vec![0f32; b * s * h * hd];
-    scatter_heads(&mut out, h * hd, &[(0, x, h)], s, hd);
-    out
-}
-
-/// Write head-major buffers `[b, h_j, s, hd]` into the rows of `out` (`[b·s, width]`), the j-th at columns
-/// `col0_j..col0_j + h_j·hd`.
-fn scatter_heads(
-    out: &mut [f32],
-    width: usize,
-    parts: &[(usize, &[f32], usize)],
-    s: usize,
-    hd: usize,
-) {
-    if out.is_empty() || width == 0 {
-        return;
-    }
-    out.par_chunks_mut(width)
-        .enumerate()
-        .for_each(|(tok, row)| {
-            let (bi, i) = (tok / s, tok % s);
-            for &(col0, x, h) in parts {
-                for hh in 0..h {
-                    let src = ((bi * h + hh) * s + i) * hd;
-                    row[col0 + hh * hd..col0 + (hh + 1) * hd].copy_from_slice(&x[src..src + hd]);
-                }
-            }
-        });
-}
-
-/// Backward on host rows: head-major (dq `[b, nh, s, hd]`, dk, dv `[b, nkv, s, hd]`).
+/// Backward on host rows: task-major (dq `[b, nkv, s, g·hd]`, dk, dv `[b, nkv, s, hd]`).
 fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let spec = &st.spec;
     let (b, s, nh, nkv, hd) = (
@@ -283,90 +264,85 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         spec.head_dim,
     );
     let g = nh / nkv;
+    let gw = g * hd;
     let rope = &spec.rope;
     let mut dq = vec![0f32; b * nh * s * hd];
     let mut dk = vec![0f32; b * nkv * s * hd];
     let mut dv = vec![0f32; b * nkv * s * hd];
-    dq.par_chunks_mut(g * s * hd)
+    dq.par_chunks_mut(s * gw)
         .zip(dk.par_chunks_mut(s * hd))
         .zip(dv.par_chunks_mut(s * hd))
         .enumerate()
         .for_each(|(task, ((dqt, dkt), dvt))| {
-            let (bi, j) = (task / nkv, task % nkv);
+            let bi = task / nkv;
+            let j = task % nkv;
             let kt = &st.kr[task * s * hd..(task + 1) * s * hd];
             let vt = &st.v[task * s * hd..(task + 1) * s * hd];
+            let qt = &st.qr[task * s * gw..(task + 1) * s * gw];
+            let pt = &st.p[task * g * s * s..(task + 1) * g * s * s];
+            // dO of the group's heads, token-major [s·g, hd].
+            let mut d_o = vec![0f32; s * gw];
+            for i in 0..s {
+                d_o[i * gw..(i + 1) * gw]
+                    .copy_from_slice(&dout.row(bi * s + i)[j * gw..(j + 1) * gw]);
+            }
+            let dom = MatRef::packed(&d_o, s * g, hd);
+            let qm = MatRef::packed(qt, s * g, hd);
             let mut dkr = vec![0f32; s * hd];
-            let mut dqr = vec![0f32; s * hd];
-            let mut ds = vec![0f32; BLOCK.min(s) * s];
-            for t in 0..g {
-                let h = j * g + t;
-                let bh = bi * nh + h;
-                let qh = &st.qr[bh * s * hd..(bh + 1) * s * hd];
-                let ph = &st.p[bh * s * s..(bh + 1) * s * s];
-                let d_o = MatRef::rows(
-                    dout.data(),
-                    dout.off + bi * s * dout.rs + h * hd,
-                    s,
-                    hd,
-                    dout.rs,
+            let mut dqr = vec![0f32; s * gw];
+            let mut ds = vec![0f32; BLOCK.min(s) * g * s];
+            for (r0, r1) in blocks(s) {
+                let (rows, kb) = ((r1 - r0) * g, r1);
+                let p_blk = MatRef::rows(pt, r0 * g * s, rows, kb, s);
+                let do_blk = dom.row_range(r0 * g, r1 * g);
+                // dv[0..kb] += Pᵀ·dO
+                gemm(
+                    MatMut::rows(dvt, 0, kb, hd, hd),
+                    p_blk.t(),
+                    do_blk,
+                    1.0,
+                    true,
+                    false,
                 );
-                for (r0, r1) in blocks(s) {
-                    let (bq, kb) = (r1 - r0, r1);
-                    let p_blk = MatRef::rows(ph, r0 * s, bq, kb, s);
-                    let do_blk = d_o.row_range(r0, r1);
-                    // dv[0..kb] += Pᵀ·dO
-                    gemm(
-                        MatMut::rows(dvt, 0, kb, hd, hd),
-                        p_blk.t(),
-                        do_blk,
-                        1.0,
-                        true,
-                        false,
-                    );
-                    // dP = dO·vᵀ, then dS = P ∘ (dP − rowsum(P ∘ dP))
-                    gemm(
-                        MatMut::rows(&mut ds, 0, bq, kb, kb),
-                        do_blk,
-                        MatRef::packed(vt, s, hd).row_range(0, kb).t(),
-                        1.0,
-                        false,
-                        false,
-                    );
-                    for (ii, i) in (r0..r1).enumerate() {
-                        dsoftmax_row(&ph[i * s..i * s + kb], &mut ds[ii * kb..(ii + 1) * kb]);
-                    }
-                    let ds_blk = MatRef::rows(&ds, 0, bq, kb, kb);
-                    // dq = scale·dS·k
-                    gemm(
-                        MatMut::rows(&mut dqr, r0 * hd, bq, hd, hd),
-                        ds_blk,
-                        MatRef::packed(kt, s, hd).row_range(0, kb),
-                        spec.scale,
-                        false,
-                        false,
-                    );
-                    // dk[0..kb] += scale·dSᵀ·q
-                    gemm(
-                        MatMut::rows(&mut dkr, 0, kb, hd, hd),
-                        ds_blk.t(),
-                        MatRef::packed(qh, s, hd).row_range(r0, r1),
-                        spec.scale,
-                        true,
-                        false,
-                    );
+                // dP = dO·vᵀ, then dS = P ∘ (dP − rowsum(P ∘ dP))
+                gemm(
+                    MatMut::rows(&mut ds, 0, rows, kb, kb),
+                    do_blk,
+                    MatRef::packed(vt, s, hd).row_range(0, kb).t(),
+                    1.0,
+                    false,
+                    false,
+                );
+                for rr in 0..rows {
+                    let r = r0 * g + rr;
+                    dsoftmax_row(&pt[r * s..r * s + kb], &mut ds[rr * kb..(rr + 1) * kb]);
                 }
-                for i in 0..s {
-                    let (c, sn) = rope.row(bi * s + i);
-                    unrope_row(
-                        &dqr[i * hd..(i + 1) * hd],
-                        c,
-                        sn,
-                        &mut dqt[(t * s + i) * hd..(t * s + i + 1) * hd],
-                    );
-                }
+                let ds_blk = MatRef::rows(&ds, 0, rows, kb, kb);
+                // dq = scale·dS·k
+                gemm(
+                    MatMut::rows(&mut dqr, r0 * gw, rows, hd, hd),
+                    ds_blk,
+                    MatRef::packed(kt, s, hd).row_range(0, kb),
+                    spec.scale,
+                    false,
+                    false,
+                );
+                // dk[0..kb] += scale·dSᵀ·q
+                gemm(
+                    MatMut::rows(&mut dkr, 0, kb, hd, hd),
+                    ds_blk.t(),
+                    qm.row_range(r0 * g, r1 * g),
+                    spec.scale,
+                    true,
+                    false,
+                );
             }
             for i in 0..s {
                 let (c, sn) = rope.row(bi * s + i);
+                for t in 0..g {
+                    let r = (i * g + t) * hd;
+                    unrope_row(&dqr[r..r + hd], c, sn, &mut dqt[r..r + hd]);
+                }
                 unrope_row(
                     &dkr[i * hd..(i + 1) * hd],
                     c,
@@ -406,27 +382,25 @@ impl<const N: usize> Backward<Flex, N> for AttentionBackward {
         let timer = super::prof::time(super::prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
         let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
         let (qo, ko) = (nh * hd, nkv * hd);
+        let gw = (nh / nkv) * hd;
         if ops.state.packed {
             let width = qo + 2 * ko;
             let mut d = vec![0f32; n * width];
-            scatter_heads(
-                &mut d,
-                width,
-                &[(0, &dq, nh), (qo, &dk, nkv), (qo + ko, &dv, nkv)],
-                s,
-                hd,
-            );
+            scatter_tasks(&mut d, width, 0, &dq, s, nkv, gw);
+            scatter_tasks(&mut d, width, qo, &dk, s, nkv, hd);
+            scatter_tasks(&mut d, width, qo + ko, &dv, s, nkv, hd);
             drop(timer);
             if let Some(p) = &ops.parents[0] {
                 grads.register::<Flex>(p.id, flex_f32(d, &[n, width]));
             }
             return;
         }
-        let outs = [
-            (heads_to_rows(&dq, b, s, nh, hd), qo),
-            (heads_to_rows(&dk, b, s, nkv, hd), ko),
-            (heads_to_rows(&dv, b, s, nkv, hd), ko),
-        ];
+        let mut outs = Vec::new();
+        for (buf, w, width) in [(&dq, gw, qo), (&dk, hd, ko), (&dv, hd, ko)] {
+            let mut d = vec![0f32; n * width];
+            scatter_tasks(&mut d, width, 0, buf, s, nkv, w);
+            outs.push((d, width));
+        }
         drop(timer);
         for (p, (v, w)) in ops.parents.iter().zip(outs) {
             if let Some(p) = p {

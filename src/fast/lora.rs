@@ -497,6 +497,46 @@ impl<const N: usize> Backward<Flex, N> for GroupBackward {
     }
 }
 
+/// Rows from which the forward uses a transposed copy of W.
+const TRANSPOSE_MIN_ROWS: usize = 128;
+
+type WeightKey = (usize, usize, usize, usize);
+
+/// Transposed copies of frozen weights, keyed by the identity of the weight's storage. The `Weak` proves the
+/// key still names the same allocation (an `Arc` cannot be reallocated at an address a `Weak` still holds);
+/// entries whose weight is gone are dropped on the next insertion.
+#[allow(clippy::type_complexity)]
+static TRANSPOSED: std::sync::Mutex<
+    Option<std::collections::HashMap<WeightKey, (std::sync::Weak<burn::tensor::Bytes>, FlexTensor)>>,
+> = std::sync::Mutex::new(None);
+
+/// W `[out, in]` as a packed `[in, out]` tensor, made once per weight.
+fn transposed_weight(w: &FlexTensor) -> FlexTensor {
+    let arc = w.data_arc();
+    let shape = w.layout().shape().clone();
+    let key: WeightKey = (
+        std::sync::Arc::as_ptr(&arc) as usize,
+        w.layout().start_offset(),
+        shape[0],
+        shape[1],
+    );
+    let mut guard = match TRANSPOSED.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let map = guard.get_or_insert_with(Default::default);
+    if let Some((weak, t)) = map.get(&key) {
+        if weak.upgrade().is_some_and(|a| std::sync::Arc::ptr_eq(&a, &arc)) {
+            return t.clone();
+        }
+    }
+    map.retain(|_, (weak, _)| weak.strong_count() > 0);
+    let r = Rows::of(w);
+    let t = flex_f32(transpose(&r), &[r.cols, r.rows]);
+    map.insert(key, (std::sync::Arc::downgrade(&arc), t.clone()));
+    t
+}
+
 /// One linear module of a group (all tensors on the same backend).
 pub struct LinearRef<'a, B: Backend> {
     pub weight: &'a Tensor<B, 2>,
@@ -623,12 +663,23 @@ pub fn linear_group<B: Backend>(
     let cols = col0;
     let flops: usize = mems.iter().map(|m| 2 * n * m.out * inp).sum();
     let t_lin = super::prof::time(Cat::LinearFwd, flops as f64);
-    let ws: Vec<Rows> = mems.iter().map(|m| Rows::of(&m.w)).collect();
+    // Batches of training size read Wᵀ from a cached `[in, out]` copy (the GEMM runs ~14% faster on a
+    // row-major right-hand side than on W read transposed); small ones (generation) read W directly.
+    let wts: Vec<Option<FlexTensor>> = mems
+        .iter()
+        .map(|m| (n >= TRANSPOSE_MIN_ROWS).then(|| transposed_weight(&m.w)))
+        .collect();
+    let ws: Vec<Rows> = mems
+        .iter()
+        .zip(&wts)
+        .map(|(m, t)| Rows::of(t.as_ref().unwrap_or(&m.w)))
+        .collect();
     let terms: Vec<Term> = ws
         .iter()
-        .map(|w| Term {
+        .zip(&wts)
+        .map(|(w, t)| Term {
             a: rows_ref(&xr),
-            b: rows_ref(w).t(),
+            b: if t.is_some() { rows_ref(w) } else { rows_ref(w).t() },
             beta: 1.0,
         })
         .collect();

@@ -1,11 +1,14 @@
 //! `lm_head` + cross-entropy without vocabulary-sized activations.
 //!
-//! The loss is `Σ_i lse(h_i·Wᵀ) − (h_i·Wᵀ)[t_i]` over the selected rows i. Rows go through in chunks of
-//! [`chunk_rows`]: one GEMM gives the chunk's logits `[c, V]`, one pass per row gives the log-sum-exp and turns
-//! the row into `softmax − onehot(t)`, and — when a gradient is wanted — a second GEMM gives that chunk's
-//! `∂loss/∂h = (softmax − onehot)·W` right away. Only `[n, hidden]` is kept for the backward, which scales it by
-//! the incoming gradient (the loss is a scalar, so this is exact: nothing is recomputed, no `[n, V]` logits,
-//! probabilities or gradients are stored). W (`[V, hidden]`, torch layout, tied or not) must be frozen.
+//! The loss is `Σ_i lse(h_i·Wᵀ) − (h_i·Wᵀ)[t_i]` over the selected rows i, and — the loss being the graph's
+//! root — its gradient with respect to the hidden states, `(softmax_i − onehot(t_i))·W`, is formed during the
+//! forward: only `[n, hidden]` is kept for the backward, which scales it by the incoming gradient (exact,
+//! nothing recomputed). The vocabulary is swept in tiles of [`tile_cols`] columns with an online softmax (as
+//! flash attention does over keys): per tile one GEMM gives the logits `[rows, tile]`, one pass per row updates
+//! the running max m and sum s and turns the tile into `exp(logit − m)`, and a second GEMM accumulates
+//! `exp(logits − m)·W_tile` into `dh` after rescaling its rows by `exp(m_old − m_new)`. At the end
+//! `dh = dh / s − W[t]`, `lse = m + ln s`. W (`[V, hidden]`, torch layout, tied or not) is read once per row
+//! chunk and the logits tile stays in the cache. W must be frozen.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -20,33 +23,40 @@ use super::gemm::{gemm, MatMut, MatRef};
 use super::simd::{self, simd_fn};
 use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
 
-/// Largest number of rows per chunk (`LORATUNE_XENT_CHUNK` overrides; default 512: a 100 MB logits buffer for a
-/// 49k vocabulary, large enough for the GEMMs to run at full speed).
-pub fn chunk_rows() -> usize {
-    std::env::var("LORATUNE_XENT_CHUNK")
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&c: &usize| c > 0)
-        .unwrap_or(512)
+}
+
+/// Largest number of rows swept together (`LORATUNE_XENT_CHUNK` overrides; default 1024).
+pub fn chunk_rows() -> usize {
+    env_usize("LORATUNE_XENT_CHUNK").unwrap_or(1024)
+}
+
+/// Vocabulary columns per tile for `rows` rows (`LORATUNE_XENT_TILE` overrides): a logits tile of ~8 MB, which
+/// stays in the last-level cache between the two GEMMs.
+pub fn tile_cols(rows: usize) -> usize {
+    env_usize("LORATUNE_XENT_TILE")
+        .unwrap_or_else(|| ((2 << 20) / rows.max(1)).clamp(256, 8192) / 16 * 16)
 }
 
 simd_fn! {
-    /// Row of logits → (lse, logit[t]); with `grad`, the row becomes softmax − onehot(t).
-    fn row_loss(row: &mut [f32], t: usize, grad: bool) -> (f32, f32) {
-        let zt = row[t];
-        let m = simd::max(row);
-        if grad {
-            let s = simd::exp_shift_sum(row, m);
-            let inv = 1.0 / s;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
-            row[t] -= 1.0;
-            (m + s.ln(), zt)
+    /// One row of a logits tile: update the running (max, sum) and write `exp(logit − new max)` in place (when
+    /// `write`). Returns the factor `exp(old max − new max)` that earlier accumulations must be scaled by.
+    fn tile_row(row: &mut [f32], m: &mut f32, s: &mut f32, write: bool) -> f32 {
+        let tmax = simd::max(row);
+        let m_new = if tmax > *m { tmax } else { *m };
+        let fac = if *m == f32::NEG_INFINITY { 0.0 } else { simd::exp(*m - m_new) };
+        let part = if write {
+            simd::exp_shift_sum(row, m_new)
         } else {
-            let s = simd::exp_shift_sum_ro(row, m);
-            (m + s.ln(), zt)
-        }
+            simd::exp_shift_sum_ro(row, m_new)
+        };
+        *s = *s * fac + part;
+        *m = m_new;
+        fac
     }
 }
 
@@ -58,14 +68,15 @@ pub(crate) fn forward_host(
     targets: &[usize],
     grad: bool,
     chunk: usize,
+    tile: Option<usize>,
 ) -> (f64, Option<Vec<f32>>) {
     let (d, vocab) = (h.cols, w.rows);
-    // Equal chunks of at most `chunk` rows.
     let n_chunks = rows.len().div_ceil(chunk.max(1)).max(1);
     let c = rows.len().div_ceil(n_chunks).max(1);
-    let mut logits = vec![0f32; c * vocab];
+    let tw = tile.unwrap_or_else(|| tile_cols(c)).max(1).min(vocab.max(1));
+    let mut logits = vec![0f32; c * tw];
     let mut hc = vec![0f32; c * d];
-    let mut dhc = vec![0f32; c * d];
+    let mut acc = vec![0f32; c * d];
     let mut dh = grad.then(|| vec![0f32; h.rows * d]);
     let mut total = 0f64;
     let wref = MatRef::rows(w.data(), w.off, w.rows, w.cols, w.rs);
@@ -74,34 +85,65 @@ pub(crate) fn forward_host(
         for (k, &r) in ch.iter().enumerate() {
             hc[k * d..(k + 1) * d].copy_from_slice(h.row(r));
         }
-        gemm(
-            MatMut::packed(&mut logits[..cn * vocab], cn, vocab),
-            MatRef::packed(&hc[..cn * d], cn, d),
-            wref.t(),
-            1.0,
-            false,
-            true,
-        );
-        let part: f64 = logits[..cn * vocab]
-            .par_chunks_mut(vocab)
-            .zip(tg.par_iter())
-            .map(|(row, &t)| {
-                let (lse, zt) = row_loss(row, t, grad);
-                (lse - zt) as f64
-            })
-            .sum();
-        total += part;
+        let hm = MatRef::packed(&hc[..cn * d], cn, d);
+        let mut m = vec![f32::NEG_INFINITY; cn];
+        let mut s = vec![0f32; cn];
+        let mut zt = vec![0f32; cn];
+        let mut fac = vec![0f32; cn];
+        acc[..cn * d].fill(0.0);
+        let mut v0 = 0;
+        while v0 < vocab {
+            let v1 = (v0 + tw).min(vocab);
+            let tn = v1 - v0;
+            let lt = &mut logits[..cn * tn];
+            let w_tile = wref.row_range(v0, v1);
+            gemm(MatMut::packed(lt, cn, tn), hm, w_tile.t(), 1.0, false, true);
+            lt.par_chunks_mut(tn)
+                .zip(m.par_iter_mut())
+                .zip(s.par_iter_mut())
+                .zip(zt.par_iter_mut())
+                .zip(fac.par_iter_mut())
+                .zip(tg.par_iter())
+                .for_each(|(((((row, m), s), z), f), &t)| {
+                    if (v0..v1).contains(&t) {
+                        *z = row[t - v0];
+                    }
+                    *f = tile_row(row, m, s, grad);
+                });
+            if grad {
+                acc[..cn * d]
+                    .par_chunks_mut(d.max(1))
+                    .zip(fac.par_iter())
+                    .for_each(|(row, &f)| {
+                        if f != 1.0 {
+                            row.iter_mut().for_each(|x| *x *= f);
+                        }
+                    });
+                gemm(
+                    MatMut::packed(&mut acc[..cn * d], cn, d),
+                    MatRef::packed(lt, cn, tn),
+                    w_tile,
+                    1.0,
+                    true,
+                    true,
+                );
+            }
+            v0 = v1;
+        }
+        total += (0..cn)
+            .map(|k| (m[k] + s[k].ln() - zt[k]) as f64)
+            .sum::<f64>();
         if let Some(dh) = dh.as_mut() {
-            gemm(
-                MatMut::packed(&mut dhc[..cn * d], cn, d),
-                MatRef::packed(&logits[..cn * vocab], cn, vocab),
-                wref,
-                1.0,
-                false,
-                true,
-            );
-            for (k, &r) in ch.iter().enumerate() {
-                dh[r * d..(r + 1) * d].copy_from_slice(&dhc[k * d..(k + 1) * d]);
+            for (k, (&r, &t)) in ch.iter().zip(tg).enumerate() {
+                let inv = 1.0 / s[k];
+                let wt = w.row(t);
+                for ((o, &a), &wv) in dh[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&acc[k * d..(k + 1) * d])
+                    .zip(wt)
+                {
+                    *o = a * inv - wv;
+                }
             }
         }
     }
@@ -143,7 +185,7 @@ pub fn lm_xent<B: Backend>(
     rows: &[usize],
     targets: &[usize],
 ) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
-    lm_xent_chunked(hidden, weight, rows, targets, chunk_rows())
+    lm_xent_chunked(hidden, weight, rows, targets, chunk_rows(), None)
 }
 
 fn lm_xent_chunked<B: Backend>(
@@ -152,6 +194,7 @@ fn lm_xent_chunked<B: Backend>(
     rows: &[usize],
     targets: &[usize],
     chunk: usize,
+    tile: Option<usize>,
 ) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
     let Some(k) = kind::<B>() else {
         return Err(hidden);
@@ -169,7 +212,7 @@ fn lm_xent_chunked<B: Backend>(
     let want_grad = k == Kind::Autodiff && h_tracked;
     let flops = 2.0 * (rows.len() * h.cols * w.rows) as f64 * if want_grad { 2.0 } else { 1.0 };
     let timer = super::prof::time(super::prof::Cat::XentFwd, flops);
-    let (loss, dh) = forward_host(&h, &w, rows, targets, want_grad, chunk);
+    let (loss, dh) = forward_host(&h, &w, rows, targets, want_grad, chunk, tile);
     drop(timer);
     let out = flex_f32(vec![loss as f32], &[1]);
     match k {
@@ -209,12 +252,12 @@ mod tests {
             .collect::<Vec<_>>();
         let rows = vec![0usize, 2, 3, 5, 8];
         let targets = vec![7usize, 299, 0, 150, 7];
-        let run = |fused: Option<usize>| {
+        let run = |fused: Option<(usize, Option<usize>)>| {
             let dev = Default::default();
             let ht = ad_param::<2>(&h, [n, d], &dev);
             let wt = plain::<2>(&w, [v, d], &dev);
-            let loss = if let Some(chunk) = fused {
-                lm_xent_chunked(ht.clone(), &wt, &rows, &targets, chunk).expect("fused")
+            let loss = if let Some((chunk, tile)) = fused {
+                lm_xent_chunked(ht.clone(), &wt, &rows, &targets, chunk, tile).expect("fused")
             } else {
                 let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
                 let idx = Tensor::<AD, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &dev);
@@ -228,13 +271,15 @@ mod tests {
             let g = loss.clone().mul_scalar(0.37).backward();
             (to_vec(loss), to_vec(ht.grad(&g).expect("grad")))
         };
-        let (l1, g1) = run(Some(128));
+        let (l1, g1) = run(Some((128, None)));
         let (l0, g0) = run(None);
         assert_close(&l1, &l0, 1e-4, "xent loss");
         assert_close(&g1, &g0, 1e-5, "xent grad");
-        // Chunking does not change anything.
-        let (l2, g2) = run(Some(2));
-        assert_close(&l2, &l0, 1e-4, "chunked loss");
-        assert_close(&g2, &g0, 1e-5, "chunked grad");
+        // Row chunks and vocabulary tiles (with a partial last tile) do not change anything.
+        for (chunk, tile) in [(2, Some(64)), (3, Some(7)), (4, Some(300))] {
+            let (l2, g2) = run(Some((chunk, tile)));
+            assert_close(&l2, &l0, 1e-4, "chunked loss");
+            assert_close(&g2, &g0, 1e-5, "chunked grad");
+        }
     }
 }
