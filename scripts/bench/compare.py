@@ -4,7 +4,7 @@
 Each run is a fresh process: load the model, 1 warm-up step, --steps timed steps; its score is the median step
 time. Runs alternate (loratune, torch, torch, loratune, ...: ABBA order, so a slow drift of the machine's load
 hits both sides alike). The summary reports, per side, the median over runs of tokens/s, the min/max run, and
-the peak RSS (kernel's VmHWM via /usr/bin/time -v, the largest over runs), then the tokens/s ratio.
+the peak RSS (the kernel's high-water mark of each child, via os.wait4; the largest over runs), then the tokens/s ratio.
 
     /work/venv/bin/python scripts/bench/compare.py --model /tmp/smollm2-hf --runs 5
     /work/venv/bin/python scripts/bench/compare.py --shape llama-3.2-1b --device cuda --dtype bf16 \
@@ -16,33 +16,62 @@ torch 2.15 / transformers 5.24 / peft 0.21 (the one running this script, or --py
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def run(cmd, env=None):
-    """Run under /usr/bin/time -v; return (json result, peak RSS MB by the kernel, wall seconds)."""
+def gpu_sampler(device):
+    """Start nvidia-smi sampling the used memory of the GPU every 100 ms (None on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    idx = device.split(":")[1] if ":" in device else "0"
+    return subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                             "-i", idx, "-lms", "100"], stdout=subprocess.PIPE, text=True)
+
+
+def gpu_peak(sampler):
+    if sampler is None:
+        return None
+    sampler.terminate()
+    out, _ = sampler.communicate()
+    vals = [float(x) for x in out.split() if x.strip().replace(".", "", 1).isdigit()]
+    return max(vals) if vals else None
+
+
+def run(cmd, env=None, device="cpu"):
+    """Run one side in a fresh process; return (json result, peak RSS MB, wall seconds). The peak RSS is the
+    kernel's high-water mark of that child alone (os.wait4's ru_maxrss, what `/usr/bin/time -v` prints). On CUDA
+    the result also gets `peak_gpu_used_mb`: the most GPU memory nvidia-smi saw in use during the run."""
+    sampler = gpu_sampler(device)
     t0 = time.time()
-    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    peak = gpu_peak(sampler)
     if p.returncode != 0:
-        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        sys.stderr.write(stdout[-4000:] + stderr[-4000:])
         raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}")
     res = None
-    for line in p.stdout.splitlines():
+    for line in stdout.splitlines():
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
             res = json.loads(line)
     if res is None:
-        raise SystemExit(f"no JSON result from: {' '.join(cmd)}\n{p.stdout[-2000:]}")
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    rss = int(m.group(1)) / 1024.0 if m else float("nan")
+        raise SystemExit(f"no JSON result from: {' '.join(cmd)}\n{stdout[-2000:]}")
+    rss = usage.ru_maxrss / 1024.0  # Linux: kilobytes
+    if peak is not None:
+        res["peak_gpu_used_mb"] = peak
     return res, rss, wall
 
 
@@ -61,6 +90,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    ap.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU, both sides (default: each side's own "
+                    "default: 330e9 CPU, 989e12 CUDA)")
     ap.add_argument("--loratune", default=os.path.join(ROOT, "target", "release", "loratune"))
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--out", help="also write the summary as JSON here")
@@ -68,6 +99,8 @@ def main():
 
     common = ["--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank), "--targets", a.targets,
               "--warmup", str(a.warmup), "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype]
+    if a.peak_flops:
+        common += ["--peak-flops", str(a.peak_flops)]
     which = ["--model", a.model] if a.model else ["--shape", a.shape]
     ours = [a.loratune, "bench", "--json"] + which + common
     theirs = [a.python, os.path.join(HERE, "torch_bench.py"), "--threads", str(a.threads)] + which + common
@@ -80,10 +113,12 @@ def main():
         order += [("loratune", ours), ("torch+peft", theirs)] if i % 2 == 0 else \
                  [("torch+peft", theirs), ("loratune", ours)]
     for side, cmd in order:
-        res, rss, wall = run(cmd, env)
+        res, rss, wall = run(cmd, env, a.device)
         res["peak_rss_mb_time_v"] = rss
         results[side].append(res)
-        extra = f" peak GPU {res['peak_gpu_mem_mb']:.0f} MB" if "peak_gpu_mem_mb" in res else ""
+        extra = f" peak GPU used {res['peak_gpu_used_mb']:.0f} MB" if "peak_gpu_used_mb" in res else ""
+        if "peak_gpu_mem_mb" in res:
+            extra += f" (torch allocator peak {res['peak_gpu_mem_mb']:.0f} MB)"
         print(f"{side:<11} {res['step_seconds_median']:.3f} s/step  {res['tokens_per_second']:8.1f} tok/s  "
               f"MFU {100 * res['mfu']:5.1f}%  peak RSS {rss:7.0f} MB{extra}  ({wall:.0f} s)", flush=True)
 
@@ -98,8 +133,8 @@ def main():
             "step_seconds_median": statistics.median(r["step_seconds_median"] for r in rs),
             "mfu_median": statistics.median(r["mfu"] for r in rs),
             "peak_rss_mb_max": max(r["peak_rss_mb_time_v"] for r in rs),
-            **({"peak_gpu_mem_mb_max": max(r["peak_gpu_mem_mb"] for r in rs)}
-               if all("peak_gpu_mem_mb" in r for r in rs) else {}),
+            **({"peak_gpu_used_mb_max": max(r["peak_gpu_used_mb"] for r in rs)}
+               if all("peak_gpu_used_mb" in r for r in rs) else {}),
         }
 
     s = {"loratune": summary("loratune"), "torch+peft": summary("torch+peft")}
@@ -112,7 +147,8 @@ def main():
         print(f"{side:<11} median {x['tokens_per_second_median']:8.1f} tok/s "
               f"(runs {x['tokens_per_second_min']:.1f}–{x['tokens_per_second_max']:.1f}, n={x['runs']}), "
               f"{x['step_seconds_median']:.3f} s/step, MFU {100 * x['mfu_median']:.1f}%, "
-              f"peak RSS {x['peak_rss_mb_max']:.0f} MB")
+              f"peak RSS {x['peak_rss_mb_max']:.0f} MB"
+              + (f", peak GPU used {x['peak_gpu_used_mb_max']:.0f} MB" if "peak_gpu_used_mb_max" in x else ""))
     print(f"ratio loratune / torch+peft: {ratio:.2f}x")
     if a.out:
         with open(a.out, "w") as f:

@@ -62,8 +62,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation")
-    ap.add_argument("--peak-flops", type=float, default=330e9)
+    ap.add_argument("--peak-flops", type=float, help="for MFU; default 330e9 on the CPU, 989e12 on CUDA")
     a = ap.parse_args()
+    if a.peak_flops is None:
+        a.peak_flops = 989e12 if a.device.startswith("cuda") else 330e9
 
     from transformers import AutoModelForCausalLM, LlamaConfig
     from peft import LoraConfig, get_peft_model
@@ -126,8 +128,7 @@ def main():
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     # Same FLOP model as `loratune bench`: frozen base → 4·params per token (+ attention).
     attn = 4.0 * c.num_hidden_layers * a.seq * c.num_attention_heads * hd * 2.0
-    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    flops_tok = 4.0 * base_params + attn
+    flops_tok = 4.0 * total + attn
     res = {
         "side": "torch+peft",
         "torch": torch.__version__,

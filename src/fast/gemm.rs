@@ -342,6 +342,56 @@ mod tests {
 mod bench {
     use super::*;
 
+    /// 12 independent 8-lane FMA chains (AVX2+FMA; Zen 4 runs 512-bit FMAs as two 256-bit halves, so this is
+    /// its peak too), `iters` times: 192·iters FLOPs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma_loop(iters: usize, seed: f32) -> f32 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_set1_ps(seed); 12];
+        let m = _mm256_set1_ps(1.000_000_1);
+        let c = _mm256_set1_ps(1e-7);
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm256_fmadd_ps(*a, m, c);
+            }
+        }
+        let mut out = [0f32; 8];
+        let mut t = _mm256_setzero_ps();
+        for a in acc {
+            t = _mm256_add_ps(t, a);
+        }
+        _mm256_storeu_ps(out.as_mut_ptr(), t);
+        out.iter().sum()
+    }
+
+    /// The FMA peak of this machine (run with `--ignored --nocapture`): one and two threads.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[ignore]
+    fn fma_peak() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let iters = 200_000_000;
+        // SAFETY: AVX2 and FMA are present (checked above).
+        let run = |seed| unsafe { fma_loop(iters, seed) };
+        for threads in [1usize, 2] {
+            let t0 = std::time::Instant::now();
+            let s = if threads == 1 {
+                run(1.0)
+            } else {
+                let (a, b) = rayon::join(|| run(1.0), || run(2.0));
+                a + b
+            };
+            let dt = t0.elapsed().as_secs_f64();
+            println!(
+                "{threads} thread(s): {:.0} GFLOP/s (checksum {s})",
+                192.0 * iters as f64 * threads as f64 / dt / 1e9
+            );
+        }
+    }
+
     /// GEMM throughput at the SmolLM2 LoRA step's shapes (run with `--ignored --nocapture`).
     #[test]
     #[ignore]
