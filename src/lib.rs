@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod fast;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

@@ -63,8 +63,36 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Forward on a `[n, in]` input. `dropout_mask`, when given, is the already-scaled keep mask
-    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input.
+    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input. On the CPU backends an unmerged adapter runs
+    /// as one fused node ([`crate::fast::lora`]); [`Self::forward_plain`] is the reference.
     pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        match crate::fast::lora::linear_group(x, &[self.fused_ref(dropout_mask.clone())]) {
+            Ok(y) => y,
+            Err(x) => self.forward_plain(x, dropout_mask),
+        }
+    }
+
+    /// This module as a member of a fused linear group ([`crate::fast::lora::linear_group`]).
+    pub fn fused_ref(
+        &self,
+        dropout_mask: Option<Tensor<B, 2>>,
+    ) -> crate::fast::lora::LinearRef<'_, B> {
+        crate::fast::lora::LinearRef {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            adapter: match (&self.lora, self.merged) {
+                (Some(l), false) => Some((&l.a, &l.b, l.scale, dropout_mask)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The reference implementation with burn ops.
+    pub fn forward_plain(
+        &self,
+        x: Tensor<B, 2>,
+        dropout_mask: Option<Tensor<B, 2>>,
+    ) -> Tensor<B, 2> {
         let mut y = x.clone().matmul(self.weight.clone().transpose());
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze_dim::<2>(0);

@@ -3,11 +3,14 @@
 //! Field names mirror transformers' module tree (`model.layers.N.self_attn.q_proj`, ...) so that loading,
 //! LoRA targeting and exporting all speak the same names. Linear weights stay in torch layout `[out, in]`.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use super::config::{Activation, Family, ModelConfig};
+use crate::fast::attention::{AttnSpec, Rope};
 use crate::lora::linear::LoraLinear;
 
 /// RMSNorm, plain (`x̂·w`) or Gemma-style (`x̂·(1+w)`), computed in f32.
@@ -19,8 +22,16 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    /// Normalise over the last dimension.
+    /// Normalise over the last dimension (the fused kernel on the CPU backends, else [`Self::forward_plain`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match crate::fast::norm::rms_norm(x, &self.weight, self.eps, self.gemma) {
+            Ok(y) => y,
+            Err(x) => self.forward_plain(x),
+        }
+    }
+
+    /// The reference implementation with burn ops.
+    pub fn forward_plain<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let xf = if dtype != DType::F32 {
             x.cast(DType::F32)
@@ -220,49 +231,79 @@ fn lin<B: Backend>(
     drop: &mut dyn DropoutSource<B>,
     device: &B::Device,
 ) -> Tensor<B, 2> {
-    let mask = match &l.lora {
-        Some(a) if a.dropout > 0.0 => {
-            let [n, f] = x.dims();
-            drop.mask(n, f, a.dropout, device)
-        }
-        _ => None,
-    };
+    let [n, f] = x.dims();
+    let mask = dropout_mask(l, n, f, drop, device);
     l.forward(x, mask)
 }
 
-/// Positions of a batch as a `[b, 1, s, rot]` cos / sin pair (rotate-half layout: frequencies duplicated).
+/// The dropout mask `lin` would draw for `l` (same stream order).
+fn dropout_mask<B: Backend>(
+    l: &LoraLinear<B>,
+    n: usize,
+    f: usize,
+    drop: &mut dyn DropoutSource<B>,
+    device: &B::Device,
+) -> Option<Tensor<B, 2>> {
+    match &l.lora {
+        Some(a) if a.dropout > 0.0 => drop.mask(n, f, a.dropout, device),
+        _ => None,
+    }
+}
+
+/// Modules that read the same input (q/k/v, gate/up): their outputs side by side as one fused node on the CPU
+/// backends (`Ok`), else one output per module (`Err`). Dropout masks are drawn in module order either way.
+fn lin_group<B: Backend>(
+    mods: &[&LoraLinear<B>],
+    x: Tensor<B, 2>,
+    drop: &mut dyn DropoutSource<B>,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>, Vec<Tensor<B, 2>>> {
+    let [n, f] = x.dims();
+    let masks: Vec<Option<Tensor<B, 2>>> = mods
+        .iter()
+        .map(|l| dropout_mask(l, n, f, drop, device))
+        .collect();
+    let refs: Vec<_> = mods
+        .iter()
+        .zip(&masks)
+        .map(|(l, m)| l.fused_ref(m.clone()))
+        .collect();
+    match crate::fast::lora::linear_group(x, &refs) {
+        Ok(y) => Ok(y),
+        Err(x) => Err(mods
+            .iter()
+            .zip(masks)
+            .map(|(l, m)| l.forward(x.clone(), m))
+            .collect()),
+    }
+}
+
+/// Positions of a batch as a `[b, 1, s, rot]` cos / sin pair (rotate-half layout: frequencies duplicated), from
+/// the host tables.
 fn rope_tables<B: Backend>(
-    inv_freq: &[f32],
-    positions: &[u32],
+    rope: &Rope,
     batch: usize,
     seq: usize,
     dtype: DType,
     device: &B::Device,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let half = inv_freq.len();
+    let half = rope.half;
     let rot = 2 * half;
-    let mut cos = Vec::with_capacity(batch * seq * rot);
-    let mut sin = Vec::with_capacity(batch * seq * rot);
-    let mut cs = vec![0f32; half];
-    let mut sn = vec![0f32; half];
-    for &p in positions {
-        for (j, f) in inv_freq.iter().enumerate() {
-            let a = p as f32 * f;
-            cs[j] = a.cos();
-            sn[j] = a.sin();
+    let dup = |t: &[f32]| {
+        let mut v = Vec::with_capacity(batch * seq * rot);
+        for row in t.chunks(half.max(1)).take(batch * seq) {
+            v.extend_from_slice(row);
+            v.extend_from_slice(row);
         }
-        cos.extend_from_slice(&cs);
-        cos.extend_from_slice(&cs);
-        sin.extend_from_slice(&sn);
-        sin.extend_from_slice(&sn);
-    }
+        v
+    };
     let mk = |v: Vec<f32>| {
         Tensor::<B, 4>::from_data(
             TensorData::new(v, [batch, 1, seq, rot]),
             (device, DType::F32),
         )
     };
-    let (c, s) = (mk(cos), mk(sin));
+    let (c, s) = (mk(dup(&rope.cos)), mk(dup(&rope.sin)));
     if dtype != DType::F32 {
         (c.cast(dtype), s.cast(dtype))
     } else {
@@ -293,9 +334,10 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
     }
 }
 
-/// Boolean attention mask `[b, 1, q, k]` (true = blocked) for queries at absolute positions
-/// `offset..offset+q` over keys `0..k`.
-fn build_mask<B: Backend>(
+/// Boolean attention mask `[b, q, k]` (true = blocked) for queries at absolute positions `offset..offset+q`
+/// over keys `0..k`.
+#[allow(clippy::too_many_arguments)]
+fn build_mask(
     batch: usize,
     q_len: usize,
     k_len: usize,
@@ -303,8 +345,7 @@ fn build_mask<B: Backend>(
     key_valid: &[Vec<bool>],
     segments: Option<&[u32]>,
     window: Option<usize>,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
+) -> Vec<bool> {
     let mut m = vec![false; batch * q_len * k_len];
     for b in 0..batch {
         for i in 0..q_len {
@@ -329,7 +370,98 @@ fn build_mask<B: Backend>(
             }
         }
     }
-    Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [batch, 1, q_len, k_len]), device)
+    m
+}
+
+/// What every layer's attention of one forward shares: RoPE tables and masks, on the host (for the fused
+/// kernel) and as tensors (built on first use, for the burn path).
+struct AttnCtx<B: Backend> {
+    b: usize,
+    s: usize,
+    k_len: usize,
+    /// No KV cache: the fused attention applies.
+    fresh: bool,
+    dtype: DType,
+    device: B::Device,
+    rope: Arc<Rope>,
+    rope_t: OnceCell<(Tensor<B, 4>, Tensor<B, 4>)>,
+    masks: HashMap<Option<usize>, (Arc<Vec<bool>>, OnceCell<Tensor<B, 4, Bool>>)>,
+}
+
+impl<B: Backend> AttnCtx<B> {
+    fn cos_sin(&self) -> &(Tensor<B, 4>, Tensor<B, 4>) {
+        self.rope_t
+            .get_or_init(|| rope_tables::<B>(&self.rope, self.b, self.s, self.dtype, &self.device))
+    }
+
+    fn mask_host(&self, window: Option<usize>) -> &Arc<Vec<bool>> {
+        &self.masks[&window].0
+    }
+
+    fn mask_tensor(&self, window: Option<usize>) -> &Tensor<B, 4, Bool> {
+        let (host, cell) = &self.masks[&window];
+        cell.get_or_init(|| {
+            Tensor::<B, 4, Bool>::from_data(
+                TensorData::new(host.as_ref().clone(), [self.b, 1, self.s, self.k_len]),
+                &self.device,
+            )
+        })
+    }
+}
+
+/// RoPE + masked softmax attention with burn ops, from q `[b·s, nh·hd]`, k / v `[b·s, nkv·hd]` to
+/// `[b·s, nh·hd]` (the reference for the fused kernel; also the KV-cache path).
+#[allow(clippy::too_many_arguments)]
+fn attention_core_plain<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    (nh, nkv, hd): (usize, usize, usize),
+    scale: f64,
+    softcap: Option<f64>,
+    ctx: &AttnCtx<B>,
+    window: Option<usize>,
+    kv_slot: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+) -> Tensor<B, 2> {
+    let (b, s) = (ctx.b, ctx.s);
+    let g = nh / nkv;
+    let (cos, sin) = ctx.cos_sin();
+    let q = apply_rope(q.reshape([b, s, nh, hd]).swap_dims(1, 2), cos, sin);
+    let mut k = apply_rope(k.reshape([b, s, nkv, hd]).swap_dims(1, 2), cos, sin);
+    let mut v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
+    if let Some(slot) = kv_slot {
+        if let Some((pk, pv)) = slot.take() {
+            k = Tensor::cat(vec![pk, k], 2);
+            v = Tensor::cat(vec![pv, v], 2);
+        }
+        *slot = Some((k.clone(), v.clone()));
+    }
+    let t = k.dims()[2];
+    let dtype = q.dtype();
+    // GQA without copying k/v: fold the g query heads of each kv head into the row dimension.
+    let q5 = q.reshape([b, nkv, g * s, hd]);
+    let scores = q5.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, t]);
+    let mut scores = if dtype != DType::F32 {
+        scores.cast(DType::F32)
+    } else {
+        scores
+    };
+    scores = scores.mul_scalar(scale);
+    if let Some(cap) = softcap {
+        scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+    }
+    let mask = ctx.mask_tensor(window).clone();
+    let scores = scores.mask_fill(mask.expand([b, nh, s, t]), f32::NEG_INFINITY);
+    let probs = activation::softmax(scores, 3);
+    let probs = if dtype != DType::F32 {
+        probs.cast(dtype)
+    } else {
+        probs
+    };
+    let out = probs.reshape([b, nkv, g * s, t]).matmul(v);
+    out.reshape([b, nh, s, hd])
+        .swap_dims(1, 2)
+        .reshape([b * s, nh * hd])
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -352,7 +484,6 @@ impl<B: Backend> CausalLm<B> {
             let normalizer = (cfg.hidden_size as f64).sqrt() as f32;
             x = x.mul_scalar(normalizer);
         }
-        let (cos, sin) = rope_tables::<B>(&self.inv_freq, &batch.position_ids, b, s, dtype, device);
 
         // Key validity over the whole (cached + new) sequence.
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
@@ -364,10 +495,10 @@ impl<B: Backend> CausalLm<B> {
             kv.extend_from_slice(&batch.attention_mask[r * s..(r + 1) * s]);
         }
         let k_len = offset + s;
-        let mut masks: HashMap<Option<usize>, Tensor<B, 4, Bool>> = HashMap::new();
+        let mut masks = HashMap::new();
         for layer in &self.model.layers {
             masks.entry(layer.window).or_insert_with(|| {
-                build_mask::<B>(
+                let m = build_mask(
                     b,
                     s,
                     k_len,
@@ -375,16 +506,26 @@ impl<B: Backend> CausalLm<B> {
                     &key_valid,
                     batch.segment_ids.as_deref(),
                     layer.window,
-                    device,
-                )
+                );
+                (Arc::new(m), OnceCell::new())
             });
         }
+        let ctx = AttnCtx {
+            b,
+            s,
+            k_len,
+            fresh: cache.is_none(),
+            dtype,
+            device: device.clone(),
+            rope: Arc::new(Rope::new(&self.inv_freq, &batch.position_ids)),
+            rope_t: OnceCell::new(),
+            masks,
+        };
 
         let mut cache = cache;
         for (li, layer) in self.model.layers.iter().enumerate() {
-            let mask = &masks[&layer.window];
             let kv_slot = cache.as_mut().map(|c| &mut c.layers[li]);
-            x = self.layer_forward(layer, x, b, s, &cos, &sin, mask, kv_slot, drop);
+            x = self.layer_forward(layer, x, &ctx, kv_slot, drop);
         }
         if let Some(c) = cache {
             c.key_valid = key_valid;
@@ -393,23 +534,18 @@ impl<B: Backend> CausalLm<B> {
         self.model.norm.forward(x)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &DecoderLayer<B>,
         x: Tensor<B, 2>,
-        b: usize,
-        s: usize,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-        mask: &Tensor<B, 4, Bool>,
+        ctx: &AttnCtx<B>,
         kv_slot: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
         let gemma2 = self.config.family == Family::Gemma2;
         let residual = x.clone();
         let h = layer.input_layernorm.forward(x);
-        let h = self.attention(&layer.self_attn, h, b, s, cos, sin, mask, kv_slot, drop);
+        let h = self.attention(&layer.self_attn, h, ctx, layer.window, kv_slot, drop);
         let h = if gemma2 {
             layer.post_attention_layernorm.forward(h)
         } else {
@@ -429,108 +565,131 @@ impl<B: Backend> CausalLm<B> {
         residual + h
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         attn: &SelfAttention<B>,
         x: Tensor<B, 2>,
-        b: usize,
-        s: usize,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
-        mask: &Tensor<B, 4, Bool>,
+        ctx: &AttnCtx<B>,
+        window: Option<usize>,
         kv_slot: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
         let cfg = &self.config;
         let device = &self.device;
+        let (b, s) = (ctx.b, ctx.s);
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let g = nh / nkv;
-        let (q, k, v) = match &attn.qkv {
+        let n = b * s;
+        let (qo, ko) = (nh * hd, nkv * hd);
+        let mods: Vec<&LoraLinear<B>> = match &attn.qkv {
             QkvProj::Split {
                 q_proj,
                 k_proj,
                 v_proj,
-            } => (
-                lin(q_proj, x.clone(), drop, device),
-                lin(k_proj, x.clone(), drop, device),
-                lin(v_proj, x, drop, device),
-            ),
-            QkvProj::Fused { qkv_proj } => {
-                let y = lin(qkv_proj, x, drop, device);
-                let n = b * s;
-                let (qo, ko) = (nh * hd, nkv * hd);
-                (
-                    y.clone().slice([0..n, 0..qo]),
-                    y.clone().slice([0..n, qo..qo + ko]),
-                    y.slice([0..n, qo + ko..qo + 2 * ko]),
-                )
+            } => vec![q_proj, k_proj, v_proj],
+            QkvProj::Fused { qkv_proj } => vec![qkv_proj],
+        };
+        let fused_ok = ctx.fresh && kv_slot.is_none() && cfg.attn_logit_softcapping.is_none();
+        let spec = || AttnSpec {
+            batch: b,
+            seq: s,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: cfg.attn_scale() as f32,
+            rope: ctx.rope.clone(),
+            mask: ctx.mask_host(window).clone(),
+        };
+        let split = |y: Tensor<B, 2>| {
+            (
+                y.clone().slice([0..n, 0..qo]),
+                y.clone().slice([0..n, qo..qo + ko]),
+                y.slice([0..n, qo + ko..qo + 2 * ko]),
+            )
+        };
+        let (q, k, v) = match lin_group(&mods, x, drop, device) {
+            Ok(qkv) if fused_ok && attn.q_norm.is_none() && attn.k_norm.is_none() => {
+                match crate::fast::attention::attention_packed(qkv, &spec()) {
+                    Ok(out) => return lin(&attn.o_proj, out, drop, device),
+                    Err(qkv) => split(qkv),
+                }
             }
-        };
-        let mut q = q.reshape([b, s, nh, hd]);
-        let mut k = k.reshape([b, s, nkv, hd]);
-        if let Some(n) = &attn.q_norm {
-            q = n.forward(q);
-        }
-        if let Some(n) = &attn.k_norm {
-            k = n.forward(k);
-        }
-        let q = apply_rope(q.swap_dims(1, 2), cos, sin);
-        let mut k = apply_rope(k.swap_dims(1, 2), cos, sin);
-        let mut v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
-        if let Some(slot) = kv_slot {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+            Ok(qkv) => split(qkv),
+            Err(mut outs) if outs.len() == 3 => {
+                let v = outs.pop();
+                let k = outs.pop();
+                let q = outs.pop();
+                match (q, k, v) {
+                    (Some(q), Some(k), Some(v)) => (q, k, v),
+                    _ => unreachable!("three outputs"),
+                }
             }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let t = k.dims()[2];
-        let dtype = q.dtype();
-        // GQA without copying k/v: fold the g query heads of each kv head into the row dimension.
-        let q5 = q.reshape([b, nkv, g * s, hd]);
-        let scores = q5.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, t]);
-        let mut scores = if dtype != DType::F32 {
-            scores.cast(DType::F32)
-        } else {
-            scores
+            Err(mut outs) => match outs.pop() {
+                Some(y) => split(y),
+                None => unreachable!("one output per module"),
+            },
         };
-        scores = scores.mul_scalar(cfg.attn_scale());
-        if let Some(cap) = cfg.attn_logit_softcapping {
-            scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
-        }
-        let scores = scores.mask_fill(mask.clone().expand([b, nh, s, t]), f32::NEG_INFINITY);
-        let probs = activation::softmax(scores, 3);
-        let probs = if dtype != DType::F32 {
-            probs.cast(dtype)
-        } else {
-            probs
+        let q = match &attn.q_norm {
+            Some(n) => n
+                .forward(q.reshape([b, s, nh, hd]))
+                .reshape([b * s, nh * hd]),
+            None => q,
         };
-        let out = probs.reshape([b, nkv, g * s, t]).matmul(v);
-        let out = out
-            .reshape([b, nh, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b * s, nh * hd]);
+        let k = match &attn.k_norm {
+            Some(n) => n
+                .forward(k.reshape([b, s, nkv, hd]))
+                .reshape([b * s, nkv * hd]),
+            None => k,
+        };
+        let (q, k, v) = if fused_ok {
+            match crate::fast::attention::attention(q, k, v, &spec()) {
+                Ok(out) => return lin(&attn.o_proj, out, drop, device),
+                Err(qkv) => qkv,
+            }
+        } else {
+            (q, k, v)
+        };
+        let heads = (nh, nkv, hd);
+        let (scale, cap) = (cfg.attn_scale(), cfg.attn_logit_softcapping);
+        let out = attention_core_plain(q, k, v, heads, scale, cap, ctx, window, kv_slot);
         lin(&attn.o_proj, out, drop, device)
     }
 
     fn mlp(&self, mlp: &Mlp<B>, x: Tensor<B, 2>, drop: &mut dyn DropoutSource<B>) -> Tensor<B, 2> {
         let device = &self.device;
-        let (gate, up) = match &mlp.gate_up {
-            GateUpProj::Split { gate_proj, up_proj } => (
-                lin(gate_proj, x.clone(), drop, device),
-                lin(up_proj, x, drop, device),
-            ),
-            GateUpProj::Fused { gate_up_proj } => {
-                let y = lin(gate_up_proj, x, drop, device);
-                let [n, two_i] = y.dims();
-                let i = two_i / 2;
-                (y.clone().slice([0..n, 0..i]), y.slice([0..n, i..two_i]))
-            }
+        let mods: Vec<&LoraLinear<B>> = match &mlp.gate_up {
+            GateUpProj::Split { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUpProj::Fused { gate_up_proj } => vec![gate_up_proj],
+        };
+        let split = |y: Tensor<B, 2>| {
+            let [n, two_i] = y.dims();
+            let i = two_i / 2;
+            (y.clone().slice([0..n, 0..i]), y.slice([0..n, i..two_i]))
+        };
+        let (gate, up) = match lin_group(&mods, x, drop, device) {
+            Ok(gu) if mlp.act == Activation::Silu => match crate::fast::act::silu_mul_packed(gu) {
+                Ok(h) => return lin(&mlp.down_proj, h, drop, device),
+                Err(gu) => split(gu),
+            },
+            Ok(gu) => split(gu),
+            Err(mut outs) if outs.len() == 2 => match (outs.pop(), outs.pop()) {
+                (Some(up), Some(gate)) => (gate, up),
+                _ => unreachable!("two outputs"),
+            },
+            Err(mut outs) => match outs.pop() {
+                Some(y) => split(y),
+                None => unreachable!("one output per module"),
+            },
+        };
+        let (gate, up) = match mlp.act {
+            Activation::Silu => match crate::fast::act::silu_mul(gate, up) {
+                Ok(h) => return lin(&mlp.down_proj, h, drop, device),
+                Err(gu) => gu,
+            },
+            _ => (gate, up),
         };
         let act = match mlp.act {
             Activation::Silu => activation::silu(gate),
@@ -716,5 +875,150 @@ mod valid {
                 device: self.device.clone(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fast::tests_util::*;
+
+    /// The fused attention (RoPE, GQA, causal + padding + packing + sliding-window masks, a partial rotary
+    /// width, a sequence longer than one query block) against the burn implementation: values and the
+    /// gradients of q, k and v.
+    fn check(window: Option<usize>, packed: bool) {
+        check_with(window, packed, false);
+        check_with(window, packed, true);
+    }
+
+    /// `one_input`: q|k|v side by side in one tensor ([`crate::fast::attention::attention_packed`]).
+    fn check_with(window: Option<usize>, packed: bool, one_input: bool) {
+        let (b, s, nh, nkv, hd) = (2, 70, 4, 2, 8);
+        let n = b * s;
+        let inv_freq = vec![1.0f32, 0.1, 0.01]; // rot = 6 < hd
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+        let mut key_valid = vec![vec![true; s]; b];
+        for v in key_valid[1][60..].iter_mut() {
+            v.clone_from(&false);
+        }
+        let segments: Option<Vec<u32>> =
+            packed.then(|| (0..n).map(|p| if p % s < 30 { 0 } else { 1 }).collect());
+        let mask = build_mask(b, s, s, 0, &key_valid, segments.as_deref(), window);
+        let q = rand_vec(n * nh * hd, 41);
+        let k = rand_vec(n * nkv * hd, 42);
+        let v = rand_vec(n * nkv * hd, 43);
+        let dy = rand_vec(n * nh * hd, 44);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let run = |fused: bool| {
+            let dev = Default::default();
+            let ctx = AttnCtx::<AD> {
+                b,
+                s,
+                k_len: s,
+                fresh: true,
+                dtype: DType::F32,
+                device: dev,
+                rope: Arc::new(Rope::new(&inv_freq, &positions)),
+                rope_t: OnceCell::new(),
+                masks: HashMap::from([(window, (Arc::new(mask.clone()), OnceCell::new()))]),
+            };
+            let qt = ad_param::<2>(&q, [n, nh * hd], &dev);
+            let kt = ad_param::<2>(&k, [n, nkv * hd], &dev);
+            let vt = ad_param::<2>(&v, [n, nkv * hd], &dev);
+            let qkv = one_input.then(|| {
+                let t = Tensor::cat(
+                    vec![
+                        plain::<2>(&q, [n, nh * hd], &dev),
+                        plain::<2>(&k, [n, nkv * hd], &dev),
+                        plain::<2>(&v, [n, nkv * hd], &dev),
+                    ],
+                    1,
+                );
+                Tensor::<AD, 2>::from_data(t.into_data(), &dev).require_grad()
+            });
+            let (qt, kt, vt) = match &qkv {
+                Some(t) => (
+                    t.clone().slice([0..n, 0..nh * hd]),
+                    t.clone().slice([0..n, nh * hd..(nh + nkv) * hd]),
+                    t.clone()
+                        .slice([0..n, (nh + nkv) * hd..(nh + 2 * nkv) * hd]),
+                ),
+                None => (qt, kt, vt),
+            };
+            let y = if fused {
+                let spec = AttnSpec {
+                    batch: b,
+                    seq: s,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    scale: scale as f32,
+                    rope: ctx.rope.clone(),
+                    mask: ctx.mask_host(window).clone(),
+                };
+                match &qkv {
+                    Some(t) => crate::fast::attention::attention_packed(t.clone(), &spec)
+                        .ok()
+                        .expect("fused path applies"),
+                    None => {
+                        crate::fast::attention::attention(qt.clone(), kt.clone(), vt.clone(), &spec)
+                            .ok()
+                            .expect("fused path applies")
+                    }
+                }
+            } else {
+                attention_core_plain(
+                    qt.clone(),
+                    kt.clone(),
+                    vt.clone(),
+                    (nh, nkv, hd),
+                    scale,
+                    None,
+                    &ctx,
+                    window,
+                    None,
+                )
+            };
+            let g = backward_with(y.clone(), &dy, [n, nh * hd]);
+            match &qkv {
+                // One leaf: its gradient holds dq | dk | dv per row.
+                Some(t) => (to_vec(y), to_vec(t.grad(&g).expect("dqkv")), vec![], vec![]),
+                None => (
+                    to_vec(y),
+                    to_vec(qt.grad(&g).expect("dq")),
+                    to_vec(kt.grad(&g).expect("dk")),
+                    to_vec(vt.grad(&g).expect("dv")),
+                ),
+            }
+        };
+        let f = run(true);
+        let p = run(false);
+        // Padded query rows are unused; compare real rows only.
+        let real = |x: &[f32], w: usize| -> Vec<f32> {
+            x.chunks(w)
+                .enumerate()
+                .filter(|(t, _)| key_valid[t / s][t % s])
+                .flat_map(|(_, r)| r.to_vec())
+                .collect()
+        };
+        assert_close(
+            &real(&f.0, nh * hd),
+            &real(&p.0, nh * hd),
+            1e-5,
+            "attention out",
+        );
+        assert_close(&f.1, &p.1, 1e-5, "dq");
+        assert_close(&f.2, &p.2, 1e-5, "dk");
+        assert_close(&f.3, &p.3, 1e-5, "dv");
+    }
+
+    #[test]
+    fn fused_attention_matches_plain() {
+        check(None, false);
+    }
+
+    #[test]
+    fn fused_attention_with_window_and_packing_matches_plain() {
+        check(Some(20), true);
     }
 }

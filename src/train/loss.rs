@@ -45,7 +45,6 @@ pub fn loss_from_hidden<B: Backend>(
     targets: &[i64],
     drop: &mut dyn DropoutSource<B>,
 ) -> (Tensor<B, 1>, usize) {
-    let device = model.device.clone();
     let rows: Vec<i32> = targets
         .iter()
         .enumerate()
@@ -56,6 +55,32 @@ pub fn loss_from_hidden<B: Backend>(
     if n == 0 {
         return (hidden.sum().mul_scalar(0.0), 0);
     }
+    let lm = &model.lm_head;
+    if lm.lora.is_none() && lm.bias.is_none() && model.config.final_logit_softcapping.is_none() {
+        let sel: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+        let tg: Vec<usize> = targets
+            .iter()
+            .filter(|&&t| t >= 0)
+            .map(|&t| t as usize)
+            .collect();
+        match crate::fast::xent::lm_xent(hidden, &lm.weight, &sel, &tg) {
+            Ok(loss) => return (loss, n),
+            Err(h) => return loss_plain(model, h, rows, targets, drop),
+        }
+    }
+    loss_plain(model, hidden, rows, targets, drop)
+}
+
+/// The reference: gather the trained rows, lm_head, log-softmax, pick the targets.
+fn loss_plain<B: Backend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 2>,
+    rows: Vec<i32>,
+    targets: &[i64],
+    drop: &mut dyn DropoutSource<B>,
+) -> (Tensor<B, 1>, usize) {
+    let device = model.device.clone();
+    let n = rows.len();
     let tg: Vec<i32> = targets
         .iter()
         .filter(|&&t| t >= 0)

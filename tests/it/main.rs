@@ -5,6 +5,7 @@ mod common;
 mod config;
 mod data;
 mod export;
+mod fused;
 mod generate;
 mod gguf_export;
 mod hub;

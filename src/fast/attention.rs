@@ -1,0 +1,521 @@
+//! Attention with RoPE as one autodiff node.
+//!
+//! Reads q `[b·s, nh·hd]` and k / v `[b·s, nkv·hd]` exactly as the projections produce them (column slices of a
+//! fused projection too), applies rotate-half RoPE, computes `softmax(q·kᵀ·scale + mask)·v` per (batch, kv head)
+//! pair — the g = nh/nkv query heads of a group share their k/v without copies — and writes `[b·s, nh·hd]`, the
+//! layout o_proj reads. Queries go in blocks of [`BLOCK`] rows; a block only multiplies against keys up to its
+//! last row (the mask is causal), which skips most of the upper triangle. The backward recomputes nothing: it
+//! keeps the rotated q / k, v and the probabilities, and forms dv = Pᵀ·dO, dS = P ∘ (dO·vᵀ − rowsum(P ∘ dO·vᵀ)),
+//! dq = scale·dS·k, dk = scale·dSᵀ·q, then applies the transposed rotation to dq / dk.
+
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Flex;
+use burn::tensor::{backend::Backend, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{gemm, MatMut, MatRef};
+use super::simd::{self, simd_fn};
+use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+
+/// Query rows per block.
+pub const BLOCK: usize = 64;
+
+/// Rotate-half RoPE tables for every token of a batch: `cos` / `sin` `[b·s, half]` (the rotated width is 2·half).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl Rope {
+    /// Tables for the given positions (angle = position · inv_freq, in f32 as transformers computes them).
+    pub fn new(inv_freq: &[f32], positions: &[u32]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    fn row(&self, token: usize) -> (&[f32], &[f32]) {
+        let r = token * self.half..(token + 1) * self.half;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// Shapes and masking of one attention call.
+#[derive(Debug, Clone)]
+pub struct AttnSpec {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub rope: Arc<Rope>,
+    /// `[batch, seq, seq]`, true = blocked; must block every key after its query (causal).
+    pub mask: Arc<Vec<bool>>,
+}
+
+simd_fn! {
+    fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
+        let half = cos.len();
+        for c in 0..half {
+            let (x1, x2) = (x[c], x[c + half]);
+            y[c] = x1 * cos[c] - x2 * sin[c];
+            y[c + half] = x2 * cos[c] + x1 * sin[c];
+        }
+        let rot = 2 * half;
+        y[rot..].copy_from_slice(&x[rot..]);
+    }
+}
+
+simd_fn! {
+    fn unrope_row(dy: &[f32], cos: &[f32], sin: &[f32], dx: &mut [f32]) {
+        let half = cos.len();
+        for c in 0..half {
+            let (d1, d2) = (dy[c], dy[c + half]);
+            dx[c] = d1 * cos[c] + d2 * sin[c];
+            dx[c + half] = d2 * cos[c] - d1 * sin[c];
+        }
+        let rot = 2 * half;
+        dx[rot..].copy_from_slice(&dy[rot..]);
+    }
+}
+
+simd_fn! {
+    fn softmax_row(row: &mut [f32], blocked: &[bool]) {
+        for (v, &b) in row.iter_mut().zip(blocked) {
+            if b {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let m = simd::max(row);
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let s = simd::exp_shift_sum(row, m);
+        let inv = 1.0 / s;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+simd_fn! {
+    fn dsoftmax_row(p: &[f32], dp: &mut [f32]) {
+        let d = simd::dot(p, dp);
+        for (x, &pv) in dp.iter_mut().zip(p) {
+            *x = pv * (*x - d);
+        }
+    }
+}
+
+/// Everything the backward needs, per (batch, kv head) task; the task's g query heads are interleaved
+/// token-major (`[s, g, hd]`), so a block of query rows of all g heads is one matrix.
+#[derive(Debug)]
+struct Saved {
+    spec: AttnSpec,
+    /// Rotated q `[b, nkv, s, g, hd]`.
+    qr: Vec<f32>,
+    /// Rotated k `[b, nkv, s, hd]`.
+    kr: Vec<f32>,
+    /// v `[b, nkv, s, hd]`.
+    v: Vec<f32>,
+    /// Probabilities `[b, nkv, s·g, s]` (row i·g + t: token i, head t of the group; only the causal prefix of
+    /// each block is written).
+    p: Vec<f32>,
+}
+
+fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(s)))
+}
+
+/// Copy task buffers `[s, w]` (task = b·nkv + j) into columns `col0 + j·w ..` of `out` rows `[b·s, width]`.
+fn scatter_tasks(out: &mut [f32], width: usize, col0: usize, x: &[f32], s: usize, nkv: usize, w: usize) {
+    if out.is_empty() || width == 0 || w == 0 {
+        return;
+    }
+    out.par_chunks_mut(width).enumerate().for_each(|(tok, row)| {
+        let (bi, i) = (tok / s, tok % s);
+        for j in 0..nkv {
+            let src = ((bi * nkv + j) * s + i) * w;
+            row[col0 + j * w..col0 + (j + 1) * w].copy_from_slice(&x[src..src + w]);
+        }
+    });
+}
+
+/// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).
+fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Saved) {
+    let (b, s, nh, nkv, hd) = (
+        spec.batch,
+        spec.seq,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+    );
+    let g = nh / nkv;
+    let gw = g * hd;
+    let rope = &spec.rope;
+    let mut qr = vec![0f32; b * nh * s * hd];
+    let mut kr = vec![0f32; b * nkv * s * hd];
+    let mut vv = vec![0f32; b * nkv * s * hd];
+    let mut p = vec![0f32; b * nh * s * s];
+    let mut o = vec![0f32; b * nh * s * hd];
+    qr.par_chunks_mut(s * gw)
+        .zip(kr.par_chunks_mut(s * hd))
+        .zip(vv.par_chunks_mut(s * hd))
+        .zip(p.par_chunks_mut(g * s * s))
+        .zip(o.par_chunks_mut(s * gw))
+        .enumerate()
+        .for_each(|(task, ((((qt, kt), vt), pt), ot))| {
+            let (bi, j) = (task / nkv, task % nkv);
+            for i in 0..s {
+                let tok = bi * s + i;
+                let (c, sn) = rope.row(tok);
+                rope_row(
+                    &k.row(tok)[j * hd..(j + 1) * hd],
+                    c,
+                    sn,
+                    &mut kt[i * hd..(i + 1) * hd],
+                );
+                vt[i * hd..(i + 1) * hd].copy_from_slice(&v.row(tok)[j * hd..(j + 1) * hd]);
+                let qrow = &q.row(tok)[j * gw..(j + 1) * gw];
+                for t in 0..g {
+                    rope_row(
+                        &qrow[t * hd..(t + 1) * hd],
+                        c,
+                        sn,
+                        &mut qt[(i * g + t) * hd..(i * g + t + 1) * hd],
+                    );
+                }
+            }
+            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
+            let qm = MatRef::packed(qt, s * g, hd);
+            for (r0, r1) in blocks(s) {
+                let (rows, kb) = ((r1 - r0) * g, r1);
+                gemm(
+                    MatMut::rows(pt, r0 * g * s, rows, kb, s),
+                    qm.row_range(r0 * g, r1 * g),
+                    MatRef::packed(kt, s, hd).row_range(0, kb).t(),
+                    spec.scale,
+                    false,
+                    false,
+                );
+                for i in r0..r1 {
+                    for t in 0..g {
+                        let r = (i * g + t) * s;
+                        softmax_row(&mut pt[r..r + kb], &mask[i * s..i * s + kb]);
+                    }
+                }
+                gemm(
+                    MatMut::rows(ot, r0 * gw, rows, hd, hd),
+                    MatRef::rows(pt, r0 * g * s, rows, kb, s),
+                    MatRef::packed(vt, s, hd).row_range(0, kb),
+                    1.0,
+                    false,
+                    false,
+                );
+            }
+        });
+    let mut out = vec![0f32; b * s * nh * hd];
+    scatter_tasks(&mut out, nh * hd, 0, &o, s, nkv, gw);
+    (
+        out,
+        Saved {
+            spec: spec.clone(),
+            qr,
+            kr,
+            v: vv,
+            p,
+        },
+    )
+}
+
+/// GEMM FLOPs of the forward (q·kᵀ and P·v over each block's causal prefix).
+fn attn_flops(spec: &AttnSpec) -> f64 {
+    let per_head: usize = blocks(spec.seq).map(|(r0, r1)| (r1 - r0) * r1).sum();
+    4.0 * (spec.batch * spec.heads * per_head * spec.head_dim) as f64
+}
+
+/// Backward on host rows: task-major (dq `[b, nkv, s, g·hd]`, dk, dv `[b, nkv, s, hd]`).
+fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let spec = &st.spec;
+    let (b, s, nh, nkv, hd) = (
+        spec.batch,
+        spec.seq,
+        spec.heads,
+        spec.kv_heads,
+        spec.head_dim,
+    );
+    let g = nh / nkv;
+    let gw = g * hd;
+    let rope = &spec.rope;
+    let mut dq = vec![0f32; b * nh * s * hd];
+    let mut dk = vec![0f32; b * nkv * s * hd];
+    let mut dv = vec![0f32; b * nkv * s * hd];
+    dq.par_chunks_mut(s * gw)
+        .zip(dk.par_chunks_mut(s * hd))
+        .zip(dv.par_chunks_mut(s * hd))
+        .enumerate()
+        .for_each(|(task, ((dqt, dkt), dvt))| {
+            let bi = task / nkv;
+            let j = task % nkv;
+            let kt = &st.kr[task * s * hd..(task + 1) * s * hd];
+            let vt = &st.v[task * s * hd..(task + 1) * s * hd];
+            let qt = &st.qr[task * s * gw..(task + 1) * s * gw];
+            let pt = &st.p[task * g * s * s..(task + 1) * g * s * s];
+            // dO of the group's heads, token-major [s·g, hd].
+            let mut d_o = vec![0f32; s * gw];
+            for i in 0..s {
+                d_o[i * gw..(i + 1) * gw]
+                    .copy_from_slice(&dout.row(bi * s + i)[j * gw..(j + 1) * gw]);
+            }
+            let dom = MatRef::packed(&d_o, s * g, hd);
+            let qm = MatRef::packed(qt, s * g, hd);
+            let mut dkr = vec![0f32; s * hd];
+            let mut dqr = vec![0f32; s * gw];
+            let mut ds = vec![0f32; BLOCK.min(s) * g * s];
+            for (r0, r1) in blocks(s) {
+                let (rows, kb) = ((r1 - r0) * g, r1);
+                let p_blk = MatRef::rows(pt, r0 * g * s, rows, kb, s);
+                let do_blk = dom.row_range(r0 * g, r1 * g);
+                // dv[0..kb] += Pᵀ·dO
+                gemm(
+                    MatMut::rows(dvt, 0, kb, hd, hd),
+                    p_blk.t(),
+                    do_blk,
+                    1.0,
+                    true,
+                    false,
+                );
+                // dP = dO·vᵀ, then dS = P ∘ (dP − rowsum(P ∘ dP))
+                gemm(
+                    MatMut::rows(&mut ds, 0, rows, kb, kb),
+                    do_blk,
+                    MatRef::packed(vt, s, hd).row_range(0, kb).t(),
+                    1.0,
+                    false,
+                    false,
+                );
+                for rr in 0..rows {
+                    let r = r0 * g + rr;
+                    dsoftmax_row(&pt[r * s..r * s + kb], &mut ds[rr * kb..(rr + 1) * kb]);
+                }
+                let ds_blk = MatRef::rows(&ds, 0, rows, kb, kb);
+                // dq = scale·dS·k
+                gemm(
+                    MatMut::rows(&mut dqr, r0 * gw, rows, hd, hd),
+                    ds_blk,
+                    MatRef::packed(kt, s, hd).row_range(0, kb),
+                    spec.scale,
+                    false,
+                    false,
+                );
+                // dk[0..kb] += scale·dSᵀ·q
+                gemm(
+                    MatMut::rows(&mut dkr, 0, kb, hd, hd),
+                    ds_blk.t(),
+                    qm.row_range(r0 * g, r1 * g),
+                    spec.scale,
+                    true,
+                    false,
+                );
+            }
+            for i in 0..s {
+                let (c, sn) = rope.row(bi * s + i);
+                for t in 0..g {
+                    let r = (i * g + t) * hd;
+                    unrope_row(&dqr[r..r + hd], c, sn, &mut dqt[r..r + hd]);
+                }
+                unrope_row(
+                    &dkr[i * hd..(i + 1) * hd],
+                    c,
+                    sn,
+                    &mut dkt[i * hd..(i + 1) * hd],
+                );
+            }
+        });
+    (dq, dk, dv)
+}
+
+#[derive(Debug, Clone)]
+struct BackState {
+    saved: Arc<Saved>,
+    /// One parent holding q|k|v side by side (instead of three).
+    packed: bool,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<const N: usize> Backward<Flex, N> for AttentionBackward {
+    type State = BackState;
+
+    fn backward(self, ops: Ops<BackState, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let st = &ops.state.saved;
+        let spec = &st.spec;
+        let (b, s, nh, nkv, hd) = (
+            spec.batch,
+            spec.seq,
+            spec.heads,
+            spec.kv_heads,
+            spec.head_dim,
+        );
+        let n = b * s;
+        let timer = super::prof::time(super::prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
+        let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
+        let (qo, ko) = (nh * hd, nkv * hd);
+        let gw = (nh / nkv) * hd;
+        if ops.state.packed {
+            let width = qo + 2 * ko;
+            let mut d = vec![0f32; n * width];
+            scatter_tasks(&mut d, width, 0, &dq, s, nkv, gw);
+            scatter_tasks(&mut d, width, qo, &dk, s, nkv, hd);
+            scatter_tasks(&mut d, width, qo + ko, &dv, s, nkv, hd);
+            drop(timer);
+            if let Some(p) = &ops.parents[0] {
+                grads.register::<Flex>(p.id, flex_f32(d, &[n, width]));
+            }
+            return;
+        }
+        let mut outs = Vec::new();
+        for (buf, w, width) in [(&dq, gw, qo), (&dk, hd, ko), (&dv, hd, ko)] {
+            let mut d = vec![0f32; n * width];
+            scatter_tasks(&mut d, width, 0, buf, s, nkv, w);
+            outs.push((d, width));
+        }
+        drop(timer);
+        for (p, (v, w)) in ops.parents.iter().zip(outs) {
+            if let Some(p) = p {
+                grads.register::<Flex>(p.id, flex_f32(v, &[n, w]));
+            }
+        }
+    }
+}
+
+fn check_spec(spec: &AttnSpec) -> bool {
+    spec.kv_heads > 0
+        && spec.heads % spec.kv_heads == 0
+        && 2 * spec.rope.half <= spec.head_dim
+        && spec.rope.cos.len() == spec.batch * spec.seq * spec.rope.half
+        && spec.mask.len() == spec.batch * spec.seq * spec.seq
+}
+
+/// Fused RoPE + attention for f32 tensors on `Flex` / `Autodiff<Flex>`; `Err((q, k, v))` when it does not apply.
+#[allow(clippy::type_complexity)]
+pub fn attention<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    spec: &AttnSpec,
+) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    let Some(kd) = kind::<B>() else {
+        return Err((q, k, v));
+    };
+    let (qf, _) = flex_of(&q, kd);
+    let (kf, _) = flex_of(&k, kd);
+    let (vf, _) = flex_of(&v, kd);
+    let n = spec.batch * spec.seq;
+    let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+    let ok = super::all_f32(&[&qf, &kf, &vf])
+        && check_spec(spec)
+        && qf.layout().shape().dims::<2>() == [n, qo]
+        && kf.layout().shape().dims::<2>() == [n, ko]
+        && vf.layout().shape().dims::<2>() == [n, ko];
+    if !ok {
+        return Err((q, k, v));
+    }
+    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
+    let (out, saved) = forward_host(&Rows::of(&qf), &Rows::of(&kf), &Rows::of(&vf), spec);
+    drop(timer);
+    let out = flex_f32(out, &[n, qo]);
+    match kd {
+        Kind::Plain => Ok(from_flex(out)),
+        Kind::Autodiff => {
+            let (qa, ka, va) = (super::ad_prim(q), super::ad_prim(k), super::ad_prim(v));
+            let t = match AttentionBackward
+                .prepare::<NoCheckpointing>([qa.node.clone(), ka.node.clone(), va.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    BackState {
+                        saved: Arc::new(saved),
+                        packed: false,
+                    },
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Ok(from_ad(t))
+        }
+    }
+}
+
+/// [`attention`] on q|k|v side by side in one `[b·s, (nh + 2·nkv)·hd]` tensor (a fused or grouped projection's
+/// output): one parent, one gradient, no slices.
+pub fn attention_packed<B: Backend>(
+    qkv: Tensor<B, 2>,
+    spec: &AttnSpec,
+) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
+    let Some(kd) = kind::<B>() else {
+        return Err(qkv);
+    };
+    let (f, _) = flex_of(&qkv, kd);
+    let n = spec.batch * spec.seq;
+    let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+    if !super::all_f32(&[&f])
+        || !check_spec(spec)
+        || f.layout().shape().dims::<2>() != [n, qo + 2 * ko]
+    {
+        return Err(qkv);
+    }
+    let rows = Rows::of(&f);
+    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
+    let (out, saved) = forward_host(
+        &rows.col_range(0, qo),
+        &rows.col_range(qo, qo + ko),
+        &rows.col_range(qo + ko, qo + 2 * ko),
+        spec,
+    );
+    drop(timer);
+    let out = flex_f32(out, &[n, qo]);
+    match kd {
+        Kind::Plain => Ok(from_flex(out)),
+        Kind::Autodiff => {
+            let a = super::ad_prim(qkv);
+            let t = match AttentionBackward
+                .prepare::<NoCheckpointing>([a.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(
+                    BackState {
+                        saved: Arc::new(saved),
+                        packed: true,
+                    },
+                    out,
+                ),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            };
+            Ok(from_ad(t))
+        }
+    }
+}
