@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +45,7 @@ def gpu_peak(sampler):
     return max(vals) if vals else None
 
 
-def run(cmd, env=None, device="cpu"):
+def run(cmd, env=None, device="cpu", timeout=None):
     """Run one side in a fresh process; return (json result, peak RSS MB, wall seconds). The peak RSS is the
     kernel's high-water mark of that child alone (os.wait4's ru_maxrss, what `/usr/bin/time -v` prints). On CUDA
     the result also gets `peak_gpu_used_mb`: the most GPU memory nvidia-smi saw in use during the run."""
@@ -52,7 +53,12 @@ def run(cmd, env=None, device="cpu"):
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        killer = threading.Timer(timeout, p.kill) if timeout else None
+        if killer:
+            killer.start()
         _, status, usage = os.wait4(p.pid, 0)
+        if killer:
+            killer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
         wall = time.time() - t0
         out.seek(0)
@@ -60,15 +66,17 @@ def run(cmd, env=None, device="cpu"):
         stdout, stderr = out.read(), err.read()
     peak = gpu_peak(sampler)
     if p.returncode != 0:
-        sys.stderr.write(stdout[-4000:] + stderr[-4000:])
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}")
+        sys.stdout.write(stdout[-3000:] + stderr[-5000:])
+        print(f"command failed ({p.returncode}): {' '.join(cmd)}", flush=True)
+        return None
     res = None
     for line in stdout.splitlines():
         line = line.strip()
         if line.startswith("{") and line.endswith("}"):
             res = json.loads(line)
     if res is None:
-        raise SystemExit(f"no JSON result from: {' '.join(cmd)}\n{stdout[-2000:]}")
+        print(f"no JSON result from: {' '.join(cmd)}\n{stdout[-2000:]}{stderr[-3000:]}", flush=True)
+        return None
     rss = usage.ru_maxrss / 1024.0  # Linux: kilobytes
     if peak is not None:
         res["peak_gpu_used_mb"] = peak
@@ -94,6 +102,7 @@ def main():
                     "default: 330e9 CPU, 989e12 CUDA)")
     ap.add_argument("--loratune", default=os.path.join(ROOT, "target", "release", "loratune"))
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--run-timeout", type=float, help="kill a run after this many seconds (counts as failed)")
     ap.add_argument("--out", help="also write the summary as JSON here")
     a = ap.parse_args()
 
@@ -112,8 +121,17 @@ def main():
     for i in range(a.runs):
         order += [("loratune", ours), ("torch+peft", theirs)] if i % 2 == 0 else \
                  [("torch+peft", theirs), ("loratune", ours)]
+    failed = set()
     for side, cmd in order:
-        res, rss, wall = run(cmd, env, a.device)
+        if side in failed:
+            continue
+        got = run(cmd, env, a.device, a.run_timeout)
+        if got is None:
+            # One side failing must not cost the other side's numbers: skip its later runs, go on.
+            failed.add(side)
+            print(f"{side}: run failed; its remaining runs are skipped", flush=True)
+            continue
+        res, rss, wall = got
         res["peak_rss_mb_time_v"] = rss
         results[side].append(res)
         extra = f" peak GPU used {res['peak_gpu_used_mb']:.0f} MB" if "peak_gpu_used_mb" in res else ""
@@ -137,22 +155,31 @@ def main():
                if all("peak_gpu_used_mb" in r for r in rs) else {}),
         }
 
-    s = {"loratune": summary("loratune"), "torch+peft": summary("torch+peft")}
-    ratio = s["loratune"]["tokens_per_second_median"] / s["torch+peft"]["tokens_per_second_median"]
+    s = {side: summary(side) for side in ("loratune", "torch+peft") if results[side]}
+    ratio = None
+    if len(s) == 2:
+        ratio = s["loratune"]["tokens_per_second_median"] / s["torch+peft"]["tokens_per_second_median"]
     s["ratio_tokens_per_second"] = ratio
+    s["failed"] = sorted(failed)
     s["config"] = {k: v for k, v in vars(a).items() if k not in ("out",)}
     print()
     for side in ("loratune", "torch+peft"):
+        if side not in s:
+            print(f"{side:<11} no successful run")
+            continue
         x = s[side]
         print(f"{side:<11} median {x['tokens_per_second_median']:8.1f} tok/s "
               f"(runs {x['tokens_per_second_min']:.1f}–{x['tokens_per_second_max']:.1f}, n={x['runs']}), "
               f"{x['step_seconds_median']:.3f} s/step, MFU {100 * x['mfu_median']:.1f}%, "
               f"peak RSS {x['peak_rss_mb_max']:.0f} MB"
               + (f", peak GPU used {x['peak_gpu_used_mb_max']:.0f} MB" if "peak_gpu_used_mb_max" in x else ""))
-    print(f"ratio loratune / torch+peft: {ratio:.2f}x")
+    if ratio is not None:
+        print(f"ratio loratune / torch+peft: {ratio:.2f}x")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(s, f, indent=2)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(sorted(failed))}")
 
 
 if __name__ == "__main__":

@@ -449,9 +449,11 @@ fn check_fixtures<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> R
             dir.display()
         );
     }
-    // Tolerance on max |Δlogit| relative to the largest |logit|: f32 on a GPU agrees to ~1e-6 (1e-4 allowed);
-    // bf16 weights and activations to a few 1e-2 on these tiny random models (1e-1 allowed).
-    let tol = if dtype == DType::F32 { 1e-4 } else { 1e-1 };
+    // Tolerance on max |Δlogit| relative to the largest |logit|. f32 on a GPU: cubek-matmul stages f32 GEMMs
+    // in TF32 on the tensor cores (10-bit mantissa, what torch does with allow_tf32), measured 1.4e-3–2.1e-3 on
+    // an H200 (1.1e-2 for gemma2, whose soft-capping amplifies it); 2.5e-2 allowed. bf16 weights and activations:
+    // a few 1e-2 on these tiny random models (the CPU's own bf16 path too); 1e-1 allowed.
+    let tol = if dtype == DType::F32 { 2.5e-2 } else { 1e-1 };
     let mut worst_all = 0f32;
     let mut failed = Vec::new();
     for fx in &entries {

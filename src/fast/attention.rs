@@ -147,17 +147,27 @@ fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Copy task buffers `[s, w]` (task = b·nkv + j) into columns `col0 + j·w ..` of `out` rows `[b·s, width]`.
-fn scatter_tasks(out: &mut [f32], width: usize, col0: usize, x: &[f32], s: usize, nkv: usize, w: usize) {
+fn scatter_tasks(
+    out: &mut [f32],
+    width: usize,
+    col0: usize,
+    x: &[f32],
+    s: usize,
+    nkv: usize,
+    w: usize,
+) {
     if out.is_empty() || width == 0 || w == 0 {
         return;
     }
-    out.par_chunks_mut(width).enumerate().for_each(|(tok, row)| {
-        let (bi, i) = (tok / s, tok % s);
-        for j in 0..nkv {
-            let src = ((bi * nkv + j) * s + i) * w;
-            row[col0 + j * w..col0 + (j + 1) * w].copy_from_slice(&x[src..src + w]);
-        }
-    });
+    out.par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(tok, row)| {
+            let (bi, i) = (tok / s, tok % s);
+            for j in 0..nkv {
+                let src = ((bi * nkv + j) * s + i) * w;
+                row[col0 + j * w..col0 + (j + 1) * w].copy_from_slice(&x[src..src + w]);
+            }
+        });
 }
 
 /// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).

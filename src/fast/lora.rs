@@ -507,7 +507,9 @@ type WeightKey = (usize, usize, usize, usize);
 /// entries whose weight is gone are dropped on the next insertion.
 #[allow(clippy::type_complexity)]
 static TRANSPOSED: std::sync::Mutex<
-    Option<std::collections::HashMap<WeightKey, (std::sync::Weak<burn::tensor::Bytes>, FlexTensor)>>,
+    Option<
+        std::collections::HashMap<WeightKey, (std::sync::Weak<burn::tensor::Bytes>, FlexTensor)>,
+    >,
 > = std::sync::Mutex::new(None);
 
 /// W `[out, in]` as a packed `[in, out]` tensor, made once per weight.
@@ -526,7 +528,10 @@ fn transposed_weight(w: &FlexTensor) -> FlexTensor {
     };
     let map = guard.get_or_insert_with(Default::default);
     if let Some((weak, t)) = map.get(&key) {
-        if weak.upgrade().is_some_and(|a| std::sync::Arc::ptr_eq(&a, &arc)) {
+        if weak
+            .upgrade()
+            .is_some_and(|a| std::sync::Arc::ptr_eq(&a, &arc))
+        {
             return t.clone();
         }
     }
@@ -679,7 +684,11 @@ pub fn linear_group<B: Backend>(
         .zip(&wts)
         .map(|(w, t)| Term {
             a: rows_ref(&xr),
-            b: if t.is_some() { rows_ref(w) } else { rows_ref(w).t() },
+            b: if t.is_some() {
+                rows_ref(w)
+            } else {
+                rows_ref(w).t()
+            },
             beta: 1.0,
         })
         .collect();

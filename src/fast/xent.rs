@@ -73,7 +73,10 @@ pub(crate) fn forward_host(
     let (d, vocab) = (h.cols, w.rows);
     let n_chunks = rows.len().div_ceil(chunk.max(1)).max(1);
     let c = rows.len().div_ceil(n_chunks).max(1);
-    let tw = tile.unwrap_or_else(|| tile_cols(c)).max(1).min(vocab.max(1));
+    let tw = tile
+        .unwrap_or_else(|| tile_cols(c))
+        .max(1)
+        .min(vocab.max(1));
     let mut logits = vec![0f32; c * tw];
     let mut hc = vec![0f32; c * d];
     let mut acc = vec![0f32; c * d];

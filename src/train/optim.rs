@@ -1,7 +1,7 @@
 //! AdamW on the LoRA factors only, with torch.optim.AdamW's exact update, and global grad-norm clipping as
 //! torch.nn.utils.clip_grad_norm_ computes it.
 
-use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,13 +89,22 @@ impl<B: Backend> AdamW<B> {
 }
 
 /// The global L2 norm of all gradients (torch's `clip_grad_norm_` total_norm).
+/// The per-tensor sums of squares are read back in one transfer (one device sync, not one per parameter) and
+/// added in f64 in parameter order.
 pub fn global_norm<B: Backend>(grads: &[Tensor<B, 2>]) -> f64 {
-    let mut sq = 0.0f64;
-    for g in grads {
-        let s: f32 = g.clone().square().sum().into_scalar().elem();
-        sq += s as f64;
+    if grads.is_empty() {
+        return 0.0;
     }
-    sq.sqrt()
+    let sums: Vec<Tensor<B, 1>> = grads
+        .iter()
+        .map(|g| g.clone().cast(burn::tensor::DType::F32).square().sum())
+        .collect();
+    let host = Tensor::cat(sums, 0).into_data();
+    let vals: Vec<f32> = host
+        .convert::<f32>()
+        .into_vec()
+        .expect("f32 sums of squares");
+    vals.iter().map(|&s| s as f64).sum::<f64>().sqrt()
 }
 
 /// Scale gradients so their global norm is at most `max_norm` (coefficient max_norm / (norm + 1e-6), clamped to
