@@ -260,7 +260,7 @@ mod tests {
             let dev = Default::default();
             let t = ad_param::<2>(&gu, [4, 40], &dev);
             let y = if fused {
-                silu_mul_packed(t.clone()).ok().expect("fused")
+                silu_mul_packed(t.clone()).unwrap_or_else(|_| panic!("fused"))
             } else {
                 let g = t.clone().slice([0..4, 0..20]);
                 let u = t.clone().slice([0..4, 20..40]);

@@ -39,7 +39,7 @@ fn row_blocks(n: usize) -> Vec<(usize, usize)> {
 }
 
 /// Split `v` into consecutive mutable pieces of `sizes[i]` elements.
-fn split_sizes<'a>(mut v: &'a mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&'a mut [f32]> {
+fn split_sizes(mut v: &mut [f32], sizes: impl Iterator<Item = usize>) -> Vec<&mut [f32]> {
     let mut out = Vec::new();
     for n in sizes {
         let (h, t) = v.split_at_mut(n);
@@ -217,6 +217,7 @@ simd_fn! {
         let mut j = 0;
         while j + L <= inp {
             let xv = simd::ld(xd, j);
+            #[allow(clippy::needless_range_loop)] // k also indexes rows of `da`
             for k in 0..r {
                 let mut d = simd::ld(da, k * inp + j);
                 for l in 0..L {
@@ -547,13 +548,16 @@ pub struct LinearRef<'a, B: Backend> {
     pub weight: &'a Tensor<B, 2>,
     pub bias: Option<&'a Tensor<B, 1>>,
     /// `(A, B, scale, dropout keep mask)` of an unmerged adapter.
-    pub adapter: Option<(
-        &'a Tensor<B, 2>,
-        &'a Tensor<B, 2>,
-        f64,
-        Option<Tensor<B, 2>>,
-    )>,
+    pub adapter: Option<AdapterRef<'a, B>>,
 }
+
+/// `(A, B, scale, dropout keep mask)` of an unmerged adapter.
+pub type AdapterRef<'a, B> = (
+    &'a Tensor<B, 2>,
+    &'a Tensor<B, 2>,
+    f64,
+    Option<Tensor<B, 2>>,
+);
 
 /// The inputs of a fused LoRA linear (all tensors on the same backend).
 pub struct LoraInputs<'a, B: Backend> {
@@ -797,9 +801,7 @@ mod tests {
                     b: &l.b,
                     scale: l.scale,
                 };
-                lora_linear(xt.clone(), mask, &p)
-                    .ok()
-                    .expect("fused path applies")
+                lora_linear(xt.clone(), mask, &p).unwrap_or_else(|_| panic!("fused path applies"))
             } else {
                 lin.forward_plain(xt.clone(), mask)
             };
@@ -887,9 +889,7 @@ mod tests {
                     .zip(&masks)
                     .map(|(l, mk)| l.fused_ref(mk.clone()))
                     .collect();
-                linear_group(xt.clone(), &refs)
-                    .ok()
-                    .expect("fused path applies")
+                linear_group(xt.clone(), &refs).unwrap_or_else(|_| panic!("fused path applies"))
             } else {
                 let parts: Vec<_> = mods
                     .iter()

@@ -4,13 +4,13 @@
 //! hand-written kernels instead of chains of burn ops, each with its own backward pass registered in burn's
 //! autodiff graph (burn-autodiff's `Backward` trait):
 //!
-//! - [`norm`]: RMSNorm (one pass forward, one pass backward, rows in parallel);
-//! - [`act`]: SiLU(gate)·up;
-//! - [`lora`]: a frozen linear plus its LoRA adapter, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, with GEMMs accumulating in place;
-//! - [`attention`]: RoPE + causal/padded/packed/windowed softmax attention with grouped KV heads, reading q/k/v in
+//! - [`norm`] — RMSNorm (one pass forward, one pass backward, rows in parallel);
+//! - [`act`] — SiLU(gate)·up;
+//! - [`lora`] — a frozen linear plus its LoRA adapter, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, with GEMMs accumulating in place;
+//! - [`attention`] — RoPE + causal/padded/packed/windowed softmax attention with grouped KV heads, reading q/k/v in
 //!   the projections' `[tokens, heads·dim]` layout and writing o_proj's input layout (no transposes), blocked
 //!   to skip the causally masked half, (batch, kv-head) pairs in parallel;
-//! - [`xent`]: `lm_head` + cross-entropy, chunked over rows, never keeping vocabulary-sized logits: the gradient
+//! - [`xent`] — `lm_head` + cross-entropy, chunked over rows, never keeping vocabulary-sized logits: the gradient
 //!   with respect to the hidden states is formed chunk by chunk during the forward (the loss is the graph's
 //!   root, so the backward only scales it).
 //!

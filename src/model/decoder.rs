@@ -385,8 +385,11 @@ struct AttnCtx<B: Backend> {
     device: B::Device,
     rope: Arc<Rope>,
     rope_t: OnceCell<(Tensor<B, 4>, Tensor<B, 4>)>,
-    masks: HashMap<Option<usize>, (Arc<Vec<bool>>, OnceCell<Tensor<B, 4, Bool>>)>,
+    masks: MaskCache<B>,
 }
+
+/// Attention masks per sliding window (None = full causal): the host copy and its lazily uploaded tensor.
+type MaskCache<B> = HashMap<Option<usize>, (Arc<Vec<bool>>, OnceCell<Tensor<B, 4, Bool>>)>;
 
 impl<B: Backend> AttnCtx<B> {
     fn cos_sin(&self) -> &(Tensor<B, 4>, Tensor<B, 4>) {
@@ -958,12 +961,10 @@ mod tests {
                 };
                 match &qkv {
                     Some(t) => crate::fast::attention::attention_packed(t.clone(), &spec)
-                        .ok()
-                        .expect("fused path applies"),
+                        .unwrap_or_else(|_| panic!("fused path applies")),
                     None => {
                         crate::fast::attention::attention(qt.clone(), kt.clone(), vt.clone(), &spec)
-                            .ok()
-                            .expect("fused path applies")
+                            .unwrap_or_else(|_| panic!("fused path applies"))
                     }
                 }
             } else {
