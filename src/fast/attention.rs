@@ -69,6 +69,19 @@ pub struct AttnSpec {
     pub mask: Arc<Vec<bool>>,
 }
 
+impl AttnSpec {
+    /// (batch, seq, heads, kv_heads, head_dim).
+    pub fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        )
+    }
+}
+
 simd_fn! {
     fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
         let half = cos.len();
@@ -172,13 +185,7 @@ fn scatter_tasks(
 
 /// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).
 fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Saved) {
-    let (b, s, nh, nkv, hd) = (
-        spec.batch,
-        spec.seq,
-        spec.heads,
-        spec.kv_heads,
-        spec.head_dim,
-    );
+    let (b, s, nh, nkv, hd) = spec.dims();
     let g = nh / nkv;
     let gw = g * hd;
     let rope = &spec.rope;
@@ -266,13 +273,7 @@ fn attn_flops(spec: &AttnSpec) -> f64 {
 /// Backward on host rows: task-major (dq `[b, nkv, s, g·hd]`, dk, dv `[b, nkv, s, hd]`).
 fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let spec = &st.spec;
-    let (b, s, nh, nkv, hd) = (
-        spec.batch,
-        spec.seq,
-        spec.heads,
-        spec.kv_heads,
-        spec.head_dim,
-    );
+    let (b, s, nh, nkv, hd) = spec.dims();
     let g = nh / nkv;
     let gw = g * hd;
     let rope = &spec.rope;
@@ -381,13 +382,7 @@ impl<const N: usize> Backward<Flex, N> for AttentionBackward {
         let grad = grads.consume::<Flex>(&ops.node);
         let st = &ops.state.saved;
         let spec = &st.spec;
-        let (b, s, nh, nkv, hd) = (
-            spec.batch,
-            spec.seq,
-            spec.heads,
-            spec.kv_heads,
-            spec.head_dim,
-        );
+        let (b, s, nh, nkv, hd) = spec.dims();
         let n = b * s;
         let timer = super::prof::time(super::prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
         let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
