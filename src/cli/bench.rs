@@ -192,7 +192,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(dir) = &a.check_fixtures {
                 return check_fixtures::<burn::backend::Flex>(dir, &Default::default(), dtype);
             }
-            run_on::<AD>(&a, Default::default(), dtype, 330e9)
+            run_on::<AD>(&a, Default::default(), dtype, 330e9, None)
         }
         d if d == "cuda" || d.starts_with("cuda:") => {
             #[cfg(feature = "cuda")]
@@ -213,7 +213,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 if let Some(dir) = &a.check_fixtures {
                     return check_fixtures::<Cuda>(dir, &device, dtype);
                 }
-                run_on::<burn::backend::Autodiff<Cuda>>(&a, device, dtype, 989e12)
+                run_on::<burn::backend::Autodiff<Cuda>>(&a, device, dtype, 989e12, Some(idx))
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -246,6 +246,7 @@ fn run_on<B: AutodiffBackend>(
     device: B::Device,
     dtype: DType,
     default_peak: f64,
+    gpu_index: Option<usize>,
 ) -> Result<()> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
@@ -275,6 +276,7 @@ fn run_on<B: AutodiffBackend>(
     let mut times = Vec::new();
     let mut kernel_totals: Vec<(prof::Cat, f64, f64, u64)> = Vec::new();
     prof::set_enabled(a.profile);
+    let gpu_mem = gpu_index.map(GpuMemSampler::start);
     for i in 0..a.warmup + a.steps {
         prof::reset();
         let t0 = std::time::Instant::now();
@@ -342,6 +344,12 @@ fn run_on<B: AutodiffBackend>(
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
     });
+    if let Some(sampler) = gpu_mem {
+        match sampler.finish() {
+            Some(mb) => v["peak_gpu_used_mb"] = serde_json::json!(mb),
+            None => eprintln!("note: nvidia-smi gave no reading; peak GPU memory not reported"),
+        }
+    }
     if a.profile {
         let n = times.len() as f64;
         let step: f64 = times.iter().sum::<f64>() / n;
@@ -521,4 +529,92 @@ fn check_fixtures<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> R
         bail!("fixtures off beyond tolerance: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// The peak of the GPU's used memory while the benchmark runs, as nvidia-smi samples it every 100 ms (device-wide,
+/// the CUDA context included: the same figure `scripts/bench/compare.py` takes for torch).
+struct GpuMemSampler {
+    child: Option<std::process::Child>,
+    reader: Option<std::thread::JoinHandle<Option<f64>>>,
+}
+
+impl GpuMemSampler {
+    fn start(index: usize) -> Self {
+        Self::start_with(
+            "nvidia-smi",
+            &[
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-i",
+                &index.to_string(),
+                "-lms",
+                "100",
+            ],
+        )
+    }
+
+    /// Run `program args`, which prints one number (MB) per line until it is killed.
+    fn start_with(program: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut child) = child else {
+            return GpuMemSampler {
+                child: None,
+                reader: None,
+            };
+        };
+        let out = child.stdout.take();
+        let reader = out.map(|out| {
+            std::thread::spawn(move || {
+                let mut peak: Option<f64> = None;
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if let Ok(mb) = line.trim().parse::<f64>() {
+                        peak = Some(peak.map_or(mb, |p| p.max(mb)));
+                    }
+                }
+                peak
+            })
+        });
+        GpuMemSampler {
+            child: Some(child),
+            reader,
+        }
+    }
+
+    /// Stop sampling; the peak in MB, or None when nvidia-smi is missing or printed nothing usable.
+    fn finish(mut self) -> Option<f64> {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.reader.take().and_then(|r| r.join().ok().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GpuMemSampler;
+
+    #[test]
+    fn gpu_memory_sampler_keeps_the_peak_and_stops_the_sampler() {
+        let t0 = std::time::Instant::now();
+        let s = GpuMemSampler::start_with(
+            "sh",
+            &["-c", "echo 100; echo 250; echo oops; echo 30; exec sleep 30"],
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(s.finish(), Some(250.0));
+        assert!(t0.elapsed().as_secs() < 10, "the sampler was not stopped");
+    }
+
+    #[test]
+    fn gpu_memory_sampler_without_the_program_reports_nothing() {
+        let s = GpuMemSampler::start_with("/nonexistent/nvidia-smi", &[]);
+        assert_eq!(s.finish(), None);
+    }
 }
