@@ -605,7 +605,10 @@ mod tests {
         let t0 = std::time::Instant::now();
         let s = GpuMemSampler::start_with(
             "sh",
-            &["-c", "echo 100; echo 250; echo oops; echo 30; exec sleep 30"],
+            &[
+                "-c",
+                "echo 100; echo 250; echo oops; echo 30; exec sleep 30",
+            ],
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert_eq!(s.finish(), Some(250.0));
