@@ -130,19 +130,22 @@ fn split_suffix(s: &str) -> Option<(&str, &str)> {
         .or_else(|| s.strip_suffix(".bias").map(|b| (b, "bias")))
 }
 
+/// `"12.rest"` → `("12", "rest")`: a canonical layer number (digits, no leading zero) and what follows it.
+fn split_layer(s: &str) -> Option<(&str, &str)> {
+    let (layer, rest) = s.split_once('.')?;
+    let canonical = !layer.is_empty()
+        && layer.bytes().all(|b| b.is_ascii_digit())
+        && !(layer.len() > 1 && layer.starts_with('0'));
+    canonical.then_some((layer, rest))
+}
+
 /// HF name of a GGUF tensor, `None` for a name this family does not use.
 pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
     if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == gguf_name) {
         return Some(hf.to_string());
     }
     let rest = gguf_name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty()
-        || !layer.bytes().all(|b| b.is_ascii_digit())
-        || (layer.len() > 1 && layer.starts_with('0'))
-    {
-        return None;
-    }
+    let (layer, rest) = split_layer(rest)?;
     let (base, suffix) = split_suffix(rest)?;
     let (_, module) = block_table(family).iter().find(|(g, _)| *g == base)?;
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
@@ -154,13 +157,7 @@ pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
         return Some(g.to_string());
     }
     let rest = hf_name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty()
-        || !layer.bytes().all(|b| b.is_ascii_digit())
-        || (layer.len() > 1 && layer.starts_with('0'))
-    {
-        return None;
-    }
+    let (layer, rest) = split_layer(rest)?;
     let (module, suffix) = split_suffix(rest)?;
     let (base, _) = block_table(family).iter().find(|(_, m)| *m == module)?;
     Some(format!("blk.{layer}.{base}.{suffix}"))
