@@ -23,9 +23,22 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// A model configuration problem (unsupported architecture, missing key, bad value).
+    /// A training config (YAML) with problems: every one, each with its line and column.
+    #[error(transparent)]
+    ConfigFile(#[from] crate::config::ConfigErrors),
+    /// A model configuration problem (missing key, bad value) or a config value that does not fit the model.
     #[error("{0}")]
     Config(String),
+    /// A model whose architecture loratune does not run.
+    #[error("{}unsupported {what} `{name}`; supported: {supported}", origin.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    UnsupportedArchitecture {
+        /// `architecture`, `model_type` or `GGUF architecture`.
+        what: &'static str,
+        name: String,
+        /// The file that names it.
+        origin: Option<PathBuf>,
+        supported: String,
+    },
     /// A weights-file problem (missing / unexpected / mis-shaped tensor, corrupt file).
     #[error("{0}")]
     Weights(String),
@@ -41,9 +54,36 @@ pub enum Error {
     /// A LoRA / adapter problem.
     #[error("{0}")]
     Lora(String),
-    /// A training-loop problem (NaN loss, bad checkpoint, ...).
+    /// A training-loop problem (an empty stream, a bad checkpoint, ...).
     #[error("{0}")]
     Train(String),
+    /// The loss or the gradient norm of a step is NaN or infinite; nothing was applied.
+    #[error(
+        "step {step}: the {what} is {value} — training stopped before applying it. Lower learning_rate, enable \
+         max_grad_norm, check the data for extreme lengths, or use f32 instead of bf16.{}",
+        match last_checkpoint {
+            Some(d) => format!(" The last good checkpoint is {}.", d.display()),
+            None => " No checkpoint was written yet.".to_string(),
+        }
+    )]
+    NonFinite {
+        /// 1-based optimizer step.
+        step: u64,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        value: f64,
+        last_checkpoint: Option<PathBuf>,
+    },
+    /// A checkpoint written by a run with other settings than the config resuming it.
+    #[error(
+        "{}: written by a run with a different configuration (hash {found} ≠ {expected}); resume with the same config, or use a new output_dir",
+        checkpoint.display()
+    )]
+    CheckpointMismatch {
+        checkpoint: PathBuf,
+        found: String,
+        expected: String,
+    },
     /// An export problem.
     #[error("{0}")]
     Export(String),

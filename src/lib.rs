@@ -4,17 +4,20 @@
 //! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
 //! [`generate`] (sampling) and [`cli`].
 
+pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod export;
-pub mod fast;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod kernels;
 pub mod lora;
 pub mod model;
+mod names;
 pub mod runtime;
 pub mod tokenizer;
 pub mod train;

@@ -1,25 +1,13 @@
-//! `loratune bench`: time the trainer's own optimizer step (forward, backward, grad-norm clip, AdamW) on a real
-//! or random-weight model, on the CPU or (with the `cuda` feature) a GPU.
-//!
-//! The batch is `--batch × --seq` token ids from a fixed integer hash (the same ids `scripts/bench/torch_bench.py`
-//! uses), labels = inputs, so both sides compute the same loss at step 0. `--profile` breaks each step down by
-//! fused kernel; `--plain` turns the fused CPU kernels off (burn ops only). `--check-fixtures DIR` does not
-//! benchmark: it runs every parity fixture's forward on `--device` and compares with the CPU result.
+//! `loratune bench`: argument parsing and printing for [`crate::bench`] (the trainer's step timed on a real or
+//! random-weight model, and the hidden parity-fixture check on a device).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, TensorData};
+use anyhow::{bail, Result};
 
-use crate::fast::prof;
-use crate::lora::adapter::{lora_params, set_trainable};
-use crate::lora::{attach, LoraInit, LoraSettings, TargetSpec};
-use crate::model::loader::expected_tensors;
-use crate::model::weights::f32_to_data;
-use crate::model::{self, CausalLm, ModelConfig, StoredDtype, TensorSource, TokenBatch};
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::step::{train_step, StepConfig};
+use crate::backend::{Bf16, Device, Placement};
+use crate::bench::{check_fixtures, fixture_tolerance, run as run_bench, BenchSpec};
+use crate::lora::TargetSpec;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -47,9 +35,9 @@ pub struct BenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// cpu or cuda (cuda needs a build with `--features cuda`).
+    /// cpu or cuda[:N] (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// Base-model compute dtype: f32 or bf16 (LoRA factors stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -72,332 +60,82 @@ pub struct BenchArgs {
     pub check_fixtures: Option<PathBuf>,
 }
 
-fn peak_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// `config.json` of the named shapes (random weights).
-fn shape_config(name: &str) -> Result<ModelConfig> {
-    let v = match name {
-        "llama-3.2-1b" => serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-            "hidden_act": "silu", "tie_word_embeddings": true, "bos_token_id": 128000, "eos_token_id": 128001
-        }),
-        "smollm2-135m" => serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
-            "hidden_act": "silu", "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
-        }),
-        other => bail!("unknown --shape `{other}`; known: llama-3.2-1b, smollm2-135m"),
-    };
-    Ok(ModelConfig::from_json(&v)?)
-}
-
-/// Random weights for a config: N(0, 0.02)-like linear/embedding weights (uniform with the same spread), norm
-/// weights 1, biases 0. Deterministic per tensor name.
-struct RandomSource {
-    shapes: Vec<(String, Vec<usize>)>,
-}
-
-impl TensorSource for RandomSource {
-    fn origin(&self) -> String {
-        "random weights".into()
-    }
-    fn names(&self) -> Vec<String> {
-        self.shapes.iter().map(|(n, _)| n.clone()).collect()
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shapes
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| s.clone())
-    }
-    fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
-        self.shape(name).map(|_| StoredDtype::F32)
-    }
-    fn load(&self, name: &str, dtype: DType) -> crate::Result<TensorData> {
-        let shape = self.shape(name).ok_or_else(|| {
-            crate::Error::Weights(format!("random weights: no tensor named `{name}`"))
-        })?;
-        let n: usize = shape.iter().product();
-        let values = if name.ends_with("norm.weight") {
-            vec![1.0f32; n]
-        } else if name.ends_with(".bias") {
-            vec![0.0f32; n]
-        } else {
-            // splitmix64 keyed by the name; uniform in ±0.02·√3 (std 0.02).
-            let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
-            let amp = 0.02f32 * 3f32.sqrt();
-            (0..n)
-                .map(|_| {
-                    state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                    let mut z = state;
-                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                    z ^= z >> 31;
-                    ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-                })
-                .collect()
-        };
-        f32_to_data(values, shape, dtype, name)
-    }
-}
-
-/// The benchmark's token ids: a fixed integer hash of the position (same formula in torch_bench.py).
-pub fn bench_tokens(batch: usize, seq: usize, vocab: usize) -> Vec<Vec<u32>> {
-    (0..batch)
-        .map(|r| {
-            (0..seq)
-                .map(|i| {
-                    let x = ((r * seq + i) as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    ((x >> 33) % vocab as u64) as u32
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" | "fp32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
-    })
-}
-
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.plain {
-        crate::fast::set_enabled(false);
+        crate::kernels::set_enabled(false);
     }
-    let dtype = parse_dtype(&a.dtype)?;
-    match a.device.as_str() {
-        "cpu" => {
-            type AD = burn::backend::Autodiff<burn::backend::Flex>;
-            if let Some(dir) = &a.check_fixtures {
-                return check_fixtures::<burn::backend::Flex>(dir, &Default::default(), dtype);
-            }
-            run_on::<AD>(&a, Default::default(), dtype, 330e9, None)
-        }
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            #[cfg(feature = "cuda")]
-            {
-                let idx: usize = match d.strip_prefix("cuda:") {
-                    Some(i) => i
-                        .parse()
-                        .with_context(|| format!("--device {d}: bad index"))?,
-                    None => 0,
-                };
-                if !std::path::Path::new("/dev/nvidiactl").exists()
-                    && !std::path::Path::new("/proc/driver/nvidia/version").exists()
-                {
-                    bail!("--device {d}: no NVIDIA driver on this machine (no /dev/nvidiactl); use --device cpu");
-                }
-                type Cuda = burn::backend::Cuda<f32, i32>;
-                let device = burn::backend::cuda::CudaDevice::new(idx);
-                if let Some(dir) = &a.check_fixtures {
-                    return check_fixtures::<Cuda>(dir, &device, dtype);
-                }
-                run_on::<burn::backend::Autodiff<Cuda>>(&a, device, dtype, 989e12, Some(idx))
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                bail!("--device {d}: this loratune was built without CUDA; rebuild with `cargo build --release --features cuda`")
-            }
-        }
-        other => bail!("unknown --device `{other}`; use cpu or cuda[:N]"),
-    }
-}
-
-fn open_model<B: Backend>(a: &BenchArgs, device: &B::Device, dtype: DType) -> Result<CausalLm<B>> {
-    Ok(match (&a.model, &a.shape) {
-        (Some(path), _) => {
-            let opened = model::open(path)?;
-            CausalLm::<B>::load(opened.config, opened.source.as_ref(), device, dtype)?
-        }
-        (None, Some(shape)) => {
-            let cfg = shape_config(shape)?;
-            let src = RandomSource {
-                shapes: expected_tensors(&cfg),
-            };
-            CausalLm::<B>::load(cfg, &src, device, dtype)?
-        }
-        (None, None) => bail!("pass --model DIR|FILE.gguf or --shape NAME"),
-    })
-}
-
-fn run_on<B: AutodiffBackend>(
-    a: &BenchArgs,
-    device: B::Device,
-    dtype: DType,
-    default_peak: f64,
-    gpu_index: Option<usize>,
-) -> Result<()> {
-    if a.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    let mut m = open_model::<B>(a, &device, dtype)?;
-    let targets = if a.targets == "all-linear" {
-        TargetSpec::AllLinear
-    } else {
-        TargetSpec::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
+    let bf16 = match a.dtype.as_str() {
+        "f32" | "fp32" | "float32" => Bf16::False,
+        "bf16" | "bfloat16" => Bf16::True,
+        other => bail!("unknown --dtype `{other}`; use f32 or bf16"),
     };
-    let settings = LoraSettings {
-        r: a.rank,
-        alpha: 2.0 * a.rank as f64,
-        dropout: 0.0,
-        use_rslora: false,
-        targets,
-        layers: None,
-        init: LoraInit::Kaiming,
-        seed: 0,
+    if matches!(a.device, Device::Cuda(_))
+        && !crate::backend::cuda_available()
+        && cfg!(feature = "cuda")
+    {
+        bail!(
+            "--device {}: no NVIDIA driver on this machine (no /dev/nvidiactl); use --device cpu",
+            a.device
+        );
+    }
+    let at = Placement::resolve(a.device, bf16, false)?;
+    if let Some(dir) = &a.check_fixtures {
+        return print_fixture_checks(dir, at);
+    }
+    let spec = BenchSpec {
+        model: a.model.clone(),
+        shape: a.shape.clone(),
+        batch: a.batch,
+        seq: a.seq,
+        rank: a.rank,
+        targets: if a.targets == "all-linear" {
+            TargetSpec::AllLinear
+        } else {
+            TargetSpec::Names(a.targets.split(',').map(|s| s.trim().to_string()).collect())
+        },
+        warmup: a.warmup,
+        steps: a.steps,
+        peak_flops: a.peak_flops,
+        profile: a.profile,
     };
-    let report = attach(&mut m, &settings)?;
-    set_trainable(&mut m);
-    let mut opt = AdamW::new(AdamWConfig::default(), lora_params(&m).len());
-    let rows = bench_tokens(a.batch, a.seq, m.config.vocab_size);
-    let batch = TokenBatch::from_rows(&rows, None);
-    let labels: Vec<i64> = batch.input_ids.iter().map(|&x| x as i64).collect();
-    let mut times = Vec::new();
-    let mut kernel_totals: Vec<(prof::Cat, f64, f64, u64)> = Vec::new();
-    prof::set_enabled(a.profile);
-    let gpu_mem = gpu_index.map(GpuMemSampler::start);
-    for i in 0..a.warmup + a.steps {
-        prof::reset();
-        let t0 = std::time::Instant::now();
-        let s = train_step(
-            &mut m,
-            &mut opt,
-            &[(&batch, &labels)],
-            StepConfig {
-                lr: 1e-4,
-                max_grad_norm: 1.0,
-                seed: 0,
-                step: i as u64,
-            },
-        )?;
-        B::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
-        let dt = t0.elapsed().as_secs_f64();
-        if i >= a.warmup {
-            times.push(dt);
-            let snap = prof::snapshot();
-            if kernel_totals.is_empty() {
-                kernel_totals = snap;
-            } else {
-                for (acc, s) in kernel_totals.iter_mut().zip(snap) {
-                    acc.1 += s.1;
-                    acc.2 += s.2;
-                    acc.3 += s.3;
-                }
-            }
+    let json = a.json;
+    let v = run_bench(&spec, at, &mut |i, dt, loss| {
+        if !json {
+            eprintln!("step {i}: {dt:.3}s loss {loss:.4}");
         }
-        if !a.json {
-            eprintln!("step {i}: {dt:.3}s loss {:.4}", s.loss);
-        }
+    })?;
+    if matches!(at.device, Device::Cuda(_)) && v.get("peak_gpu_used_mb").is_none() {
+        eprintln!("note: nvidia-smi gave no reading; peak GPU memory not reported");
     }
-    prof::set_enabled(false);
-    let mut sorted = times.clone();
-    sorted.sort_by(|x, y| x.total_cmp(y));
-    let median = sorted[sorted.len() / 2];
-    let tokens = (a.batch * a.seq) as f64;
-    let params = report.total_params as f64;
-    // Frozen base: forward 2·P + backward (input grads only) 2·P per token, plus attention (q·kᵀ and P·v over
-    // the full s×s, forward and twice that backward).
-    let cfg = &m.config;
-    let attn = 4.0
-        * cfg.num_hidden_layers as f64
-        * a.seq as f64
-        * (cfg.num_attention_heads * cfg.head_dim) as f64
-        * 2.0;
-    let flops_per_token = 4.0 * params + attn;
-    let achieved = flops_per_token * tokens / median;
-    let peak = a.peak_flops.unwrap_or(default_peak);
-    let mut v = serde_json::json!({
-        "side": "loratune",
-        "device": a.device,
-        "dtype": a.dtype,
-        "fused_kernels": crate::fast::enabled(),
-        "tokens_per_step": tokens,
-        "step_seconds_median": median,
-        "step_seconds_min": sorted[0],
-        "step_seconds_max": sorted[sorted.len() - 1],
-        "tokens_per_second": tokens / median,
-        "achieved_gflops": achieved / 1e9,
-        "mfu": achieved / peak,
-        "peak_flops": peak,
-        "peak_rss_mb": peak_rss_kb() as f64 / 1024.0,
-        "trainable_params": report.trainable_params,
-        "total_params": report.total_params,
-    });
-    if let Some(sampler) = gpu_mem {
-        match sampler.finish() {
-            Some(mb) => v["peak_gpu_used_mb"] = serde_json::json!(mb),
-            None => eprintln!("note: nvidia-smi gave no reading; peak GPU memory not reported"),
-        }
-    }
-    if a.profile {
-        let n = times.len() as f64;
-        let step: f64 = times.iter().sum::<f64>() / n;
-        let mut rows = Vec::new();
-        let mut covered = 0.0;
-        for (cat, secs, flops, calls) in &kernel_totals {
-            let s = secs / n;
-            covered += s;
-            rows.push(serde_json::json!({
-                "kernel": cat.name(),
-                "seconds_per_step": s,
-                "share": s / step,
-                "calls_per_step": *calls as f64 / n,
-                "gflops": if *secs > 0.0 && *flops > 0.0 { flops / secs / 1e9 } else { 0.0 },
-            }));
-        }
-        rows.push(serde_json::json!({
-            "kernel": "other (burn ops: embedding, residual adds, grad accumulation, AdamW, clip, graph)",
-            "seconds_per_step": step - covered,
-            "share": (step - covered) / step,
-        }));
-        v["profile"] = serde_json::Value::Array(rows.clone());
-        if !a.json {
+    if let (Some(rows), false) = (v["profile"].as_array(), a.json) {
+        eprintln!(
+            "\n{:<52} {:>9} {:>7} {:>7} {:>8}",
+            "per step (mean of timed steps)", "seconds", "share", "calls", "GFLOP/s"
+        );
+        for r in rows {
             eprintln!(
-                "\n{:<52} {:>9} {:>7} {:>7} {:>8}",
-                "per step (mean of timed steps)", "seconds", "share", "calls", "GFLOP/s"
+                "{:<52} {:>9.3} {:>6.1}% {:>7} {:>8}",
+                r["kernel"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(52)
+                    .collect::<String>(),
+                r["seconds_per_step"].as_f64().unwrap_or(0.0),
+                100.0 * r["share"].as_f64().unwrap_or(0.0),
+                r["calls_per_step"]
+                    .as_f64()
+                    .map_or(String::new(), |c| format!("{c:.0}")),
+                r["gflops"]
+                    .as_f64()
+                    .map_or(String::new(), |g| format!("{g:.0}")),
             );
-            for r in &rows {
-                eprintln!(
-                    "{:<52} {:>9.3} {:>6.1}% {:>7} {:>8}",
-                    r["kernel"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(52)
-                        .collect::<String>(),
-                    r["seconds_per_step"].as_f64().unwrap_or(0.0),
-                    100.0 * r["share"].as_f64().unwrap_or(0.0),
-                    r["calls_per_step"]
-                        .as_f64()
-                        .map_or(String::new(), |c| format!("{c:.0}")),
-                    r["gflops"]
-                        .as_f64()
-                        .map_or(String::new(), |g| format!("{g:.0}")),
-                );
-            }
-            eprintln!("{:<52} {:>9.3}", "step", step);
         }
+        eprintln!(
+            "{:<52} {:>9.3}",
+            "step",
+            v["step_seconds_mean"].as_f64().unwrap_or(0.0)
+        );
     }
     if a.json {
         println!("{}", serde_json::to_string(&v)?);
@@ -407,217 +145,38 @@ fn run_on<B: AutodiffBackend>(
     Ok(())
 }
 
-/// One reference tensor of a fixture as f32 values.
-fn read_ref(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let t = st
-        .tensor(name)
-        .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
-    let d = t.data();
-    let vals: Vec<f32> = match t.dtype() {
-        safetensors::Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::I64 => d
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        other => bail!(
-            "{}: `{name}` has unsupported dtype {other:?}",
-            path.display()
-        ),
-    };
-    Ok((t.shape().to_vec(), vals))
-}
-
-fn logits_f32<B: Backend>(m: &CausalLm<B>, batch: &TokenBatch) -> Result<Vec<f32>> {
-    m.forward(batch)
-        .cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))
-}
-
-/// Every fixture's forward on `B` against the CPU f32 forward and the transformers logits.
-fn check_fixtures<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<()> {
-    type Cpu = burn::backend::Flex;
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("reference.safetensors").is_file())
-        .collect();
-    entries.sort();
-    if entries.is_empty() {
-        bail!(
-            "{}: no fixture folders (with reference.safetensors) here; pass tests/fixtures/models",
-            dir.display()
-        );
-    }
-    // Tolerance on max |Δlogit| relative to the largest |logit|. f32 on a GPU: cubek-matmul stages f32 GEMMs
-    // in TF32 on the tensor cores (10-bit mantissa, what torch does with allow_tf32), measured 1.4e-3–2.1e-3 on
-    // an H200 (1.1e-2 for gemma2, whose soft-capping amplifies it); 2.5e-2 allowed. bf16 weights and activations:
-    // a few 1e-2 on these tiny random models (the CPU's own bf16 path too); 1e-1 allowed.
-    let tol = if dtype == DType::F32 { 2.5e-2 } else { 1e-1 };
-    let mut worst_all = 0f32;
-    let mut failed = Vec::new();
-    for fx in &entries {
-        let name = fx
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let reference = fx.join("reference.safetensors");
-        let (shape, ids) = read_ref(&reference, "input_ids")?;
-        let (_, mask) = read_ref(&reference, "attention_mask")?;
-        let (_, expected) = read_ref(&reference, "logits")?;
-        let (b, s) = (shape[0], shape[1]);
-        let rows: Vec<Vec<u32>> = (0..b)
-            .map(|r| ids[r * s..(r + 1) * s].iter().map(|&x| x as u32).collect())
-            .collect();
-        let masks: Vec<Vec<bool>> = (0..b)
-            .map(|r| mask[r * s..(r + 1) * s].iter().map(|&x| x != 0.0).collect())
-            .collect();
-        let batch = TokenBatch::from_rows(&rows, Some(&masks));
-        let open = || -> Result<(ModelConfig, crate::model::SafetensorsSource)> {
-            let cfg = ModelConfig::from_file(&fx.join("config.json"))?;
-            Ok((cfg, crate::model::SafetensorsSource::open(fx)?))
-        };
-        let (cfg, src) = open()?;
-        let cpu = CausalLm::<Cpu>::load(cfg, &src, &Default::default(), DType::F32)?;
-        let want = logits_f32(&cpu, &batch)?;
-        let (cfg, src) = open()?;
-        let dev = CausalLm::<B>::load(cfg, &src, device, dtype)?;
-        let t0 = std::time::Instant::now();
-        let got = logits_f32(&dev, &batch)?;
-        let dt = t0.elapsed().as_secs_f64();
-        let v = cpu.config.vocab_size;
-        let real: Vec<usize> = (0..b * s).filter(|&p| batch.attention_mask[p]).collect();
-        let diff = |x: &[f32], y: &[f32]| {
-            real.iter()
-                .flat_map(|&p| (0..v).map(move |j| p * v + j))
-                .map(|i| (x[i] - y[i]).abs())
-                .fold(0f32, f32::max)
-        };
-        let scale = real
-            .iter()
-            .flat_map(|&p| want[p * v..(p + 1) * v].iter())
-            .fold(1e-6f32, |m, x| m.max(x.abs()));
-        let d_cpu = diff(&got, &want);
-        let d_ref = diff(&got, &expected);
-        let d_cpu_ref = diff(&want, &expected);
-        worst_all = worst_all.max(d_cpu / scale);
-        let ok = d_cpu / scale <= tol && got.iter().all(|x| x.is_finite());
-        if !ok {
-            failed.push(name.clone());
-        }
+fn print_fixture_checks(dir: &std::path::Path, at: Placement) -> Result<()> {
+    let tol = fixture_tolerance(at.dtype);
+    let checks = check_fixtures(dir, at)?;
+    let mut worst = 0f32;
+    for c in &checks {
+        worst = worst.max(c.device_vs_cpu / c.scale);
         println!(
-            "{name:<12} max |Δlogit| device vs cpu {d_cpu:.3e} ({:.2e} of max |logit| {scale:.2}), device vs \
-             transformers {d_ref:.3e} (cpu vs transformers {d_cpu_ref:.3e}), {dt:.2}s  {}",
-            d_cpu / scale,
-            if ok { "ok" } else { "FAIL" }
+            "{:<12} max |Δlogit| device vs cpu {:.3e} ({:.2e} of max |logit| {:.2}), device vs \
+             transformers {:.3e} (cpu vs transformers {:.3e}), {:.2}s  {}",
+            c.name,
+            c.device_vs_cpu,
+            c.device_vs_cpu / c.scale,
+            c.scale,
+            c.device_vs_reference,
+            c.cpu_vs_reference,
+            c.seconds,
+            if c.ok { "ok" } else { "FAIL" }
         );
     }
     println!(
-        "{} fixtures, worst device-vs-cpu max |Δlogit| / max |logit| = {worst_all:.3e} (tolerance {tol:e}, dtype \
-         {dtype:?})",
-        entries.len()
+        "{} fixtures, worst device-vs-cpu max |Δlogit| / max |logit| = {worst:.3e} (tolerance {tol:e}, dtype \
+         {:?})",
+        checks.len(),
+        at.dtype
     );
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
     if !failed.is_empty() {
         bail!("fixtures off beyond tolerance: {}", failed.join(", "));
     }
     Ok(())
-}
-
-/// The peak of the GPU's used memory while the benchmark runs, as nvidia-smi samples it every 100 ms (device-wide,
-/// the CUDA context included: the same figure `scripts/bench/compare.py` takes for torch).
-struct GpuMemSampler {
-    child: Option<std::process::Child>,
-    reader: Option<std::thread::JoinHandle<Option<f64>>>,
-}
-
-impl GpuMemSampler {
-    fn start(index: usize) -> Self {
-        Self::start_with(
-            "nvidia-smi",
-            &[
-                "--query-gpu=memory.used",
-                "--format=csv,noheader,nounits",
-                "-i",
-                &index.to_string(),
-                "-lms",
-                "100",
-            ],
-        )
-    }
-
-    /// Run `program args`, which prints one number (MB) per line until it is killed.
-    fn start_with(program: &str, args: &[&str]) -> Self {
-        use std::io::BufRead;
-        let child = std::process::Command::new(program)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        let Ok(mut child) = child else {
-            return GpuMemSampler {
-                child: None,
-                reader: None,
-            };
-        };
-        let out = child.stdout.take();
-        let reader = out.map(|out| {
-            std::thread::spawn(move || {
-                let mut peak: Option<f64> = None;
-                for line in std::io::BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    if let Ok(mb) = line.trim().parse::<f64>() {
-                        peak = Some(peak.map_or(mb, |p| p.max(mb)));
-                    }
-                }
-                peak
-            })
-        });
-        GpuMemSampler {
-            child: Some(child),
-            reader,
-        }
-    }
-
-    /// Stop sampling; the peak in MB, or None when nvidia-smi is missing or printed nothing usable.
-    fn finish(mut self) -> Option<f64> {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.reader.take().and_then(|r| r.join().ok().flatten())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::GpuMemSampler;
-
-    #[test]
-    fn gpu_memory_sampler_keeps_the_peak_and_stops_the_sampler() {
-        let t0 = std::time::Instant::now();
-        let s = GpuMemSampler::start_with(
-            "sh",
-            &[
-                "-c",
-                "echo 100; echo 250; echo oops; echo 30; exec sleep 30",
-            ],
-        );
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        assert_eq!(s.finish(), Some(250.0));
-        assert!(t0.elapsed().as_secs() < 10, "the sampler was not stopped");
-    }
-
-    #[test]
-    fn gpu_memory_sampler_without_the_program_reports_nothing() {
-        let s = GpuMemSampler::start_with("/nonexistent/nvidia-smi", &[]);
-        assert_eq!(s.finish(), None);
-    }
 }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::config::TrainConfig;
+use crate::config::{LoadOptions, Purpose, TrainConfig};
 use crate::data::{
-    default_cache_dir, from_config, DataFormat, DataOptions, DataPipeline, DatasetSource, OnBadRow,
-    SampleBuilder, Truncation,
+    default_cache_dir, DataFormat, DataOptions, DataSpec, DatasetSource, OnBadRow, Truncation,
+    DEFAULT_SEQUENCE_LEN,
 };
 use crate::tokenizer::LoadedTokenizer;
 
@@ -44,9 +44,9 @@ pub struct SourceArgs {
     /// A dataset file, folder or glob (.jsonl, .json, .csv, .tsv, .parquet); repeat for several.
     #[arg(long = "dataset", required_unless_present = "config")]
     pub datasets: Vec<String>,
-    /// Record format: alpaca, chat (alias chat_template, sharegpt), completion, text.
-    #[arg(long = "type", default_value = "chat")]
-    pub format: String,
+    /// Record format: alpaca, chat_template (alias chat), completion, text.
+    #[arg(long = "type", default_value = "chat_template")]
+    pub format: DataFormat,
     /// The tokenizer: a Hugging Face model folder (tokenizer.json, tokenizer_config.json) or a .gguf file.
     /// With CONFIG the default is the base model's.
     #[arg(long, required_unless_present = "config")]
@@ -59,7 +59,7 @@ pub struct SourceArgs {
     #[arg(long)]
     pub field_messages: Option<String>,
     /// Maximum tokens per sample (and per packed row).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_SEQUENCE_LEN)]
     pub sequence_len: usize,
     /// Train on every token, not only on the assistant turns / completions.
     #[arg(long)]
@@ -112,65 +112,34 @@ pub struct StatsArgs {
     pub json: bool,
 }
 
-/// Everything `data preview|stats` needs.
-struct Inputs {
-    train: Vec<DatasetSource>,
-    eval: Vec<DatasetSource>,
-    options: DataOptions,
-    builder: SampleBuilder,
-    cache_dir: Option<PathBuf>,
-}
-
 fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer> {
     crate::tokenizer::load_for_model(path)
         .with_context(|| format!("loading the tokenizer {}", path.display()))
 }
 
-fn inputs(src: &SourceArgs, flags: impl FnOnce(&mut DataOptions)) -> Result<Inputs> {
+/// The data and the tokenizer `data preview|stats` read: a training config's (the same conversion `train` makes,
+/// so the token cache is shared), or the flags'.
+fn inputs(
+    src: &SourceArgs,
+    flags: impl FnOnce(&mut DataOptions),
+) -> Result<(DataSpec, LoadedTokenizer)> {
     if let Some(cfg_path) = &src.config {
-        let cfg = TrainConfig::load(cfg_path, &src.set)?;
+        let opts = LoadOptions {
+            purpose: Purpose::Data,
+            ..LoadOptions::default()
+        };
+        let cfg = TrainConfig::load_with(cfg_path, &src.set, &opts)?;
         let tok = match &src.tokenizer {
             Some(t) => load_tokenizer(t)?,
-            None => {
-                let opts = crate::hub::HubOptions::from_env()?;
-                match crate::hub::resolve_base_model(
-                    &cfg.base_model,
-                    cfg.base_model_revision.as_deref(),
-                    &opts,
-                )? {
-                    crate::hub::ResolvedModel::Folder(f) => load_tokenizer(&f.dir)?,
-                    crate::hub::ResolvedModel::Gguf(p) => load_tokenizer(&p)?,
-                }
-            }
+            None => cfg.tokenizer(&cfg.base_model_path()?)?,
         };
-        let options = from_config::options_from_config(&cfg);
-        let builder = SampleBuilder::from_tokenizer(
-            &tok,
-            options.chat_template.as_deref(),
-            options.train_on_inputs,
-        )?;
-        return Ok(Inputs {
-            train: cfg
-                .datasets
-                .iter()
-                .map(|d| from_config::source_from_config(&cfg, d))
-                .collect(),
-            eval: cfg
-                .test_datasets
-                .iter()
-                .map(|d| from_config::source_from_config(&cfg, d))
-                .collect(),
-            options,
-            builder,
-            cache_dir: Some(from_config::cache_dir_from_config(&cfg)),
-        });
+        return Ok((cfg.data_spec(), tok));
     }
-    let format = DataFormat::parse(&src.format)?;
     let train: Vec<DatasetSource> = src
         .datasets
         .iter()
         .map(|p| {
-            let mut s = DatasetSource::new(p.clone(), format);
+            let mut s = DatasetSource::new(p.clone(), src.format);
             s.field_messages = src.field_messages.clone();
             s.limit = src.limit;
             s
@@ -204,19 +173,13 @@ fn inputs(src: &SourceArgs, flags: impl FnOnce(&mut DataOptions)) -> Result<Inpu
         .tokenizer
         .as_ref()
         .context("--tokenizer is required without a config")?;
-    let tok = load_tokenizer(tok_path)?;
-    let builder = SampleBuilder::from_tokenizer(
-        &tok,
-        options.chat_template.as_deref(),
-        options.train_on_inputs,
-    )?;
-    Ok(Inputs {
+    let spec = DataSpec {
         train,
         eval: Vec::new(),
         options,
-        builder,
-        cache_dir: None,
-    })
+        cache_dir: default_cache_dir(),
+    };
+    Ok((spec, load_tokenizer(tok_path)?))
 }
 
 pub fn run(a: DataArgs) -> Result<()> {
@@ -227,9 +190,9 @@ pub fn run(a: DataArgs) -> Result<()> {
 }
 
 fn preview(a: PreviewArgs) -> Result<()> {
-    let inp = inputs(&a.source, |_| {})?;
+    let (spec, tok) = inputs(&a.source, |_| {})?;
     let color = !a.no_color && std::io::stdout().is_terminal();
-    let items = crate::data::report::preview_sources(&inp.train, &inp.builder, &inp.options, a.n)?;
+    let items = spec.preview(&tok, a.n)?;
     if color {
         println!("trained tokens in \x1b[1;32mgreen\x1b[0m; the first token of each sample is never trained");
     } else {
@@ -242,18 +205,16 @@ fn preview(a: PreviewArgs) -> Result<()> {
 }
 
 fn stats(a: StatsArgs) -> Result<()> {
-    let inp = inputs(&a.source, |o| {
+    let (mut spec, tok) = inputs(&a.source, |o| {
         o.sample_packing = a.sample_packing;
         o.micro_batch_size = a.micro_batch_size;
         o.val_set_size = a.val_set_size;
         o.seed = a.seed;
     })?;
-    let cache = a
-        .cache_dir
-        .clone()
-        .or(inp.cache_dir)
-        .unwrap_or_else(default_cache_dir);
-    let pipeline = DataPipeline::new(inp.train, inp.eval, inp.options, inp.builder, cache)?;
+    if let Some(dir) = &a.cache_dir {
+        spec.cache_dir = dir.clone();
+    }
+    let pipeline = spec.pipeline(&tok)?;
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(200));
     while !pipeline.is_ready() {

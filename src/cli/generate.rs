@@ -3,11 +3,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use super::common::load_cpu;
+use crate::backend::{Bf16, Device, InferJob, Placement};
 use crate::generate::{generate, GenerateOptions, StopReason, StreamDecoder};
-use crate::tokenizer::Message;
+use crate::kernels::Kernels;
+use crate::model::{self, CausalLm};
+use crate::tokenizer::{self, LoadedTokenizer, Message};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -41,6 +43,28 @@ pub struct GenerateArgs {
     /// Print one JSON object (prompt ids, generated ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// cpu, cuda, cuda:N or auto (a GPU when this build has CUDA and one is present).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// The generation, run on the backend the device asks for.
+struct Job<'a>(&'a GenerateArgs);
+
+impl InferJob for Job<'_> {
+    type Output = Result<()>;
+    fn run<B: Kernels>(self, device: B::Device, at: Placement) -> crate::Result<Result<()>> {
+        let a = self.0;
+        let t0 = std::time::Instant::now();
+        let opened = model::open(&a.model)?;
+        let tok = tokenizer::load_for_model(&a.model)?;
+        let mut m = CausalLm::<B>::load(opened.config, opened.source.as_ref(), &device, at.dtype)?;
+        if let Some(ad) = &a.adapter {
+            crate::lora::peft::load_adapter(&mut m, ad)?;
+        }
+        let load_seconds = t0.elapsed().as_secs_f64();
+        Ok(complete(a, &m, &tok, load_seconds))
+    }
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -56,8 +80,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.system.is_some() && !a.chat {
         bail!("--system needs --chat");
     }
-    let loaded = load_cpu(&a.model, a.adapter.as_ref())?;
-    let tok = &loaded.tokenizer;
+    Placement::resolve(a.device, Bf16::Auto, false)?
+        .infer(Job(&a))
+        .with_context(|| format!("loading {}", a.model.display()))?
+}
+
+/// Encode the prompt, stream the completion, print it (or the JSON report).
+fn complete<B: Kernels>(
+    a: &GenerateArgs,
+    model: &CausalLm<B>,
+    tok: &LoadedTokenizer,
+    load_seconds: f64,
+) -> Result<()> {
     let (prompt_text, prompt_ids) = if a.chat {
         let template = tok.chat_template()?;
         let mut msgs = Vec::new();
@@ -84,7 +118,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut stream = StreamDecoder::new();
     let quiet = a.json;
     let mut stdout = std::io::stdout();
-    let (ids, reason) = generate(&loaded.model, &prompt_ids, &opts, &mut |id| {
+    let (ids, reason) = generate(model, &prompt_ids, &opts, &mut |id| {
         if first_token_at.is_none() {
             first_token_at = Some(t0.elapsed().as_secs_f64());
         }
@@ -110,7 +144,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "generated_ids": ids,
             "text": text,
             "stop_reason": format!("{reason:?}").to_lowercase(),
-            "load_seconds": loaded.load_seconds,
+            "load_seconds": load_seconds,
             "prefill_seconds": prefill,
             "decode_tokens_per_second": decode_tps,
         });
@@ -126,7 +160,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 StopReason::Length => "max-new-tokens",
                 StopReason::Context => "context full",
             },
-            loaded.load_seconds,
+            load_seconds,
             prefill,
             decode_tps
         );

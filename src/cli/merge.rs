@@ -1,13 +1,13 @@
 //! `loratune merge` (base + PEFT adapter → merged HF folder) and `loratune convert` (GGUF → HF folder).
 //! Both stream tensor by tensor: W + scale·B·A in f32, rounded once to the output dtype.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::export::hf::{copy_tokenizer_files, parse_size, MergedExportOptions};
-use crate::export::merge::merge_to_folder;
-use crate::export::safetensors::OutDtype;
+use crate::export::merge::write_merged_folder;
+use crate::export::{ByteSize, ExportDtype};
 use crate::lora::peft::read_adapter;
 use crate::model;
 use crate::tokenizer::load_for_model;
@@ -23,12 +23,12 @@ pub struct MergeArgs {
     /// Output folder (replaced atomically).
     #[arg(long)]
     pub out: PathBuf,
-    /// Output dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Output dtype: auto (the base's stored dtype, as PEFT's merge_and_unload keeps it), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: ExportDtype,
     /// Maximum shard size (e.g. 2GB); default: one model.safetensors.
     #[arg(long)]
-    pub shard_size: Option<String>,
+    pub shard_size: Option<ByteSize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,24 +37,22 @@ pub struct ConvertArgs {
     pub model: PathBuf,
     /// Output folder: a standard Hugging Face model folder.
     pub out: PathBuf,
-    /// Output dtype: f32, bf16 or f16.
+    /// Output dtype: f32, bf16, f16 or auto (the stored dtype; f32 for quantised GGUF tensors).
     #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: ExportDtype,
     /// Maximum shard size (e.g. 2GB); default: one model.safetensors.
     #[arg(long)]
-    pub shard_size: Option<String>,
+    pub shard_size: Option<ByteSize>,
 }
 
 fn write(
     base_path: &Path,
     adapter: Option<&Path>,
     out: &Path,
-    dtype: &str,
-    shard: Option<&String>,
+    dtype: ExportDtype,
+    shard: Option<&ByteSize>,
 ) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let dtype = OutDtype::parse(dtype)?;
-    let shard_size = shard.map(|s| parse_size(s)).transpose()?;
     if out.exists() && out.canonicalize().ok() == base_path.canonicalize().ok() {
         bail!("--out must differ from the base model location");
     }
@@ -64,36 +62,16 @@ fn write(
         .transpose()?;
     let tok = load_for_model(base_path)
         .with_context(|| format!("loading the tokenizer of {}", base_path.display()))?;
-    let base_gen = if base_path.is_dir() {
-        let p = base_path.join("generation_config.json");
-        if p.is_file() {
-            Some(
-                serde_json::from_str(
-                    &std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
-                )
-                .with_context(|| format!("{}: invalid JSON", p.display()))?,
-            )
-        } else {
-            None
-        }
-    } else {
-        None
-    };
-    let opts = MergedExportOptions {
+    let dtype = dtype.resolve(base.source.as_ref());
+    write_merged_folder(
+        base_path,
+        &base,
+        adapter.as_ref(),
+        &tok,
+        out,
         dtype,
-        shard_size,
-        extra_eos_ids: tok.generation_stop_ids(),
-        base_generation_config: base_gen,
-    };
-    let from_dir = base_path.is_dir();
-    merge_to_folder(&base, adapter.as_ref(), out, &opts, &|d| {
-        if from_dir {
-            copy_tokenizer_files(base_path, d)?;
-            Ok(())
-        } else {
-            tok.to_hf_files(d)
-        }
-    })?;
+        shard.map(|s| s.bytes),
+    )?;
     eprintln!(
         "wrote {} ({} {}, {:.1}s)",
         out.display(),
@@ -109,11 +87,11 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
         &a.model,
         Some(&a.adapter),
         &a.out,
-        &a.dtype,
+        a.dtype,
         a.shard_size.as_ref(),
     )
 }
 
 pub fn run_convert(a: ConvertArgs) -> Result<()> {
-    write(&a.model, None, &a.out, &a.dtype, a.shard_size.as_ref())
+    write(&a.model, None, &a.out, a.dtype, a.shard_size.as_ref())
 }

@@ -3,7 +3,6 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod common;
 mod data;
 mod export;
 mod generate;

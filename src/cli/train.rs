@@ -90,7 +90,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig::load(&a.config, &a.set)?;
-    let (loss, ppl, n) = evaluate(&cfg, a.adapter.as_deref())?;
-    println!("eval loss {loss:.4}  perplexity {ppl:.3}  ({n} tokens)");
+    let e = evaluate(&cfg, a.adapter.as_deref())?;
+    println!(
+        "eval loss {:.4}  perplexity {:.3}  ({} tokens)",
+        e.loss, e.perplexity, e.tokens
+    );
     Ok(())
 }

@@ -16,8 +16,10 @@
 //! [`TrainConfig::write_resolved`], and [`TrainConfig::config_hash`] identifies the settings that a checkpoint
 //! must agree with to be resumed.
 
+mod issues;
 mod load;
 pub mod names;
+mod runtime;
 pub mod suggest;
 mod validate;
 pub mod yaml;
@@ -28,12 +30,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use load::LoadOptions;
-pub use names::{
-    Adapter, Bf16, ByteSize, ChatTemplateName, DatasetType, Device, DsType, ExportDtype, LayerList,
-    LoraInit, LrScheduler, Optimizer, TargetModules, TrainOnEos, Truncation,
-};
-pub use validate::{DataFacts, ModelFacts};
+pub use crate::backend::{Bf16, Device};
+pub use crate::data::DataFacts;
+pub use crate::data::{DataFormat, FileKind, TrainOnEos, Truncation, ValSplit};
+pub use crate::export::{ByteSize, ExportDtype};
+pub use crate::lora::{LoraInit, TargetSpec};
+pub use crate::train::schedule::ScheduleKind;
+pub use issues::{LoadOptions, Purpose};
+pub use names::{Adapter, ChatTemplateName, LayerList, Optimizer, TargetModules};
+pub use validate::ModelFacts;
 pub use yaml::{KeyPath, Override, Pos};
 
 /// The training configuration. Field names are the YAML keys (Axolotl's names where Axolotl has the
@@ -72,7 +77,8 @@ pub struct TrainConfig {
     pub chat_template_jinja: Option<String>,
     /// Train on prompt/user tokens too, not only on the responses. Default: `false`.
     pub train_on_inputs: bool,
-    /// Maximum tokens per sample (and per packed row). Default: `512` (Axolotl).
+    /// Maximum tokens per sample (and per packed row). Default: `512` (Axolotl,
+    /// [`crate::data::DEFAULT_SEQUENCE_LEN`]).
     pub sequence_len: usize,
     /// Pack several samples into one row (attention never crosses sample boundaries). Default: `false`.
     pub sample_packing: bool,
@@ -121,7 +127,7 @@ pub struct TrainConfig {
     #[serde(deserialize_with = "lenient_f64")]
     pub learning_rate: f64,
     /// `constant` (alias `constant_with_warmup`), `linear` or `cosine`. Default: `cosine` (Axolotl).
-    pub lr_scheduler: LrScheduler,
+    pub lr_scheduler: ScheduleKind,
     /// Linear warmup steps. Default: unset (0). Exclusive with `warmup_ratio`.
     pub warmup_steps: Option<u64>,
     /// Warmup as a fraction of the total steps, in [0, 1); steps = ceil(ratio × total) (transformers).
@@ -180,7 +186,7 @@ pub struct TrainConfig {
 
     /// Where the config came from (file, text, overrides): used to point later errors at lines.
     #[serde(skip)]
-    origin: Option<Arc<load::Origin>>,
+    origin: Option<Arc<issues::Origin>>,
     /// Non-fatal findings (ignored Axolotl keys, settings without effect).
     #[serde(skip)]
     warnings: Vec<ConfigIssue>,
@@ -199,7 +205,7 @@ impl Default for TrainConfig {
             chat_template: ChatTemplateName::TokenizerDefault,
             chat_template_jinja: None,
             train_on_inputs: false,
-            sequence_len: 512,
+            sequence_len: crate::data::DEFAULT_SEQUENCE_LEN,
             sample_packing: false,
             truncation: Truncation::Drop,
             special_tokens: SpecialTokens::default(),
@@ -211,13 +217,13 @@ impl Default for TrainConfig {
             lora_target_linear: false,
             lora_layers_to_transform: None,
             peft_use_rslora: false,
-            lora_init: LoraInit::Default,
+            lora_init: LoraInit::Kaiming,
             micro_batch_size: 1,
             gradient_accumulation_steps: 1,
             num_epochs: None,
             max_steps: None,
             learning_rate: 0.0,
-            lr_scheduler: LrScheduler::Cosine,
+            lr_scheduler: ScheduleKind::Cosine,
             warmup_steps: None,
             warmup_ratio: None,
             cosine_min_lr_ratio: None,
@@ -264,9 +270,10 @@ pub struct DatasetConfig {
     pub path: String,
     /// **Required.** `alpaca`, `chat_template` (alias `chat`), `completion` or `text`.
     #[serde(rename = "type")]
-    pub kind: DatasetType,
-    /// File format `json` (JSONL or a JSON array), `csv` or `parquet`. Default: from the file extension.
-    pub ds_type: Option<DsType>,
+    pub kind: DataFormat,
+    /// File format `jsonl`, `json` (a JSON array, or JSON lines), `csv`, `tsv` or `parquet`. Default: from the
+    /// file extension.
+    pub ds_type: Option<FileKind>,
     /// Split name; for local files only `train` exists (Axolotl's convention). Default: unset (= train).
     pub split: Option<String>,
     /// chat_template: the field holding the message list. Default: `messages`.
@@ -316,7 +323,7 @@ impl Default for DatasetConfig {
     fn default() -> Self {
         DatasetConfig {
             path: String::new(),
-            kind: DatasetType::ChatTemplate,
+            kind: DataFormat::Chat,
             ds_type: None,
             split: None,
             field_messages: None,
@@ -350,30 +357,6 @@ pub struct SpecialTokens {
     pub pad_token: Option<String>,
     /// Unknown token text.
     pub unk_token: Option<String>,
-}
-
-/// Which modules get LoRA adapters, combining `lora_target_modules` and `lora_target_linear`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoraTargets {
-    /// Every linear layer except `lm_head` (`lora_target_linear: true` or `lora_target_modules: all-linear`).
-    AllLinear,
-    /// Modules whose path equals a name or ends with `.name`.
-    Names(Vec<String>),
-    /// Modules whose full path matches the regex entirely (PEFT's `re.fullmatch`).
-    Regex(String),
-    /// Nothing specified: PEFT's per-architecture default (q_proj and v_proj; qkv_proj for Phi-3).
-    ArchitectureDefault,
-}
-
-/// The evaluation split requested by `val_set_size`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ValSplit {
-    /// No held-out split.
-    None,
-    /// This fraction of the training samples (0 < f < 1).
-    Fraction(f64),
-    /// This many training samples.
-    Count(u64),
 }
 
 /// Where the chat template comes from, after combining `chat_template` and `chat_template_jinja`.
@@ -445,12 +428,6 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-impl From<ConfigErrors> for crate::Error {
-    fn from(e: ConfigErrors) -> Self {
-        crate::Error::Config(e.to_string())
-    }
-}
-
 impl TrainConfig {
     /// Load, override, check and resolve a config file, with the default [`LoadOptions`] (dataset files
     /// and local model paths must exist, relative to the working directory). `overrides` are `--set`
@@ -519,41 +496,25 @@ impl TrainConfig {
         self.base_model_revision.as_deref().unwrap_or("main")
     }
 
-    /// LoRA scale: alpha/r, or alpha/√r with `peft_use_rslora`.
-    pub fn lora_scale(&self) -> f64 {
-        let r = self.lora_r.max(1) as f64;
-        if self.peft_use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }
-    }
-
-    /// The modules to adapt.
-    pub fn lora_targets(&self) -> LoraTargets {
+    /// The modules to adapt, combining `lora_target_modules` and `lora_target_linear`; `None` = the family's
+    /// default (PEFT's per-architecture `target_modules`).
+    pub fn lora_targets(&self) -> Option<TargetSpec> {
         if self.lora_target_linear {
-            return LoraTargets::AllLinear;
+            return Some(TargetSpec::AllLinear);
         }
         match &self.lora_target_modules {
-            None => LoraTargets::ArchitectureDefault,
-            Some(TargetModules::List(v)) => LoraTargets::Names(v.clone()),
+            None => None,
+            Some(TargetModules::List(v)) => Some(TargetSpec::Names(v.clone())),
             Some(TargetModules::Pattern(p)) if p.eq_ignore_ascii_case("all-linear") => {
-                LoraTargets::AllLinear
+                Some(TargetSpec::AllLinear)
             }
-            Some(TargetModules::Pattern(p)) => LoraTargets::Regex(p.clone()),
+            Some(TargetModules::Pattern(p)) => Some(TargetSpec::Regex(p.clone())),
         }
     }
 
-    /// The `val_set_size` split.
+    /// The `val_set_size` split (the value was checked at load time).
     pub fn val_split(&self) -> ValSplit {
-        let v = self.val_set_size;
-        if v <= 0.0 {
-            ValSplit::None
-        } else if v < 1.0 {
-            ValSplit::Fraction(v)
-        } else {
-            ValSplit::Count(v as u64)
-        }
+        ValSplit::from_size(self.val_set_size).unwrap_or(ValSplit::None)
     }
 
     /// Whether the run has an evaluation set (`test_datasets` or `val_set_size` > 0).
@@ -738,23 +699,32 @@ mod tests {
 
     #[test]
     fn lora_scale_and_targets() {
+        use crate::model::Family;
         let mut c = TrainConfig {
             lora_r: 16,
             lora_alpha: 32.0,
             ..TrainConfig::default()
         };
-        assert_eq!(c.lora_scale(), 2.0);
+        assert_eq!(c.lora_settings(Family::Llama).scale(), 2.0);
         c.peft_use_rslora = true;
-        assert_eq!(c.lora_scale(), 8.0);
-        assert_eq!(c.lora_targets(), LoraTargets::ArchitectureDefault);
+        assert_eq!(c.lora_settings(Family::Llama).scale(), 8.0);
+        assert_eq!(c.lora_targets(), None);
+        assert_eq!(
+            c.lora_settings(Family::Llama).targets,
+            TargetSpec::Names(vec!["q_proj".into(), "v_proj".into()])
+        );
+        assert_eq!(
+            c.lora_settings(Family::Phi3).targets,
+            TargetSpec::Names(vec!["qkv_proj".into()])
+        );
         c.lora_target_modules = Some(TargetModules::Pattern("all-linear".into()));
-        assert_eq!(c.lora_targets(), LoraTargets::AllLinear);
+        assert_eq!(c.lora_targets(), Some(TargetSpec::AllLinear));
         c.lora_target_modules = Some(TargetModules::Pattern(r".*\.(q|v)_proj".into()));
         assert_eq!(
             c.lora_targets(),
-            LoraTargets::Regex(r".*\.(q|v)_proj".into())
+            Some(TargetSpec::Regex(r".*\.(q|v)_proj".into()))
         );
         c.lora_target_linear = true;
-        assert_eq!(c.lora_targets(), LoraTargets::AllLinear);
+        assert_eq!(c.lora_targets(), Some(TargetSpec::AllLinear));
     }
 }

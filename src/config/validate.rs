@@ -5,13 +5,15 @@ use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::load::{finalize, Issue, LoadOptions};
+use super::issues::{finalize, Issue, LoadOptions, Purpose};
 use super::suggest::did_you_mean;
 use super::yaml::{KeyPath, Target};
 use super::{
-    ChatTemplateName, ConfigErrors, ConfigIssue, DatasetConfig, DatasetType, DsType, LoraTargets,
+    ChatTemplateName, ConfigErrors, ConfigIssue, DataFormat, DatasetConfig, FileKind, TargetSpec,
     TrainConfig, TrainOnEos, ValSplit,
 };
+use crate::data::{DataFacts, DataOptions};
+use crate::lora::LoraSettings;
 
 /// The target roles a chat dataset can map to.
 pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
@@ -119,25 +121,8 @@ pub(crate) fn resolve_and_validate(
             validate_dataset(ds, &raw, &p, opts, &base, issues, warnings);
         }
     }
-    if cfg.val_set_size.is_nan() || cfg.val_set_size < 0.0 {
-        issues.push(Issue::invalid(
-            k("val_set_size"),
-            format!(
-                "must be a fraction in (0, 1) or a whole number of samples ≥ 1, got {}",
-                cfg.val_set_size
-            ),
-        ));
-    } else if cfg.val_set_size >= 1.0 && cfg.val_set_size.fract() != 0.0 {
-        issues.push(Issue::invalid(
-            k("val_set_size"),
-            format!(
-                "{} is neither a fraction below 1 nor a whole number of samples; use e.g. 0.05 or {}",
-                cfg.val_set_size,
-                cfg.val_set_size.round()
-            ),
-        ));
-    } else if !cfg.val_set_size.is_finite() {
-        issues.push(Issue::invalid(k("val_set_size"), "must be finite"));
+    if let Err(m) = ValSplit::from_size(cfg.val_set_size) {
+        issues.push(Issue::invalid(k("val_set_size"), m));
     }
     if cfg.val_set_size > 0.0 && present(doc, "test_datasets") && !cfg.test_datasets.is_empty() {
         issues.push(Issue::key(
@@ -158,14 +143,8 @@ pub(crate) fn resolve_and_validate(
         issues,
     );
 
-    if cfg.sequence_len < 2 {
-        issues.push(Issue::invalid(
-            k("sequence_len"),
-            format!(
-                "must be at least 2 tokens (next-token prediction needs two), got {}",
-                cfg.sequence_len
-            ),
-        ));
+    if let Err(m) = DataOptions::check_sequence_len(cfg.sequence_len) {
+        issues.push(Issue::invalid(k("sequence_len"), m));
     }
     for (key, tok) in [
         ("bos_token", &cfg.special_tokens.bos_token),
@@ -182,29 +161,17 @@ pub(crate) fn resolve_and_validate(
     }
 
     // ------------------------------------------------------------------------------------------ LoRA
-    if cfg.lora_r == 0 {
-        issues.push(Issue::invalid(
-            k("lora_r"),
-            "the LoRA rank must be at least 1, got 0 (typical: 8–64)",
-        ));
-    }
-    if !(cfg.lora_alpha > 0.0 && finite(cfg.lora_alpha)) {
-        issues.push(Issue::invalid(
-            k("lora_alpha"),
-            format!(
-                "must be greater than 0, got {} (a common choice is 2 × lora_r)",
-                cfg.lora_alpha
-            ),
-        ));
-    }
-    if !(cfg.lora_dropout >= 0.0 && cfg.lora_dropout < 1.0) {
-        issues.push(Issue::invalid(
-            k("lora_dropout"),
-            format!(
-                "must be in [0, 1), got {} (typical: 0.0–0.1)",
-                cfg.lora_dropout
-            ),
-        ));
+    for (key, check) in [
+        ("lora_r", LoraSettings::check_rank(cfg.lora_r)),
+        ("lora_alpha", LoraSettings::check_alpha(cfg.lora_alpha)),
+        (
+            "lora_dropout",
+            LoraSettings::check_dropout(cfg.lora_dropout),
+        ),
+    ] {
+        if let Err(m) = check {
+            issues.push(Issue::invalid(k(key), m));
+        }
     }
     match &cfg.lora_target_modules {
         Some(super::TargetModules::List(v)) => {
@@ -261,20 +228,20 @@ pub(crate) fn resolve_and_validate(
     }
 
     // -------------------------------------------------------------------------------------- training
-    if cfg.micro_batch_size == 0 {
-        issues.push(Issue::invalid(
-            k("micro_batch_size"),
-            "must be at least 1, got 0",
-        ));
+    for (key, n) in [
+        ("micro_batch_size", cfg.micro_batch_size),
+        (
+            "gradient_accumulation_steps",
+            cfg.gradient_accumulation_steps,
+        ),
+    ] {
+        if let Err(m) = DataOptions::check_count(n) {
+            issues.push(Issue::invalid(k(key), m));
+        }
     }
-    if cfg.gradient_accumulation_steps == 0 {
-        issues.push(Issue::invalid(
-            k("gradient_accumulation_steps"),
-            "must be at least 1, got 0",
-        ));
-    }
+    let training = opts.purpose == Purpose::Train;
     match (cfg.num_epochs, cfg.max_steps) {
-        (None, None) => issues.push(Issue::missing(
+        (None, None) if training => issues.push(Issue::missing(
             k("num_epochs"),
             "set `num_epochs` (e.g. 1) or `max_steps` (e.g. 300) so the run has a length",
         )),
@@ -295,10 +262,12 @@ pub(crate) fn resolve_and_validate(
         ));
     }
     if !present(doc, "learning_rate") {
-        issues.push(Issue::missing(
-            k("learning_rate"),
-            "set the peak learning rate, e.g. 2e-4 for LoRA",
-        ));
+        if training {
+            issues.push(Issue::missing(
+                k("learning_rate"),
+                "set the peak learning rate, e.g. 2e-4 for LoRA",
+            ));
+        }
     } else if !(cfg.learning_rate > 0.0 && finite(cfg.learning_rate)) {
         issues.push(Issue::invalid(
             k("learning_rate"),
@@ -340,7 +309,7 @@ pub(crate) fn resolve_and_validate(
                 k("cosine_min_lr_ratio"),
                 format!("must be in [0, 1], got {r}"),
             ));
-        } else if cfg.lr_scheduler != super::LrScheduler::Cosine {
+        } else if cfg.lr_scheduler != super::ScheduleKind::Cosine {
             warnings.push(Issue::key(
                 k("cosine_min_lr_ratio"),
                 "`cosine_min_lr_ratio` has no effect",
@@ -383,13 +352,8 @@ pub(crate) fn resolve_and_validate(
             format!("must be greater than 0, got {}", cfg.adam_epsilon),
         ));
     }
-    if let super::Device::Cuda(_) = cfg.device {
-        if !cfg!(feature = "cuda") {
-            issues.push(Issue::invalid(
-                k("device"),
-                "this loratune binary was built without CUDA; rebuild with `cargo build --release --features cuda`, or use device: cpu / auto",
-            ));
-        }
+    if let Some(why) = cfg.device.unavailable() {
+        issues.push(Issue::invalid(k("device"), why));
     }
 
     // ------------------------------------------------------------------------------ outputs & checkpoints
@@ -532,7 +496,7 @@ fn validate_dataset(
             what: format!("dataset entry `{p}` has no `type`"),
             detail: Some(format!(
                 "add `type:` with one of {}",
-                DatasetType::NAMES.join(", ")
+                DataFormat::NAMES.join(", ")
             )),
         });
     }
@@ -546,12 +510,12 @@ fn validate_dataset(
     } else {
         // Format from the extension when ds_type is absent.
         if ds.ds_type.is_none() {
-            match infer_ds_type(&ds.path) {
+            match FileKind::of_path(&ds.path) {
                 Some(t) => ds.ds_type = Some(t),
                 None if !is_dir_like(&ds.path, base) => issues.push(Issue::invalid(
                     p.key("path"),
                     format!(
-                        "cannot tell the file format of `{}` from its extension; add `ds_type:` (json, csv or parquet)",
+                        "cannot tell the file format of `{}` from its extension; add `ds_type:` (jsonl, json, csv, tsv or parquet)",
                         ds.path
                     ),
                 )),
@@ -600,10 +564,10 @@ fn validate_dataset(
     let completion_fields = ["field_prompt", "field_completion"];
     let text_fields = ["field_text", "field"];
     let others: [&[&str]; 3] = match kind {
-        DatasetType::ChatTemplate => [&alpaca_fields, &completion_fields, &text_fields],
-        DatasetType::Alpaca => [&chat_fields, &completion_fields, &text_fields],
-        DatasetType::Completion => [&chat_fields, &alpaca_fields, &text_fields],
-        DatasetType::Text => [&chat_fields, &alpaca_fields, &completion_fields],
+        DataFormat::Chat => [&alpaca_fields, &completion_fields, &text_fields],
+        DataFormat::Alpaca => [&chat_fields, &completion_fields, &text_fields],
+        DataFormat::Completion => [&chat_fields, &alpaca_fields, &text_fields],
+        DataFormat::Text => [&chat_fields, &alpaca_fields, &completion_fields],
     };
     let set_on = |key: &str| {
         raw.get(key)
@@ -626,7 +590,7 @@ fn validate_dataset(
         ));
     }
     match kind {
-        DatasetType::ChatTemplate => {
+        DataFormat::Chat => {
             fill(&mut ds.field_messages, "messages");
             let m = ds
                 .message_property_mappings
@@ -694,17 +658,17 @@ fn validate_dataset(
                 ds.chat_template = Some(name);
             }
         }
-        DatasetType::Alpaca => {
+        DataFormat::Alpaca => {
             fill(&mut ds.field_instruction, "instruction");
             fill(&mut ds.field_input, "input");
             fill(&mut ds.field_output, "output");
             fill(&mut ds.field_system, "system");
         }
-        DatasetType::Completion => {
+        DataFormat::Completion => {
             fill(&mut ds.field_prompt, "prompt");
             fill(&mut ds.field_completion, "completion");
         }
-        DatasetType::Text => fill(&mut ds.field_text, "text"),
+        DataFormat::Text => fill(&mut ds.field_text, "text"),
     }
 }
 
@@ -714,18 +678,6 @@ fn has_glob(p: &str) -> bool {
 
 fn is_dir_like(p: &str, base: &dyn Fn(&str) -> PathBuf) -> bool {
     p.ends_with('/') || base(p).is_dir()
-}
-
-/// The format implied by a path's extension (also for globs such as `data/*.jsonl`).
-pub fn infer_ds_type(path: &str) -> Option<DsType> {
-    let lower = path.to_ascii_lowercase();
-    let ext = Path::new(&lower).extension()?.to_str()?.to_string();
-    match ext.as_str() {
-        "jsonl" | "json" | "ndjson" => Some(DsType::Json),
-        "csv" => Some(DsType::Csv),
-        "parquet" => Some(DsType::Parquet),
-        _ => None,
-    }
 }
 
 /// The files a dataset `path` names: the file itself, every data file in a folder (sorted, non-recursive:
@@ -757,7 +709,7 @@ pub fn expand_dataset_path(
             .map_err(|e| format!("cannot list `{}`: {e}", full.display()))?;
         let mut files: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && infer_ds_type(&p.to_string_lossy()).is_some())
+            .filter(|p| p.is_file() && FileKind::of_path(&p.to_string_lossy()).is_some())
             .collect();
         files.sort();
         if files.is_empty() {
@@ -806,15 +758,23 @@ pub struct ModelFacts {
     pub has_chat_template: bool,
 }
 
-/// What the data pipeline knows after tokenizing, for [`TrainConfig::check_data`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DataFacts {
-    /// Training samples (or packed rows with `sample_packing`) after the eval split and dropping.
-    pub train_samples: usize,
-    /// Evaluation samples (0 when there is no eval set).
-    pub eval_samples: usize,
-    /// Samples before the `val_set_size` split (for checking the split itself).
-    pub samples_before_split: usize,
+impl ModelFacts {
+    /// The facts of a model config and its tokenizer: every linear that has its own weight (the linears, and
+    /// `lm_head` only when it is not tied).
+    pub fn of(cfg: &crate::model::ModelConfig, tok: &crate::tokenizer::LoadedTokenizer) -> Self {
+        let layout = crate::model::tree::layout(cfg);
+        ModelFacts {
+            linear_modules: layout
+                .linears()
+                .into_iter()
+                .filter(|l| !l.tied)
+                .map(|l| l.path.clone())
+                .collect(),
+            num_layers: cfg.num_hidden_layers,
+            max_position_embeddings: Some(cfg.max_position_embeddings),
+            has_chat_template: tok.chat_template.is_some(),
+        }
+    }
 }
 
 impl TrainConfig {
@@ -851,7 +811,7 @@ impl TrainConfig {
             .collect();
         let available = short_names.iter().copied().collect::<Vec<_>>().join(", ");
         match self.lora_targets() {
-            LoraTargets::Names(names) => {
+            Some(TargetSpec::Names(names)) => {
                 for (i, n) in names.iter().enumerate() {
                     let hit = m
                         .linear_modules
@@ -869,7 +829,7 @@ impl TrainConfig {
                     }
                 }
             }
-            LoraTargets::Regex(re) => {
+            Some(TargetSpec::Regex(re)) => {
                 if let Ok(r) = regex::Regex::new(&format!("^(?:{re})$")) {
                     if !m.linear_modules.iter().any(|p| r.is_match(p)) {
                         issues.push(Issue::invalid(
@@ -882,7 +842,7 @@ impl TrainConfig {
                     }
                 }
             }
-            LoraTargets::AllLinear | LoraTargets::ArchitectureDefault => {}
+            Some(TargetSpec::AllLinear) | None => {}
         }
         if let Some(layers) = &self.lora_layers_to_transform {
             let key = self
@@ -904,7 +864,7 @@ impl TrainConfig {
             }
         }
         let uses_default_template = self.datasets.iter().chain(&self.test_datasets).any(|d| {
-            d.kind == DatasetType::ChatTemplate
+            d.kind == DataFormat::Chat
                 && self.chat_template_for(d) == super::ChatTemplateChoice::TokenizerDefault
         });
         if uses_default_template && !m.has_chat_template {

@@ -101,7 +101,7 @@ pub struct Counts {
     pub records: u64,
     /// Samples kept.
     pub samples: u64,
-    /// Bad records skipped, by reason (only with `on_bad_row: skip`).
+    /// Bad records skipped, by reason (only with `skip_bad_rows: true`).
     pub skipped: BTreeMap<String, u64>,
     /// The first few skip messages (file, line, field, fix).
     pub skip_examples: Vec<String>,

@@ -22,7 +22,7 @@
 //!
 //! **Records → samples** ([`rows`], [`render`]): each record is validated for its format (alpaca, chat,
 //! completion, text; field names and role mapping configurable). A bad record is an error naming the file,
-//! line/row, field and fix — or, with `on_bad_row: skip`, skipped and counted per reason. Chat records are
+//! line/row, field and fix — or, with `skip_bad_rows: true`, skipped and counted per reason. Chat records are
 //! rendered with the chat template, trained spans come from the template (generation blocks or prefix renders,
 //! never a search for the response text), the text is tokenized once without special tokens (no double BOS),
 //! and tokens are marked trained through the tokenizer's byte offsets. The end-of-turn token of a trained turn
@@ -52,7 +52,6 @@
 //! times) and the order options, and [`DataPipeline::train_loader`] resumes at exactly the same batch.
 
 pub mod cache;
-pub mod from_config;
 pub mod loader;
 pub mod options;
 #[cfg(test)]
@@ -72,7 +71,7 @@ pub use cache::{CacheMeta, Counts, Progress, TokenCache};
 pub use loader::{Batch, EpochPlan, LoaderState, Prepared, TrainLoader, IGNORE_INDEX};
 pub use options::{
     DataFormat, DataOptions, DatasetSource, FileKind, OnBadRow, PropertyMappings, TrainOnEos,
-    Truncation,
+    Truncation, ValSplit, DEFAULT_SEQUENCE_LEN,
 };
 pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TemplateRenderer, TextTokenizer};
 pub use report::{DataStats, PreviewItem};
@@ -93,6 +92,55 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 pub use crate::tokenizer::Message;
+
+/// What the data pipeline knows after tokenizing, for the config's checks
+/// ([`crate::config::TrainConfig::check_data`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DataFacts {
+    /// Training samples (or packed rows with `sample_packing`) after the eval split and dropping.
+    pub train_samples: usize,
+    /// Evaluation samples (0 when there is no eval set).
+    pub eval_samples: usize,
+    /// Samples before the `val_set_size` split (for checking the split itself).
+    pub samples_before_split: usize,
+}
+
+/// Everything that defines a run's data: the training and evaluation datasets, the options and the token-cache
+/// folder. Built from a config ([`crate::config::TrainConfig::data_spec`]) or from `loratune data` flags.
+#[derive(Debug, Clone)]
+pub struct DataSpec {
+    pub train: Vec<DatasetSource>,
+    pub eval: Vec<DatasetSource>,
+    pub options: DataOptions,
+    pub cache_dir: PathBuf,
+}
+
+impl DataSpec {
+    /// Start preparing the datasets with the base model's tokenizer ([`DataPipeline::from_tokenizer`]).
+    pub fn pipeline(self, tokenizer: &crate::tokenizer::LoadedTokenizer) -> Result<DataPipeline> {
+        DataPipeline::from_tokenizer(
+            self.train,
+            self.eval,
+            self.options,
+            tokenizer,
+            self.cache_dir,
+        )
+    }
+
+    /// The first `n` training records rendered with their trained tokens marked, without preparing anything.
+    pub fn preview(
+        &self,
+        tokenizer: &crate::tokenizer::LoadedTokenizer,
+        n: usize,
+    ) -> Result<Vec<PreviewItem>> {
+        let builder = SampleBuilder::from_tokenizer(
+            tokenizer,
+            self.options.chat_template.as_deref(),
+            self.options.train_on_inputs,
+        )?;
+        report::preview_sources(&self.train, &builder, &self.options, n)
+    }
+}
 
 /// A group of datasets (train or eval) ready to be read: files, parsers and a sample builder per entry.
 #[derive(Clone)]
@@ -307,7 +355,7 @@ impl DataPipeline {
 
     /// The counts the config's semantic checks need (`batch larger than data`, split sizes): training samples
     /// (packed rows with `sample_packing`), evaluation samples, and samples before the split.
-    pub fn data_facts(&self) -> Result<crate::config::DataFacts> {
+    pub fn data_facts(&self) -> Result<DataFacts> {
         let p = self.prepared()?;
         let train_samples = if p.options.sample_packing {
             p.epoch_plan(0).rows()
@@ -318,7 +366,7 @@ impl DataPipeline {
             Some(ec) if Arc::ptr_eq(ec, &p.train_cache) => p.train_cache.len(),
             _ => p.train_ids.len(),
         };
-        Ok(crate::config::DataFacts {
+        Ok(DataFacts {
             train_samples,
             eval_samples: p.eval_ids.len(),
             samples_before_split: before_split,

@@ -6,80 +6,61 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::names::named_enum;
 
-/// How a record is turned into text (Axolotl's `type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// `{"instruction", "input", "output"}` (+ optional `"system"`), rendered with the Stanford Alpaca prompt;
-    /// the response and EOS are trained.
-    Alpaca,
-    /// `{"messages": [{"role", "content"}]}` (or ShareGPT `{"conversations": [{"from", "value"}]}`), rendered
-    /// with the chat template; assistant turns (content + end-of-turn token) are trained.
-    #[serde(alias = "chat_template", alias = "sharegpt", alias = "messages")]
-    Chat,
-    /// `{"prompt", "completion"}`: the prompt is masked, the completion and EOS are trained.
-    #[serde(alias = "prompt_completion")]
-    Completion,
-    /// `{"text"}`: raw text, all trained (BOS per the tokenizer, EOS appended).
-    #[serde(alias = "pretrain", alias = "raw")]
-    Text,
-}
+/// The default `sequence_len` (Axolotl's): maximum tokens per sample and per packed row.
+pub const DEFAULT_SEQUENCE_LEN: usize = 512;
 
-impl DataFormat {
-    /// The name used in configs.
-    pub fn name(self) -> &'static str {
-        match self {
-            DataFormat::Alpaca => "alpaca",
-            DataFormat::Chat => "chat",
-            DataFormat::Completion => "completion",
-            DataFormat::Text => "text",
-        }
+named_enum! {
+    /// How a record is turned into text (a dataset entry's `type`).
+    pub enum DataFormat ("dataset type") {
+        /// `{"instruction", "input", "output"}` (+ optional `"system"`), rendered with the Stanford Alpaca prompt;
+        /// the response and EOS are trained.
+        Alpaca = "alpaca",
+        /// `{"messages": [{"role", "content"}]}` (or ShareGPT `{"conversations": [{"from", "value"}]}` via field
+        /// mappings), rendered with the chat template; assistant turns (content + end-of-turn token) are trained.
+        Chat = "chat_template" | "chat",
+        /// `{"prompt", "completion"}`: the prompt is masked, the completion and EOS are trained.
+        Completion = "completion",
+        /// `{"text"}`: raw text, all trained (BOS per the tokenizer, EOS appended).
+        Text = "text",
     }
-
-    /// Parse a config name (`alpaca`, `chat`/`chat_template`/`sharegpt`, `completion`, `text`).
-    pub fn parse(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "alpaca" => Ok(DataFormat::Alpaca),
-            "chat" | "chat_template" | "sharegpt" | "messages" => Ok(DataFormat::Chat),
-            "completion" | "prompt_completion" => Ok(DataFormat::Completion),
-            "text" | "pretrain" | "raw" => Ok(DataFormat::Text),
-            other => Err(Error::Data(format!(
-                "unknown dataset type `{other}`; use one of: alpaca, chat (alias chat_template, sharegpt), \
-                 completion (prompt/completion fields), text (a raw `text` field)"
-            ))),
-        }
+    reject {
+        "sharegpt" => "use `type: chat_template` with `field_messages: conversations` and `message_property_mappings: {role: from, content: value}` (Axolotl deprecated `sharegpt` the same way)",
+        "pretrain" => "streaming pre-training datasets are not supported; use `type: text`",
     }
 }
 
-/// The file kind (Axolotl's `ds_type`); by default taken from the file extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FileKind {
-    /// One JSON object per line (`.jsonl`, `.ndjson`).
-    #[serde(alias = "ndjson")]
-    Jsonl,
-    /// A JSON array of objects (`.json`); a `.json` file whose first character is `{` is read as JSON lines.
-    Json,
-    /// Comma-separated values with a header row (`.csv`); `.tsv` is tab-separated.
-    Csv,
-    /// Tab-separated values with a header row.
-    Tsv,
-    /// Apache Parquet.
-    Parquet,
+named_enum! {
+    /// The file kind (a dataset entry's `ds_type`); by default taken from the file extension.
+    pub enum FileKind ("dataset file type") {
+        /// One JSON object per line (`.jsonl`, `.ndjson`).
+        Jsonl = "jsonl" | "ndjson",
+        /// A JSON array of objects (`.json`); a `.json` file whose first character is `{` is read as JSON lines.
+        Json = "json",
+        /// Comma-separated values with a header row (`.csv`).
+        Csv = "csv",
+        /// Tab-separated values with a header row (`.tsv`).
+        Tsv = "tsv",
+        /// Apache Parquet (`.parquet`, `.pq`).
+        Parquet = "parquet" | "pq",
+    }
+    reject {
+        "arrow" => "convert the dataset to Parquet or JSONL",
+        "text" => "use JSONL with a `text` field and `type: text`",
+    }
 }
 
 impl FileKind {
     /// From a file extension (case-insensitive).
     pub fn from_extension(ext: &str) -> Option<Self> {
-        match ext.to_ascii_lowercase().as_str() {
-            "jsonl" | "ndjson" => Some(FileKind::Jsonl),
-            "json" => Some(FileKind::Json),
-            "csv" => Some(FileKind::Csv),
-            "tsv" => Some(FileKind::Tsv),
-            "parquet" | "pq" => Some(FileKind::Parquet),
-            _ => None,
-        }
+        Self::parse(ext).ok()
+    }
+
+    /// From a path's extension (also for globs such as `data/*.jsonl`).
+    pub fn of_path(path: &str) -> Option<Self> {
+        let ext = std::path::Path::new(path).extension()?.to_str()?;
+        Self::from_extension(ext)
     }
 }
 
@@ -171,27 +152,34 @@ impl DatasetSource {
     }
 }
 
-/// Which end-of-turn tokens of a chat sample are trained (Axolotl's `train_on_eos`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainOnEos {
-    /// The end-of-turn token closing each trained turn (default).
-    #[default]
-    Turn,
-    /// Every end-of-turn token in the text, also those closing untrained (user/system) turns.
-    All,
-    /// Only the end-of-turn token of the last trained turn.
-    Last,
+named_enum! {
+    /// Which end-of-turn tokens of a chat sample are trained (Axolotl's `train_on_eos`).
+    pub enum TrainOnEos ("train_on_eos value") {
+        /// The end-of-turn token closing each trained turn (Axolotl's default).
+        Turn = "turn",
+        /// Every end-of-turn token in the text, also those closing untrained (user/system) turns.
+        All = "all",
+        /// Only the end-of-turn token of the last trained turn.
+        Last = "last",
+    }
+    reject {}
 }
 
-/// What to do with a sample longer than `sequence_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Truncation {
-    /// Drop it (counted in the stats). Axolotl's default.
-    Drop,
-    /// Keep its first `sequence_len` tokens (counted in the stats).
-    Truncate,
+impl Default for TrainOnEos {
+    fn default() -> Self {
+        TrainOnEos::Turn
+    }
+}
+
+named_enum! {
+    /// What to do with a sample longer than `sequence_len`.
+    pub enum Truncation ("truncation policy") {
+        /// Drop it (counted in the stats). Axolotl's default.
+        Drop = "drop",
+        /// Keep its first `sequence_len` tokens (counted in the stats).
+        Truncate = "truncate",
+    }
+    reject {}
 }
 
 /// What to do with a record that cannot be used (missing field, wrong type, unknown role, template error).
@@ -237,7 +225,7 @@ pub struct DataOptions {
 impl Default for DataOptions {
     fn default() -> Self {
         DataOptions {
-            sequence_len: 2048,
+            sequence_len: DEFAULT_SEQUENCE_LEN,
             sample_packing: false,
             train_on_inputs: false,
             truncation: Truncation::Drop,
@@ -255,33 +243,61 @@ impl Default for DataOptions {
 impl DataOptions {
     /// Check the values that do not depend on the data.
     pub fn validate(&self) -> Result<()> {
-        if self.sequence_len < 2 {
-            return Err(Error::Data(format!(
-                "sequence_len is {}; it must be at least 2 (one input and one target token), typically 512–4096",
-                self.sequence_len
-            )));
-        }
-        if self.micro_batch_size == 0 {
-            return Err(Error::Data(
-                "micro_batch_size is 0; set it to 1 or more".into(),
-            ));
-        }
-        if self.chunk_rows == 0 {
-            return Err(Error::Data(
-                "chunk_rows is 0; set it to 1 or more (default 1024)".into(),
-            ));
+        for (key, check) in [
+            ("sequence_len", Self::check_sequence_len(self.sequence_len)),
+            ("micro_batch_size", Self::check_count(self.micro_batch_size)),
+            ("chunk_rows", Self::check_count(self.chunk_rows)),
+        ] {
+            check.map_err(|m| Error::Data(format!("{key}: {m}")))?;
         }
         self.val_split_kind()?;
         Ok(())
     }
 
+    /// A sample needs two tokens (one input, one target).
+    pub fn check_sequence_len(n: usize) -> std::result::Result<(), String> {
+        if n < 2 {
+            return Err(format!(
+                "must be at least 2 tokens (next-token prediction needs two), got {n}; typically 512–4096"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A count that must be at least 1.
+    pub fn check_count(n: usize) -> std::result::Result<(), String> {
+        if n == 0 {
+            return Err("must be at least 1, got 0".into());
+        }
+        Ok(())
+    }
+
     /// Interpret `val_set_size`.
     pub fn val_split_kind(&self) -> Result<ValSplit> {
-        let v = self.val_set_size;
+        ValSplit::from_size(self.val_set_size)
+            .map_err(|m| Error::Data(format!("val_set_size: {m}")))
+    }
+}
+
+/// The validation split requested by `val_set_size`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValSplit {
+    /// No held-out split.
+    None,
+    /// This fraction of the training samples (0 < f < 1), rounded up.
+    Fraction(f64),
+    /// This many training samples.
+    Count(usize),
+}
+
+impl ValSplit {
+    /// The split a `val_set_size` value asks for: 0 = none, a value in (0, 1) = that fraction, a whole number ≥ 1
+    /// = that many samples. The error says what is wrong and what to write instead.
+    pub fn from_size(v: f64) -> std::result::Result<ValSplit, String> {
         if !v.is_finite() || v < 0.0 {
-            return Err(Error::Data(format!(
-                "val_set_size is {v}; use 0 (no split), a fraction in (0, 1) such as 0.05, or a whole number of samples"
-            )));
+            return Err(format!(
+                "must be 0 (no split), a fraction in (0, 1) or a whole number of samples ≥ 1, got {v}"
+            ));
         }
         if v == 0.0 {
             Ok(ValSplit::None)
@@ -290,23 +306,13 @@ impl DataOptions {
         } else if v.fract() == 0.0 && v <= u32::MAX as f64 {
             Ok(ValSplit::Count(v as usize))
         } else {
-            Err(Error::Data(format!(
-                "val_set_size is {v}: a value ≥ 1 is a number of samples and must be a whole number (or use a \
-                 fraction in (0, 1))"
-            )))
+            Err(format!(
+                "{v} is neither a fraction below 1 nor a whole number of samples; use e.g. 0.05 or {}",
+                v.round()
+            ))
         }
     }
-}
 
-/// The validation split requested by `val_set_size`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ValSplit {
-    None,
-    Fraction(f64),
-    Count(usize),
-}
-
-impl ValSplit {
     /// Number of validation samples out of `n` (fractions rounded up, as `datasets.train_test_split`).
     pub fn count(self, n: usize) -> usize {
         match self {

@@ -81,7 +81,7 @@ impl BadRow {
             format!(" field `{}`:", self.field)
         };
         format!(
-            "{} {loc}:{field} {}; {} (or set `on_bad_row: skip` to skip and count such records)",
+            "{} {loc}:{field} {}; {} (or set `skip_bad_rows: true` in the config — `--skip-bad-rows` for `loratune data` — to skip and count such records)",
             file.display(),
             self.problem,
             self.fix
@@ -269,7 +269,7 @@ impl RowParser {
     fn field_fix(&self, key: &str) -> String {
         format!(
             "add it, or name the field that holds it with `field_{key}: <name>` on the dataset ({} format)",
-            self.format.name()
+            self.format.as_str()
         )
     }
 

@@ -712,7 +712,7 @@ fn bad_rows_error_with_file_line_field_and_fix() {
     assert!(err.contains("bad.jsonl line 2"), "{err}");
     assert!(err.contains("messages[0].content"), "{err}");
     assert!(err.contains("expected a string, found a number"), "{err}");
-    assert!(err.contains("on_bad_row: skip"), "{err}");
+    assert!(err.contains("skip_bad_rows: true"), "{err}");
 }
 
 #[test]
@@ -1546,7 +1546,8 @@ fn training_config_maps_onto_the_data_path() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let o = from_config::options_from_config(&cfg);
+    let spec = cfg.data_spec();
+    let o = spec.options.clone();
     assert_eq!(
         (
             o.sequence_len,
@@ -1561,8 +1562,7 @@ fn training_config_maps_onto_the_data_path() {
         (o.on_bad_row, o.truncation, o.chat_template.clone()),
         (OnBadRow::Skip, Truncation::Truncate, None)
     );
-    let s0 = from_config::source_from_config(&cfg, &cfg.datasets[0]);
-    let s1 = from_config::source_from_config(&cfg, &cfg.datasets[1]);
+    let (s0, s1) = (spec.train[0].clone(), spec.train[1].clone());
     assert_eq!(std::path::Path::new(&s0.path), chat);
     assert_eq!(
         (s0.train_on_eos, s0.chat_template.clone()),
@@ -1576,12 +1576,9 @@ fn training_config_maps_onto_the_data_path() {
             content: "value".into()
         })
     );
-    assert_eq!(
-        from_config::cache_dir_from_config(&cfg),
-        dir.path().join("prepared")
-    );
+    assert_eq!(spec.cache_dir, dir.path().join("prepared"));
     let tok = crate::tokenizer::LoadedTokenizer::from_hf_dir(&fixture("tokenizer")).unwrap();
-    let p = DataPipeline::from_config(&cfg, &tok).unwrap();
+    let p = cfg.data_pipeline(&tok).unwrap();
     let st = p.stats().unwrap();
     assert_eq!(st.train_counts.samples, 21);
     assert_eq!((st.train_samples, st.eval_samples), (18, 3));

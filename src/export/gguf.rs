@@ -26,13 +26,12 @@ use sha2::{Digest, Sha256};
 use super::hf::{merged_tensors, HostTensor};
 use super::merge::{check_adapter_fits, delta, merged_host_tensors};
 use crate::error::{Error, Result};
-use crate::gguf::tensors::{
-    gguf_architecture, gguf_name, hf_name, norms_offset_by_one, permute_rope_rows, permutes_qk,
-};
+use crate::gguf::tensors::{gguf_architecture, gguf_name, hf_name, permute_rope_rows};
 use crate::gguf::writer::WriteSummary;
 use crate::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue, TensorPayload};
 use crate::lora::peft::PeftAdapter;
-use crate::model::{Activation, CausalLm, Family, ModelConfig, OpenedModel, RopeScaling};
+use crate::model::families::Hparams;
+use crate::model::{CausalLm, ModelConfig, OpenedModel, RopeScaling};
 use crate::tokenizer::{tokenizer_from_gguf_metadata, LoadedTokenizer, SUPPORTED_PRE_TOKENIZERS};
 
 /// `general.quantization_version` (gguf-py's `GGML_QUANT_VERSION`).
@@ -162,12 +161,6 @@ fn s(v: &str) -> MetaValue {
     MetaValue::String(v.to_string())
 }
 
-fn u32v(x: usize, what: &str) -> Result<MetaValue> {
-    u32::try_from(x)
-        .map(MetaValue::U32)
-        .map_err(|_| export_err(format!("{what} = {x} does not fit GGUF's u32")))
-}
-
 /// llama.cpp's size label (`135M`, `12K`): gguf-py's `model_weight_count_rounded_notation` with 2 digits.
 pub fn size_label(n_params: u64) -> String {
     let n = n_params as f64;
@@ -186,270 +179,41 @@ pub fn size_label(n_params: u64) -> String {
     format!("{scaled:.fix$}{suffix}")
 }
 
-fn raw_get<'a>(cfg: &'a ModelConfig, key: &str) -> Option<&'a serde_json::Value> {
-    cfg.raw
-        .as_ref()
-        .and_then(|r| r.get(key))
-        .filter(|v| !v.is_null())
-}
-
 /// Checks that llama.cpp runs this model as loratune does. Hard mismatches are errors; approximations are
 /// returned as notes.
 pub fn llamacpp_compat(cfg: &ModelConfig) -> Result<Vec<String>> {
-    let arch = gguf_architecture(cfg.family);
-    let mut notes = Vec::new();
+    let rules = cfg.family.rules();
+    let arch = rules.gguf_architecture;
     let refuse = |m: String| {
         Err(export_err(format!(
             "cannot export this {arch} model to GGUF: {m}"
         )))
     };
-    match cfg.hidden_act {
-        Activation::Silu if !cfg.family.is_gemma() => {}
-        Activation::GeluTanh if cfg.family.is_gemma() => {}
-        other => {
-            return refuse(format!(
-                "llama.cpp's {arch} uses {} but this model uses {}",
-                if cfg.family.is_gemma() {
-                    "gelu_pytorch_tanh"
-                } else {
-                    "silu"
-                },
-                other.hf_name()
-            ))
-        }
+    if cfg.hidden_act != rules.default_activation {
+        return refuse(format!(
+            "llama.cpp's {arch} uses {} but this model uses {}",
+            rules.default_activation.hf_name(),
+            cfg.hidden_act.hf_name()
+        ));
     }
     if let RopeScaling::Llama3 { .. } = cfg.rope.scaling {
-        if arch != "llama" {
+        if !rules.gguf_rope_freqs {
             return refuse(
                 "Llama 3 rope scaling is only stored (as rope_freqs) for the llama architecture"
                     .into(),
             );
         }
     }
-    let windows = &cfg.layer_windows;
-    match cfg.family {
-        Family::Phi3 => {
-            if windows
-                .iter()
-                .any(|w| *w != windows.first().copied().flatten())
-            {
-                return refuse(format!(
-                    "phi3 in llama.cpp applies one sliding window to every layer, but the layers use {windows:?}"
-                ));
-            }
-        }
-        Family::Gemma2 => {
-            let w = windows.first().copied().flatten();
-            let pattern_ok = w.is_some()
-                && windows
-                    .iter()
-                    .enumerate()
-                    .all(|(i, x)| if i % 2 == 0 { *x == w } else { x.is_none() });
-            if !pattern_ok {
-                return refuse(format!(
-                    "llama.cpp's gemma2 uses a sliding window on even layers and full attention on odd ones, but the layers use {windows:?}"
-                ));
-            }
-            let expect = if cfg.num_hidden_layers == 46 {
-                cfg.hidden_size as f64 / cfg.num_attention_heads as f64
-            } else {
-                cfg.head_dim as f64
-            };
-            if let Some(q) = cfg.query_pre_attn_scalar {
-                if (q - expect).abs() > 1e-9 {
-                    return refuse(format!(
-                        "query_pre_attn_scalar is {q}, but llama.cpp's gemma2 scales attention by 1/sqrt({expect}) (the value is not stored in GGUF)"
-                    ));
-                }
-            }
-            if cfg.attn_logit_softcapping.is_none() || cfg.final_logit_softcapping.is_none() {
-                return refuse(
-                    "attn_logit_softcapping and final_logit_softcapping must both be set (llama.cpp's gemma2 always soft-caps)".into(),
-                );
-            }
-        }
-        _ => {
-            if let Some(w) = windows.iter().flatten().min() {
-                if *w < cfg.max_position_embeddings {
-                    notes.push(format!(
-                        "llama.cpp's {arch} has no sliding-window attention: the GGUF attends to the whole context, so it matches this model only for contexts of up to {w} tokens"
-                    ));
-                }
-            }
-        }
-    }
-    Ok(notes)
+    (rules.llamacpp_windows)(cfg).or_else(refuse)
 }
 
-fn rope_scaling_keys(cfg: &ModelConfig, arch: &str, out: &mut Vec<(String, MetaValue)>) {
-    if let RopeScaling::Linear { factor } = cfg.rope.scaling {
-        out.push((format!("{arch}.rope.scaling.type"), s("linear")));
-        out.push((
-            format!("{arch}.rope.scaling.factor"),
-            MetaValue::F32(factor as f32),
-        ));
-    }
-}
-
-/// The `{arch}.*` hyperparameters llama.cpp's converter writes for an HF config (plus `general.file_type`):
-///
-/// - llama / mistral (`llama`), qwen2, qwen3: `block_count`, `context_length`, `embedding_length`,
-///   `feed_forward_length`, `attention.head_count`, `attention.head_count_kv`, `rope.scaling.type` +
-///   `rope.scaling.factor` (linear scaling), `rope.freq_base`, `attention.layer_norm_rms_epsilon`,
-///   `attention.key_length` + `value_length` (when config.json has `head_dim`); `llama` also `vocab_size` and
-///   `rope.dimension_count`.
-/// - gemma: `context_length`, `embedding_length`, `block_count`, `feed_forward_length`, head counts, epsilon,
-///   key/value length (no rope keys: llama.cpp's default base 10000; loratune adds `rope.freq_base` /
-///   scaling keys only when the model deviates from that). gemma2 adds `attn_logit_softcapping`,
-///   `final_logit_softcapping`, `attention.sliding_window`.
-/// - phi3: `context_length`, `rope.scaling.original_context_length`, `embedding_length`,
-///   `feed_forward_length`, `block_count`, head counts, epsilon, `rope.dimension_count` (rotated dims),
-///   `rope.freq_base`, `attention.sliding_window` (0 = none).
+/// The `{arch}.*` hyperparameters llama.cpp's converter writes for an HF config (plus `general.file_type`), as
+/// the family's rules say.
 pub fn hyperparameters(cfg: &ModelConfig, file_type: u32) -> Result<Vec<(String, MetaValue)>> {
-    let arch = gguf_architecture(cfg.family);
-    let k = |name: &str| format!("{arch}.{name}");
-    let mut v: Vec<(String, MetaValue)> = Vec::new();
-    let eps = MetaValue::F32(cfg.rms_norm_eps as f32);
-    let head_dim_in_config = raw_get(cfg, "head_dim").is_some()
-        || cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size;
-    match cfg.family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {
-            v.push((
-                k("block_count"),
-                u32v(cfg.num_hidden_layers, "num_hidden_layers")?,
-            ));
-            v.push((
-                k("context_length"),
-                u32v(cfg.max_position_embeddings, "max_position_embeddings")?,
-            ));
-            v.push((k("embedding_length"), u32v(cfg.hidden_size, "hidden_size")?));
-            v.push((
-                k("feed_forward_length"),
-                u32v(cfg.intermediate_size, "intermediate_size")?,
-            ));
-            v.push((
-                k("attention.head_count"),
-                u32v(cfg.num_attention_heads, "num_attention_heads")?,
-            ));
-            v.push((
-                k("attention.head_count_kv"),
-                u32v(cfg.num_key_value_heads, "num_key_value_heads")?,
-            ));
-            rope_scaling_keys(cfg, arch, &mut v);
-            v.push((k("rope.freq_base"), MetaValue::F32(cfg.rope.theta as f32)));
-            v.push((k("attention.layer_norm_rms_epsilon"), eps));
-            if head_dim_in_config {
-                v.push((k("attention.key_length"), u32v(cfg.head_dim, "head_dim")?));
-                v.push((k("attention.value_length"), u32v(cfg.head_dim, "head_dim")?));
-            }
-            v.push(("general.file_type".into(), MetaValue::U32(file_type)));
-            if arch == "llama" {
-                v.push((k("vocab_size"), u32v(cfg.vocab_size, "vocab_size")?));
-                v.push((k("rope.dimension_count"), u32v(cfg.head_dim, "head_dim")?));
-            }
-        }
-        Family::Gemma | Family::Gemma2 => {
-            v.push((
-                k("context_length"),
-                u32v(cfg.max_position_embeddings, "max_position_embeddings")?,
-            ));
-            v.push((k("embedding_length"), u32v(cfg.hidden_size, "hidden_size")?));
-            v.push((
-                k("block_count"),
-                u32v(cfg.num_hidden_layers, "num_hidden_layers")?,
-            ));
-            v.push((
-                k("feed_forward_length"),
-                u32v(cfg.intermediate_size, "intermediate_size")?,
-            ));
-            v.push((
-                k("attention.head_count"),
-                u32v(cfg.num_attention_heads, "num_attention_heads")?,
-            ));
-            v.push((
-                k("attention.head_count_kv"),
-                u32v(cfg.num_key_value_heads, "num_key_value_heads")?,
-            ));
-            v.push((k("attention.layer_norm_rms_epsilon"), eps));
-            v.push((k("attention.key_length"), u32v(cfg.head_dim, "head_dim")?));
-            v.push((k("attention.value_length"), u32v(cfg.head_dim, "head_dim")?));
-            v.push(("general.file_type".into(), MetaValue::U32(file_type)));
-            if cfg.family == Family::Gemma2 {
-                let cap = |x: Option<f64>, what: &str| {
-                    x.map(|c| MetaValue::F32(c as f32))
-                        .ok_or_else(|| export_err(format!("gemma2 needs `{what}`")))
-                };
-                v.push((
-                    k("attn_logit_softcapping"),
-                    cap(cfg.attn_logit_softcapping, "attn_logit_softcapping")?,
-                ));
-                v.push((
-                    k("final_logit_softcapping"),
-                    cap(cfg.final_logit_softcapping, "final_logit_softcapping")?,
-                ));
-                let w = cfg
-                    .layer_windows
-                    .iter()
-                    .flatten()
-                    .next()
-                    .copied()
-                    .unwrap_or(4096);
-                v.push((k("attention.sliding_window"), u32v(w, "sliding_window")?));
-            }
-            // Not written by the converter (llama.cpp then uses base 10000, no scaling); added when needed.
-            if (cfg.rope.theta - 10000.0).abs() > 1e-6 {
-                v.push((k("rope.freq_base"), MetaValue::F32(cfg.rope.theta as f32)));
-            }
-            rope_scaling_keys(cfg, arch, &mut v);
-        }
-        Family::Phi3 => {
-            let original = raw_get(cfg, "original_max_position_embeddings")
-                .or_else(|| {
-                    ["rope_parameters", "rope_scaling"].iter().find_map(|r| {
-                        raw_get(cfg, r).and_then(|p| p.get("original_max_position_embeddings"))
-                    })
-                })
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .unwrap_or(cfg.max_position_embeddings);
-            v.push((
-                k("context_length"),
-                u32v(cfg.max_position_embeddings, "max_position_embeddings")?,
-            ));
-            v.push((
-                k("rope.scaling.original_context_length"),
-                u32v(original, "original_max_position_embeddings")?,
-            ));
-            v.push((k("embedding_length"), u32v(cfg.hidden_size, "hidden_size")?));
-            v.push((
-                k("feed_forward_length"),
-                u32v(cfg.intermediate_size, "intermediate_size")?,
-            ));
-            v.push((
-                k("block_count"),
-                u32v(cfg.num_hidden_layers, "num_hidden_layers")?,
-            ));
-            v.push((
-                k("attention.head_count"),
-                u32v(cfg.num_attention_heads, "num_attention_heads")?,
-            ));
-            v.push((
-                k("attention.head_count_kv"),
-                u32v(cfg.num_key_value_heads, "num_key_value_heads")?,
-            ));
-            v.push((k("attention.layer_norm_rms_epsilon"), eps));
-            v.push((
-                k("rope.dimension_count"),
-                u32v(cfg.rotary_dim(), "rotary dimensions")?,
-            ));
-            v.push((k("rope.freq_base"), MetaValue::F32(cfg.rope.theta as f32)));
-            rope_scaling_keys(cfg, arch, &mut v);
-            v.push(("general.file_type".into(), MetaValue::U32(file_type)));
-            let w = cfg.layer_windows.first().copied().flatten().unwrap_or(0);
-            v.push((k("attention.sliding_window"), u32v(w, "sliding_window")?));
-        }
-    }
-    Ok(v)
+    let rules = cfg.family.rules();
+    let mut h = Hparams::new(rules.gguf_architecture, file_type);
+    (rules.gguf_hyperparameters)(cfg, &mut h)?;
+    Ok(h.out)
 }
 
 /// Llama 3 rope scaling as llama.cpp's converter stores it: one divisor per rotary frequency, computed with the
@@ -501,7 +265,8 @@ fn to_gguf_layout(
     shape: &[usize],
     mut v: Vec<f32>,
 ) -> Result<Vec<f32>> {
-    if permutes_qk(cfg.family) {
+    let rules = cfg.family.rules();
+    if rules.gguf_permutes_qk {
         let heads = if hf.contains(".self_attn.q_proj.") {
             Some(cfg.num_attention_heads)
         } else if hf.contains(".self_attn.k_proj.") {
@@ -516,7 +281,7 @@ fn to_gguf_layout(
                 .map_err(|e| export_err(format!("tensor `{hf}`: {e}")))?;
         }
     }
-    if norms_offset_by_one(cfg.family) && hf.ends_with("norm.weight") {
+    if rules.gemma_norms && hf.ends_with("norm.weight") {
         for x in &mut v {
             *x += 1.0;
         }
@@ -824,7 +589,7 @@ pub fn hf_tokenizer_metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(Strin
     ));
     out.push(("tokenizer.ggml.merges".into(), MetaValue::Array(merges)));
     let scalar_id = |key: &str| -> Option<u32> {
-        raw_get(cfg, key)
+        cfg.raw_get(key)
             .and_then(|v| v.as_u64())
             .and_then(|x| u32::try_from(x).ok())
     };

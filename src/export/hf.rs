@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::atomic::{write_atomic, AtomicDir};
 use super::safetensors::{encode, pt_metadata, write_safetensors, OutDtype, TensorEntry};
 use crate::error::{Error, Result};
-use crate::model::decoder::{GateUpProj, QkvProj};
+use crate::model::tree::Leaf;
 use crate::model::CausalLm;
 
 /// Options for a merged export.
@@ -37,36 +37,6 @@ impl Default for MergedExportOptions {
     }
 }
 
-/// Parse sizes like `2GB`, `500MB`, `1.5GiB`, `4096` (bytes).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().map_err(|_| {
-        Error::Export(format!(
-            "invalid size `{s}`: expected e.g. 2GB, 500MB or a byte count"
-        ))
-    })?;
-    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "KIB" => 1024.0,
-        "MIB" => 1024.0 * 1024.0,
-        "GIB" => 1024.0 * 1024.0 * 1024.0,
-        u => {
-            return Err(Error::Export(format!(
-                "invalid size unit `{u}` in `{s}`: use B, KB, MB, GB, KiB, MiB or GiB"
-            )))
-        }
-    };
-    if n.is_nan() || n <= 0.0 {
-        return Err(Error::Export(format!("size `{s}` must be positive")));
-    }
-    Ok((n * mult) as u64)
-}
-
 /// A tensor the export will write, produced on demand so only one shard is in memory at a time.
 pub struct ExportTensor<'a, B: Backend> {
     pub name: String,
@@ -86,110 +56,37 @@ impl<B: Backend> ExportTensor<'_, B> {
     }
 }
 
-/// Every tensor of the model in HF naming, with adapters merged (in f32) into their weights.
+/// Every tensor of the model in HF naming and checkpoint order, with adapters merged (in f32) into their weights.
 pub fn merged_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<ExportTensor<'_, B>> {
-    fn t2<'a, B: Backend>(name: String, t: &'a Tensor<B, 2>) -> ExportTensor<'a, B> {
-        ExportTensor {
-            name,
-            shape: t.dims().to_vec(),
-            make: Box::new(move || t.clone()),
-        }
-    }
-    fn t1<'a, B: Backend>(name: String, t: &'a Tensor<B, 1>) -> ExportTensor<'a, B> {
-        let n = t.dims()[0];
-        ExportTensor {
-            name,
-            shape: vec![n],
-            make: Box::new(move || t.clone().reshape([1, n])),
-        }
-    }
-    fn lin<'a, B: Backend>(
-        out: &mut Vec<ExportTensor<'a, B>>,
-        path: String,
-        l: &'a crate::lora::LoraLinear<B>,
-    ) {
-        out.push(ExportTensor {
-            name: format!("{path}.weight"),
-            shape: l.weight.dims().to_vec(),
-            make: Box::new(move || l.merged_weight_f32()),
-        });
-        if let Some(b) = &l.bias {
-            out.push(t1(format!("{path}.bias"), b));
-        }
-    }
-    let mut out = vec![t2(
-        "model.embed_tokens.weight".to_string(),
-        &model.model.embed_tokens,
-    )];
-    for (i, layer) in model.model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        match &layer.self_attn.qkv {
-            QkvProj::Split {
-                q_proj,
-                k_proj,
-                v_proj,
-            } => {
-                lin(&mut out, format!("{p}.self_attn.q_proj"), q_proj);
-                lin(&mut out, format!("{p}.self_attn.k_proj"), k_proj);
-                lin(&mut out, format!("{p}.self_attn.v_proj"), v_proj);
-            }
-            QkvProj::Fused { qkv_proj } => {
-                lin(&mut out, format!("{p}.self_attn.qkv_proj"), qkv_proj)
-            }
-        }
-        lin(
-            &mut out,
-            format!("{p}.self_attn.o_proj"),
-            &layer.self_attn.o_proj,
-        );
-        if let Some(n) = &layer.self_attn.q_norm {
-            out.push(t1(format!("{p}.self_attn.q_norm.weight"), &n.weight));
-        }
-        if let Some(n) = &layer.self_attn.k_norm {
-            out.push(t1(format!("{p}.self_attn.k_norm.weight"), &n.weight));
-        }
-        match &layer.mlp.gate_up {
-            GateUpProj::Split { gate_proj, up_proj } => {
-                lin(&mut out, format!("{p}.mlp.gate_proj"), gate_proj);
-                lin(&mut out, format!("{p}.mlp.up_proj"), up_proj);
-            }
-            GateUpProj::Fused { gate_up_proj } => {
-                lin(&mut out, format!("{p}.mlp.gate_up_proj"), gate_up_proj)
-            }
-        }
-        lin(&mut out, format!("{p}.mlp.down_proj"), &layer.mlp.down_proj);
-        out.push(t1(
-            format!("{p}.input_layernorm.weight"),
-            &layer.input_layernorm.weight,
-        ));
-        out.push(t1(
-            format!("{p}.post_attention_layernorm.weight"),
-            &layer.post_attention_layernorm.weight,
-        ));
-        if let Some(n) = &layer.pre_feedforward_layernorm {
-            out.push(t1(
-                format!("{p}.pre_feedforward_layernorm.weight"),
-                &n.weight,
-            ));
-        }
-        if let Some(n) = &layer.post_feedforward_layernorm {
-            out.push(t1(
-                format!("{p}.post_feedforward_layernorm.weight"),
-                &n.weight,
-            ));
-        }
-    }
-    out.push(t1(
-        "model.norm.weight".to_string(),
-        &model.model.norm.weight,
-    ));
-    if !model.config.tie_word_embeddings {
-        lin(&mut out, "lm_head".to_string(), &model.lm_head);
-    }
-    out
+    model
+        .model
+        .leaves()
+        .into_iter()
+        .filter_map(|leaf| {
+            let name = leaf.tensor_name();
+            let (shape, make): (Vec<usize>, Box<dyn Fn() -> Tensor<B, 2> + '_>) = match leaf {
+                Leaf::Embedding(e) => {
+                    (e.weight.dims().to_vec(), Box::new(move || e.weight.clone()))
+                }
+                Leaf::Weight(l) => (
+                    l.weight.dims().to_vec(),
+                    Box::new(move || l.merged_weight_f32()),
+                ),
+                Leaf::Bias(l) => vector(l.bias.as_ref()?),
+                Leaf::Norm(n) => vector(&n.weight),
+            };
+            Some(ExportTensor { name, shape, make })
+        })
+        .collect()
 }
 
-/// Split tensors into shards of at most `limit` bytes (a tensor larger than the limit gets its own shard).
+/// A 1-D tensor, exported as `[1, n]`.
+#[allow(clippy::type_complexity)]
+fn vector<B: Backend>(t: &Tensor<B, 1>) -> (Vec<usize>, Box<dyn Fn() -> Tensor<B, 2> + '_>) {
+    let n = t.dims()[0];
+    (vec![n], Box::new(move || t.clone().reshape([1, n])))
+}
+
 fn plan_shards(sizes: &[usize], limit: Option<u64>) -> Vec<Vec<usize>> {
     let Some(limit) = limit else {
         return vec![(0..sizes.len()).collect()];
@@ -375,15 +272,6 @@ pub fn copy_tokenizer_files(src_dir: &Path, dst_dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
-        assert_eq!(parse_size("1.5 GiB").unwrap(), 1_610_612_736);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("2XB").unwrap_err().to_string().contains("unit"));
-        assert!(parse_size("-1GB").is_err());
-    }
 
     #[test]
     fn shards_respect_limit_and_keep_order() {

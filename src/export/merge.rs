@@ -7,13 +7,14 @@ use std::path::Path;
 
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::hf::{write_hf_folder, HostTensor, MergedExportOptions};
+use super::hf::{copy_tokenizer_files, write_hf_folder, HostTensor, MergedExportOptions};
+use super::OutDtype;
+use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use crate::lora::peft::PeftAdapter;
 use crate::model::loader::{check_source, expected_tensors};
 use crate::model::OpenedModel;
-
-type Cpu = burn::backend::Flex;
+use crate::tokenizer::LoadedTokenizer;
 
 /// scale·B·A (f32, `[out, in]`) on the CPU backend.
 pub fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> Vec<f32> {
@@ -121,4 +122,44 @@ pub fn merge_to_folder(
 ) -> Result<()> {
     let tensors = merged_host_tensors(base, adapter)?;
     write_hf_folder(&base.config, tensors, out, opts, fill)
+}
+
+/// The merged (or, without an adapter, converted) Hugging Face folder of a base model — the one assembly that
+/// `merge_lora: true`, `loratune merge` and `loratune convert` share: the weights in `dtype` (sharded when
+/// `shard_size` is set), config.json, the base's generation_config.json (an unreadable one is an error naming it)
+/// with the chat template's end-of-turn ids, and the tokenizer files (copied from an HF folder, written from a
+/// GGUF's tokenizer otherwise).
+pub fn write_merged_folder(
+    model_path: &Path,
+    base: &OpenedModel,
+    adapter: Option<&PeftAdapter>,
+    tokenizer: &LoadedTokenizer,
+    out: &Path,
+    dtype: OutDtype,
+    shard_size: Option<u64>,
+) -> Result<()> {
+    let from_dir = model_path.is_dir();
+    let gen_path = model_path.join("generation_config.json");
+    let base_generation_config = if from_dir && gen_path.is_file() {
+        let text = crate::error::read_to_string(&gen_path)?;
+        Some(serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: gen_path.clone(),
+            source,
+        })?)
+    } else {
+        None
+    };
+    let opts = MergedExportOptions {
+        dtype,
+        shard_size,
+        extra_eos_ids: tokenizer.generation_stop_ids(),
+        base_generation_config,
+    };
+    merge_to_folder(base, adapter, out, &opts, &|dst| {
+        if from_dir {
+            copy_tokenizer_files(model_path, dst).map(|_| ())
+        } else {
+            tokenizer.to_hf_files(dst)
+        }
+    })
 }

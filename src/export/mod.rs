@@ -7,3 +7,7 @@ pub mod hf;
 pub mod merge;
 pub mod ollama;
 pub mod safetensors;
+pub mod size;
+
+pub use safetensors::{ExportDtype, OutDtype};
+pub use size::ByteSize;

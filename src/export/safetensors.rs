@@ -9,6 +9,39 @@ use half::{bf16, f16};
 
 use super::atomic::AtomicFile;
 use crate::error::{Error, Result};
+use crate::names::named_enum;
+
+named_enum! {
+    /// The dtype of a merged model: `export_dtype` in the config, `--dtype` of `loratune merge` / `convert`.
+    pub enum ExportDtype ("export dtype") {
+        /// The dtype the base model's floating-point weights are stored in (f32 for a quantised GGUF base), as
+        /// PEFT's `merge_and_unload` keeps it.
+        Auto = "auto",
+        /// 32-bit float.
+        F32 = "f32" | "float32" | "fp32",
+        /// bfloat16.
+        Bf16 = "bf16" | "bfloat16",
+        /// IEEE half precision.
+        F16 = "f16" | "float16" | "fp16" | "half",
+    }
+    reject {}
+}
+
+impl ExportDtype {
+    /// The element type to write for a base whose tensors `src` holds.
+    pub fn resolve(self, src: &dyn crate::model::TensorSource) -> OutDtype {
+        match self {
+            ExportDtype::F32 => OutDtype::F32,
+            ExportDtype::Bf16 => OutDtype::BF16,
+            ExportDtype::F16 => OutDtype::F16,
+            ExportDtype::Auto => match src.dominant_dtype() {
+                crate::model::StoredDtype::BF16 => OutDtype::BF16,
+                crate::model::StoredDtype::F16 => OutDtype::F16,
+                _ => OutDtype::F32,
+            },
+        }
+    }
+}
 
 /// Element types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +77,14 @@ impl OutDtype {
     }
     /// Parse `f32`/`float32`/`bf16`/`bfloat16`/`f16`/`float16`.
     pub fn parse(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(OutDtype::F32),
-            "f16" | "float16" | "fp16" | "half" => Ok(OutDtype::F16),
-            "bf16" | "bfloat16" => Ok(OutDtype::BF16),
-            other => Err(Error::Export(format!(
-                "unknown dtype `{other}`; use one of f32, bf16, f16"
-            ))),
+        match ExportDtype::parse(s) {
+            Ok(ExportDtype::F32) => Ok(OutDtype::F32),
+            Ok(ExportDtype::F16) => Ok(OutDtype::F16),
+            Ok(ExportDtype::Bf16) => Ok(OutDtype::BF16),
+            Ok(ExportDtype::Auto) => Err(Error::Export(
+                "dtype `auto` needs a base model to take it from; name f32, bf16 or f16".into(),
+            )),
+            Err(m) => Err(Error::Export(m)),
         }
     }
 }

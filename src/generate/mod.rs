@@ -1,7 +1,9 @@
 //! Text generation with a KV cache: greedy (temperature 0) or temperature + nucleus (top-p) sampling,
 //! seeded, stopping at any end-of-sequence / end-of-turn id.
 
-use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::kernels::Kernels;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -100,7 +102,7 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng
 }
 
 /// Logits of the last position of a forward over `ids` continuing `cache`.
-fn step_logits<B: Backend>(model: &CausalLm<B>, ids: &[u32], cache: &mut KvCache<B>) -> Vec<f32> {
+fn step_logits<B: Kernels>(model: &CausalLm<B>, ids: &[u32], cache: &mut KvCache<B>) -> Vec<f32> {
     let offset = cache.len() as u32;
     let n = ids.len();
     let batch = TokenBatch {
@@ -124,7 +126,7 @@ fn step_logits<B: Backend>(model: &CausalLm<B>, ids: &[u32], cache: &mut KvCache
 }
 
 /// Generate after `prompt_ids`. `on_token` sees each new id as it is produced (for streaming).
-pub fn generate<B: Backend>(
+pub fn generate<B: Kernels>(
     model: &CausalLm<B>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,

@@ -9,28 +9,10 @@
 //! recover the HF `rope_scaling` parameters (or refuse).
 
 use super::reader::GgufFile;
-use super::tensors::gguf_architecture;
 use super::value::MetaValue;
 use crate::error::{Error, Result};
-use crate::model::{Activation, Family, ModelConfig, RopeConfig, RopeScaling};
-
-/// GGUF architectures we read, and the family each maps to.
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[(&str, Family)] = &[
-    ("llama", Family::Llama),
-    ("qwen2", Family::Qwen2),
-    ("qwen3", Family::Qwen3),
-    ("phi3", Family::Phi3),
-    ("gemma", Family::Gemma),
-    ("gemma2", Family::Gemma2),
-];
-
-/// The family of a GGUF `general.architecture`.
-pub fn family_of(arch: &str) -> Option<Family> {
-    SUPPORTED_GGUF_ARCHITECTURES
-        .iter()
-        .find(|(a, _)| *a == arch)
-        .map(|(_, f)| *f)
-}
+use crate::model::families::{AttentionBias, Windows};
+use crate::model::{Family, ModelConfig, RopeConfig, RopeScaling};
 
 /// Typed access to metadata keys, with errors that name the file and key.
 struct Meta<'a> {
@@ -130,17 +112,14 @@ fn short(v: &MetaValue) -> String {
 /// Llama 3 `rope_freqs`).
 pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file.architecture()?;
-    let family = family_of(arch).ok_or_else(|| {
-        Error::Gguf(format!(
-            "{}: unsupported GGUF architecture `{arch}`; supported: {}",
-            file.path().display(),
-            SUPPORTED_GGUF_ARCHITECTURES
-                .iter()
-                .map(|(a, _)| *a)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
+    let family =
+        Family::from_gguf_architecture(arch).ok_or_else(|| Error::UnsupportedArchitecture {
+            what: "GGUF architecture",
+            name: arch.to_string(),
+            origin: Some(file.path().to_path_buf()),
+            supported: Family::supported_gguf_architectures(),
+        })?;
+    let rules = family.rules();
     let m = Meta { file, arch };
     let path = file.path().display();
 
@@ -195,7 +174,9 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
     let partial_rotary_factor = match m.opt_usize("rope.dimension_count")? {
         None => 1.0,
         Some(r) if r == head_dim => 1.0,
-        Some(r) if family == Family::Phi3 && r > 0 && r < head_dim && r % 2 == 0 => r as f64 / head_dim as f64,
+        Some(r) if rules.gguf_partial_rotary && r > 0 && r < head_dim && r % 2 == 0 => {
+            r as f64 / head_dim as f64
+        }
         Some(r) => {
             return Err(m.err(format!(
                 "`{arch}.rope.dimension_count` {r} differs from head_dim {head_dim}; partial rotary embeddings are only supported for phi3"
@@ -209,54 +190,47 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
 
     let has = |n: &str| file.tensor_info(n).is_some();
     let tie_word_embeddings = !has("output.weight");
-    let (qkv_bias, o_bias) = match family {
-        Family::Qwen2 => (true, false),
-        Family::Phi3 | Family::Mistral => (false, false),
-        _ => (has("blk.0.attn_q.bias"), has("blk.0.attn_output.bias")),
+    let (qkv_bias, o_bias) = match rules.attention_bias {
+        AttentionBias::QkvOnly => (true, false),
+        AttentionBias::None => (false, false),
+        AttentionBias::Configurable => (has("blk.0.attn_q.bias"), has("blk.0.attn_output.bias")),
     };
-    let mlp_bias = family == Family::Llama && has("blk.0.ffn_up.bias");
-    let hidden_act = if family.is_gemma() {
-        Activation::GeluTanh
-    } else {
-        Activation::Silu
-    };
+    let mlp_bias = rules.mlp_bias && has("blk.0.ffn_up.bias");
+    let hidden_act = rules.default_activation;
 
     let window = m.opt_usize("attention.sliding_window")?.filter(|&w| w > 0);
-    let layer_windows: Vec<Option<usize>> = match family {
-        // llama.cpp's gemma2: sliding-window attention on even layers (swa pattern 2), 4096 when unset.
-        Family::Gemma2 => (0..num_hidden_layers)
-            .map(|i| {
-                if i % 2 == 0 {
-                    Some(window.unwrap_or(4096))
-                } else {
-                    None
-                }
-            })
+    let layer_windows: Vec<Option<usize>> = match rules.windows {
+        // llama.cpp's gemma2: sliding-window attention on even layers (swa pattern 2).
+        Windows::Alternating { default } => (0..num_hidden_layers)
+            .map(|i| (i % 2 == 0).then_some(window.unwrap_or(default)))
             .collect(),
         // phi3 writes 0 for "no window" (Phi-4); otherwise every layer uses it.
-        Family::Phi3 => vec![window; num_hidden_layers],
+        Windows::EveryLayer => vec![window; num_hidden_layers],
         // llama.cpp runs llama/qwen2/qwen3/gemma without a window.
-        _ => vec![None; num_hidden_layers],
+        Windows::FromMaxWindowLayers | Windows::None => vec![None; num_hidden_layers],
     };
 
-    let (attn_logit_softcapping, final_logit_softcapping, query_pre_attn_scalar) =
-        if family == Family::Gemma2 {
-            // llama.cpp's defaults when the keys are absent: 50 and 30. The attention scale is not stored;
-            // llama.cpp uses 1/sqrt(hidden/heads) for the 46-layer 27B model and 1/sqrt(head_dim) otherwise,
-            // which matches the published query_pre_attn_scalar of every Gemma 2 checkpoint.
-            let scalar = if num_hidden_layers == 46 {
-                hidden_size as f64 / num_attention_heads as f64
-            } else {
-                head_dim as f64
-            };
-            (
-                Some(m.opt_f64("attn_logit_softcapping")?.unwrap_or(50.0)),
-                Some(m.opt_f64("final_logit_softcapping")?.unwrap_or(30.0)),
-                Some(scalar),
-            )
-        } else {
-            (None, None, None)
-        };
+    let (attn_logit_softcapping, final_logit_softcapping) = match rules.softcapping {
+        Some(sc) => (
+            Some(
+                m.opt_f64("attn_logit_softcapping")?
+                    .unwrap_or(sc.gguf_attn_default),
+            ),
+            Some(
+                m.opt_f64("final_logit_softcapping")?
+                    .unwrap_or(sc.gguf_final_default),
+            ),
+        ),
+        None => (None, None),
+    };
+    let query_pre_attn_scalar = rules.softcapping.map(|sc| {
+        (sc.llamacpp_query_scalar)(
+            num_hidden_layers,
+            hidden_size,
+            num_attention_heads,
+            head_dim,
+        )
+    });
 
     let bos_token_id = m.opt_u32_full("tokenizer.ggml.bos_token_id")?;
     let eos_token_ids: Vec<u32> = m
@@ -286,7 +260,11 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         qkv_bias,
         o_bias,
         mlp_bias,
-        qk_norm: family == Family::Qwen3,
+        qk_norm: rules.qk_norm,
+        norm_offset: rules.norm_offset(),
+        embedding_scale: rules.embedding_scale(hidden_size),
+        sandwich_norms: rules.sandwich_norms,
+        fused_projections: rules.fused_projections,
         layer_windows,
         attn_logit_softcapping,
         final_logit_softcapping,
@@ -378,10 +356,10 @@ fn rope_scaling(
     let Some(info) = file.tensor_info("rope_freqs.weight") else {
         return Ok(keyed);
     };
-    if family != Family::Llama {
+    if !family.rules().gguf_rope_freqs {
         return Err(m.err(format!(
             "`rope_freqs.weight` in a {} model is not supported",
-            gguf_architecture(family)
+            family.rules().gguf_architecture
         )));
     }
     if keyed != RopeScaling::Default {

@@ -35,79 +35,7 @@ use crate::model::{Family, ModelConfig};
 
 /// The GGUF `general.architecture` llama.cpp uses for a family.
 pub fn gguf_architecture(family: Family) -> &'static str {
-    match family {
-        Family::Llama | Family::Mistral => "llama",
-        Family::Qwen2 => "qwen2",
-        Family::Qwen3 => "qwen3",
-        Family::Phi3 => "phi3",
-        Family::Gemma => "gemma",
-        Family::Gemma2 => "gemma2",
-    }
-}
-
-/// Whether llama.cpp stores q/k rows of this family permuted for its interleaved RoPE.
-pub fn permutes_qk(family: Family) -> bool {
-    gguf_architecture(family) == "llama"
-}
-
-/// Whether llama.cpp stores this family's RMSNorm weights as `w + 1`.
-pub fn norms_offset_by_one(family: Family) -> bool {
-    family.is_gemma()
-}
-
-/// Per-layer GGUF tensor base names → HF module paths (under `model.layers.N.`).
-fn block_table(family: Family) -> &'static [(&'static str, &'static str)] {
-    const LLAMA: &[(&str, &str)] = &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_q", "self_attn.q_proj"),
-        ("attn_k", "self_attn.k_proj"),
-        ("attn_v", "self_attn.v_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("ffn_norm", "post_attention_layernorm"),
-        ("ffn_gate", "mlp.gate_proj"),
-        ("ffn_up", "mlp.up_proj"),
-        ("ffn_down", "mlp.down_proj"),
-    ];
-    const QWEN3: &[(&str, &str)] = &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_q", "self_attn.q_proj"),
-        ("attn_k", "self_attn.k_proj"),
-        ("attn_v", "self_attn.v_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("attn_q_norm", "self_attn.q_norm"),
-        ("attn_k_norm", "self_attn.k_norm"),
-        ("ffn_norm", "post_attention_layernorm"),
-        ("ffn_gate", "mlp.gate_proj"),
-        ("ffn_up", "mlp.up_proj"),
-        ("ffn_down", "mlp.down_proj"),
-    ];
-    const PHI3: &[(&str, &str)] = &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_qkv", "self_attn.qkv_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("ffn_norm", "post_attention_layernorm"),
-        ("ffn_up", "mlp.gate_up_proj"),
-        ("ffn_down", "mlp.down_proj"),
-    ];
-    const GEMMA2: &[(&str, &str)] = &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_q", "self_attn.q_proj"),
-        ("attn_k", "self_attn.k_proj"),
-        ("attn_v", "self_attn.v_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("post_attention_norm", "post_attention_layernorm"),
-        ("ffn_norm", "pre_feedforward_layernorm"),
-        ("post_ffw_norm", "post_feedforward_layernorm"),
-        ("ffn_gate", "mlp.gate_proj"),
-        ("ffn_up", "mlp.up_proj"),
-        ("ffn_down", "mlp.down_proj"),
-    ];
-    match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma => LLAMA,
-        Family::Qwen3 => QWEN3,
-        Family::Phi3 => PHI3,
-        Family::Gemma2 => GEMMA2,
-    }
+    family.rules().gguf_architecture
 }
 
 /// Model-level (not per-layer) names.
@@ -147,7 +75,11 @@ pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, rest) = split_layer(rest)?;
     let (base, suffix) = split_suffix(rest)?;
-    let (_, module) = block_table(family).iter().find(|(g, _)| *g == base)?;
+    let (_, module) = family
+        .rules()
+        .gguf_tensors
+        .iter()
+        .find(|(g, _)| *g == base)?;
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
 
@@ -159,7 +91,11 @@ pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, rest) = split_layer(rest)?;
     let (module, suffix) = split_suffix(rest)?;
-    let (base, _) = block_table(family).iter().find(|(_, m)| *m == module)?;
+    let (base, _) = family
+        .rules()
+        .gguf_tensors
+        .iter()
+        .find(|(_, m)| *m == module)?;
     Some(format!("blk.{layer}.{base}.{suffix}"))
 }
 
@@ -193,7 +129,8 @@ fn layer_base(gguf_name: &str) -> Option<(&str, &str)> {
 
 /// The transform for a (non-fused) GGUF tensor.
 fn transform_for(cfg: &ModelConfig, gguf_name: &str, hf: &str) -> Transform {
-    if permutes_qk(cfg.family) {
+    let rules = cfg.family.rules();
+    if rules.gguf_permutes_qk {
         match layer_base(gguf_name) {
             Some(("attn_q", _)) => {
                 return Transform::UnpermuteRope {
@@ -208,7 +145,7 @@ fn transform_for(cfg: &ModelConfig, gguf_name: &str, hf: &str) -> Transform {
             _ => {}
         }
     }
-    if norms_offset_by_one(cfg.family) && hf.ends_with("norm.weight") {
+    if rules.gemma_norms && hf.ends_with("norm.weight") {
         return Transform::GemmaNorm;
     }
     Transform::None

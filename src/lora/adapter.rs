@@ -9,13 +9,52 @@ use super::targets::{TargetMatcher, TargetSpec};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 
-/// How A is initialised (B always starts at zero, so the adapter starts as the identity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How A is initialised (B always starts at zero, so the adapter starts as the identity): PEFT's
+/// `init_lora_weights`, written `true` or `gaussian` (the config key `lora_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LoraInit {
     /// PEFT's default (`init_lora_weights: true`): A ~ Kaiming-uniform(a=√5) = U(-1/√in, 1/√in).
     Kaiming,
     /// PEFT's `"gaussian"`: A ~ N(0, (1/r)²).
     Gaussian,
+}
+
+impl serde::Serialize for LoraInit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            LoraInit::Kaiming => s.serialize_bool(true),
+            LoraInit::Gaussian => s.serialize_str("gaussian"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LoraInit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LoraInit;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true or gaussian")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<LoraInit, E> {
+                if v {
+                    Ok(LoraInit::Kaiming)
+                } else {
+                    Err(E::custom(
+                        "`false` (PEFT's random, non-identity initialisation) is not supported; use true or gaussian",
+                    ))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<LoraInit, E> {
+                match v.to_ascii_lowercase().as_str() {
+                    "gaussian" => Ok(LoraInit::Gaussian),
+                    "true" | "default" => Ok(LoraInit::Kaiming),
+                    _ => Err(E::custom(format!("expected true or gaussian, found `{v}`"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Everything that defines an adapter.
@@ -42,22 +81,40 @@ impl LoraSettings {
         }
     }
 
+    /// The rank is at least 1.
+    pub fn check_rank(r: usize) -> std::result::Result<(), String> {
+        if r == 0 {
+            return Err("the LoRA rank must be at least 1, got 0 (typical: 8–64)".into());
+        }
+        Ok(())
+    }
+
+    /// Alpha is a positive number.
+    pub fn check_alpha(alpha: f64) -> std::result::Result<(), String> {
+        if !(alpha > 0.0 && alpha.is_finite()) {
+            return Err(format!(
+                "must be greater than 0, got {alpha} (a common choice is 2 × lora_r)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Dropout is a probability below 1.
+    pub fn check_dropout(p: f64) -> std::result::Result<(), String> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(format!("must be in [0, 1), got {p} (typical: 0.0–0.1)"));
+        }
+        Ok(())
+    }
+
     /// Range checks, with the key names users write.
     pub fn validate(&self) -> Result<()> {
-        if self.r == 0 {
-            return Err(Error::Lora("lora_r must be at least 1".into()));
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::Lora(format!(
-                "lora_alpha must be a positive number, got {}",
-                self.alpha
-            )));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Lora(format!(
-                "lora_dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+        for (key, check) in [
+            ("lora_r", Self::check_rank(self.r)),
+            ("lora_alpha", Self::check_alpha(self.alpha)),
+            ("lora_dropout", Self::check_dropout(self.dropout)),
+        ] {
+            check.map_err(|m| Error::Lora(format!("{key}: {m}")))?;
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::error::{Error, Result};
+use crate::kernels::{AdapterRef, Kernels, LinearRef};
 
 /// A LoRA adapter's factors, in PEFT's torch layout.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ impl<B: Backend> LoraAdapter<B> {
 /// A linear layer of the base model, possibly carrying a LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct LoraLinear<B: Backend> {
+    /// The module path (`model.layers.0.self_attn.q_proj`, `lm_head`).
+    pub path: String,
     /// `weight`, `[out, in]` (torch layout). Frozen.
     pub weight: Tensor<B, 2>,
     /// Optional `bias`, `[out]`. Frozen.
@@ -39,16 +42,20 @@ pub struct LoraLinear<B: Backend> {
     pub lora: Option<LoraAdapter<B>>,
     /// True when the adapter's delta has been added into `weight` (the forward then skips the adapter path).
     pub merged: bool,
+    /// `weight` is the embedding matrix (a tied `lm_head`).
+    pub tied: bool,
 }
 
 impl<B: Backend> LoraLinear<B> {
     /// A plain (adapter-less) linear.
-    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+    pub fn new(path: impl Into<String>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         LoraLinear {
+            path: path.into(),
             weight,
             bias,
             lora: None,
             merged: false,
+            tied: false,
         }
     }
 
@@ -62,69 +69,22 @@ impl<B: Backend> LoraLinear<B> {
         self.weight.dims()[0]
     }
 
-    /// Forward on a `[n, in]` input. `dropout_mask`, when given, is the already-scaled keep mask
-    /// (`keep / (1 - p)`, `[n, in]`) applied to the adapter's input. On the CPU backends an unmerged adapter runs
-    /// as one fused node ([`crate::fast::lora`]); [`Self::forward_plain`] is the reference.
-    pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
-        match crate::fast::lora::linear_group(x, &[self.fused_ref(dropout_mask.clone())]) {
-            Ok(y) => y,
-            Err(x) => self.forward_plain(x, dropout_mask),
-        }
-    }
-
-    /// This module as a member of a fused linear group ([`crate::fast::lora::linear_group`]).
-    pub fn fused_ref(
-        &self,
-        dropout_mask: Option<Tensor<B, 2>>,
-    ) -> crate::fast::lora::LinearRef<'_, B> {
-        crate::fast::lora::LinearRef {
+    /// This module as a kernel reads it, with the dropout keep mask (`keep / (1 - p)`, `[n, in]`) of an unmerged
+    /// adapter.
+    pub fn as_ref(&self, dropout_mask: Option<Tensor<B, 2>>) -> LinearRef<'_, B> {
+        LinearRef {
             weight: &self.weight,
             bias: self.bias.as_ref(),
             adapter: match (&self.lora, self.merged) {
-                (Some(l), false) => Some((&l.a, &l.b, l.scale, dropout_mask)),
+                (Some(l), false) => Some(AdapterRef {
+                    a: &l.a,
+                    b: &l.b,
+                    scale: l.scale,
+                    mask: dropout_mask,
+                }),
                 _ => None,
             },
         }
-    }
-
-    /// The reference implementation with burn ops.
-    pub fn forward_plain(
-        &self,
-        x: Tensor<B, 2>,
-        dropout_mask: Option<Tensor<B, 2>>,
-    ) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.clone().transpose());
-        if let Some(b) = &self.bias {
-            y = y + b.clone().unsqueeze_dim::<2>(0);
-        }
-        if let (Some(l), false) = (&self.lora, self.merged) {
-            let base_dtype = x.dtype();
-            let mut h = if base_dtype != DType::F32 {
-                x.cast(DType::F32)
-            } else {
-                x
-            };
-            if let Some(m) = dropout_mask {
-                h = h * m;
-            }
-            let low = h.matmul(l.a.clone().transpose());
-            let delta = low.matmul(l.b.clone().transpose()).mul_scalar(l.scale);
-            let delta = if base_dtype != DType::F32 {
-                delta.cast(base_dtype)
-            } else {
-                delta
-            };
-            y = y + delta;
-        }
-        y
-    }
-
-    /// Forward on `[batch, seq, in]`.
-    pub fn forward3(&self, x: Tensor<B, 3>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        let [b, s, i] = x.dims();
-        let y = self.forward(x.reshape([b * s, i]), dropout_mask);
-        let o = y.dims()[1];
-        y.reshape([b, s, o])
     }
 
     /// scale·B·A in f32, `[out, in]`.
@@ -173,6 +133,13 @@ impl<B: Backend> LoraLinear<B> {
         self.merge();
         self.lora = None;
         self.merged = false;
+    }
+}
+
+impl<B: Kernels> LoraLinear<B> {
+    /// Forward on a `[n, in]` input, with the adapter's dropout keep mask.
+    pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+        B::lora_linear_group(x, &[self.as_ref(dropout_mask)])
     }
 }
 

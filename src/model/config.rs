@@ -8,92 +8,15 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use super::families::{AttentionBias, Rules, Windows};
 use crate::error::{Error, Result};
 
-/// The decoder families loratune runs. Each maps to one `*ForCausalLM` class of transformers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    Llama,
-    Mistral,
-    Qwen2,
-    Qwen3,
-    Phi3,
-    Gemma,
-    Gemma2,
-}
-
-/// Supported `architectures` values, in the order we document them.
-pub const SUPPORTED_ARCHITECTURES: &[(&str, Family)] = &[
-    ("LlamaForCausalLM", Family::Llama),
-    ("MistralForCausalLM", Family::Mistral),
-    ("Qwen2ForCausalLM", Family::Qwen2),
-    ("Qwen3ForCausalLM", Family::Qwen3),
-    ("Phi3ForCausalLM", Family::Phi3),
-    ("GemmaForCausalLM", Family::Gemma),
-    ("Gemma2ForCausalLM", Family::Gemma2),
-];
-
-impl Family {
-    /// The transformers class name (`architectures[0]`).
-    pub fn architecture(self) -> &'static str {
-        SUPPORTED_ARCHITECTURES
-            .iter()
-            .find(|(_, f)| *f == self)
-            .map(|(a, _)| *a)
-            .unwrap_or("LlamaForCausalLM")
-    }
-
-    /// The transformers `model_type`.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Mistral => "mistral",
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-            Family::Phi3 => "phi3",
-            Family::Gemma => "gemma",
-            Family::Gemma2 => "gemma2",
-        }
-    }
-
-    /// Parse a transformers `model_type`.
-    pub fn from_model_type(s: &str) -> Option<Family> {
-        Some(match s {
-            "llama" => Family::Llama,
-            "mistral" => Family::Mistral,
-            "qwen2" => Family::Qwen2,
-            "qwen3" => Family::Qwen3,
-            "phi3" => Family::Phi3,
-            "gemma" => Family::Gemma,
-            "gemma2" => Family::Gemma2,
-            _ => return None,
-        })
-    }
-
-    /// Gemma-style RMSNorm: `x̂ · (1 + w)` instead of `x̂ · w`, and embeddings scaled by √hidden.
-    pub fn is_gemma(self) -> bool {
-        matches!(self, Family::Gemma | Family::Gemma2)
-    }
-
-    /// Phi-3 keeps `qkv_proj` and `gate_up_proj` fused in its checkpoints.
-    pub fn fused_projections(self) -> bool {
-        self == Family::Phi3
-    }
-}
-
-/// MLP activation (`hidden_act` / `hidden_activation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `silu` / `swish`.
-    Silu,
-    /// `gelu_pytorch_tanh` / `gelu_new` / `gelu_fast`: the tanh approximation.
-    GeluTanh,
-    /// `gelu`: the exact erf form.
-    Gelu,
-}
+pub use super::families::Family;
+pub use crate::kernels::Activation;
 
 impl Activation {
-    fn parse(s: &str) -> Result<Self> {
+    /// Parse a config.json activation name.
+    pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu_tanh" => Activation::GeluTanh,
@@ -170,6 +93,14 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Per-head RMSNorm on q and k before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// Added to every RMSNorm weight: 1 for Gemma's `x̂·(1 + w)`, else 0.
+    pub norm_offset: f32,
+    /// Embeddings are multiplied by this (Gemma: √hidden_size).
+    pub embedding_scale: Option<f32>,
+    /// Norms after attention and after the MLP as well as before them (Gemma 2).
+    pub sandwich_norms: bool,
+    /// `qkv_proj` / `gate_up_proj` fused in the checkpoint (Phi-3), kept fused.
+    pub fused_projections: bool,
     /// Sliding-window size per layer (`None` = full causal attention).
     pub layer_windows: Vec<Option<usize>>,
     /// Gemma2: tanh soft-capping of attention scores.
@@ -195,7 +126,20 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json(&value).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        Self::from_json(&value).map_err(|e| match e {
+            Error::UnsupportedArchitecture {
+                what,
+                name,
+                supported,
+                ..
+            } => Error::UnsupportedArchitecture {
+                what,
+                name,
+                origin: Some(path.to_path_buf()),
+                supported,
+            },
+            other => Error::Config(format!("{}: {other}", path.display())),
+        })
     }
 
     /// Parse a config.json value.
@@ -230,15 +174,9 @@ impl ModelConfig {
         let num_hidden_layers = c.req_usize("num_hidden_layers")?;
         let max_position_embeddings = c.opt_usize("max_position_embeddings")?.unwrap_or(2048);
 
-        // transformers v5: Gemma reads `hidden_act` (legacy "gelu" means the tanh form), Gemma2
-        // `hidden_activation`; the other families `hidden_act`.
-        let act_keys: &[&str] = match family {
-            Family::Gemma2 => &["hidden_activation", "hidden_act"],
-            Family::Gemma => &["hidden_act", "hidden_activation"],
-            _ => &["hidden_act"],
-        };
+        let rules = family.rules();
         let mut act_name = None;
-        for k in act_keys {
+        for k in rules.activation_keys {
             if let Some(s) = c.opt_str(k)? {
                 act_name = Some(s);
                 break;
@@ -246,52 +184,45 @@ impl ModelConfig {
         }
         let hidden_act = match act_name {
             Some(s) => Activation::parse(s)?,
-            None => match family {
-                Family::Gemma | Family::Gemma2 => Activation::GeluTanh,
-                _ => Activation::Silu,
-            },
+            None => rules.default_activation,
         };
-        let hidden_act = if family == Family::Gemma && hidden_act == Activation::Gelu {
+        let hidden_act = if rules.gelu_means_tanh && hidden_act == Activation::Gelu {
             Activation::GeluTanh
         } else {
             hidden_act
         };
 
-        let tie_default = matches!(family, Family::Gemma | Family::Gemma2);
-        let tie_word_embeddings = c.opt_bool("tie_word_embeddings")?.unwrap_or(tie_default);
+        let tie_word_embeddings = c
+            .opt_bool("tie_word_embeddings")?
+            .unwrap_or(rules.tie_word_embeddings);
 
         let attention_bias = c.opt_bool("attention_bias")?.unwrap_or(false);
-        let (qkv_bias, o_bias) = match family {
-            Family::Qwen2 => (true, false),
-            Family::Mistral | Family::Phi3 => (false, false),
-            Family::Llama | Family::Qwen3 | Family::Gemma | Family::Gemma2 => {
-                (attention_bias, attention_bias)
-            }
+        let (qkv_bias, o_bias) = match rules.attention_bias {
+            AttentionBias::QkvOnly => (true, false),
+            AttentionBias::None => (false, false),
+            AttentionBias::Configurable => (attention_bias, attention_bias),
         };
-        let mlp_bias = family == Family::Llama && c.opt_bool("mlp_bias")?.unwrap_or(false);
+        let mlp_bias = rules.mlp_bias && c.opt_bool("mlp_bias")?.unwrap_or(false);
 
-        let rope = parse_rope(obj, family, head_dim)?;
-        let layer_windows = parse_windows(&c, family, num_hidden_layers)?;
+        let rope = parse_rope(obj)?;
+        let layer_windows = parse_windows(&c, rules, num_hidden_layers)?;
+        let rms_norm_eps = c.opt_f64("rms_norm_eps")?.unwrap_or(rules.rms_norm_eps);
 
-        let rms_default = match family {
-            Family::Gemma | Family::Gemma2 | Family::Qwen2 | Family::Qwen3 | Family::Llama => 1e-6,
-            Family::Mistral | Family::Phi3 => 1e-5,
+        let (attn_logit_softcapping, final_logit_softcapping) = match rules.softcapping {
+            Some(_) => (
+                c.opt_f64("attn_logit_softcapping")?,
+                c.opt_f64("final_logit_softcapping")?,
+            ),
+            None => (None, None),
         };
-        let rms_norm_eps = c.opt_f64("rms_norm_eps")?.unwrap_or(rms_default);
-
-        let (attn_logit_softcapping, final_logit_softcapping, query_pre_attn_scalar) =
-            if family == Family::Gemma2 {
-                (
-                    c.opt_f64("attn_logit_softcapping")?,
-                    c.opt_f64("final_logit_softcapping")?,
-                    Some(
-                        c.opt_f64("query_pre_attn_scalar")?
-                            .unwrap_or(head_dim as f64),
-                    ),
-                )
-            } else {
-                (None, None, None)
-            };
+        let query_pre_attn_scalar = if rules.query_pre_attn_scalar {
+            Some(
+                c.opt_f64("query_pre_attn_scalar")?
+                    .unwrap_or(head_dim as f64),
+            )
+        } else {
+            None
+        };
 
         let torch_dtype = c
             .opt_str("torch_dtype")?
@@ -315,7 +246,11 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: rules.qk_norm,
+            norm_offset: rules.norm_offset(),
+            embedding_scale: rules.embedding_scale(hidden_size),
+            sandwich_norms: rules.sandwich_norms,
+            fused_projections: rules.fused_projections,
             layer_windows,
             attn_logit_softcapping,
             final_logit_softcapping,
@@ -366,6 +301,14 @@ impl ModelConfig {
             )));
         }
         Ok(())
+    }
+
+    /// A key of the original config.json (None when absent, null, or the config came from a GGUF).
+    pub fn raw_get(&self, key: &str) -> Option<&Value> {
+        self.raw
+            .as_ref()
+            .and_then(|r| r.get(key))
+            .filter(|v| !v.is_null())
     }
 
     /// The module layout `architectures[0]` string.
@@ -462,11 +405,7 @@ impl ModelConfig {
             } else {
                 0
             };
-        let norms = if self.family == Family::Gemma2 {
-            4 * h
-        } else {
-            2 * h
-        };
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
         let layer = attn + mlp + norms;
         embed
             + self.num_hidden_layers * layer
@@ -534,26 +473,19 @@ impl ModelConfig {
                 json!(self.rope.partial_rotary_factor),
             );
         }
-        let act_key = if self.family == Family::Gemma2 {
-            "hidden_activation"
-        } else {
-            "hidden_act"
-        };
-        put(act_key, json!(self.hidden_act.hf_name()));
-        if matches!(
-            self.family,
-            Family::Llama | Family::Qwen3 | Family::Gemma | Family::Gemma2
-        ) {
+        let rules = self.family.rules();
+        put(rules.activation_keys[0], json!(self.hidden_act.hf_name()));
+        if rules.attention_bias == AttentionBias::Configurable {
             put("attention_bias", json!(self.qkv_bias));
         }
-        if self.family == Family::Llama {
+        if rules.mlp_bias {
             put("mlp_bias", json!(self.mlp_bias));
         }
         let window = self.layer_windows.iter().flatten().copied().max();
-        match self.family {
-            Family::Mistral | Family::Phi3 => put("sliding_window", json!(window)),
-            Family::Gemma2 => {
-                put("sliding_window", json!(window.unwrap_or(4096)));
+        match rules.windows {
+            Windows::EveryLayer => put("sliding_window", json!(window)),
+            Windows::Alternating { default } => {
+                put("sliding_window", json!(window.unwrap_or(default)));
                 let types: Vec<&str> = self
                     .layer_windows
                     .iter()
@@ -567,7 +499,7 @@ impl ModelConfig {
                     .collect();
                 put("layer_types", json!(types));
             }
-            Family::Qwen2 | Family::Qwen3 => {
+            Windows::FromMaxWindowLayers => {
                 put("use_sliding_window", json!(window.is_some()));
                 if let Some(w) = window {
                     put("sliding_window", json!(w));
@@ -579,7 +511,7 @@ impl ModelConfig {
                     put("max_window_layers", json!(first));
                 }
             }
-            _ => {}
+            Windows::None => {}
         }
         if let Some(v) = self.attn_logit_softcapping {
             put("attn_logit_softcapping", json!(v));
@@ -606,48 +538,33 @@ impl ModelConfig {
 }
 
 fn detect_family(obj: &Map<String, Value>) -> Result<Family> {
-    let supported = || {
-        SUPPORTED_ARCHITECTURES
-            .iter()
-            .map(|(a, _)| *a)
-            .collect::<Vec<_>>()
-            .join(", ")
+    let unsupported = |what: &'static str, name: &str| Error::UnsupportedArchitecture {
+        what,
+        name: name.to_string(),
+        origin: None,
+        supported: Family::supported_architectures(),
     };
     match obj.get("architectures") {
         Some(Value::Array(a)) if !a.is_empty() => {
             let name = a[0]
                 .as_str()
                 .ok_or_else(|| Error::Config("`architectures[0]` must be a string".to_string()))?;
-            SUPPORTED_ARCHITECTURES
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, f)| *f)
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "unsupported architecture `{name}`; supported: {}",
-                        supported()
-                    ))
-                })
+            Family::from_architecture(name).ok_or_else(|| unsupported("architecture", name))
         }
         _ => {
             // Some configs carry only model_type.
             let mt = obj.get("model_type").and_then(Value::as_str).ok_or_else(|| {
                 Error::Config(format!(
                     "config.json has neither `architectures` nor `model_type`; supported architectures: {}",
-                    supported()
+                    Family::supported_architectures()
                 ))
             })?;
-            Family::from_model_type(mt).ok_or_else(|| {
-                Error::Config(format!(
-                    "unsupported model_type `{mt}`; supported architectures: {}",
-                    supported()
-                ))
-            })
+            Family::from_model_type(mt).ok_or_else(|| unsupported("model_type", mt))
         }
     }
 }
 
-fn parse_rope(obj: &Map<String, Value>, family: Family, head_dim: usize) -> Result<RopeConfig> {
+fn parse_rope(obj: &Map<String, Value>) -> Result<RopeConfig> {
     // v5: rope_parameters {rope_theta, rope_type, ...}; v4: rope_theta + rope_scaling {type|rope_type, ...}.
     let params = obj.get("rope_parameters").filter(|v| !v.is_null());
     let scaling = obj.get("rope_scaling").filter(|v| !v.is_null());
@@ -685,7 +602,6 @@ fn parse_rope(obj: &Map<String, Value>, family: Family, head_dim: usize) -> Resu
             "partial_rotary_factor must be in (0, 1], got {partial_rotary_factor}"
         )));
     }
-    let _ = (family, head_dim);
 
     let scaling = match spec {
         None => RopeScaling::Default,
@@ -741,7 +657,7 @@ fn parse_rope(obj: &Map<String, Value>, family: Family, head_dim: usize) -> Resu
     })
 }
 
-fn parse_windows(c: &Reader, family: Family, n_layers: usize) -> Result<Vec<Option<usize>>> {
+fn parse_windows(c: &Reader, rules: &Rules, n_layers: usize) -> Result<Vec<Option<usize>>> {
     let window = c.opt_usize("sliding_window")?;
     // Explicit per-layer types win (transformers v5 writes them).
     if let Some(types) = c.obj.get("layer_types").filter(|v| !v.is_null()) {
@@ -754,9 +670,9 @@ fn parse_windows(c: &Reader, family: Family, n_layers: usize) -> Result<Vec<Opti
                 arr.len()
             )));
         }
-        let use_window = match family {
-            Family::Qwen2 | Family::Qwen3 => c.opt_bool("use_sliding_window")?.unwrap_or(false),
-            _ => true,
+        let use_window = match rules.layer_types_gate {
+            Some(key) => c.opt_bool(key)?.unwrap_or(false),
+            None => true,
         };
         return arr
             .iter()
@@ -779,18 +695,12 @@ fn parse_windows(c: &Reader, family: Family, n_layers: usize) -> Result<Vec<Opti
             })
             .collect();
     }
-    Ok(match family {
-        Family::Mistral | Family::Phi3 => vec![window; n_layers],
-        Family::Gemma2 => (0..n_layers)
-            .map(|i| {
-                if i % 2 == 0 {
-                    Some(window.unwrap_or(4096))
-                } else {
-                    None
-                }
-            })
+    Ok(match rules.windows {
+        Windows::EveryLayer => vec![window; n_layers],
+        Windows::Alternating { default } => (0..n_layers)
+            .map(|i| (i % 2 == 0).then_some(window.unwrap_or(default)))
             .collect(),
-        Family::Qwen2 | Family::Qwen3 => {
+        Windows::FromMaxWindowLayers => {
             let used = c.opt_bool("use_sliding_window")?.unwrap_or(false);
             let max_window_layers = c.opt_usize("max_window_layers")?.unwrap_or(28);
             (0..n_layers)
@@ -803,7 +713,7 @@ fn parse_windows(c: &Reader, family: Family, n_layers: usize) -> Result<Vec<Opti
                 })
                 .collect()
         }
-        Family::Llama | Family::Gemma => vec![None; n_layers],
+        Windows::None => vec![None; n_layers],
     })
 }
 

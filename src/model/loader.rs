@@ -5,10 +5,9 @@ use std::collections::BTreeSet;
 
 use burn::tensor::{backend::Backend, DType, Tensor};
 
-use super::config::{Family, ModelConfig};
-use super::decoder::{
-    CausalLm, DecoderLayer, GateUpProj, Mlp, Model, QkvProj, RmsNorm, SelfAttention,
-};
+use super::config::ModelConfig;
+use super::decoder::CausalLm;
+use super::tree::{Embedding, Make, RmsNorm, Tree, Weights};
 use super::weights::TensorSource;
 use crate::error::{Error, Result};
 use crate::lora::linear::LoraLinear;
@@ -20,61 +19,7 @@ fn ignorable(name: &str) -> bool {
         || name.ends_with(".attn.bias")
 }
 
-/// The torch-layout shapes a config implies, by HF name.
-pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let h = cfg.hidden_size;
-    let (qo, kvo, i) = (cfg.q_out(), cfg.kv_out(), cfg.intermediate_size);
-    let mut v: Vec<(String, Vec<usize>)> =
-        vec![("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h])];
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        if cfg.family.fused_projections() {
-            v.push((
-                format!("{p}.self_attn.qkv_proj.weight"),
-                vec![qo + 2 * kvo, h],
-            ));
-            v.push((format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]));
-        } else {
-            v.push((format!("{p}.self_attn.q_proj.weight"), vec![qo, h]));
-            v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvo, h]));
-            v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvo, h]));
-            if cfg.qkv_bias {
-                v.push((format!("{p}.self_attn.q_proj.bias"), vec![qo]));
-                v.push((format!("{p}.self_attn.k_proj.bias"), vec![kvo]));
-                v.push((format!("{p}.self_attn.v_proj.bias"), vec![kvo]));
-            }
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-            if cfg.mlp_bias {
-                v.push((format!("{p}.mlp.gate_proj.bias"), vec![i]));
-                v.push((format!("{p}.mlp.up_proj.bias"), vec![i]));
-            }
-        }
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qo]));
-        if cfg.o_bias {
-            v.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
-        }
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-        if cfg.mlp_bias {
-            v.push((format!("{p}.mlp.down_proj.bias"), vec![h]));
-        }
-        if cfg.qk_norm {
-            v.push((format!("{p}.self_attn.q_norm.weight"), vec![cfg.head_dim]));
-            v.push((format!("{p}.self_attn.k_norm.weight"), vec![cfg.head_dim]));
-        }
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        if cfg.family == Family::Gemma2 {
-            v.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
-        }
-    }
-    v.push(("model.norm.weight".into(), vec![h]));
-    if !cfg.tie_word_embeddings {
-        v.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
-    }
-    v
-}
+pub use super::tree::expected_tensors;
 
 /// Check a source against a config without loading anything: one error naming every problem.
 pub fn check_source(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<()> {
@@ -124,35 +69,54 @@ pub fn check_source(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<()> {
     )))
 }
 
+/// Makes the leaves of a [`Tree`] from a tensor source (names and shapes already checked by [`check_source`]).
 struct Loader<'a, B: Backend> {
     src: &'a dyn TensorSource,
     device: &'a B::Device,
     dtype: DType,
+    eps: f64,
+    norm_offset: f32,
 }
 
 impl<B: Backend> Loader<'_, B> {
-    fn t2(&self, name: &str) -> Result<Tensor<B, 2>> {
+    fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<B, D>> {
         let data = self.src.load(name, self.dtype)?;
         Ok(Tensor::from_data(data, (self.device, self.dtype)))
     }
-    fn t1(&self, name: &str) -> Result<Tensor<B, 1>> {
-        let data = self.src.load(name, self.dtype)?;
-        Ok(Tensor::from_data(data, (self.device, self.dtype)))
+}
+
+impl<B: Backend> Make<Weights<B>> for Loader<'_, B> {
+    type Error = Error;
+
+    fn embedding(&mut self, path: &str, _: usize, _: usize) -> Result<Embedding<B>> {
+        Ok(Embedding {
+            path: path.into(),
+            weight: self.tensor(&format!("{path}.weight"))?,
+        })
     }
-    fn linear(&self, path: &str, bias: bool) -> Result<LoraLinear<B>> {
-        let w = self.t2(&format!("{path}.weight"))?;
+
+    fn linear(&mut self, path: &str, _: usize, _: usize, bias: bool) -> Result<LoraLinear<B>> {
+        let w = self.tensor(&format!("{path}.weight"))?;
         let b = if bias {
-            Some(self.t1(&format!("{path}.bias"))?)
+            Some(self.tensor(&format!("{path}.bias"))?)
         } else {
             None
         };
-        Ok(LoraLinear::new(w, b))
+        Ok(LoraLinear::new(path, w, b))
     }
-    fn norm(&self, name: &str, eps: f64, gemma: bool) -> Result<RmsNorm<B>> {
+
+    fn tied(&mut self, path: &str, e: &Embedding<B>) -> Result<LoraLinear<B>> {
+        let mut l = LoraLinear::new(path, e.weight.clone(), None);
+        l.tied = true;
+        Ok(l)
+    }
+
+    fn norm(&mut self, path: &str, _: usize) -> Result<RmsNorm<B>> {
         Ok(RmsNorm {
-            weight: self.t1(name)?,
-            eps,
-            gemma,
+            path: path.into(),
+            weight: self.tensor(&format!("{path}.weight"))?,
+            eps: self.eps,
+            offset: self.norm_offset,
         })
     }
 }
@@ -167,93 +131,18 @@ impl<B: Backend> CausalLm<B> {
     ) -> Result<Self> {
         cfg.validate()?;
         check_source(&cfg, src)?;
-        let ld = Loader::<B> { src, device, dtype };
-        let eps = cfg.rms_norm_eps;
-        let gemma = cfg.family.is_gemma();
-        let embed_tokens = ld.t2("model.embed_tokens.weight")?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let qkv = if cfg.family.fused_projections() {
-                QkvProj::Fused {
-                    qkv_proj: ld.linear(&format!("{p}.self_attn.qkv_proj"), false)?,
-                }
-            } else {
-                QkvProj::Split {
-                    q_proj: ld.linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                    k_proj: ld.linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                    v_proj: ld.linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
-                }
-            };
-            let gate_up = if cfg.family.fused_projections() {
-                GateUpProj::Fused {
-                    gate_up_proj: ld.linear(&format!("{p}.mlp.gate_up_proj"), false)?,
-                }
-            } else {
-                GateUpProj::Split {
-                    gate_proj: ld.linear(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                    up_proj: ld.linear(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                }
-            };
-            let (q_norm, k_norm) = if cfg.qk_norm {
-                (
-                    Some(ld.norm(&format!("{p}.self_attn.q_norm.weight"), eps, gemma)?),
-                    Some(ld.norm(&format!("{p}.self_attn.k_norm.weight"), eps, gemma)?),
-                )
-            } else {
-                (None, None)
-            };
-            let gemma2 = cfg.family == Family::Gemma2;
-            layers.push(DecoderLayer {
-                self_attn: SelfAttention {
-                    qkv,
-                    o_proj: ld.linear(&format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
-                    q_norm,
-                    k_norm,
-                },
-                mlp: Mlp {
-                    gate_up,
-                    down_proj: ld.linear(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
-                    act: cfg.hidden_act,
-                },
-                input_layernorm: ld.norm(&format!("{p}.input_layernorm.weight"), eps, gemma)?,
-                post_attention_layernorm: ld.norm(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    eps,
-                    gemma,
-                )?,
-                pre_feedforward_layernorm: if gemma2 {
-                    Some(ld.norm(&format!("{p}.pre_feedforward_layernorm.weight"), eps, gemma)?)
-                } else {
-                    None
-                },
-                post_feedforward_layernorm: if gemma2 {
-                    Some(ld.norm(
-                        &format!("{p}.post_feedforward_layernorm.weight"),
-                        eps,
-                        gemma,
-                    )?)
-                } else {
-                    None
-                },
-                window: cfg.layer_windows[l],
-            });
-        }
-        let norm = ld.norm("model.norm.weight", eps, gemma)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            LoraLinear::new(embed_tokens.clone(), None)
-        } else {
-            ld.linear("lm_head", false)?
+        let mut loader = Loader::<B> {
+            src,
+            device,
+            dtype,
+            eps: cfg.rms_norm_eps,
+            norm_offset: cfg.norm_offset,
         };
+        let model = Tree::build(&cfg, &mut loader)?;
         let inv_freq = cfg.rope_inv_freq();
         Ok(CausalLm {
             config: cfg,
-            model: Model {
-                embed_tokens,
-                layers,
-                norm,
-            },
-            lm_head,
+            model,
             inv_freq,
             device: device.clone(),
         })

@@ -1,14 +1,18 @@
-//! The base model: configuration, weights, and one decoder with per-family switches.
+//! The base model: configuration ([`config`], with the per-family rules in [`families`]), the module tree written
+//! once ([`tree`]), checkpoint tensors ([`weights`], [`loader`]) and the decoder's math ([`decoder`]).
 
 pub mod config;
 pub mod decoder;
+pub mod families;
 pub mod loader;
+pub mod tree;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Activation, Family, ModelConfig, RopeConfig, RopeScaling};
 pub use decoder::{CausalLm, KvCache, NoDropout, TokenBatch};
+pub use tree::expected_tensors;
 pub use weights::{SafetensorsSource, StoredDtype, TensorSource};
 
 use crate::error::{Error, Result};
@@ -64,20 +68,13 @@ pub fn open(path: &Path) -> Result<OpenedModel> {
 
 /// Short names of the linear modules LoRA can target (`q_proj`, ..., or Phi-3's fused names), in model order.
 /// `lm_head` is listed last; `all-linear` excludes it, as PEFT does.
-pub fn lora_target_names(cfg: &ModelConfig) -> Vec<&'static str> {
-    let mut v = if cfg.family.fused_projections() {
-        vec!["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    } else {
-        vec![
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    };
-    v.push("lm_head");
-    v
+pub fn lora_target_names(cfg: &ModelConfig) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for p in tree::linear_paths(cfg) {
+        let short = p.rsplit('.').next().unwrap_or(&p).to_string();
+        if !names.contains(&short) {
+            names.push(short);
+        }
+    }
+    names
 }

@@ -48,6 +48,26 @@ pub trait TensorSource: Send + Sync {
     fn stored_dtype(&self, name: &str) -> Option<StoredDtype>;
     /// Load one tensor converted to `dtype` (F32, F16 or BF16), torch layout.
     fn load(&self, name: &str, dtype: DType) -> Result<TensorData>;
+
+    /// The floating-point dtype most of the tensors are stored in (F32 for quantised GGUF files): what a merge
+    /// keeps by default.
+    fn dominant_dtype(&self) -> StoredDtype {
+        let mut counts = [0usize; 3];
+        for n in self.names() {
+            match self.stored_dtype(&n) {
+                Some(StoredDtype::BF16) => counts[1] += 1,
+                Some(StoredDtype::F16) => counts[2] += 1,
+                _ => counts[0] += 1,
+            }
+        }
+        if counts[1] > counts[0] && counts[1] >= counts[2] {
+            StoredDtype::BF16
+        } else if counts[2] > counts[0] {
+            StoredDtype::F16
+        } else {
+            StoredDtype::F32
+        }
+    }
 }
 
 /// Convert little-endian raw elements of `from` to `TensorData` of `to`.

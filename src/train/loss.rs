@@ -4,8 +4,9 @@
 //! `labels[i+1]`. Only rows with a real target go through `lm_head`, so masked prompt tokens and padding never
 //! materialise vocabulary-sized logits.
 
-use burn::tensor::{activation, backend::Backend, DType, Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 
+use crate::kernels::Kernels;
 use crate::model::decoder::DropoutSource;
 use crate::model::{CausalLm, TokenBatch};
 
@@ -27,7 +28,7 @@ pub fn shift_labels(labels: &[i64], batch: usize, seq: usize) -> Vec<i64> {
 /// Sum of token cross-entropies over positions whose shifted target is not ignored, and their count.
 /// With packing, the position before a sample boundary must already carry IGNORE_INDEX in `labels[i+1]`
 /// (the data pipeline guarantees it: every sample's first label is masked).
-pub fn lm_loss_sum<B: Backend>(
+pub fn lm_loss_sum<B: Kernels>(
     model: &CausalLm<B>,
     batch: &TokenBatch,
     labels: &[i64],
@@ -38,66 +39,36 @@ pub fn lm_loss_sum<B: Backend>(
     loss_from_hidden(model, hidden, &targets, drop)
 }
 
-/// Cross-entropy sum from final hidden states `[n, h]` and per-row targets (IGNORE_INDEX skipped).
-pub fn loss_from_hidden<B: Backend>(
+/// Cross-entropy sum from final hidden states `[n, h]` and per-row targets (IGNORE_INDEX skipped): `lm_head`
+/// (and soft-capping) only on the rows that have a target.
+pub fn loss_from_hidden<B: Kernels>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 2>,
     targets: &[i64],
     drop: &mut dyn DropoutSource<B>,
 ) -> (Tensor<B, 1>, usize) {
-    let rows: Vec<i32> = targets
+    let (rows, tg): (Vec<usize>, Vec<usize>) = targets
         .iter()
         .enumerate()
         .filter(|(_, &t)| t >= 0)
-        .map(|(i, _)| i as i32)
-        .collect();
+        .map(|(i, &t)| (i, t as usize))
+        .unzip();
     let n = rows.len();
     if n == 0 {
         return (hidden.sum().mul_scalar(0.0), 0);
     }
-    let lm = &model.lm_head;
-    if lm.lora.is_none() && lm.bias.is_none() && model.config.final_logit_softcapping.is_none() {
-        let sel: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
-        let tg: Vec<usize> = targets
-            .iter()
-            .filter(|&&t| t >= 0)
-            .map(|&t| t as usize)
-            .collect();
-        match crate::fast::xent::lm_xent(hidden, &lm.weight, &sel, &tg) {
-            Ok(loss) => return (loss, n),
-            Err(h) => return loss_plain(model, h, rows, targets, drop),
+    let head = &model.model.lm_head;
+    let mask = match (&head.lora, head.merged) {
+        (Some(a), false) if a.dropout > 0.0 => {
+            drop.mask(n, model.config.hidden_size, a.dropout, &model.device)
         }
-    }
-    loss_plain(model, hidden, rows, targets, drop)
-}
-
-/// The reference: gather the trained rows, lm_head, log-softmax, pick the targets.
-fn loss_plain<B: Backend>(
-    model: &CausalLm<B>,
-    hidden: Tensor<B, 2>,
-    rows: Vec<i32>,
-    targets: &[i64],
-    drop: &mut dyn DropoutSource<B>,
-) -> (Tensor<B, 1>, usize) {
-    let device = model.device.clone();
-    let n = rows.len();
-    let tg: Vec<i32> = targets
-        .iter()
-        .filter(|&&t| t >= 0)
-        .map(|&t| t as i32)
-        .collect();
-    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
-    let h = hidden.select(0, idx);
-    let logits = model.logits(h, drop);
-    let logits = if logits.dtype() != DType::F32 {
-        logits.cast(DType::F32)
-    } else {
-        logits
+        _ => None,
     };
-    let logp = activation::log_softmax(logits, 1);
-    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
-    let picked = logp.gather(1, tgt);
-    (picked.sum().neg(), n)
+    let softcap = model.config.final_logit_softcapping;
+    (
+        B::lm_head_cross_entropy(hidden, &head.as_ref(mask), softcap, &rows, &tg),
+        n,
+    )
 }
 
 #[cfg(test)]

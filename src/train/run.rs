@@ -1,28 +1,27 @@
-//! `loratune train`: a whole run from a resolved [`TrainConfig`] — base model resolution, data preparation (in the
-//! background while the model loads), LoRA attach or exact resume, the optimizer loop with evaluation, early
-//! stopping and checkpoints, then the adapter (and merged model) export, metrics and a loss curve.
+//! `loratune train` as a recipe: [`Run::setup`] builds every component from the config (resume point, model,
+//! tokenizer, data, adapter, optimizer, schedule), [`Run::train`] is the loop, [`Run::finish`] writes the adapter,
+//! the merged model and the loss curve. [`train`] runs the three on the backend the config's device asks for.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainerState, FORMAT};
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::AdamW;
 use super::report::{loss_curve_svg, MetricLine, MetricsWriter};
-use super::schedule::{Schedule, ScheduleKind};
-use super::step::{eval_loss, train_step, StepConfig};
-use crate::config::{self, names, LoraTargets, TrainConfig};
-use crate::data::{Batch, DataPipeline, LoaderState};
+use super::schedule::Schedule;
+use super::step::{eval_loss, train_step, StepConfig, StepStats};
+use crate::backend::{InferJob, Placement, TrainJob};
+use crate::config::{ModelFacts, TrainConfig};
+use crate::data::{Batch, LoaderState, TrainLoader};
 use crate::error::{Error, Result};
-use crate::lora::adapter::{attach, lora_params, set_trainable, LoraInit, LoraSettings};
-use crate::lora::peft::{apply_adapter, read_adapter, save_adapter};
-use crate::lora::TargetSpec;
-use crate::model::{self, CausalLm};
-use crate::tokenizer::{self, LoadedTokenizer};
+use crate::kernels::{Kernels, TrainBackend};
+use crate::lora::adapter::{attach, lora_params, report, set_trainable, LoraSettings};
+use crate::lora::peft::{apply_adapter, load_adapter, read_adapter, save_adapter};
+use crate::model::{self, CausalLm, OpenedModel};
+use crate::tokenizer::LoadedTokenizer;
 
 /// How to run (things that are not part of the experiment's config).
 #[derive(Debug, Clone, Default)]
@@ -69,156 +68,561 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
+/// How the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every step ran.
+    Finished,
+    /// Early stopping: the eval loss stopped improving.
+    StoppedEarly,
+    /// `stop_after` steps ran (as if the process had been killed: no final save, no export).
+    Interrupted,
+}
+
 /// Train according to `cfg`.
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
-    let bf16 = |gpu: bool| match cfg.bf16 {
-        names::Bf16::True => DType::BF16,
-        names::Bf16::False => DType::F32,
-        names::Bf16::Auto => {
-            if gpu {
-                DType::BF16
-            } else {
-                DType::F32
-            }
+    struct Job<'a>(&'a TrainConfig, &'a RunOptions);
+    impl TrainJob for Job<'_> {
+        type Output = RunSummary;
+        fn run<B: TrainBackend>(self, device: B::Device, at: Placement) -> Result<RunSummary> {
+            let mut run = Run::<B>::setup(self.0, self.1, device, at)?;
+            let outcome = run.train()?;
+            run.finish(outcome)
         }
-    };
-    type Flex = burn::backend::Flex;
-    type Ckpt = burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    let use_cuda = match cfg.device {
-        names::Device::Cpu => false,
-        names::Device::Cuda(_) => {
-            if !cfg!(feature = "cuda") {
-                return Err(Error::Train(
-                    "device: cuda needs a loratune built with `--features cuda`; rebuild, or set device: cpu".into(),
+    }
+    cfg.placement()?.train(Job(cfg, opts))
+}
+
+/// A training run: everything [`Run::setup`] built, and the loop's counters.
+pub struct Run<'a, B: TrainBackend> {
+    cfg: &'a TrainConfig,
+    opts: &'a RunOptions,
+    model_path: PathBuf,
+    base: OpenedModel,
+    tokenizer: LoadedTokenizer,
+    model: CausalLm<B>,
+    settings: LoraSettings,
+    opt: AdamW<B::InnerBackend>,
+    schedule: Schedule,
+    loader: TrainLoader,
+    eval_batches: Vec<Batch>,
+    metrics: MetricsWriter,
+    /// What a checkpoint saves (step, optimizer step, data position, best eval loss, …).
+    state: TrainerState,
+    micro_per_epoch: u64,
+    log_every: u64,
+    eval_every: u64,
+    save_every: u64,
+    printer: Printer,
+    resumed_from: Option<PathBuf>,
+    last_checkpoint: Option<PathBuf>,
+    counters: Counters,
+}
+
+impl<'a, B: TrainBackend> Run<'a, B> {
+    /// Resume point, model + tokenizer + data (prepared in the background while the model loads), adapter
+    /// (attached fresh, or restored from the checkpoint), optimizer and schedule.
+    pub fn setup(
+        cfg: &'a TrainConfig,
+        opts: &'a RunOptions,
+        device: B::Device,
+        at: Placement,
+    ) -> Result<Self> {
+        let t_start = Instant::now();
+        let out = &cfg.output_dir;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let printer = Printer::new(opts.progress);
+        let (resume_dir, resume_state) = resume_point(cfg, &printer)?;
+        cfg.write_resolved(out)?;
+        for w in cfg.warnings() {
+            printer.line(&format!("warning: {w}"));
+        }
+
+        // Base model, tokenizer, data (prepared in the background).
+        let model_path = cfg.base_model_path()?;
+        let tokenizer = cfg.tokenizer(&model_path)?;
+        let data = cfg.data_pipeline(&tokenizer)?;
+        let base = model::open(&model_path)?;
+        for w in cfg.check_model(&ModelFacts::of(&base.config, &tokenizer))? {
+            printer.line(&format!("warning: {w}"));
+        }
+
+        // Model and adapter.
+        let t_load = Instant::now();
+        let mcfg = base.config.clone();
+        let mut model = CausalLm::<B>::load(mcfg.clone(), base.source.as_ref(), &device, at.dtype)?;
+        let settings = cfg.lora_settings(mcfg.family);
+        let lora = match &resume_dir {
+            Some(d) => {
+                let a = read_adapter(d)?;
+                apply_adapter(&mut model, &a)?;
+                report(&model, a.modules.keys().cloned().collect())
+            }
+            None => attach(&mut model, &settings)?,
+        };
+        set_trainable(&mut model);
+        printer.line(&format!(
+            "model {} ({}, {:?}) loaded in {:.1}s; {lora}",
+            model_path.display(),
+            mcfg.architecture(),
+            at.dtype,
+            t_load.elapsed().as_secs_f64()
+        ));
+
+        // Data: exact counts for the schedule, evaluation batches.
+        let facts = data.data_facts()?;
+        for w in cfg.check_data(&facts)? {
+            printer.line(&format!("warning: {w}"));
+        }
+        let micro_per_epoch = data.batches_in_epoch(0)? as u64;
+        let total = cfg.total_steps(micro_per_epoch);
+        let schedule = cfg.schedule(total);
+        let eval_batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
+        printer.line(&format!(
+            "data: {} training {} ({} micro-batches of {} per epoch), {} eval samples; {} optimizer steps (warmup {})",
+            facts.train_samples,
+            if cfg.sample_packing { "packed rows" } else { "samples" },
+            micro_per_epoch,
+            cfg.micro_batch_size,
+            facts.eval_samples,
+            total,
+            schedule.warmup
+        ));
+
+        // Optimizer and trainer state, restored exactly when resuming.
+        let keys: Vec<String> = lora_params(&model).into_iter().map(|(k, _)| k).collect();
+        let mut opt = AdamW::new(cfg.adamw(), keys.len());
+        let (state, loader) = match (&resume_state, &resume_dir) {
+            (Some(st), Some(d)) => {
+                checkpoint::load_optimizer(d, &keys, &mut opt, st.adam_step, &device)?;
+                let ls: LoaderState =
+                    serde_json::from_value(st.loader_state.clone()).map_err(|source| {
+                        Error::Json {
+                            path: d.join("trainer_state.json"),
+                            source,
+                        }
+                    })?;
+                printer.line(&format!(
+                    "resuming from {} at step {}/{total}",
+                    d.display(),
+                    st.global_step
                 ));
+                (st.clone(), data.train_loader(Some(&ls))?)
             }
-            true
-        }
-        names::Device::Auto => cfg!(feature = "cuda") && cuda_available(),
-    };
-    if use_cuda {
-        #[cfg(feature = "cuda")]
-        {
-            type Cuda = burn::backend::Cuda<f32, i32>;
-            let idx = match cfg.device {
-                names::Device::Cuda(i) => i,
-                _ => 0,
-            };
-            let device = burn::backend::cuda::CudaDevice::new(idx);
-            return if cfg.gradient_checkpointing {
-                run::<burn::backend::Autodiff<Cuda, Ckpt>>(cfg, opts, device, bf16(true))
-            } else {
-                run::<burn::backend::Autodiff<Cuda>>(cfg, opts, device, bf16(true))
-            };
-        }
+            _ => (fresh_state(cfg), data.train_loader(None)?),
+        };
+        let metrics = MetricsWriter::open(out, state.metrics_lines)?;
+        let updates_per_epoch = micro_per_epoch
+            .div_ceil(cfg.gradient_accumulation_steps.max(1) as u64)
+            .max(1);
+        let printer = printer.with_bar(total, state.global_step);
+        Ok(Run {
+            cfg,
+            opts,
+            model_path,
+            base,
+            tokenizer,
+            model,
+            settings,
+            opt,
+            schedule,
+            loader,
+            eval_batches,
+            metrics,
+            state,
+            micro_per_epoch,
+            log_every: cfg.logging_steps_for(total).max(1),
+            eval_every: cfg.eval_steps.unwrap_or(updates_per_epoch),
+            save_every: cfg.save_steps.unwrap_or(updates_per_epoch),
+            printer,
+            last_checkpoint: resume_dir.clone(),
+            resumed_from: resume_dir,
+            counters: Counters::new(t_start),
+        })
     }
-    if cfg.gradient_checkpointing {
-        run::<burn::backend::Autodiff<Flex, Ckpt>>(cfg, opts, Default::default(), bf16(false))
-    } else {
-        run::<burn::backend::Autodiff<Flex>>(cfg, opts, Default::default(), bf16(false))
-    }
-}
 
-/// Whether a CUDA device can be used (driver present).
-fn cuda_available() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        std::path::Path::new("/dev/nvidiactl").exists()
-            || std::path::Path::new("/proc/driver/nvidia/version").exists()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        false
-    }
-}
-
-/// LoRA settings from the config.
-pub fn lora_settings(cfg: &TrainConfig, family: model::Family) -> LoraSettings {
-    let targets = match cfg.lora_targets() {
-        LoraTargets::AllLinear => TargetSpec::AllLinear,
-        LoraTargets::Names(n) => TargetSpec::Names(n),
-        LoraTargets::Regex(r) => TargetSpec::Regex(r),
-        LoraTargets::ArchitectureDefault => {
-            if family.fused_projections() {
-                TargetSpec::Names(vec!["qkv_proj".into()])
-            } else {
-                TargetSpec::Names(vec!["q_proj".into(), "v_proj".into()])
+    /// The loop: micro-batches → learning rate → step → log → eval when due → checkpoint when due → stop.
+    pub fn train(&mut self) -> Result<Outcome> {
+        self.counters.t_loop = Instant::now();
+        while self.state.global_step < self.schedule.total {
+            let step = self.state.global_step;
+            let micro = self.next_micro_batches()?;
+            let lr = self.schedule.lr(step);
+            let stats = self.step(&micro, lr)?;
+            self.record(&stats, lr)?;
+            let last = self.state.global_step == self.schedule.total;
+            let due = |every: u64, s: u64| s % every == 0 || last;
+            let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?;
+            if due(self.save_every, self.state.global_step) || stop_early {
+                self.save_checkpoint()?;
+            }
+            if stop_early {
+                return Ok(Outcome::StoppedEarly);
+            }
+            let this_invocation = self.counters.losses.len() as u64;
+            if !last && self.opts.stop_after.is_some_and(|n| this_invocation >= n) {
+                return Ok(Outcome::Interrupted);
             }
         }
-    };
-    LoraSettings {
-        r: cfg.lora_r,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        use_rslora: cfg.peft_use_rslora,
-        targets,
-        layers: cfg.lora_layers_to_transform.as_ref().map(|l| l.0.clone()),
-        init: match cfg.lora_init {
-            names::LoraInit::Default => LoraInit::Kaiming,
-            names::LoraInit::Gaussian => LoraInit::Gaussian,
-        },
-        seed: cfg.seed,
+        Ok(Outcome::Finished)
     }
-}
 
-/// Apply `special_tokens` overrides (token texts must already be in the vocabulary).
-pub fn apply_special_tokens(cfg: &TrainConfig, tok: &mut LoadedTokenizer) -> Result<()> {
-    let st = &cfg.special_tokens;
-    let pick = |text: &Option<String>, key: &str| -> Result<Option<(String, u32)>> {
-        match text {
-            None => Ok(None),
-            Some(t) => tok.token_to_id(t).map(|id| Some((t.clone(), id))).ok_or_else(|| {
-                Error::Config(format!(
-                    "special_tokens.{key}: `{t}` is not a token of this tokenizer (adding new tokens is not supported; \
-                     pick an existing token such as the model's eos)"
-                ))
-            }),
+    /// The adapter, the merged model (`merge_lora`), the loss curve; and what the run did.
+    pub fn finish(self, outcome: Outcome) -> Result<RunSummary> {
+        self.printer.finish();
+        let loop_seconds = self.counters.t_loop.elapsed().as_secs_f64();
+        if outcome == Outcome::Interrupted {
+            return Ok(self.summary(outcome, None, None, loop_seconds));
         }
+        let out = &self.cfg.output_dir;
+        let adapter_dir = out.join("adapter");
+        save_adapter(
+            &self.model,
+            &self.settings,
+            &self.cfg.base_model,
+            &adapter_dir,
+        )?;
+        let merged_dir = if self.cfg.merge_lora {
+            let d = out.join("merged");
+            crate::export::merge::write_merged_folder(
+                &self.model_path,
+                &self.base,
+                Some(&read_adapter(&adapter_dir)?),
+                &self.tokenizer,
+                &d,
+                self.cfg.export_dtype.resolve(self.base.source.as_ref()),
+                Some(self.cfg.merged_shard_size.bytes),
+            )?;
+            Some(d)
+        } else {
+            None
+        };
+        if let Ok(m) = super::report::read_metrics(out) {
+            let svg = loss_curve_svg(&m, &format!("loratune — {}", self.cfg.base_model));
+            crate::export::atomic::write_atomic(&out.join("loss_curve.svg"), svg.as_bytes())?;
+        }
+        Ok(self.summary(outcome, Some(adapter_dir), merged_dir, loop_seconds))
+    }
+
+    /// The next optimizer step's micro-batches (`gradient_accumulation_steps` of them).
+    fn next_micro_batches(&mut self) -> Result<Vec<Batch>> {
+        (0..self.cfg.gradient_accumulation_steps.max(1))
+            .map(|_| {
+                self.loader.next().unwrap_or_else(|| {
+                    Err(Error::Train(
+                        "the training data stream ended unexpectedly".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Forward, backward and AdamW over the micro-batches. A non-finite loss names the last good checkpoint.
+    fn step(&mut self, micro: &[Batch], lr: f64) -> Result<StepStats> {
+        let pairs: Vec<_> = micro
+            .iter()
+            .map(|b| (&b.tokens, b.labels.as_slice()))
+            .collect();
+        let settings = StepConfig {
+            lr,
+            max_grad_norm: self.cfg.max_grad_norm,
+            seed: self.cfg.seed,
+            step: self.state.global_step,
+        };
+        train_step(&mut self.model, &mut self.opt, &pairs, settings).map_err(|e| match e {
+            Error::NonFinite {
+                step, what, value, ..
+            } => Error::NonFinite {
+                step,
+                what,
+                value,
+                last_checkpoint: self.last_checkpoint.clone(),
+            },
+            other => other,
+        })
+    }
+
+    /// Count the step, move the bar, write a metrics line every `logging_steps`.
+    fn record(&mut self, stats: &StepStats, lr: f64) -> Result<()> {
+        self.state.global_step += 1;
+        self.state.adam_step = self.opt.step;
+        self.state.trained_tokens += stats.trained_tokens as u64;
+        let c = &mut self.counters;
+        c.add(stats);
+        let s = self.state.global_step;
+        let total = self.schedule.total;
+        self.printer.step(
+            s,
+            format!(
+                "loss {:.4} lr {lr:.2e} {:.0} tok/s",
+                stats.loss,
+                c.real as f64 / c.t_loop.elapsed().as_secs_f64()
+            ),
+        );
+        if s % self.log_every != 0 && s != total {
+            return Ok(());
+        }
+        let (loss, tps) = c.take_window();
+        let epoch = self.epoch();
+        self.metrics.write(&MetricLine {
+            step: s,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(stats.grad_norm),
+            tokens_per_second: Some(tps),
+            epoch: Some(epoch),
+            ..MetricLine::default()
+        })?;
+        if !self.printer.has_bar() {
+            self.printer.line(&format!(
+                "step {s}/{total} loss {loss:.4} lr {lr:.3e} grad_norm {:.3} {tps:.0} tok/s epoch {epoch:.2}",
+                stats.grad_norm
+            ));
+        }
+        Ok(())
+    }
+
+    /// Eval loss and perplexity on the eval set (when there is one), recorded; true when early stopping says stop.
+    fn evaluate(&mut self) -> Result<bool> {
+        let Some(Eval {
+            loss: l,
+            perplexity: ppl,
+            ..
+        }) = eval_on(&self.model.valid(), &self.eval_batches)
+        else {
+            return Ok(false);
+        };
+        self.counters.last_eval = Some(l);
+        let s = self.state.global_step;
+        self.metrics.write(&MetricLine {
+            step: s,
+            eval_loss: Some(l),
+            eval_perplexity: Some(ppl),
+            epoch: Some(self.epoch()),
+            ..MetricLine::default()
+        })?;
+        self.printer
+            .line(&format!("step {s}: eval loss {l:.4}, perplexity {ppl:.2}"));
+        if self.state.best_eval_loss.is_none_or(|b| l < b) {
+            self.state.best_eval_loss = Some(l);
+            self.state.evals_without_improvement = 0;
+        } else {
+            self.state.evals_without_improvement += 1;
+        }
+        let stop = self
+            .cfg
+            .early_stopping_patience
+            .is_some_and(|p| self.state.evals_without_improvement >= p);
+        if stop {
+            self.printer.line(&format!(
+                "early stopping: eval loss has not improved for {} evaluations",
+                self.state.evals_without_improvement
+            ));
+        }
+        Ok(stop)
+    }
+
+    /// Write a checkpoint (adapter, optimizer moments, trainer state with the data position).
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.state.loader_state =
+            serde_json::to_value(self.loader.state()).map_err(|source| Error::Json {
+                path: self.cfg.output_dir.join("trainer_state.json"),
+                source,
+            })?;
+        let loop_seconds = self.counters.t_loop.elapsed().as_secs_f64();
+        self.state.train_seconds += loop_seconds;
+        self.state.metrics_lines = self.metrics.lines;
+        let d = checkpoint::save(
+            &self.cfg.output_dir,
+            &self.model,
+            &self.settings,
+            &self.cfg.base_model,
+            &self.opt,
+            &self.state,
+            self.cfg.save_total_limit,
+        )?;
+        self.state.train_seconds -= loop_seconds;
+        self.last_checkpoint = Some(d);
+        Ok(())
+    }
+
+    fn epoch(&self) -> f64 {
+        self.state.global_step as f64 * self.cfg.gradient_accumulation_steps.max(1) as f64
+            / self.micro_per_epoch.max(1) as f64
+    }
+
+    fn summary(
+        &self,
+        outcome: Outcome,
+        adapter_dir: Option<PathBuf>,
+        merged_dir: Option<PathBuf>,
+        loop_seconds: f64,
+    ) -> RunSummary {
+        let c = &self.counters;
+        RunSummary {
+            output_dir: self.cfg.output_dir.clone(),
+            adapter_dir,
+            merged_dir,
+            steps: self.state.global_step,
+            total_steps: self.schedule.total,
+            losses: c.losses.clone(),
+            best_eval_loss: self.state.best_eval_loss,
+            final_eval_loss: c.last_eval,
+            seconds: c.t_start.elapsed().as_secs_f64(),
+            trained_tokens_per_second: c.trained as f64 / loop_seconds.max(1e-9),
+            tokens_per_second: c.real as f64 / loop_seconds.max(1e-9),
+            resumed_from: self.resumed_from.clone(),
+            stopped_early: outcome == Outcome::StoppedEarly,
+            interrupted: outcome == Outcome::Interrupted,
+        }
+    }
+}
+
+/// The checkpoint to resume from (`resume_from_checkpoint`, or the newest one with
+/// `auto_resume_from_checkpoints`), with its state; a checkpoint of another configuration is refused.
+fn resume_point(
+    cfg: &TrainConfig,
+    printer: &Printer,
+) -> Result<(Option<PathBuf>, Option<TrainerState>)> {
+    let out = &cfg.output_dir;
+    let dir = match (
+        &cfg.resume_from_checkpoint,
+        cfg.auto_resume_from_checkpoints,
+    ) {
+        (Some(d), _) => Some(d.clone()),
+        (None, true) => checkpoint::list_checkpoints(out).pop().map(|(_, d)| d),
+        (None, false) => None,
     };
-    let (bos, eos, pad) = (
-        pick(&st.bos_token, "bos_token")?,
-        pick(&st.eos_token, "eos_token")?,
-        pick(&st.pad_token, "pad_token")?,
-    );
-    if let Some(b) = bos {
-        tok.bos = Some(b);
+    let Some(dir) = dir else {
+        if !checkpoint::list_checkpoints(out).is_empty() {
+            printer.line(&format!(
+                "note: {} already holds checkpoints; they are not used (set auto_resume_from_checkpoints: true to continue)",
+                out.display()
+            ));
+        }
+        return Ok((None, None));
+    };
+    let state = checkpoint::read_state(&dir)?;
+    let hash = cfg.config_hash();
+    if state.config_hash != hash {
+        return Err(Error::CheckpointMismatch {
+            checkpoint: dir,
+            found: state.config_hash,
+            expected: hash,
+        });
     }
-    if let Some(e) = eos {
-        tok.eos = Some(e);
-    }
-    if let Some(p) = pad {
-        tok.pad = Some(p);
-    }
-    Ok(())
+    Ok((Some(dir), Some(state)))
 }
 
-/// Resolve the base model to a local path (HF folder or .gguf).
-pub fn resolve_model_path(cfg: &TrainConfig) -> Result<PathBuf> {
-    let mut hub = crate::hub::HubOptions::from_env()?;
-    hub.progress = std::io::stderr().is_terminal();
-    // Relative paths are relative to the working directory, as in Axolotl.
-    Ok(
-        match crate::hub::resolve_base_model_in(
-            &cfg.base_model,
-            Some(cfg.revision()),
-            None::<&Path>,
-            &hub,
-        )? {
-            crate::hub::ResolvedModel::Folder(f) => f.dir,
-            crate::hub::ResolvedModel::Gguf(p) => p,
-        },
-    )
+fn fresh_state(cfg: &TrainConfig) -> TrainerState {
+    TrainerState {
+        format: FORMAT,
+        global_step: 0,
+        adam_step: 0,
+        loader_state: serde_json::Value::Null,
+        config_hash: cfg.config_hash(),
+        best_eval_loss: None,
+        evals_without_improvement: 0,
+        trained_tokens: 0,
+        train_seconds: 0.0,
+        metrics_lines: 0,
+    }
 }
 
+/// An evaluation: loss per token, perplexity, tokens scored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Eval {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+/// Evaluate `model` on `batches` without a graph; `None` when no token is scored.
+pub fn eval_on<B: Kernels>(model: &CausalLm<B>, batches: &[Batch]) -> Option<Eval> {
+    let pairs: Vec<_> = batches
+        .iter()
+        .map(|b| (&b.tokens, b.labels.as_slice()))
+        .collect();
+    let (sum, n) = eval_loss(model, &pairs);
+    (n > 0).then(|| {
+        let loss = sum / n as f64;
+        Eval {
+            loss,
+            perplexity: loss.exp(),
+            tokens: n,
+        }
+    })
+}
+
+/// What this invocation has done: losses, token counts, the logging window, timings.
+struct Counters {
+    losses: Vec<f64>,
+    trained: usize,
+    real: usize,
+    window_loss: f64,
+    window_steps: u64,
+    window_tokens: usize,
+    window_start: Instant,
+    last_eval: Option<f64>,
+    t_start: Instant,
+    t_loop: Instant,
+}
+
+impl Counters {
+    fn new(t_start: Instant) -> Self {
+        Counters {
+            losses: Vec::new(),
+            trained: 0,
+            real: 0,
+            window_loss: 0.0,
+            window_steps: 0,
+            window_tokens: 0,
+            window_start: Instant::now(),
+            last_eval: None,
+            t_start,
+            t_loop: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, s: &StepStats) {
+        self.losses.push(s.loss);
+        self.trained += s.trained_tokens;
+        self.real += s.real_tokens;
+        self.window_loss += s.loss;
+        self.window_steps += 1;
+        self.window_tokens += s.real_tokens;
+    }
+
+    /// Mean loss and tokens/s since the last call.
+    fn take_window(&mut self) -> (f64, f64) {
+        let dt = self.window_start.elapsed().as_secs_f64().max(1e-9);
+        let r = (
+            self.window_loss / self.window_steps.max(1) as f64,
+            self.window_tokens as f64 / dt,
+        );
+        self.window_loss = 0.0;
+        self.window_steps = 0;
+        self.window_tokens = 0;
+        self.window_start = Instant::now();
+        r
+    }
+}
+
+/// Progress lines and, on a terminal, a bar.
 struct Printer {
     bar: Option<ProgressBar>,
     mode: ProgressMode,
 }
 
 impl Printer {
-    fn new(mode: ProgressMode, total: u64, start: u64) -> Self {
+    fn new(mode: ProgressMode) -> Self {
+        Printer { bar: None, mode }
+    }
+
+    /// With a progress bar over `total` steps at `start` (on a terminal, in `auto` mode).
+    fn with_bar(self, total: u64, start: u64) -> Self {
         let tty = std::io::stderr().is_terminal();
-        let bar = (mode == ProgressMode::Auto && tty).then(|| {
+        let bar = (self.mode == ProgressMode::Auto && tty).then(|| {
             let b = ProgressBar::new(total);
             b.set_style(
                 ProgressStyle::with_template(
@@ -230,8 +634,13 @@ impl Printer {
             b.set_position(start);
             b
         });
-        Printer { bar, mode }
+        Printer { bar, ..self }
     }
+
+    fn has_bar(&self) -> bool {
+        self.bar.is_some()
+    }
+
     fn line(&self, s: &str) {
         match (&self.bar, self.mode) {
             (_, ProgressMode::Quiet) => {}
@@ -239,12 +648,14 @@ impl Printer {
             (None, _) => eprintln!("{s}"),
         }
     }
+
     fn step(&self, pos: u64, msg: String) {
         if let Some(b) = &self.bar {
             b.set_position(pos);
             b.set_message(msg);
         }
     }
+
     fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
@@ -252,474 +663,34 @@ impl Printer {
     }
 }
 
-fn eval<B: burn::tensor::backend::Backend>(
-    model: &CausalLm<B>,
-    batches: &[Batch],
-) -> Option<(f64, f64)> {
-    if batches.is_empty() {
-        return None;
-    }
-    let pairs: Vec<_> = batches
-        .iter()
-        .map(|b| (&b.tokens, b.labels.as_slice()))
-        .collect();
-    let (sum, n) = eval_loss(model, &pairs);
-    if n == 0 {
-        return None;
-    }
-    let l = sum / n as f64;
-    Some((l, l.exp()))
-}
-
-fn run<B: AutodiffBackend>(
-    cfg: &TrainConfig,
-    opts: &RunOptions,
-    device: B::Device,
-    dtype: DType,
-) -> Result<RunSummary> {
-    let t_start = Instant::now();
-    let p = Printer::new(opts.progress, 0, 0);
-    let out = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-
-    // Resume point.
-    let resume_dir = match (
-        &cfg.resume_from_checkpoint,
-        cfg.auto_resume_from_checkpoints,
-    ) {
-        (Some(d), _) => Some(d.clone()),
-        (None, true) => checkpoint::list_checkpoints(&out).pop().map(|(_, d)| d),
-        (None, false) => None,
-    };
-    let resume_state = resume_dir
-        .as_deref()
-        .map(checkpoint::read_state)
-        .transpose()?;
-    let hash = cfg.config_hash();
-    if let (Some(st), Some(d)) = (&resume_state, &resume_dir) {
-        if st.config_hash != hash {
-            return Err(Error::Train(format!(
-                "{} was written by a run with a different configuration (hash {} ≠ {hash}); resume with the same \
-                 config, or use a new output_dir",
-                d.display(),
-                st.config_hash
-            )));
-        }
-    } else if !checkpoint::list_checkpoints(&out).is_empty() {
-        p.line(&format!(
-            "note: {} already holds checkpoints; they are not used (set auto_resume_from_checkpoints: true to continue)",
-            out.display()
-        ));
-    }
-    cfg.write_resolved(&out)?;
-    for w in cfg.warnings() {
-        p.line(&format!("warning: {w}"));
-    }
-
-    // Base model, tokenizer, data (in the background).
-    let model_path = resolve_model_path(cfg)?;
-    let mut tok = tokenizer::load_for_model(&model_path)?;
-    apply_special_tokens(cfg, &mut tok)?;
-    let data = DataPipeline::from_config(cfg, &tok)?;
-    let opened = model::open(&model_path)?;
-    let mcfg = opened.config.clone();
-    let facts = config::ModelFacts {
-        linear_modules: model::loader::expected_tensors(&mcfg)
-            .into_iter()
-            // Every 2-D weight but the embeddings: the linears, and lm_head only when it is not tied.
-            .filter_map(|(n, s)| {
-                (s.len() == 2 && n != "model.embed_tokens.weight")
-                    .then(|| n.trim_end_matches(".weight").to_string())
+/// `loratune eval`: the eval loss, perplexity and token count of the base model with an adapter (`adapter`, else
+/// `output_dir/adapter` when it exists) on the config's eval set, on the config's device.
+pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<Eval> {
+    struct Job<'a>(&'a TrainConfig, Option<PathBuf>);
+    impl InferJob for Job<'_> {
+        type Output = Eval;
+        fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output> {
+            let (cfg, adapter) = (self.0, self.1);
+            let model_path = cfg.base_model_path()?;
+            let tokenizer = cfg.tokenizer(&model_path)?;
+            let data = cfg.data_pipeline(&tokenizer)?;
+            let base = model::open(&model_path)?;
+            let mut m = CausalLm::<B>::load(base.config, base.source.as_ref(), &device, at.dtype)?;
+            if let Some(a) = &adapter {
+                load_adapter(&mut m, a)?;
+            }
+            let batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
+            eval_on(&m, &batches).ok_or_else(|| {
+                Error::Config(
+                    "there is no evaluation set: set val_set_size (e.g. 0.05) or test_datasets in the config"
+                        .into(),
+                )
             })
-            .collect(),
-        num_layers: mcfg.num_hidden_layers,
-        max_position_embeddings: Some(mcfg.max_position_embeddings),
-        has_chat_template: tok.chat_template.is_some(),
-    };
-    for w in cfg.check_model(&facts).map_err(Error::from)? {
-        p.line(&format!("warning: {w}"));
-    }
-    let t_load = Instant::now();
-    let mut model = CausalLm::<B>::load(mcfg.clone(), opened.source.as_ref(), &device, dtype)?;
-    let settings = lora_settings(cfg, mcfg.family);
-    let report = if let Some(d) = &resume_dir {
-        let a = read_adapter(d)?;
-        apply_adapter(&mut model, &a)?;
-        crate::lora::adapter::report(&model, a.modules.keys().cloned().collect())
-    } else {
-        attach(&mut model, &settings)?
-    };
-    set_trainable(&mut model);
-    p.line(&format!(
-        "model {} ({}, {:?}) loaded in {:.1}s; {report}",
-        model_path.display(),
-        mcfg.architecture(),
-        dtype,
-        t_load.elapsed().as_secs_f64()
-    ));
-
-    // Data.
-    let data_facts = data.data_facts()?;
-    for w in cfg.check_data(&data_facts).map_err(Error::from)? {
-        p.line(&format!("warning: {w}"));
-    }
-    let per_epoch = data.batches_in_epoch(0)? as u64;
-    let total = cfg.total_steps(per_epoch);
-    let warmup = cfg.warmup_steps_for(total);
-    let sched = Schedule {
-        kind: match cfg.lr_scheduler {
-            names::LrScheduler::Constant => ScheduleKind::Constant,
-            names::LrScheduler::Linear => ScheduleKind::Linear,
-            names::LrScheduler::Cosine => ScheduleKind::Cosine,
-        },
-        base_lr: cfg.learning_rate,
-        warmup,
-        total,
-        min_ratio: cfg.cosine_min_lr_ratio.unwrap_or(0.0),
-    };
-    let ga = cfg.gradient_accumulation_steps.max(1);
-    let eval_batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
-    p.line(&format!(
-        "data: {} training {} ({} micro-batches of {} per epoch), {} eval samples; {} optimizer steps (warmup {warmup})",
-        data_facts.train_samples,
-        if cfg.sample_packing { "packed rows" } else { "samples" },
-        per_epoch,
-        cfg.micro_batch_size,
-        data_facts.eval_samples,
-        total
-    ));
-
-    // Optimizer and state.
-    let keys: Vec<String> = lora_params(&model).into_iter().map(|(k, _)| k).collect();
-    let mut opt = AdamW::<B::InnerBackend>::new(
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-        keys.len(),
-    );
-    let mut state = TrainerState {
-        format: FORMAT,
-        global_step: 0,
-        adam_step: 0,
-        loader_state: serde_json::Value::Null,
-        config_hash: hash.clone(),
-        best_eval_loss: None,
-        evals_without_improvement: 0,
-        trained_tokens: 0,
-        train_seconds: 0.0,
-        metrics_lines: 0,
-    };
-    let mut loader_state: Option<LoaderState> = None;
-    if let (Some(st), Some(d)) = (&resume_state, &resume_dir) {
-        checkpoint::load_optimizer(d, &keys, &mut opt, st.adam_step, &device)?;
-        loader_state = Some(
-            serde_json::from_value(st.loader_state.clone()).map_err(|e| {
-                Error::Train(format!(
-                    "{}: unreadable data-loader state: {e}",
-                    d.display()
-                ))
-            })?,
-        );
-        state = st.clone();
-        p.line(&format!(
-            "resuming from {} at step {}/{}",
-            d.display(),
-            st.global_step,
-            total
-        ));
-    }
-    let mut loader = data.train_loader(loader_state.as_ref())?;
-    let mut metrics = MetricsWriter::open(&out, state.metrics_lines)?;
-    let log_every = cfg.logging_steps_for(total).max(1);
-    let eval_every = cfg
-        .eval_steps
-        .unwrap_or(per_epoch.div_ceil(ga as u64).max(1));
-    let save_every = cfg
-        .save_steps
-        .unwrap_or(per_epoch.div_ceil(ga as u64).max(1));
-
-    let bar = Printer::new(opts.progress, total, state.global_step);
-    let base_name = cfg.base_model.clone();
-    let mut losses = Vec::new();
-    let (mut window_loss, mut window_n, mut window_tokens, mut window_t) =
-        (0.0, 0u64, 0usize, Instant::now());
-    let (mut inv_trained, mut inv_real) = (0usize, 0usize);
-    let t_loop = Instant::now();
-    let mut last_eval: Option<f64> = None;
-    let mut stopped_early = false;
-    let mut steps_this_run = 0u64;
-    let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
-    while state.global_step < total {
-        let step = state.global_step;
-        let mut micro: Vec<Batch> = Vec::with_capacity(ga);
-        for _ in 0..ga {
-            match loader.next() {
-                Some(b) => micro.push(b?),
-                None => {
-                    return Err(Error::Train(
-                        "the training data stream ended unexpectedly".into(),
-                    ))
-                }
-            }
-        }
-        let pairs: Vec<_> = micro
-            .iter()
-            .map(|b| (&b.tokens, b.labels.as_slice()))
-            .collect();
-        let lr = sched.lr(step);
-        let stats = train_step(
-            &mut model,
-            &mut opt,
-            &pairs,
-            StepConfig {
-                lr,
-                max_grad_norm: cfg.max_grad_norm,
-                seed: cfg.seed,
-                step,
-            },
-        )
-        .map_err(|e| {
-            let keep = last_ckpt
-                .as_ref()
-                .map(|d| format!(" The last good checkpoint is {}.", d.display()))
-                .unwrap_or_else(|| " No checkpoint was written yet.".into());
-            Error::Train(format!("{e}{keep}"))
-        })?;
-        state.global_step += 1;
-        state.adam_step = opt.step;
-        state.trained_tokens += stats.trained_tokens as u64;
-        steps_this_run += 1;
-        inv_trained += stats.trained_tokens;
-        inv_real += stats.real_tokens;
-        losses.push(stats.loss);
-        window_loss += stats.loss;
-        window_n += 1;
-        window_tokens += stats.real_tokens;
-        let s = state.global_step;
-        let epoch = s as f64 * ga as f64 / per_epoch.max(1) as f64;
-        bar.step(
-            s,
-            format!(
-                "loss {:.4} lr {:.2e} {:.0} tok/s",
-                stats.loss,
-                lr,
-                inv_real as f64 / t_loop.elapsed().as_secs_f64()
-            ),
-        );
-        if s % log_every == 0 || s == total {
-            let dt = window_t.elapsed().as_secs_f64();
-            let line = MetricLine {
-                step: s,
-                loss: Some(window_loss / window_n as f64),
-                lr: Some(lr),
-                grad_norm: Some(stats.grad_norm),
-                tokens_per_second: Some(window_tokens as f64 / dt.max(1e-9)),
-                eval_loss: None,
-                eval_perplexity: None,
-                epoch: Some(epoch),
-            };
-            metrics.write(&line)?;
-            if bar.bar.is_none() {
-                bar.line(&format!(
-                    "step {s}/{total} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s epoch {:.2}",
-                    window_loss / window_n as f64,
-                    lr,
-                    stats.grad_norm,
-                    window_tokens as f64 / dt.max(1e-9),
-                    epoch
-                ));
-            }
-            (window_loss, window_n, window_tokens, window_t) = (0.0, 0, 0, Instant::now());
-        }
-        let is_last = s == total;
-        if !eval_batches.is_empty() && (s % eval_every == 0 || is_last) {
-            if let Some((l, ppl)) = eval(&model.valid(), &eval_batches) {
-                last_eval = Some(l);
-                metrics.write(&MetricLine {
-                    step: s,
-                    loss: None,
-                    lr: None,
-                    grad_norm: None,
-                    tokens_per_second: None,
-                    eval_loss: Some(l),
-                    eval_perplexity: Some(ppl),
-                    epoch: Some(epoch),
-                })?;
-                bar.line(&format!("step {s}: eval loss {l:.4}, perplexity {ppl:.2}"));
-                if state.best_eval_loss.is_none_or(|b| l < b) {
-                    state.best_eval_loss = Some(l);
-                    state.evals_without_improvement = 0;
-                } else {
-                    state.evals_without_improvement += 1;
-                }
-                if let Some(pat) = cfg.early_stopping_patience {
-                    if state.evals_without_improvement >= pat {
-                        bar.line(&format!(
-                            "early stopping: eval loss has not improved for {pat} evaluations"
-                        ));
-                        stopped_early = true;
-                    }
-                }
-            }
-        }
-        if s % save_every == 0 || is_last || stopped_early {
-            state.loader_state =
-                serde_json::to_value(loader.state()).map_err(|e| Error::Train(e.to_string()))?;
-            state.train_seconds += t_loop.elapsed().as_secs_f64();
-            state.metrics_lines = metrics.lines;
-            let d = checkpoint::save(
-                &out,
-                &model,
-                &settings,
-                &base_name,
-                &opt,
-                &state,
-                cfg.save_total_limit,
-            )?;
-            state.train_seconds -= t_loop.elapsed().as_secs_f64();
-            last_ckpt = Some(d);
-        }
-        if stopped_early {
-            break;
-        }
-        if opts.stop_after.is_some_and(|n| steps_this_run >= n) && !is_last {
-            bar.finish();
-            return Ok(RunSummary {
-                output_dir: out,
-                adapter_dir: None,
-                merged_dir: None,
-                steps: state.global_step,
-                total_steps: total,
-                losses,
-                best_eval_loss: state.best_eval_loss,
-                final_eval_loss: last_eval,
-                seconds: t_start.elapsed().as_secs_f64(),
-                trained_tokens_per_second: inv_trained as f64 / t_loop.elapsed().as_secs_f64(),
-                tokens_per_second: inv_real as f64 / t_loop.elapsed().as_secs_f64(),
-                resumed_from: resume_dir,
-                stopped_early: false,
-                interrupted: true,
-            });
         }
     }
-    bar.finish();
-    let loop_secs = t_loop.elapsed().as_secs_f64();
-
-    // Outputs.
-    let adapter_dir = out.join("adapter");
-    save_adapter(&model, &settings, &base_name, &adapter_dir)?;
-    let merged_dir = if cfg.merge_lora {
-        let d = out.join("merged");
-        let adapter = read_adapter(&adapter_dir)?;
-        let dtype = match cfg.export_dtype {
-            names::ExportDtype::F32 => crate::export::safetensors::OutDtype::F32,
-            names::ExportDtype::Bf16 => crate::export::safetensors::OutDtype::BF16,
-            names::ExportDtype::F16 => crate::export::safetensors::OutDtype::F16,
-            names::ExportDtype::Auto => stored_dtype(opened.source.as_ref()),
-        };
-        let base_gen = model_path
-            .is_dir()
-            .then(|| std::fs::read_to_string(model_path.join("generation_config.json")).ok())
-            .flatten()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        let eopts = crate::export::hf::MergedExportOptions {
-            dtype,
-            shard_size: Some(cfg.merged_shard_size.bytes),
-            extra_eos_ids: tok.generation_stop_ids(),
-            base_generation_config: base_gen,
-        };
-        let from_dir = model_path.is_dir();
-        crate::export::merge::merge_to_folder(&opened, Some(&adapter), &d, &eopts, &|dst| {
-            if from_dir {
-                crate::export::hf::copy_tokenizer_files(&model_path, dst).map(|_| ())
-            } else {
-                tok.to_hf_files(dst)
-            }
-        })?;
-        Some(d)
-    } else {
-        None
-    };
-    if let Ok(m) = super::report::read_metrics(&out) {
-        let svg = loss_curve_svg(&m, &format!("loratune — {}", cfg.base_model));
-        crate::export::atomic::write_atomic(&out.join("loss_curve.svg"), svg.as_bytes())?;
-    }
-    let summary = RunSummary {
-        output_dir: out.clone(),
-        adapter_dir: Some(adapter_dir),
-        merged_dir,
-        steps: state.global_step,
-        total_steps: total,
-        losses,
-        best_eval_loss: state.best_eval_loss,
-        final_eval_loss: last_eval,
-        seconds: t_start.elapsed().as_secs_f64(),
-        trained_tokens_per_second: inv_trained as f64 / loop_secs.max(1e-9),
-        tokens_per_second: inv_real as f64 / loop_secs.max(1e-9),
-        resumed_from: resume_dir,
-        stopped_early,
-        interrupted: false,
-    };
-    Ok(summary)
-}
-
-/// The dominant floating-point dtype a checkpoint stores (f32 for quantised GGUF bases).
-fn stored_dtype(src: &dyn crate::model::TensorSource) -> crate::export::safetensors::OutDtype {
-    use crate::export::safetensors::OutDtype;
-    use crate::model::StoredDtype;
-    let mut counts = [0usize; 3];
-    for n in src.names() {
-        match src.stored_dtype(&n) {
-            Some(StoredDtype::BF16) => counts[1] += 1,
-            Some(StoredDtype::F16) => counts[2] += 1,
-            _ => counts[0] += 1,
-        }
-    }
-    if counts[1] > counts[0] && counts[1] >= counts[2] {
-        OutDtype::BF16
-    } else if counts[2] > counts[0] {
-        OutDtype::F16
-    } else {
-        OutDtype::F32
-    }
-}
-
-/// `loratune eval`: eval loss and perplexity of the base model with an adapter on the config's eval set.
-pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<(f64, f64, usize)> {
-    type Cpu = burn::backend::Flex;
-    let model_path = resolve_model_path(cfg)?;
-    let mut tok = tokenizer::load_for_model(&model_path)?;
-    apply_special_tokens(cfg, &mut tok)?;
-    let data = DataPipeline::from_config(cfg, &tok)?;
-    let opened = model::open(&model_path)?;
-    let device = Default::default();
-    let mut m = CausalLm::<Cpu>::load(
-        opened.config.clone(),
-        opened.source.as_ref(),
-        &device,
-        DType::F32,
-    )?;
     let default_adapter = cfg.output_dir.join("adapter");
     let adapter = adapter
         .map(Path::to_path_buf)
         .or_else(|| default_adapter.is_dir().then_some(default_adapter));
-    if let Some(a) = &adapter {
-        crate::lora::peft::load_adapter(&mut m, a)?;
-    }
-    let batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
-    if batches.is_empty() {
-        return Err(Error::Config(
-            "there is no evaluation set: set val_set_size (e.g. 0.05) or test_datasets in the config".into(),
-        ));
-    }
-    let pairs: Vec<_> = batches
-        .iter()
-        .map(|b| (&b.tokens, b.labels.as_slice()))
-        .collect();
-    let (sum, n) = eval_loss(&m, &pairs);
-    let l = sum / n.max(1) as f64;
-    Ok((l, l.exp(), n))
+    cfg.placement()?.infer(Job(cfg, adapter))
 }

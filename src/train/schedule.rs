@@ -4,12 +4,19 @@
 
 use std::f64::consts::PI;
 
-/// Shape of the schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScheduleKind {
-    Constant,
-    Linear,
-    Cosine,
+use crate::names::named_enum;
+
+named_enum! {
+    /// Shape of the schedule after warmup (`lr_scheduler`; transformers' `get_scheduler` semantics).
+    pub enum ScheduleKind ("learning-rate scheduler") {
+        /// Constant after warmup (`constant_with_warmup` is the same thing here: warmup applies to every schedule).
+        Constant = "constant" | "constant_with_warmup",
+        /// Linear decay to 0 at the last step.
+        Linear = "linear",
+        /// Half-cosine decay to `cosine_min_lr_ratio × learning_rate` at the last step.
+        Cosine = "cosine",
+    }
+    reject {}
 }
 
 /// A learning-rate schedule over `total` optimizer steps.

@@ -2,15 +2,14 @@
 //! (not a mean of per-micro-batch means), global grad-norm clipping, a NaN/Inf guard, AdamW on the LoRA
 //! factors only. Deterministic: LoRA dropout masks come from a ChaCha8 stream keyed by (seed, step, micro-batch).
 
-use burn::tensor::{
-    backend::AutodiffBackend, backend::Backend, DType, ElementConversion, Tensor, TensorData,
-};
+use burn::tensor::{backend::Backend, DType, ElementConversion, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::loss::{lm_loss_sum, shift_labels, IGNORE_INDEX};
 use super::optim::{clip_grad_norm, AdamW};
 use crate::error::{Error, Result};
+use crate::kernels::{Kernels, TrainBackend};
 use crate::lora::adapter::{lora_params, set_lora_params};
 use crate::model::decoder::DropoutSource;
 use crate::model::{CausalLm, TokenBatch};
@@ -100,7 +99,7 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 
 /// Run forward/backward over the micro-batches and update the adapters in place.
 /// On a NaN/Inf loss or gradient nothing is updated and an error is returned.
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: TrainBackend>(
     model: &mut CausalLm<B>,
     opt: &mut AdamW<B::InnerBackend>,
     micro: &[(&TokenBatch, &[i64])],
@@ -149,14 +148,15 @@ pub fn train_step<B: AutodiffBackend>(
     } else {
         super::optim::global_norm(&grads)
     };
-    if !loss.is_finite() || !grad_norm.is_finite() {
-        return Err(Error::Train(format!(
-            "step {}: the {} is {} — training stopped before applying it. Lower learning_rate, enable \
-             max_grad_norm, check the data for extreme lengths, or use f32 instead of bf16.",
-            cfg.step + 1,
-            if !loss.is_finite() { "loss" } else { "gradient norm" },
-            if !loss.is_finite() { loss } else { grad_norm }
-        )));
+    for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
+        if !value.is_finite() {
+            return Err(Error::NonFinite {
+                step: cfg.step + 1,
+                what,
+                value,
+                last_checkpoint: None,
+            });
+        }
     }
     let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
     let updated = opt.step(cfg.lr, inner, grads);
@@ -176,7 +176,7 @@ pub fn train_step<B: AutodiffBackend>(
 }
 
 /// Evaluation: (sum of token losses, token count) over batches, no graph.
-pub fn eval_loss<B: Backend>(
+pub fn eval_loss<B: Kernels>(
     model: &CausalLm<B>,
     batches: &[(&TokenBatch, &[i64])],
 ) -> (f64, usize) {

@@ -2,9 +2,9 @@
 //! resolved config and its hash, the later model/data checks, and every example in `configs/`.
 
 use loratune::config::{
-    Bf16, ChatTemplateChoice, ChatTemplateName, ConfigErrors, DataFacts, DatasetConfig,
-    DatasetType, Device, DsType, LoadOptions, LoraInit, LoraTargets, LrScheduler, ModelFacts,
-    Optimizer, TrainConfig, TrainOnEos, Truncation, ValSplit,
+    Bf16, ChatTemplateChoice, ChatTemplateName, ConfigErrors, DataFacts, DataFormat, DatasetConfig,
+    Device, FileKind, LoadOptions, LoraInit, ModelFacts, Optimizer, ScheduleKind, TargetSpec,
+    TrainConfig, TrainOnEos, Truncation, ValSplit,
 };
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,7 @@ fn load_in(dir: &Path, yaml: &str, sets: &[&str]) -> Result<TrainConfig, ConfigE
         &LoadOptions {
             check_files: true,
             base_dir: Some(dir.to_path_buf()),
+            ..LoadOptions::default()
         },
     )
 }
@@ -332,7 +333,7 @@ fn defaults_are_axolotl_and_transformers_defaults() {
     assert_eq!(c.sequence_len, 512);
     assert_eq!(c.micro_batch_size, 1);
     assert_eq!(c.gradient_accumulation_steps, 1);
-    assert_eq!(c.lr_scheduler, LrScheduler::Cosine);
+    assert_eq!(c.lr_scheduler, ScheduleKind::Cosine);
     assert_eq!(c.bf16, Bf16::Auto);
     assert_eq!(c.val_set_size, 0.0);
     assert_eq!(c.output_dir, PathBuf::from("./model-out"));
@@ -341,8 +342,8 @@ fn defaults_are_axolotl_and_transformers_defaults() {
     assert!(!c.train_on_inputs && !c.sample_packing && !c.gradient_checkpointing && !c.merge_lora);
     // transformers / PEFT defaults
     assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (8, 8.0, 0.0));
-    assert_eq!(c.lora_init, LoraInit::Default);
-    assert_eq!(c.lora_targets(), LoraTargets::ArchitectureDefault);
+    assert_eq!(c.lora_init, LoraInit::Kaiming);
+    assert_eq!(c.lora_targets(), None);
     assert_eq!(
         (c.adam_beta1, c.adam_beta2, c.adam_epsilon),
         (0.9, 0.999, 1e-8)
@@ -357,7 +358,7 @@ fn defaults_are_axolotl_and_transformers_defaults() {
     assert_eq!(c.learning_rate, 2e-4);
     // Dataset defaults for chat_template (Axolotl's).
     let ds = &c.datasets[0];
-    assert_eq!(ds.ds_type, Some(DsType::Json));
+    assert_eq!(ds.ds_type, Some(FileKind::Jsonl));
     assert_eq!(ds.field_messages.as_deref(), Some("messages"));
     let m = ds.message_property_mappings.as_ref().unwrap();
     assert_eq!(
@@ -409,8 +410,8 @@ datasets:
     let [a, comp, text, chat] = &c.datasets[..] else {
         panic!()
     };
-    assert_eq!(a.kind, DatasetType::Alpaca);
-    assert_eq!(a.ds_type, Some(DsType::Csv));
+    assert_eq!(a.kind, DataFormat::Alpaca);
+    assert_eq!(a.ds_type, Some(FileKind::Csv));
     assert_eq!(
         (
             a.field_instruction.as_deref(),
@@ -433,8 +434,8 @@ datasets:
         (Some("prompt"), Some("completion"))
     );
     assert_eq!(text.field_text.as_deref(), Some("body"));
-    assert_eq!(text.ds_type, Some(DsType::Parquet));
-    assert_eq!(chat.kind, DatasetType::ChatTemplate);
+    assert_eq!(text.ds_type, Some(FileKind::Parquet));
+    assert_eq!(chat.kind, DataFormat::Chat);
     assert_eq!(chat.field_messages.as_deref(), Some("conversations"));
     let m = chat.message_property_mappings.as_ref().unwrap();
     assert_eq!(
@@ -587,7 +588,7 @@ fn overrides_apply_before_validation_and_are_named_in_errors() {
     assert_eq!(c.lora_r, 32);
     assert_eq!(
         c.lora_targets(),
-        LoraTargets::Names(vec!["q_proj".into(), "v_proj".into()])
+        Some(TargetSpec::Names(vec!["q_proj".into(), "v_proj".into()]))
     );
     assert_eq!(c.datasets[0].path, "eval.jsonl");
     assert_eq!(c.bf16, Bf16::False);
@@ -969,6 +970,7 @@ fn every_example_config_is_valid() {
         let opts = LoadOptions {
             check_files: false,
             base_dir: None,
+            ..LoadOptions::default()
         };
         let c = TrainConfig::load_with(&path, &[], &opts).unwrap_or_else(|e| panic!("{e}"));
         assert!(

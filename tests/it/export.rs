@@ -254,14 +254,14 @@ fn sharded_bf16_merged_export_reloads() {
     let f = burn::tensor::DType::F32;
     let r2 = |t: burn::tensor::Tensor<B, 2>| round_to_dtype(t, bf).cast(f);
     let r1 = |t: burn::tensor::Tensor<B, 1>| round_to_dtype(t, bf).cast(f);
-    m.model.embed_tokens = r2(m.model.embed_tokens.clone());
+    m.model.embed_tokens.weight = r2(m.model.embed_tokens.weight.clone());
     for (_, l) in m.linears_mut() {
         l.weight = r2(l.weight.clone());
         l.bias = l.bias.clone().map(r1);
     }
     for layer in &mut m.model.layers {
-        layer.input_layernorm.weight = r1(layer.input_layernorm.weight.clone());
-        layer.post_attention_layernorm.weight = r1(layer.post_attention_layernorm.weight.clone());
+        layer.input_norm.weight = r1(layer.input_norm.weight.clone());
+        layer.mlp_in_norm.weight = r1(layer.mlp_in_norm.weight.clone());
     }
     m.model.norm.weight = r1(m.model.norm.weight.clone());
     let rounded = to_vec(m.forward(&batch));

@@ -3,7 +3,7 @@
 //! on, one forward + backward through `lm_loss_sum` — the loss and every lora_A / lora_B gradient must agree.
 
 use burn::tensor::{Distribution, Tensor};
-use loratune::fast::with_fused;
+use loratune::kernels::with_fused;
 use loratune::lora::adapter::{lora_params, set_trainable};
 use loratune::lora::peft::load_adapter;
 use loratune::lora::{attach, LoraInit, LoraSettings, TargetSpec};

@@ -9,18 +9,18 @@
 //! without being zeroed first.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{gemm_cols_new, gemm_sum_new, MatRef, Term};
-use super::prof::Cat;
 use super::simd::{self, simd_fn};
-use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+use super::{flex_f32, Cpu, Rows};
+use crate::kernels::prof::{self, Cat};
+use crate::kernels::LinearRef;
 
 fn rows_ref(r: &Rows) -> MatRef<'_> {
     MatRef::rows(r.data(), r.off, r.rows, r.cols, r.rs)
@@ -357,7 +357,7 @@ impl<const N: usize> Backward<Flex, N> for GroupBackward {
             .collect();
         let rsum: usize = ranks.iter().sum();
         // Pass 1 over dy: u_j = s_j·dy_j·B_j ([n, Σr]) and dB_jᵀ partials per row block.
-        let t_u = super::prof::time(
+        let t_u = prof::time(
             Cat::LoraBwd,
             adapters
                 .iter()
@@ -399,7 +399,7 @@ impl<const N: usize> Backward<Flex, N> for GroupBackward {
         let mut dx = None;
         if x_parent.is_some() {
             let flops: usize = st.members.iter().map(|m| 2 * n * m.out * inp).sum();
-            let _t = super::prof::time(Cat::LinearBwd, flops as f64);
+            let _t = prof::time(Cat::LinearBwd, flops as f64);
             let ws: Vec<Rows> = st.members.iter().map(|m| Rows::of(&m.w)).collect();
             let terms: Vec<Term> = st
                 .members
@@ -414,7 +414,7 @@ impl<const N: usize> Backward<Flex, N> for GroupBackward {
             dx = Some(gemm_sum_new(n, inp, &terms, true));
         }
         // Pass 2 over x (and dx): dx += Σ_j (u_j·A_j) ∘ m_j, dA_j = u_jᵀ·(x ∘ m_j).
-        let t_x = super::prof::time(Cat::LoraBwd, 4.0 * (n * rsum * inp) as f64);
+        let t_x = prof::time(Cat::LoraBwd, 4.0 * (n * rsum * inp) as f64);
         let masks: Vec<Option<Rows>> = adapters
             .iter()
             .map(|(_, _, a)| a.mask.as_ref().map(Rows::of))
@@ -543,122 +543,82 @@ fn transposed_weight(w: &FlexTensor) -> FlexTensor {
     t
 }
 
-/// One linear module of a group (all tensors on the same backend).
-pub struct LinearRef<'a, B: Backend> {
-    pub weight: &'a Tensor<B, 2>,
-    pub bias: Option<&'a Tensor<B, 1>>,
-    /// `(A, B, scale, dropout keep mask)` of an unmerged adapter.
-    pub adapter: Option<AdapterRef<'a, B>>,
-}
-
-/// `(A, B, scale, dropout keep mask)` of an unmerged adapter.
-pub type AdapterRef<'a, B> = (
-    &'a Tensor<B, 2>,
-    &'a Tensor<B, 2>,
-    f64,
-    Option<Tensor<B, 2>>,
-);
-
-/// The inputs of a fused LoRA linear (all tensors on the same backend).
-pub struct LoraInputs<'a, B: Backend> {
-    pub weight: &'a Tensor<B, 2>,
-    pub bias: Option<&'a Tensor<B, 1>>,
-    pub a: &'a Tensor<B, 2>,
-    pub b: &'a Tensor<B, 2>,
-    pub scale: f64,
-}
-
-/// `x·Wᵀ (+ bias) + s·((x ∘ mask)·Aᵀ)·Bᵀ` as one node, for f32 tensors on `Flex` / `Autodiff<Flex>` with a frozen
-/// W / bias; `Err((x, mask))` when it does not apply.
-#[allow(clippy::type_complexity)]
-pub fn lora_linear<B: Backend>(
-    x: Tensor<B, 2>,
-    mask: Option<Tensor<B, 2>>,
-    p: &LoraInputs<'_, B>,
-) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Option<Tensor<B, 2>>)> {
-    let keep = mask.clone();
-    let m = LinearRef {
-        weight: p.weight,
-        bias: p.bias,
-        adapter: Some((p.a, p.b, p.scale, mask)),
-    };
-    linear_group(x, &[m]).map_err(|x| (x, keep))
-}
-
-/// The members' outputs side by side, `[n, Σ out_j]`, as one node (f32 tensors on `Flex` / `Autodiff<Flex>`,
-/// frozen weights and biases); `Err(x)` when it does not apply.
-pub fn linear_group<B: Backend>(
-    x: Tensor<B, 2>,
+/// The members' outputs side by side, `[n, Σ out_j]`, as one node, for f32 tensors with frozen weights and
+/// biases; `None` when the inputs are outside what the kernel covers.
+pub fn linear_group<B: Cpu>(
+    x: &Tensor<B, 2>,
     members: &[LinearRef<'_, B>],
-) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let Some(k) = kind::<B>() else {
-        return Err(x);
-    };
+) -> Option<Tensor<B, 2>> {
     if members.is_empty() || members.iter().filter(|m| m.adapter.is_some()).count() > 3 {
-        return Err(x);
+        return None;
     }
-    let (xf, _) = flex_of(&x, k);
+    let xi = B::input(x);
+    let xf = B::flex(&xi).clone();
     if !super::all_f32(&[&xf]) {
-        return Err(x);
+        return None;
     }
     let xr = Rows::of(&xf);
     let (n, inp) = (xr.rows, xr.cols);
     let mut mems = Vec::with_capacity(members.len());
     let mut biases = Vec::new();
-    let mut adapter_nodes = Vec::new();
+    let mut parents = vec![xi];
     let mut col0 = 0;
     for m in members {
-        let (wf, w_tracked) = flex_of(m.weight, k);
-        if w_tracked || !super::all_f32(&[&wf]) {
-            return Err(x);
+        let wi = B::input(m.weight);
+        let wf = B::flex(&wi).clone();
+        if B::tracked(&wi) || !super::all_f32(&[&wf]) {
+            return None;
         }
         let w = Rows::of(&wf);
         if w.cols != inp {
-            return Err(x);
+            return None;
         }
         let out = w.rows;
         if let Some(b) = m.bias {
-            let (bf, tracked) = flex_of(b, k);
-            let bv = Rows::of(&bf).packed().into_owned();
-            if tracked || !super::all_f32(&[&bf]) || bv.len() != out {
-                return Err(x);
+            let bi = B::input(b);
+            let bf = B::flex(&bi);
+            let bv = Rows::of(bf).packed().into_owned();
+            if B::tracked(&bi) || !super::all_f32(&[bf]) || bv.len() != out {
+                return None;
             }
             biases.push((col0, bv));
         }
         let adapter = match &m.adapter {
             None => None,
-            Some((a, b, scale, mask)) => {
-                let (af, _) = flex_of(*a, k);
-                let (bf, _) = flex_of(*b, k);
-                let maskf = mask.as_ref().map(|t| flex_of(t, k));
-                if !super::all_f32(&[&af, &bf])
+            Some(ad) => {
+                let (ai, bi) = (B::input(ad.a), B::input(ad.b));
+                let (af, bf) = (B::flex(&ai), B::flex(&bi));
+                let maskf = ad.mask.as_ref().map(|t| {
+                    let i = B::input(t);
+                    (B::flex(&i).clone(), B::tracked(&i))
+                });
+                if !super::all_f32(&[af, bf])
                     || maskf
                         .as_ref()
                         .is_some_and(|(t, tr)| *tr || !super::all_f32(&[t]))
                 {
-                    return Err(x);
+                    return None;
                 }
-                let (ar, br) = (Rows::of(&af), Rows::of(&bf));
+                let (ar, br) = (Rows::of(af), Rows::of(bf));
                 if ar.cols != inp || br.rows != out || br.cols != ar.rows {
-                    return Err(x);
+                    return None;
                 }
                 if let Some((mt, _)) = &maskf {
                     let mr = Rows::of(mt);
                     if mr.rows != n || mr.cols != inp {
-                        return Err(x);
+                        return None;
                     }
                 }
-                if k == Kind::Autodiff {
-                    adapter_nodes
-                        .push((super::ad_prim((*a).clone()), super::ad_prim((*b).clone())));
-                }
-                Some(Adapter {
+                let adapter = Adapter {
                     a: ar.packed().into_owned(),
                     bt: transpose(&br),
-                    scale: *scale as f32,
+                    scale: ad.scale as f32,
                     mask: maskf.map(|(t, _)| t),
                     low: Vec::new(),
-                })
+                };
+                parents.push(ai);
+                parents.push(bi);
+                Some(adapter)
             }
         };
         mems.push(Member {
@@ -671,7 +631,7 @@ pub fn linear_group<B: Backend>(
     }
     let cols = col0;
     let flops: usize = mems.iter().map(|m| 2 * n * m.out * inp).sum();
-    let t_lin = super::prof::time(Cat::LinearFwd, flops as f64);
+    let t_lin = prof::time(Cat::LinearFwd, flops as f64);
     // Batches of training size read Wᵀ from a cached `[in, out]` copy (the GEMM runs ~14% faster on a
     // row-major right-hand side than on W read transposed); small ones (generation) read W directly.
     let wts: Vec<Option<FlexTensor>> = mems
@@ -714,55 +674,35 @@ pub fn linear_group<B: Backend>(
                 .map(|a| 2 * n * (a.a.len() / inp.max(1)) * (inp + m.out))
         })
         .sum();
-    let t_lora = super::prof::time(Cat::LoraFwd, rflops as f64);
+    let t_lora = prof::time(Cat::LoraFwd, rflops as f64);
     forward_adapters(&xr, &mut mems, &mut y, cols);
     drop(t_lora);
     let out_t = flex_f32(y, &[n, cols]);
-    match k {
-        Kind::Plain => Ok(from_flex(out_t)),
-        Kind::Autodiff => {
-            let xa = super::ad_prim(x);
-            let mut nodes = vec![xa.node.clone()];
-            for (a, b) in &adapter_nodes {
-                nodes.push(a.node.clone());
-                nodes.push(b.node.clone());
-            }
-            let state = State {
-                x: xa.primitive.clone(),
-                members: mems,
-            };
-            // The node type is private to burn-autodiff: build the fixed-size arrays by inference.
-            macro_rules! finish {
-                ($n:literal) => {{
-                    let arr: [_; $n] = match nodes.try_into() {
-                        Ok(a) => a,
-                        Err(_) => unreachable!("node count matched above"),
-                    };
-                    match GroupBackward
-                        .prepare::<NoCheckpointing>(arr)
-                        .compute_bound()
-                        .stateful()
-                    {
-                        OpsKind::Tracked(prep) => prep.finish(state, out_t),
-                        OpsKind::UnTracked(prep) => prep.finish(out_t),
-                    }
-                }};
-            }
-            let t = match nodes.len() {
-                1 => finish!(1),
-                3 => finish!(3),
-                5 => finish!(5),
-                _ => finish!(7),
-            };
-            Ok(from_ad(t))
-        }
+    let state = State {
+        x: xf,
+        members: mems,
+    };
+    // One parent for x, two per adapter (A, B): at most seven.
+    macro_rules! finish {
+        ($n:literal) => {{
+            let arr: [B::Input; $n] = parents.try_into().ok()?;
+            B::output(GroupBackward, arr, state, out_t)
+        }};
     }
+    Some(match parents.len() {
+        1 => finish!(1),
+        3 => finish!(3),
+        5 => finish!(5),
+        7 => finish!(7),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::tests_util::*;
+    use crate::kernels::cpu::tests_util::*;
+    use crate::kernels::reference;
     use crate::lora::linear::{LoraAdapter, LoraLinear};
 
     fn check(with_bias: bool, with_mask: bool) {
@@ -780,30 +720,22 @@ mod tests {
         let run = |fused: bool| {
             let dev = Default::default();
             let xt = ad_param::<2>(&x, [n, inp], &dev);
-            let lin = LoraLinear::<AD> {
-                weight: plain::<2>(&w, [out, inp], &dev),
-                bias: with_bias.then(|| plain::<1>(&bias, [out], &dev)),
-                lora: Some(LoraAdapter {
-                    a: ad_param::<2>(&a, [r, inp], &dev),
-                    b: ad_param::<2>(&b, [out, r], &dev),
-                    scale: 2.5,
-                    dropout: if with_mask { 0.2 } else { 0.0 },
-                }),
-                merged: false,
-            };
+            let mut lin = LoraLinear::<AD>::new(
+                "m",
+                plain::<2>(&w, [out, inp], &dev),
+                with_bias.then(|| plain::<1>(&bias, [out], &dev)),
+            );
+            lin.lora = Some(LoraAdapter {
+                a: ad_param::<2>(&a, [r, inp], &dev),
+                b: ad_param::<2>(&b, [out, r], &dev),
+                scale: 2.5,
+                dropout: if with_mask { 0.2 } else { 0.0 },
+            });
             let mask = with_mask.then(|| plain::<2>(&m, [n, inp], &dev));
             let y = if fused {
-                let l = lin.lora.as_ref().expect("adapter");
-                let p = LoraInputs {
-                    weight: &lin.weight,
-                    bias: lin.bias.as_ref(),
-                    a: &l.a,
-                    b: &l.b,
-                    scale: l.scale,
-                };
-                lora_linear(xt.clone(), mask, &p).unwrap_or_else(|_| panic!("fused path applies"))
+                linear_group(&xt, &[lin.as_ref(mask)]).expect("fused path applies")
             } else {
-                lin.forward_plain(xt.clone(), mask)
+                reference::linear(xt.clone(), &lin.as_ref(mask))
             };
             let g = backward_with(y.clone(), &dy, [n, out]);
             let l = lin.lora.as_ref().expect("adapter");
@@ -864,37 +796,33 @@ mod tests {
                 scale: 1.5,
                 dropout: 0.1,
             };
+            let with_adapter = |w: &[f32], out: usize, ad: LoraAdapter<AD>| {
+                let mut l = LoraLinear::<AD>::new("m", plain::<2>(w, [out, inp], &dev), None);
+                l.lora = Some(ad);
+                l
+            };
             let mods = [
-                LoraLinear::<AD> {
-                    weight: plain::<2>(&ws[0], [12, inp], &dev),
-                    bias: None,
-                    lora: Some(adapter(&a0, &b0, 12)),
-                    merged: false,
-                },
+                with_adapter(&ws[0], 12, adapter(&a0, &b0, 12)),
                 LoraLinear::<AD>::new(
+                    "m",
                     plain::<2>(&ws[1], [8, inp], &dev),
                     Some(plain::<1>(&bias, [8], &dev)),
                 ),
-                LoraLinear::<AD> {
-                    weight: plain::<2>(&ws[2], [8, inp], &dev),
-                    bias: None,
-                    lora: Some(adapter(&a2, &b2, 8)),
-                    merged: false,
-                },
+                with_adapter(&ws[2], 8, adapter(&a2, &b2, 8)),
             ];
             let masks = [Some(plain::<2>(&m, [n, inp], &dev)), None, None];
             let y = if fused {
                 let refs: Vec<_> = mods
                     .iter()
                     .zip(&masks)
-                    .map(|(l, mk)| l.fused_ref(mk.clone()))
+                    .map(|(l, mk)| l.as_ref(mk.clone()))
                     .collect();
-                linear_group(xt.clone(), &refs).unwrap_or_else(|_| panic!("fused path applies"))
+                linear_group(&xt, &refs).expect("fused path applies")
             } else {
                 let parts: Vec<_> = mods
                     .iter()
                     .zip(&masks)
-                    .map(|(l, mk)| l.forward_plain(xt.clone(), mk.clone()))
+                    .map(|(l, mk)| reference::linear(xt.clone(), &l.as_ref(mk.clone())))
                     .collect();
                 Tensor::cat(parts, 1)
             };

@@ -1,149 +1,125 @@
-//! Fused CPU kernels for the training step on burn-flex (`Flex` and `Autodiff<Flex>`).
-//!
-//! The model code is generic over the backend. For the two CPU backends we ship, a handful of hot blocks run as
-//! hand-written kernels instead of chains of burn ops, each with its own backward pass registered in burn's
-//! autodiff graph (burn-autodiff's `Backward` trait):
+//! The fused CPU kernels: hand-written forward and backward passes on burn-flex's f32 storage, registered in
+//! burn's autodiff graph (burn-autodiff's `Backward` trait) when the backend records one.
 //!
 //! - [`norm`] — RMSNorm (one pass forward, one pass backward, rows in parallel);
 //! - [`act`] — SiLU(gate)·up;
-//! - [`lora`] — a frozen linear plus its LoRA adapter, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, with GEMMs accumulating in place;
-//! - [`attention`] — RoPE + causal/padded/packed/windowed softmax attention with grouped KV heads, reading q/k/v in
-//!   the projections' `[tokens, heads·dim]` layout and writing o_proj's input layout (no transposes), blocked
+//! - [`lora`] — frozen linears plus their LoRA adapters, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, several sharing one input at
+//!   once, with GEMMs accumulating in place;
+//! - [`attention`] — RoPE + causal/padded/packed/windowed softmax attention with grouped KV heads, reading q/k/v
+//!   in the projections' `[tokens, heads·dim]` layout and writing o_proj's input layout (no transposes), blocked
 //!   to skip the causally masked half, (batch, kv-head) pairs in parallel;
-//! - [`xent`] — `lm_head` + cross-entropy, chunked over rows, never keeping vocabulary-sized logits: the gradient
-//!   with respect to the hidden states is formed chunk by chunk during the forward (the loss is the graph's
-//!   root, so the backward only scales it).
+//! - [`xent`] — `lm_head` + cross-entropy, chunked over rows, never keeping vocabulary-sized logits.
 //!
-//! Every entry point returns `Err(inputs)` when it does not apply (another backend such as CUDA, a dtype other
-//! than f32, a tracked frozen weight, a feature the kernel does not cover); the caller then runs the plain burn
-//! implementation, which stays the reference: each kernel is tested against it (values and gradients).
-//! `LORATUNE_FUSED=0` turns every kernel off (for comparisons).
+//! Each kernel is generic over [`Cpu`], the two backends it runs on (`Flex` and `Autodiff<Flex>`), and returns
+//! `None` when its inputs are outside what it covers (a dtype other than f32, a tracked frozen weight, a shape it
+//! does not handle); [`crate::kernels`]'s implementations for those backends then run the reference. Every
+//! kernel is tested against the reference (values and gradients).
 
 pub mod act;
 pub mod attention;
 mod gemm;
 pub mod lora;
 pub mod norm;
-pub mod prof;
 mod simd;
 pub mod xent;
 
-use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicU8, Ordering};
-
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{backend::Backend, Bytes, DType, Shape, Tensor, TensorPrimitive};
 
-/// The training backend the kernels are registered for.
-pub type AD = Autodiff<Flex>;
-pub(crate) type AdTensor = <AD as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+/// The autodiff primitive of `Autodiff<Flex>` (a flex tensor plus its graph node).
+pub(crate) type AdTensor =
+    <Autodiff<Flex> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
 
-static ENABLED: AtomicU8 = AtomicU8::new(2);
-
-thread_local! {
-    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+/// The backends the fused CPU kernels run on: what a kernel needs of a tensor, and how its output re-enters the
+/// backend (with the kernel's backward registered when the backend records a graph).
+pub(crate) trait Cpu: Backend {
+    /// A kernel input as the backend holds it (the flex primitive; with autodiff, also its graph node).
+    type Input: Clone;
+    /// The primitive of a float tensor.
+    fn input<const D: usize>(t: &Tensor<Self, D>) -> Self::Input;
+    /// Its flex storage.
+    fn flex(i: &Self::Input) -> &FlexTensor;
+    /// Whether autodiff tracks it (never on the plain backend).
+    fn tracked(i: &Self::Input) -> bool;
+    /// Whether the backend records a graph (so gradients may be asked for).
+    const AUTODIFF: bool;
+    /// Wrap a kernel's output `out`; with autodiff, `op` (holding `state`) becomes the backward of `parents`.
+    fn output<O, const N: usize, const D: usize>(
+        op: O,
+        parents: [Self::Input; N],
+        state: O::State,
+        out: FlexTensor,
+    ) -> Tensor<Self, D>
+    where
+        O: Backward<Flex, N>;
 }
 
-/// Run `f` with the fused kernels on or off for calls made from this thread (tests compare both paths without
-/// touching the process-wide switch).
-pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let prev = OVERRIDE.with(|o| o.replace(Some(on)));
-    let r = f();
-    OVERRIDE.with(|o| o.set(prev));
-    r
-}
+impl Cpu for Flex {
+    type Input = FlexTensor;
+    const AUTODIFF: bool = false;
 
-/// Whether the fused kernels are used (default yes; `LORATUNE_FUSED=0` in the environment or
-/// [`set_enabled`]`(false)` turns them off).
-pub fn enabled() -> bool {
-    if let Some(on) = OVERRIDE.with(|o| o.get()) {
-        return on;
+    fn input<const D: usize>(t: &Tensor<Self, D>) -> FlexTensor {
+        t.clone().into_primitive().tensor()
     }
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => {
-            let on = std::env::var("LORATUNE_FUSED").map_or(true, |v| v != "0" && v != "false");
-            ENABLED.store(on as u8, Ordering::Relaxed);
-            on
-        }
-    }
-}
 
-/// Turn the fused kernels on or off for the whole process (benchmarks compare both paths).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on as u8, Ordering::Relaxed);
-}
-
-/// Move a value into another type when both are the same type.
-pub(crate) fn cast<A: 'static, T: 'static>(a: A) -> Result<T, A> {
-    if TypeId::of::<A>() != TypeId::of::<T>() {
-        return Err(a);
+    fn flex(i: &FlexTensor) -> &FlexTensor {
+        i
     }
-    let mut slot = Some(a);
-    let taken = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<T>>()
-        .and_then(Option::take);
-    match taken {
-        Some(t) => Ok(t),
-        None => Err(slot.expect("cast: the value is still in place when the downcast failed")),
-    }
-}
 
-/// Which of the two CPU backends `B` is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    Autodiff,
-    Plain,
-}
-
-pub(crate) fn kind<B: Backend>() -> Option<Kind> {
-    if !enabled() {
-        return None;
+    fn tracked(_: &FlexTensor) -> bool {
+        false
     }
-    if TypeId::of::<B>() == TypeId::of::<AD>() {
-        Some(Kind::Autodiff)
-    } else if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        Some(Kind::Plain)
-    } else {
-        None
+
+    fn output<O, const N: usize, const D: usize>(
+        _: O,
+        _: [FlexTensor; N],
+        _: O::State,
+        out: FlexTensor,
+    ) -> Tensor<Self, D>
+    where
+        O: Backward<Flex, N>,
+    {
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
 
-/// The autodiff primitive of a tensor known to live on `Autodiff<Flex>`.
-pub(crate) fn ad_prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> AdTensor {
-    let t: Tensor<AD, D> = cast(t).unwrap_or_else(|_| unreachable!("backend checked by kind()"));
-    t.into_primitive().tensor()
-}
+impl Cpu for Autodiff<Flex> {
+    type Input = AdTensor;
+    const AUTODIFF: bool = true;
 
-/// The flex primitive of a tensor known to live on `Flex`.
-pub(crate) fn flex_prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FlexTensor {
-    let t: Tensor<Flex, D> = cast(t).unwrap_or_else(|_| unreachable!("backend checked by kind()"));
-    t.into_primitive().tensor()
-}
+    fn input<const D: usize>(t: &Tensor<Self, D>) -> AdTensor {
+        t.clone().into_primitive().tensor()
+    }
 
-/// Wrap an autodiff primitive back into a `Tensor<B, D>` (B = Autodiff<Flex>).
-pub(crate) fn from_ad<B: Backend, const D: usize>(p: AdTensor) -> Tensor<B, D> {
-    let t = Tensor::<AD, D>::from_primitive(TensorPrimitive::Float(p));
-    cast(t).unwrap_or_else(|_| unreachable!("backend checked by kind()"))
-}
+    fn flex(i: &AdTensor) -> &FlexTensor {
+        &i.primitive
+    }
 
-/// Wrap a flex primitive back into a `Tensor<B, D>` (B = Flex).
-pub(crate) fn from_flex<B: Backend, const D: usize>(p: FlexTensor) -> Tensor<B, D> {
-    let t = Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(p));
-    cast(t).unwrap_or_else(|_| unreachable!("backend checked by kind()"))
-}
+    fn tracked(i: &AdTensor) -> bool {
+        i.is_tracked()
+    }
 
-/// The primitive of `t` as a flex tensor, with whether it is tracked by autodiff (plain tensors never are).
-pub(crate) fn flex_of<B: Backend, const D: usize>(t: &Tensor<B, D>, k: Kind) -> (FlexTensor, bool) {
-    match k {
-        Kind::Autodiff => {
-            let p = ad_prim(t.clone());
-            let tracked = p.is_tracked();
-            (p.primitive, tracked)
-        }
-        Kind::Plain => (flex_prim(t.clone()), false),
+    fn output<O, const N: usize, const D: usize>(
+        op: O,
+        parents: [AdTensor; N],
+        state: O::State,
+        out: FlexTensor,
+    ) -> Tensor<Self, D>
+    where
+        O: Backward<Flex, N>,
+    {
+        let t = match op
+            .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(t))
     }
 }
 
@@ -267,7 +243,8 @@ pub(crate) mod tests_util {
     use burn::tensor::{DType, Tensor, TensorData};
     use rand::{Rng, SeedableRng};
 
-    pub use super::AD;
+    /// The training backend the kernels are registered for.
+    pub type AD = burn::backend::Autodiff<burn::backend::Flex>;
 
     /// Deterministic values in [-1, 1).
     pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {

@@ -11,76 +11,19 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
 use super::simd::{self, simd_fn};
-use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+use super::{flex_f32, Cpu, Rows};
+use crate::kernels::{prof, AttnSpec, Qkv};
 
 /// Query rows per block.
 pub const BLOCK: usize = 64;
-
-/// Rotate-half RoPE tables for every token of a batch: `cos` / `sin` `[b·s, half]` (the rotated width is 2·half).
-#[derive(Debug, Clone)]
-pub struct Rope {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub half: usize,
-}
-
-impl Rope {
-    /// Tables for the given positions (angle = position · inv_freq, in f32 as transformers computes them).
-    pub fn new(inv_freq: &[f32], positions: &[u32]) -> Self {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for f in inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Rope { cos, sin, half }
-    }
-
-    fn row(&self, token: usize) -> (&[f32], &[f32]) {
-        let r = token * self.half..(token + 1) * self.half;
-        (&self.cos[r.clone()], &self.sin[r])
-    }
-}
-
-/// Shapes and masking of one attention call.
-#[derive(Debug, Clone)]
-pub struct AttnSpec {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub scale: f32,
-    pub rope: Arc<Rope>,
-    /// `[batch, seq, seq]`, true = blocked; must block every key after its query (causal).
-    pub mask: Arc<Vec<bool>>,
-}
-
-impl AttnSpec {
-    /// (batch, seq, heads, kv_heads, head_dim).
-    pub fn dims(&self) -> (usize, usize, usize, usize, usize) {
-        (
-            self.batch,
-            self.seq,
-            self.heads,
-            self.kv_heads,
-            self.head_dim,
-        )
-    }
-}
 
 simd_fn! {
     fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
@@ -384,7 +327,7 @@ impl<const N: usize> Backward<Flex, N> for AttentionBackward {
         let spec = &st.spec;
         let (b, s, nh, nkv, hd) = spec.dims();
         let n = b * s;
-        let timer = super::prof::time(super::prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
+        let timer = prof::time(prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
         let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
         let (qo, ko) = (nh * hd, nkv * hd);
         let gw = (nh / nkv) * hd;
@@ -415,112 +358,197 @@ impl<const N: usize> Backward<Flex, N> for AttentionBackward {
     }
 }
 
+/// What the kernel covers: no KV cache (keys = queries), no soft-capping, grouped heads, a rotary width within
+/// the head.
 fn check_spec(spec: &AttnSpec) -> bool {
-    spec.kv_heads > 0
+    spec.keys == spec.seq
+        && spec.softcap.is_none()
+        && spec.kv_heads > 0
         && spec.heads % spec.kv_heads == 0
         && 2 * spec.rope.half <= spec.head_dim
         && spec.rope.cos.len() == spec.batch * spec.seq * spec.rope.half
         && spec.mask.len() == spec.batch * spec.seq * spec.seq
 }
 
-/// Fused RoPE + attention for f32 tensors on `Flex` / `Autodiff<Flex>`; `Err((q, k, v))` when it does not apply.
-#[allow(clippy::type_complexity)]
-pub fn attention<B: Backend>(
-    q: Tensor<B, 2>,
-    k: Tensor<B, 2>,
-    v: Tensor<B, 2>,
-    spec: &AttnSpec,
-) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
-    let Some(kd) = kind::<B>() else {
-        return Err((q, k, v));
-    };
-    let (qf, _) = flex_of(&q, kd);
-    let (kf, _) = flex_of(&k, kd);
-    let (vf, _) = flex_of(&v, kd);
+/// RoPE + attention for f32 q/k/v (packed side by side, or three tensors); `None` when the inputs are outside
+/// what the kernel covers.
+pub fn attention<B: Cpu>(qkv: &Qkv<B>, spec: &AttnSpec) -> Option<Tensor<B, 2>> {
+    if !check_spec(spec) {
+        return None;
+    }
     let n = spec.batch * spec.seq;
     let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
-    let ok = super::all_f32(&[&qf, &kf, &vf])
-        && check_spec(spec)
-        && qf.layout().shape().dims::<2>() == [n, qo]
-        && kf.layout().shape().dims::<2>() == [n, ko]
-        && vf.layout().shape().dims::<2>() == [n, ko];
-    if !ok {
-        return Err((q, k, v));
-    }
-    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
-    let (out, saved) = forward_host(&Rows::of(&qf), &Rows::of(&kf), &Rows::of(&vf), spec);
-    drop(timer);
-    let out = flex_f32(out, &[n, qo]);
-    match kd {
-        Kind::Plain => Ok(from_flex(out)),
-        Kind::Autodiff => {
-            let (qa, ka, va) = (super::ad_prim(q), super::ad_prim(k), super::ad_prim(v));
-            let t = match AttentionBackward
-                .prepare::<NoCheckpointing>([qa.node.clone(), ka.node.clone(), va.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(
-                    BackState {
-                        saved: Arc::new(saved),
-                        packed: false,
-                    },
-                    out,
-                ),
-                OpsKind::UnTracked(prep) => prep.finish(out),
+    match qkv {
+        Qkv::Packed(t) => {
+            let i = B::input(t);
+            let f = B::flex(&i);
+            if !super::all_f32(&[f]) || f.layout().shape().dims::<2>() != [n, qo + 2 * ko] {
+                return None;
+            }
+            let rows = Rows::of(f);
+            let timer = prof::time(prof::Cat::AttnFwd, attn_flops(spec));
+            let (out, saved) = forward_host(
+                &rows.col_range(0, qo),
+                &rows.col_range(qo, qo + ko),
+                &rows.col_range(qo + ko, qo + 2 * ko),
+                spec,
+            );
+            drop(timer);
+            let state = BackState {
+                saved: Arc::new(saved),
+                packed: true,
             };
-            Ok(from_ad(t))
+            Some(B::output(
+                AttentionBackward,
+                [i],
+                state,
+                flex_f32(out, &[n, qo]),
+            ))
+        }
+        Qkv::Split(q, k, v) => {
+            let (qi, ki, vi) = (B::input(q), B::input(k), B::input(v));
+            let (qf, kf, vf) = (B::flex(&qi), B::flex(&ki), B::flex(&vi));
+            let ok = super::all_f32(&[qf, kf, vf])
+                && qf.layout().shape().dims::<2>() == [n, qo]
+                && kf.layout().shape().dims::<2>() == [n, ko]
+                && vf.layout().shape().dims::<2>() == [n, ko];
+            if !ok {
+                return None;
+            }
+            let timer = prof::time(prof::Cat::AttnFwd, attn_flops(spec));
+            let (out, saved) = forward_host(&Rows::of(qf), &Rows::of(kf), &Rows::of(vf), spec);
+            drop(timer);
+            let state = BackState {
+                saved: Arc::new(saved),
+                packed: false,
+            };
+            Some(B::output(
+                AttentionBackward,
+                [qi, ki, vi],
+                state,
+                flex_f32(out, &[n, qo]),
+            ))
         }
     }
 }
 
-/// [`attention`] on q|k|v side by side in one `[b·s, (nh + 2·nkv)·hd]` tensor (a fused or grouped projection's
-/// output): one parent, one gradient, no slices.
-pub fn attention_packed<B: Backend>(
-    qkv: Tensor<B, 2>,
-    spec: &AttnSpec,
-) -> Result<Tensor<B, 2>, Tensor<B, 2>> {
-    let Some(kd) = kind::<B>() else {
-        return Err(qkv);
-    };
-    let (f, _) = flex_of(&qkv, kd);
-    let n = spec.batch * spec.seq;
-    let (qo, ko) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
-    if !super::all_f32(&[&f])
-        || !check_spec(spec)
-        || f.layout().shape().dims::<2>() != [n, qo + 2 * ko]
-    {
-        return Err(qkv);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::tests_util::*;
+    use crate::kernels::{reference, Attention, Rope};
+    use crate::model::decoder::build_mask;
+    use burn::tensor::DType;
+
+    /// The fused attention (RoPE, GQA, causal + padding + packing + sliding-window masks, a partial rotary
+    /// width, a sequence longer than one query block) against the burn implementation: values and the
+    /// gradients of q, k and v.
+    fn check(window: Option<usize>, packed: bool) {
+        check_with(window, packed, false);
+        check_with(window, packed, true);
     }
-    let rows = Rows::of(&f);
-    let timer = super::prof::time(super::prof::Cat::AttnFwd, attn_flops(spec));
-    let (out, saved) = forward_host(
-        &rows.col_range(0, qo),
-        &rows.col_range(qo, qo + ko),
-        &rows.col_range(qo + ko, qo + 2 * ko),
-        spec,
-    );
-    drop(timer);
-    let out = flex_f32(out, &[n, qo]);
-    match kd {
-        Kind::Plain => Ok(from_flex(out)),
-        Kind::Autodiff => {
-            let a = super::ad_prim(qkv);
-            let t = match AttentionBackward
-                .prepare::<NoCheckpointing>([a.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(
-                    BackState {
-                        saved: Arc::new(saved),
-                        packed: true,
-                    },
-                    out,
-                ),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Ok(from_ad(t))
+
+    /// `one_input`: q|k|v side by side in one tensor.
+    fn check_with(window: Option<usize>, packed: bool, one_input: bool) {
+        let (b, s, nh, nkv, hd) = (2, 70, 4, 2, 8);
+        let n = b * s;
+        let inv_freq = vec![1.0f32, 0.1, 0.01]; // rot = 6 < hd
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+        let mut key_valid = vec![vec![true; s]; b];
+        for v in key_valid[1][60..].iter_mut() {
+            v.clone_from(&false);
         }
+        let segments: Option<Vec<u32>> =
+            packed.then(|| (0..n).map(|p| if p % s < 30 { 0 } else { 1 }).collect());
+        let mask = build_mask(b, s, s, 0, &key_valid, segments.as_deref(), window);
+        let q = rand_vec(n * nh * hd, 41);
+        let k = rand_vec(n * nkv * hd, 42);
+        let v = rand_vec(n * nkv * hd, 43);
+        let dy = rand_vec(n * nh * hd, 44);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let run = |fused: bool| {
+            let dev = Default::default();
+            let spec = AttnSpec {
+                batch: b,
+                seq: s,
+                keys: s,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: scale as f32,
+                softcap: None,
+                rope: Arc::new(Rope::new(&inv_freq, &positions)),
+                mask: Arc::new(mask.clone()),
+            };
+            let att = Attention::<AD>::new(
+                spec.clone(),
+                DType::F32,
+                &dev,
+                Attention::<AD>::shared_tables(),
+            );
+            let qt = ad_param::<2>(&q, [n, nh * hd], &dev);
+            let kt = ad_param::<2>(&k, [n, nkv * hd], &dev);
+            let vt = ad_param::<2>(&v, [n, nkv * hd], &dev);
+            let packed_t = one_input.then(|| {
+                let t = Tensor::cat(
+                    vec![
+                        plain::<2>(&q, [n, nh * hd], &dev),
+                        plain::<2>(&k, [n, nkv * hd], &dev),
+                        plain::<2>(&v, [n, nkv * hd], &dev),
+                    ],
+                    1,
+                );
+                Tensor::<AD, 2>::from_data(t.into_data(), &dev).require_grad()
+            });
+            let qkv = match &packed_t {
+                Some(t) => Qkv::Packed(t.clone()),
+                None => Qkv::Split(qt.clone(), kt.clone(), vt.clone()),
+            };
+            let y = if fused {
+                attention(&qkv, &spec).expect("fused path applies")
+            } else {
+                reference::attention(qkv, &att)
+            };
+            let g = backward_with(y.clone(), &dy, [n, nh * hd]);
+            match &packed_t {
+                // One leaf: its gradient holds dq | dk | dv per row.
+                Some(t) => (to_vec(y), to_vec(t.grad(&g).expect("dqkv")), vec![], vec![]),
+                None => (
+                    to_vec(y),
+                    to_vec(qt.grad(&g).expect("dq")),
+                    to_vec(kt.grad(&g).expect("dk")),
+                    to_vec(vt.grad(&g).expect("dv")),
+                ),
+            }
+        };
+        let f = run(true);
+        let p = run(false);
+        // Padded query rows are unused; compare real rows only.
+        let real = |x: &[f32], w: usize| -> Vec<f32> {
+            x.chunks(w)
+                .enumerate()
+                .filter(|(t, _)| key_valid[t / s][t % s])
+                .flat_map(|(_, r)| r.to_vec())
+                .collect()
+        };
+        assert_close(
+            &real(&f.0, nh * hd),
+            &real(&p.0, nh * hd),
+            1e-5,
+            "attention out",
+        );
+        assert_close(&f.1, &p.1, 1e-5, "dq");
+        assert_close(&f.2, &p.2, 1e-5, "dk");
+        assert_close(&f.3, &p.3, 1e-5, "dv");
+    }
+
+    #[test]
+    fn fused_attention_matches_plain() {
+        check(None, false);
+    }
+
+    #[test]
+    fn fused_attention_with_window_and_packing_matches_plain() {
+        check(Some(20), true);
     }
 }

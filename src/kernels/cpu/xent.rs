@@ -11,17 +11,17 @@
 //! chunk and the logits tile stays in the cache. W must be frozen.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
 use super::simd::{self, simd_fn};
-use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+use super::{flex_f32, Cpu, Rows};
+use crate::kernels::prof;
 
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name)
@@ -157,16 +157,15 @@ pub(crate) fn forward_host(
 struct XentBackward;
 
 impl Backward<Flex, 1> for XentBackward {
-    /// ∂loss/∂hidden.
-    type State = FlexTensor;
+    /// ∂loss/∂hidden (formed during the forward whenever hidden is tracked).
+    type State = Option<FlexTensor>;
 
-    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
         let [parent] = ops.parents;
-        if let Some(p) = parent {
-            let _t = super::prof::time(super::prof::Cat::XentBwd, 0.0);
+        if let (Some(p), Some(dh)) = (parent, ops.state) {
+            let _t = prof::time(prof::Cat::XentBwd, 0.0);
             let g = Rows::of(&grad).row(0)[0];
-            let dh = ops.state;
             let shape = dh.layout().shape().clone();
             let mut v = Rows::of(&dh).packed().into_owned();
             v.par_chunks_mut(4096).for_each(|c| {
@@ -179,70 +178,50 @@ impl Backward<Flex, 1> for XentBackward {
     }
 }
 
-/// Summed token cross-entropy of `hidden[rows]·weightᵀ` against `targets` (a `[1]` tensor), for f32 tensors on
-/// `Flex` / `Autodiff<Flex>` with a frozen `weight` `[V, hidden]`; `Err(hidden)` when it does not apply.
-/// Targets must be `< V` (checked).
-pub fn lm_xent<B: Backend>(
-    hidden: Tensor<B, 2>,
+/// Summed token cross-entropy of `hidden[rows]·weightᵀ` against `targets` (a `[1]` tensor), for f32 tensors
+/// with a frozen `weight` `[V, hidden]`; `None` when the inputs are outside what the kernel covers (targets must
+/// be `< V`).
+pub fn lm_xent<B: Cpu>(
+    hidden: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     rows: &[usize],
     targets: &[usize],
-) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
+) -> Option<Tensor<B, 1>> {
     lm_xent_chunked(hidden, weight, rows, targets, chunk_rows(), None)
 }
 
-fn lm_xent_chunked<B: Backend>(
-    hidden: Tensor<B, 2>,
+fn lm_xent_chunked<B: Cpu>(
+    hidden: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
     rows: &[usize],
     targets: &[usize],
     chunk: usize,
     tile: Option<usize>,
-) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
-    let Some(k) = kind::<B>() else {
-        return Err(hidden);
-    };
-    let (wf, w_tracked) = flex_of(weight, k);
-    let (hf, h_tracked) = flex_of(&hidden, k);
-    if w_tracked || !super::all_f32(&[&wf, &hf]) || rows.len() != targets.len() {
-        return Err(hidden);
+) -> Option<Tensor<B, 1>> {
+    let (wi, hi) = (B::input(weight), B::input(hidden));
+    let (wf, hf) = (B::flex(&wi), B::flex(&hi));
+    if B::tracked(&wi) || !super::all_f32(&[wf, hf]) || rows.len() != targets.len() {
+        return None;
     }
-    let (h, w) = (Rows::of(&hf), Rows::of(&wf));
+    let (h, w) = (Rows::of(hf), Rows::of(wf));
     if w.cols != h.cols || rows.iter().any(|&r| r >= h.rows) || targets.iter().any(|&t| t >= w.rows)
     {
-        return Err(hidden);
+        return None;
     }
-    let want_grad = k == Kind::Autodiff && h_tracked;
+    let want_grad = B::AUTODIFF && B::tracked(&hi);
     let flops = 2.0 * (rows.len() * h.cols * w.rows) as f64 * if want_grad { 2.0 } else { 1.0 };
-    let timer = super::prof::time(super::prof::Cat::XentFwd, flops);
+    let timer = prof::time(prof::Cat::XentFwd, flops);
     let (loss, dh) = forward_host(&h, &w, rows, targets, want_grad, chunk, tile);
     drop(timer);
     let out = flex_f32(vec![loss as f32], &[1]);
-    match k {
-        Kind::Plain => Ok(from_flex(out)),
-        Kind::Autodiff => {
-            let ha = super::ad_prim(hidden);
-            let shape = [h.rows, h.cols];
-            let t = match XentBackward
-                .prepare::<NoCheckpointing>([ha.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let dh = dh.unwrap_or_else(|| vec![0f32; shape[0] * shape[1]]);
-                    prep.finish(flex_f32(dh, &shape), out)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Ok(from_ad(t))
-        }
-    }
+    let state = dh.map(|dh| flex_f32(dh, &[h.rows, h.cols]));
+    Some(B::output(XentBackward, [hi], state, out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::tests_util::*;
+    use crate::kernels::cpu::tests_util::*;
     use burn::tensor::{activation, Int, TensorData};
 
     #[test]
@@ -260,7 +239,7 @@ mod tests {
             let ht = ad_param::<2>(&h, [n, d], &dev);
             let wt = plain::<2>(&w, [v, d], &dev);
             let loss = if let Some((chunk, tile)) = fused {
-                lm_xent_chunked(ht.clone(), &wt, &rows, &targets, chunk, tile).expect("fused")
+                lm_xent_chunked(&ht, &wt, &rows, &targets, chunk, tile).expect("fused")
             } else {
                 let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
                 let idx = Tensor::<AD, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &dev);

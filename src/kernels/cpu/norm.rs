@@ -3,16 +3,16 @@
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::simd::{self, simd_fn};
-use super::{flex_f32, flex_of, from_ad, from_flex, kind, Kind, Rows};
+use super::{flex_f32, Cpu, Rows};
+use crate::kernels::prof;
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
@@ -108,7 +108,7 @@ impl Backward<Flex, 1> for RmsNormBackward {
         let [parent] = ops.parents;
         if let Some(p) = parent {
             let s = ops.state;
-            let _t = super::prof::time(super::prof::Cat::NormBwd, 0.0);
+            let _t = prof::time(prof::Cat::NormBwd, 0.0);
             let shape = s.x.layout().shape().clone();
             let dx = backward_host(&Rows::of(&grad), &Rows::of(&s.x), &s.w, &s.rstd);
             grads.register::<Flex>(p.id, flex_f32(dx, &shape));
@@ -116,86 +116,60 @@ impl Backward<Flex, 1> for RmsNormBackward {
     }
 }
 
-/// Fused RMSNorm for `Flex` / `Autodiff<Flex>` f32 tensors with a frozen weight; `Err(x)` when it does not
-/// apply.
-pub fn rms_norm<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
+/// RMSNorm over the last dimension of an f32 tensor with a frozen weight; `offset` is added to the weight (1 for
+/// Gemma's `x̂·(1 + w)`). `None` when the inputs are outside what the kernel covers.
+pub fn rms_norm<B: Cpu, const D: usize>(
+    x: &Tensor<B, D>,
     weight: &Tensor<B, 1>,
     eps: f64,
-    gemma: bool,
-) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    let Some(k) = kind::<B>() else {
-        return Err(x);
-    };
-    let (wt, w_tracked) = flex_of(weight, k);
-    if w_tracked || !super::all_f32(&[&wt]) {
-        return Err(x);
+    offset: f32,
+) -> Option<Tensor<B, D>> {
+    let wi = B::input(weight);
+    let xi = B::input(x);
+    let (wt, xf) = (B::flex(&wi), B::flex(&xi));
+    if B::tracked(&wi) || !super::all_f32(&[wt, xf]) {
+        return None;
     }
-    let (xf, _) = flex_of(&x, k);
-    if !super::all_f32(&[&xf]) {
-        return Err(x);
-    }
-    let mut w = Rows::of(&wt).packed().into_owned();
+    let mut w = Rows::of(wt).packed().into_owned();
     if w.len() != *xf.layout().shape().last().unwrap_or(&0) {
-        return Err(x);
+        return None;
     }
-    if gemma {
-        w.iter_mut().for_each(|v| *v += 1.0);
+    if offset != 0.0 {
+        w.iter_mut().for_each(|v| *v += offset);
     }
     let shape = xf.layout().shape().clone();
-    let rows = Rows::of(&xf);
-    let timer = super::prof::time(super::prof::Cat::NormFwd, 0.0);
+    let rows = Rows::of(xf);
+    let timer = prof::time(prof::Cat::NormFwd, 0.0);
     let (y, rstd) = forward_host(&rows, &w, eps as f32);
     drop(timer);
-    let out = flex_f32(y, &shape);
-    match k {
-        Kind::Plain => Ok(from_flex(out)),
-        Kind::Autodiff => {
-            let xa = super::ad_prim(x);
-            let t = match RmsNormBackward
-                .prepare::<NoCheckpointing>([xa.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(
-                    State {
-                        x: xa.primitive.clone(),
-                        w: Arc::new(w),
-                        rstd: Arc::new(rstd),
-                    },
-                    out,
-                ),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            };
-            Ok(from_ad(t))
-        }
-    }
+    let state = State {
+        x: xf.clone(),
+        w: Arc::new(w),
+        rstd: Arc::new(rstd),
+    };
+    Some(B::output(RmsNormBackward, [xi], state, flex_f32(y, &shape)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fast::tests_util::*;
-    use crate::model::decoder::RmsNorm;
+    use crate::kernels::cpu::tests_util::*;
+    use crate::kernels::reference;
 
     #[test]
     fn rms_norm_matches_plain_values_and_gradients() {
-        for gemma in [false, true] {
+        for offset in [0.0, 1.0] {
             let x = rand_vec(6 * 40, 1);
             let w = rand_vec(40, 2);
             let dy = rand_vec(6 * 40, 3);
             let run = |fused: bool| {
                 let dev = Default::default();
                 let xt = ad_param::<2>(&x, [6, 40], &dev);
-                let norm = RmsNorm::<AD> {
-                    weight: plain::<1>(&w, [40], &dev),
-                    eps: 1e-5,
-                    gemma,
-                };
+                let wt = plain::<1>(&w, [40], &dev);
                 let y = if fused {
-                    rms_norm(xt.clone(), &norm.weight, norm.eps, gemma).expect("fused path applies")
+                    rms_norm(&xt, &wt, 1e-5, offset).expect("fused path applies")
                 } else {
-                    norm.forward_plain(xt.clone())
+                    reference::rms_norm(xt.clone(), &wt, 1e-5, offset)
                 };
                 let g = backward_with(y.clone(), &dy, [6, 40]);
                 (to_vec(y), to_vec(xt.grad(&g).expect("grad")))
@@ -215,13 +189,8 @@ mod tests {
         let w = rand_vec(40, 5);
         let xt = plain::<2>(&x, [6, 64], &dev).slice([0..6, 10..50]);
         let wt = plain::<1>(&w, [40], &dev);
-        let norm = RmsNorm::<AD> {
-            weight: wt.clone(),
-            eps: 1e-6,
-            gemma: false,
-        };
-        let a = to_vec(rms_norm(xt.clone(), &wt, 1e-6, false).expect("fused"));
-        let b = to_vec(norm.forward_plain(xt));
+        let a = to_vec(rms_norm(&xt, &wt, 1e-6, 0.0).expect("fused"));
+        let b = to_vec(reference::rms_norm(xt, &wt, 1e-6, 0.0));
         assert_close(&a, &b, 1e-5, "strided rmsnorm");
     }
 }

@@ -1,0 +1,278 @@
+//! Which backend, device and dtype a job runs on — chosen here, once, for `train`, `eval`, `bench`, `generate` and
+//! `merge`.
+//!
+//! A job is written once, generic over the backend ([`TrainJob`] for training, [`InferJob`] for a forward-only
+//! model); [`Placement::train`] / [`Placement::infer`] pick the concrete backend type from the config's `device`,
+//! `bf16` and `gradient_checkpointing`: burn-flex on the CPU, burn-cuda (with the `cuda` feature) on an NVIDIA GPU.
+
+use std::fmt;
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::DType;
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::config::suggest::did_you_mean;
+use crate::error::{Error, Result};
+use crate::kernels::{Kernels, TrainBackend};
+
+/// The CPU backend (burn-flex), for inference and host-side math (merges).
+pub type Cpu = Flex;
+
+/// `device`: where to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// CUDA device 0 when this build has CUDA and a device is present, else the CPU.
+    Auto,
+    /// The CPU backend (burn-flex).
+    Cpu,
+    /// A CUDA device by index (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+impl Device {
+    /// Parse `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "auto" => return Ok(Device::Auto),
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" | "gpu" => return Ok(Device::Cuda(0)),
+            _ => {}
+        }
+        if let Some(n) = lower.strip_prefix("cuda:") {
+            if let Ok(i) = n.parse::<usize>() {
+                return Ok(Device::Cuda(i));
+            }
+        }
+        let mut msg =
+            format!("unknown device `{s}`; supported: cpu, cuda, cuda:N (N = device index), auto");
+        if let Some(best) = did_you_mean(&lower, ["cpu", "cuda", "auto"]) {
+            msg.push_str(&format!("; did you mean `{best}`?"));
+        }
+        Err(msg)
+    }
+
+    /// Why this binary cannot run on the device, if it cannot (a CUDA device without the `cuda` feature).
+    pub fn unavailable(self) -> Option<&'static str> {
+        match self {
+            Device::Cuda(_) if !cfg!(feature = "cuda") => Some(
+                "this loratune binary was built without CUDA; rebuild with `cargo build --release --features cuda`, or use device: cpu / auto",
+            ),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(0) => f.write_str("cuda"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Device;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a device (cpu, cuda, cuda:N or auto)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Device, E> {
+                Device::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `bf16`: keep the frozen base in bf16 — `true`, `false` or `auto` (Axolotl's default: bf16 on a GPU, f32 on
+/// the CPU). LoRA factors and optimizer state are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bf16 {
+    /// bf16 base weights on a GPU, f32 on the CPU.
+    Auto,
+    /// Always keep the frozen base in bf16.
+    True,
+    /// Keep everything in f32.
+    False,
+}
+
+impl Serialize for Bf16 {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Bf16::Auto => s.serialize_str("auto"),
+            Bf16::True => s.serialize_bool(true),
+            Bf16::False => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bf16 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Bf16;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or auto")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> std::result::Result<Bf16, E> {
+                Ok(if v { Bf16::True } else { Bf16::False })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Bf16, E> {
+                if v.eq_ignore_ascii_case("auto") {
+                    Ok(Bf16::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "expected true, false or auto, found `{v}`"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether a CUDA device can be used (this build has CUDA and a driver is present).
+pub fn cuda_available() -> bool {
+    cfg!(feature = "cuda")
+        && (std::path::Path::new("/dev/nvidiactl").exists()
+            || std::path::Path::new("/proc/driver/nvidia/version").exists())
+}
+
+/// Where and in what dtype a job runs, resolved from `device` / `bf16` / `gradient_checkpointing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// `Cpu` or `Cuda(i)` (never `Auto`).
+    pub device: Device,
+    /// The frozen base's compute dtype.
+    pub dtype: DType,
+    /// Recompute activations in the backward pass (training only).
+    pub checkpointing: bool,
+}
+
+impl Placement {
+    /// Resolve the config's choices: `auto` picks CUDA device 0 when available; `bf16: auto` is bf16 on a GPU.
+    pub fn resolve(device: Device, bf16: Bf16, checkpointing: bool) -> Result<Placement> {
+        if let Some(why) = device.unavailable() {
+            return Err(Error::Config(format!("device: {device}: {why}")));
+        }
+        let device = match device {
+            Device::Auto if cuda_available() => Device::Cuda(0),
+            Device::Auto => Device::Cpu,
+            d => d,
+        };
+        let gpu = matches!(device, Device::Cuda(_));
+        let dtype = match bf16 {
+            Bf16::True => DType::BF16,
+            Bf16::False => DType::F32,
+            Bf16::Auto if gpu => DType::BF16,
+            Bf16::Auto => DType::F32,
+        };
+        Ok(Placement {
+            device,
+            dtype,
+            checkpointing,
+        })
+    }
+
+    /// The CPU in f32.
+    pub fn cpu() -> Placement {
+        Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            checkpointing: false,
+        }
+    }
+
+    /// Run a training job on the chosen backend.
+    pub fn train<J: TrainJob>(&self, job: J) -> Result<J::Output> {
+        type Ckpt = BalancedCheckpointing;
+        match self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                type Cuda = burn::backend::Cuda<f32, i32>;
+                let device = burn::backend::cuda::CudaDevice::new(i);
+                if self.checkpointing {
+                    job.run::<Autodiff<Cuda, Ckpt>>(device, *self)
+                } else {
+                    job.run::<Autodiff<Cuda>>(device, *self)
+                }
+            }
+            _ if self.checkpointing => job.run::<Autodiff<Flex, Ckpt>>(Default::default(), *self),
+            _ => job.run::<Autodiff<Flex>>(Default::default(), *self),
+        }
+    }
+
+    /// Run a forward-only job on the chosen backend.
+    pub fn infer<J: InferJob>(&self, job: J) -> Result<J::Output> {
+        match self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                type Cuda = burn::backend::Cuda<f32, i32>;
+                job.run::<Cuda>(burn::backend::cuda::CudaDevice::new(i), *self)
+            }
+            _ => job.run::<Flex>(Default::default(), *self),
+        }
+    }
+}
+
+/// A training job, written once for every backend.
+pub trait TrainJob {
+    type Output;
+    fn run<B: TrainBackend>(self, device: B::Device, at: Placement) -> Result<Self::Output>;
+}
+
+/// A forward-only job (evaluation, generation, parity checks), written once for every backend.
+pub trait InferJob {
+    type Output;
+    fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parse() {
+        assert_eq!(Device::parse("cuda:3"), Ok(Device::Cuda(3)));
+        assert_eq!(Device::parse("cuda"), Ok(Device::Cuda(0)));
+        assert_eq!(Device::parse("CPU"), Ok(Device::Cpu));
+        let e = Device::parse("cdua").unwrap_err();
+        assert!(e.contains("did you mean `cuda`?"), "{e}");
+        assert!(Device::parse("cuda:x").is_err());
+        assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn placement_follows_device_and_bf16() {
+        let p = Placement::resolve(Device::Cpu, Bf16::Auto, false).unwrap();
+        assert_eq!((p.device, p.dtype), (Device::Cpu, DType::F32));
+        let p = Placement::resolve(Device::Cpu, Bf16::True, true).unwrap();
+        assert_eq!((p.dtype, p.checkpointing), (DType::BF16, true));
+        if !cfg!(feature = "cuda") {
+            let e = Placement::resolve(Device::Cuda(0), Bf16::Auto, false).unwrap_err();
+            assert!(e.to_string().contains("built without CUDA"), "{e}");
+            let p = Placement::resolve(Device::Auto, Bf16::Auto, false).unwrap();
+            assert_eq!((p.device, p.dtype), (Device::Cpu, DType::F32));
+        }
+    }
+}

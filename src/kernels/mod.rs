@@ -1,0 +1,367 @@
+//! The kernel facade: the few operations a training step spends its time in, each one function with its
+//! implementations behind it. The decoder calls these and reads as math; it never sees which implementation ran.
+//!
+//! | op | what |
+//! |---|---|
+//! | [`Kernels::rms_norm`] | RMSNorm over the last dimension (`x̂·(w + offset)`) |
+//! | [`Kernels::glu`] | the gated MLP activation `act(gate)·up` on a packed `gate|up` |
+//! | [`Kernels::lora_linear_group`] | frozen linears plus their LoRA adapters sharing one input, outputs side by side |
+//! | [`Kernels::rope_attention`] | rotate-half RoPE + masked softmax attention with grouped KV heads |
+//! | [`Kernels::rope_attention_cached`] | the same over a KV cache (incremental decoding) |
+//! | [`Kernels::lm_head_cross_entropy`] | `lm_head` + summed cross-entropy on the trained rows |
+//!
+//! # How an implementation is chosen
+//!
+//! Each op is a method of the [`Kernels`] backend trait, as in burn's custom-kernel example: the trait's default
+//! method is the reference implementation written with burn ops ([`reference`]), correct on every backend; a
+//! backend that has something faster overrides the method. The choice is made by the type system, once, here:
+//!
+//! - `Flex` and `Autodiff<Flex>` run the fused CPU kernels ([`cpu`]), each with its own backward registered in
+//!   burn's autodiff graph, and fall back to the reference inside the method for inputs a kernel does not cover
+//!   (a dtype other than f32, a tracked frozen weight, soft-capping, a KV cache).
+//! - `Autodiff<Flex, BalancedCheckpointing>` (gradient checkpointing on the CPU) and the CUDA backend run the
+//!   reference for now.
+//!
+//! Why a trait bound rather than a run-time type check: fused GPU kernels (CubeCL, with their own backward)
+//! are written once for every CubeCL runtime — `impl<R: CubeRuntime…> Kernels for CubeBackend<R…>` and its
+//! autodiff wrapper — so the same code runs on CUDA and, in CI, on wgpu over Mesa lavapipe; a type check would
+//! have to list every concrete backend type. Quantized-weight variants depend on the weight's representation,
+//! not on the backend: they will branch inside [`Kernels::lora_linear_group`] on the weight type of [`LinearRef`].
+//! The cost is one bound, `B: Kernels`, on code that runs the model ([`TrainBackend`] bundles it for training).
+//!
+//! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.
+
+pub(crate) mod cpu;
+pub mod prof;
+pub mod reference;
+
+use std::cell::OnceCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, DType, Tensor};
+
+/// The gated MLP activation (`hidden_act` / `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`.
+    Silu,
+    /// `gelu_pytorch_tanh` / `gelu_new` / `gelu_fast`: the tanh approximation.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    Gelu,
+}
+
+/// One linear module of a group: a frozen weight `[out, in]` (torch layout), an optional frozen bias, an
+/// optional unmerged LoRA adapter. All tensors on the same backend.
+pub struct LinearRef<'a, B: Backend> {
+    pub weight: &'a Tensor<B, 2>,
+    pub bias: Option<&'a Tensor<B, 1>>,
+    pub adapter: Option<AdapterRef<'a, B>>,
+}
+
+/// A LoRA adapter as a kernel reads it: `s·((x ∘ mask)·Aᵀ)·Bᵀ`.
+pub struct AdapterRef<'a, B: Backend> {
+    /// `lora_A`, `[r, in]`.
+    pub a: &'a Tensor<B, 2>,
+    /// `lora_B`, `[out, r]`.
+    pub b: &'a Tensor<B, 2>,
+    pub scale: f64,
+    /// The dropout keep mask, already scaled by 1/(1 − p), `[n, in]`.
+    pub mask: Option<Tensor<B, 2>>,
+}
+
+/// Attention inputs: q|k|v side by side in one `[b·s, (nh + 2·nkv)·hd]` tensor (what a grouped projection
+/// produces), or three tensors (after per-head q/k norms).
+pub enum Qkv<B: Backend> {
+    Packed(Tensor<B, 2>),
+    Split(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>),
+}
+
+/// Rotate-half RoPE tables for every token of a batch: `cos` / `sin` `[b·s, half]` (the rotated width is 2·half).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl Rope {
+    /// Tables for the given positions (angle = position · inv_freq, in f32 as transformers computes them).
+    pub fn new(inv_freq: &[f32], positions: &[u32]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Rope { cos, sin, half }
+    }
+
+    /// The tables of one token.
+    pub(crate) fn row(&self, token: usize) -> (&[f32], &[f32]) {
+        let r = token * self.half..(token + 1) * self.half;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// Shapes and masking of one attention call, on the host.
+#[derive(Debug, Clone)]
+pub struct AttnSpec {
+    pub batch: usize,
+    /// Query positions per row.
+    pub seq: usize,
+    /// Key positions per row (`seq`, plus the cached ones when decoding).
+    pub keys: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Gemma 2's tanh soft-capping of the scores.
+    pub softcap: Option<f64>,
+    pub rope: Arc<Rope>,
+    /// `[batch, seq, keys]`, true = blocked; blocks every key after its query (causal).
+    pub mask: Arc<Vec<bool>>,
+}
+
+impl AttnSpec {
+    /// (batch, seq, heads, kv_heads, head_dim).
+    pub fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        (
+            self.batch,
+            self.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        )
+    }
+}
+
+/// One attention setting of a forward pass (one per sliding window), shared by the layers that use it: the
+/// host [`AttnSpec`] plus the tensors the reference implementation builds from it on first use.
+pub struct Attention<B: Backend> {
+    pub spec: AttnSpec,
+    pub(crate) dtype: DType,
+    pub(crate) device: B::Device,
+    /// cos / sin `[b, 1, s, rot]`, shared by every window of the forward.
+    pub(crate) tables: Rc<OnceCell<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    pub(crate) mask: OnceCell<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `tables` is shared between the windows of one forward (see [`Attention::shared_tables`]).
+    pub fn new(
+        spec: AttnSpec,
+        dtype: DType,
+        device: &B::Device,
+        tables: Rc<OnceCell<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Self {
+        Attention {
+            spec,
+            dtype,
+            device: device.clone(),
+            tables,
+            mask: OnceCell::new(),
+        }
+    }
+
+    /// An empty slot for the RoPE tables of one forward.
+    pub fn shared_tables() -> Rc<OnceCell<(Tensor<B, 4>, Tensor<B, 4>)>> {
+        Rc::new(OnceCell::new())
+    }
+}
+
+/// A layer's cached keys and values `[b, nkv, t, hd]` (RoPE applied), for incremental decoding.
+pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// The backends the model runs on, with the implementation of each hot op. Every method has the reference
+/// implementation as its default; see the module documentation for which backend overrides what.
+pub trait Kernels: Backend {
+    /// RMSNorm over the last dimension, computed in f32: `x / √(mean(x²) + eps) · (w + offset)` (`offset` = 1 for
+    /// Gemma's `(1 + w)`).
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: &Tensor<Self, 1>,
+        eps: f64,
+        offset: f32,
+    ) -> Tensor<Self, D> {
+        reference::rms_norm(x, weight, eps, offset)
+    }
+
+    /// `act(gate)·up` from gate|up side by side, `[n, 2i]` → `[n, i]`.
+    fn glu(gate_up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
+        reference::glu(gate_up, act)
+    }
+
+    /// The members' outputs `x·W_jᵀ (+ b_j) + s_j·((x ∘ m_j)·A_jᵀ)·B_jᵀ` side by side, `[n, Σ out_j]`.
+    fn lora_linear_group(x: Tensor<Self, 2>, members: &[LinearRef<'_, Self>]) -> Tensor<Self, 2> {
+        reference::linear_group(x, members)
+    }
+
+    /// RoPE + masked softmax attention, `[b·s, nh·hd]` out (the layout o_proj reads).
+    fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
+        reference::attention(qkv, att)
+    }
+
+    /// [`Kernels::rope_attention`] for new positions over a KV cache, which it extends.
+    fn rope_attention_cached(
+        q: Tensor<Self, 2>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        att: &Attention<Self>,
+        cache: &mut KvSlot<Self>,
+    ) -> Tensor<Self, 2> {
+        reference::attention_cached(q, k, v, att, cache)
+    }
+
+    /// Summed cross-entropy of `lm_head(hidden[rows])` (soft-capped when `softcap` is set) against `targets`, a
+    /// `[1]` tensor. The head's dropout mask, if any, covers the selected rows.
+    fn lm_head_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        head: &LinearRef<'_, Self>,
+        softcap: Option<f64>,
+        rows: &[usize],
+        targets: &[usize],
+    ) -> Tensor<Self, 1> {
+        reference::lm_head_cross_entropy(hidden, head, softcap, rows, targets)
+    }
+}
+
+/// A backend to train on: autodiff over a backend the model runs on, both with their kernels.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: Kernels> + Kernels {}
+impl<B: AutodiffBackend<InnerBackend: Kernels> + Kernels> TrainBackend for B {}
+
+/// The fused CPU kernels for `Flex` and `Autodiff<Flex>`: each op tries its kernel, else the reference.
+macro_rules! cpu_kernels {
+    ($backend:ty) => {
+        impl Kernels for $backend {
+            fn rms_norm<const D: usize>(
+                x: Tensor<Self, D>,
+                weight: &Tensor<Self, 1>,
+                eps: f64,
+                offset: f32,
+            ) -> Tensor<Self, D> {
+                match enabled()
+                    .then(|| cpu::norm::rms_norm(&x, weight, eps, offset))
+                    .flatten()
+                {
+                    Some(y) => y,
+                    None => reference::rms_norm(x, weight, eps, offset),
+                }
+            }
+
+            fn glu(gate_up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
+                let fused = (enabled() && act == Activation::Silu)
+                    .then(|| cpu::act::silu_mul_packed(&gate_up))
+                    .flatten();
+                match fused {
+                    Some(y) => y,
+                    None => reference::glu(gate_up, act),
+                }
+            }
+
+            fn lora_linear_group(
+                x: Tensor<Self, 2>,
+                members: &[LinearRef<'_, Self>],
+            ) -> Tensor<Self, 2> {
+                match enabled()
+                    .then(|| cpu::lora::linear_group(&x, members))
+                    .flatten()
+                {
+                    Some(y) => y,
+                    None => reference::linear_group(x, members),
+                }
+            }
+
+            fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
+                match enabled()
+                    .then(|| cpu::attention::attention(&qkv, &att.spec))
+                    .flatten()
+                {
+                    Some(y) => y,
+                    None => reference::attention(qkv, att),
+                }
+            }
+
+            fn lm_head_cross_entropy(
+                hidden: Tensor<Self, 2>,
+                head: &LinearRef<'_, Self>,
+                softcap: Option<f64>,
+                rows: &[usize],
+                targets: &[usize],
+            ) -> Tensor<Self, 1> {
+                let fused = (enabled()
+                    && head.adapter.is_none()
+                    && head.bias.is_none()
+                    && softcap.is_none())
+                .then(|| cpu::xent::lm_xent(&hidden, head.weight, rows, targets))
+                .flatten();
+                match fused {
+                    Some(loss) => loss,
+                    None => reference::lm_head_cross_entropy(hidden, head, softcap, rows, targets),
+                }
+            }
+        }
+    };
+}
+
+cpu_kernels!(Flex);
+cpu_kernels!(Autodiff<Flex>);
+
+/// Gradient checkpointing on the CPU: the fused kernels register their backward without checkpointing, so this
+/// backend runs the reference.
+impl Kernels for Autodiff<Flex, BalancedCheckpointing> {}
+
+#[cfg(feature = "cuda")]
+impl Kernels for burn::backend::Cuda<f32, i32> {}
+
+#[cfg(feature = "cuda")]
+impl<C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
+    for Autodiff<burn::backend::Cuda<f32, i32>, C>
+{
+}
+
+static ENABLED: AtomicU8 = AtomicU8::new(2);
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the fused kernels on or off for calls made from this thread (tests compare both paths without
+/// touching the process-wide switch).
+pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let prev = OVERRIDE.with(|o| o.replace(Some(on)));
+    let r = f();
+    OVERRIDE.with(|o| o.set(prev));
+    r
+}
+
+/// Whether the fused kernels are used (default yes; `LORATUNE_FUSED=0` in the environment or
+/// [`set_enabled`]`(false)` turns them off).
+pub fn enabled() -> bool {
+    if let Some(on) = OVERRIDE.with(|o| o.get()) {
+        return on;
+    }
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("LORATUNE_FUSED").map_or(true, |v| v != "0" && v != "false");
+            ENABLED.store(on as u8, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turn the fused kernels on or off for the whole process (benchmarks compare both paths).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on as u8, Ordering::Relaxed);
+}

@@ -1,0 +1,245 @@
+//! The reference implementation of every kernel op, written with burn ops: correct on every backend, the default
+//! of each [`Kernels`](super::Kernels) method and what the fused kernels are tested against.
+
+use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor, TensorData};
+
+use super::{Activation, Attention, KvSlot, LinearRef, Qkv, Rope};
+
+fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() != DType::F32 {
+        x.cast(DType::F32)
+    } else {
+        x
+    }
+}
+
+fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() != dtype {
+        x.cast(dtype)
+    } else {
+        x
+    }
+}
+
+/// RMSNorm over the last dimension, in f32: `x / √(mean(x²) + eps) · (w + offset)`.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+    offset: f32,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let xf = to_f32(x);
+    let var = xf.clone().square().mean_dim(D - 1);
+    let normed = xf * (var.add_scalar(eps)).sqrt().recip();
+    let mut w = weight.clone().cast(DType::F32);
+    if offset != 0.0 {
+        w = w.add_scalar(offset);
+    }
+    let mut shape = [1usize; D];
+    shape[D - 1] = w.dims()[0];
+    to_dtype(normed * w.reshape(shape), dtype)
+}
+
+/// `act(gate)·up` from gate|up side by side.
+pub fn glu<B: Backend>(gate_up: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
+    let [n, two_i] = gate_up.dims();
+    let i = two_i / 2;
+    let gate = gate_up.clone().slice([0..n, 0..i]);
+    let up = gate_up.slice([0..n, i..two_i]);
+    let a = match act {
+        Activation::Silu => activation::silu(gate),
+        Activation::GeluTanh => activation::gelu_approximate(gate),
+        Activation::Gelu => activation::gelu(gate),
+    };
+    a * up
+}
+
+/// One module: `x·Wᵀ (+ b) + s·((x ∘ m)·Aᵀ)·Bᵀ`, the adapter in f32 whatever the base dtype.
+pub fn linear<B: Backend>(x: Tensor<B, 2>, m: &LinearRef<'_, B>) -> Tensor<B, 2> {
+    let mut y = x.clone().matmul(m.weight.clone().transpose());
+    if let Some(b) = m.bias {
+        y = y + b.clone().unsqueeze_dim::<2>(0);
+    }
+    if let Some(ad) = &m.adapter {
+        let base_dtype = x.dtype();
+        let mut h = to_f32(x);
+        if let Some(mask) = &ad.mask {
+            h = h * mask.clone();
+        }
+        let low = h.matmul(ad.a.clone().transpose());
+        let delta = low.matmul(ad.b.clone().transpose()).mul_scalar(ad.scale);
+        y = y + to_dtype(delta, base_dtype);
+    }
+    y
+}
+
+/// The members' outputs side by side.
+pub fn linear_group<B: Backend>(x: Tensor<B, 2>, members: &[LinearRef<'_, B>]) -> Tensor<B, 2> {
+    match members {
+        [one] => linear(x, one),
+        _ => Tensor::cat(members.iter().map(|m| linear(x.clone(), m)).collect(), 1),
+    }
+}
+
+/// Positions of a batch as a `[b, 1, s, rot]` cos / sin pair (rotate-half layout: frequencies duplicated).
+fn rope_tables<B: Backend>(
+    rope: &Rope,
+    batch: usize,
+    seq: usize,
+    dtype: DType,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let half = rope.half;
+    let rot = 2 * half;
+    let dup = |t: &[f32]| {
+        let mut v = Vec::with_capacity(batch * seq * rot);
+        for row in t.chunks(half.max(1)).take(batch * seq) {
+            v.extend_from_slice(row);
+            v.extend_from_slice(row);
+        }
+        v
+    };
+    let mk = |v: Vec<f32>| {
+        Tensor::<B, 4>::from_data(
+            TensorData::new(v, [batch, 1, seq, rot]),
+            (device, DType::F32),
+        )
+    };
+    let (c, s) = (mk(dup(&rope.cos)), mk(dup(&rope.sin)));
+    (to_dtype(c, dtype), to_dtype(s, dtype))
+}
+
+/// Rotate-half RoPE on `[b, h, s, hd]`, rotating the first `rot` dims.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, s, hd] = x.dims();
+    let rot = cos.dims()[3];
+    let half = rot / 2;
+    let (xr, pass) = if rot < hd {
+        (
+            x.clone().slice([0..b, 0..h, 0..s, 0..rot]),
+            Some(x.slice([0..b, 0..h, 0..s, rot..hd])),
+        )
+    } else {
+        (x, None)
+    };
+    let x1 = xr.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = xr.clone().slice([0..b, 0..h, 0..s, half..rot]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let out = xr * cos.clone() + rotated * sin.clone();
+    match pass {
+        Some(p) => Tensor::cat(vec![out, p], 3),
+        None => out,
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn cos_sin(&self) -> &(Tensor<B, 4>, Tensor<B, 4>) {
+        let s = &self.spec;
+        self.tables
+            .get_or_init(|| rope_tables::<B>(&s.rope, s.batch, s.seq, self.dtype, &self.device))
+    }
+
+    fn mask_tensor(&self) -> &Tensor<B, 4, Bool> {
+        let s = &self.spec;
+        self.mask.get_or_init(|| {
+            Tensor::<B, 4, Bool>::from_data(
+                TensorData::new(s.mask.as_ref().clone(), [s.batch, 1, s.seq, s.keys]),
+                &self.device,
+            )
+        })
+    }
+}
+
+/// RoPE + masked softmax attention from q `[b·s, nh·hd]`, k / v `[b·s, nkv·hd]` to `[b·s, nh·hd]`, extending
+/// `cache` when given.
+fn attention_core<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    att: &Attention<B>,
+    cache: Option<&mut KvSlot<B>>,
+) -> Tensor<B, 2> {
+    let (b, s, nh, nkv, hd) = att.spec.dims();
+    let g = nh / nkv;
+    let (cos, sin) = att.cos_sin();
+    let q = apply_rope(q.reshape([b, s, nh, hd]).swap_dims(1, 2), cos, sin);
+    let mut k = apply_rope(k.reshape([b, s, nkv, hd]).swap_dims(1, 2), cos, sin);
+    let mut v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
+    if let Some(slot) = cache {
+        if let Some((pk, pv)) = slot.take() {
+            k = Tensor::cat(vec![pk, k], 2);
+            v = Tensor::cat(vec![pv, v], 2);
+        }
+        *slot = Some((k.clone(), v.clone()));
+    }
+    let t = k.dims()[2];
+    let dtype = q.dtype();
+    // GQA without copying k/v: fold the g query heads of each kv head into the row dimension.
+    let q5 = q.reshape([b, nkv, g * s, hd]);
+    let scores = q5.matmul(k.swap_dims(2, 3)).reshape([b, nh, s, t]);
+    let mut scores = to_f32(scores).mul_scalar(att.spec.scale as f64);
+    if let Some(cap) = att.spec.softcap {
+        scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+    }
+    let mask = att.mask_tensor().clone();
+    let scores = scores.mask_fill(mask.expand([b, nh, s, t]), f32::NEG_INFINITY);
+    let probs = to_dtype(activation::softmax(scores, 3), dtype);
+    let out = probs.reshape([b, nkv, g * s, t]).matmul(v);
+    out.reshape([b, nh, s, hd])
+        .swap_dims(1, 2)
+        .reshape([b * s, nh * hd])
+}
+
+/// Attention without a cache, from packed or separate q/k/v.
+pub fn attention<B: Backend>(qkv: Qkv<B>, att: &Attention<B>) -> Tensor<B, 2> {
+    let (q, k, v) = match qkv {
+        Qkv::Split(q, k, v) => (q, k, v),
+        Qkv::Packed(t) => {
+            let (_, s, nh, nkv, hd) = att.spec.dims();
+            let n = att.spec.batch * s;
+            let (qo, ko) = (nh * hd, nkv * hd);
+            (
+                t.clone().slice([0..n, 0..qo]),
+                t.clone().slice([0..n, qo..qo + ko]),
+                t.slice([0..n, qo + ko..qo + 2 * ko]),
+            )
+        }
+    };
+    attention_core(q, k, v, att, None)
+}
+
+/// Attention for new positions over a KV cache, which it extends.
+pub fn attention_cached<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    att: &Attention<B>,
+    cache: &mut KvSlot<B>,
+) -> Tensor<B, 2> {
+    attention_core(q, k, v, att, Some(cache))
+}
+
+/// Gather the trained rows, `lm_head` (through the backend's linear group), soft-cap, log-softmax, pick the
+/// targets, sum.
+pub fn lm_head_cross_entropy<B: super::Kernels>(
+    hidden: Tensor<B, 2>,
+    head: &LinearRef<'_, B>,
+    softcap: Option<f64>,
+    rows: &[usize],
+    targets: &[usize],
+) -> Tensor<B, 1> {
+    let device = hidden.device();
+    let n = rows.len();
+    let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
+    let h = hidden.select(0, idx);
+    let mut logits = B::lora_linear_group(h, std::slice::from_ref(head));
+    if let Some(cap) = softcap {
+        logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
+    }
+    let logp = activation::log_softmax(to_f32(logits), 1);
+    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
+    logp.gather(1, tgt).sum().neg()
+}
