@@ -236,3 +236,30 @@ fn stats(a: StatsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `sequence_len` has one default: the config's, the data options' and the `--sequence-len` flag's are the same.
+    #[test]
+    fn sequence_len_has_one_default() {
+        let config = crate::config::TrainConfig::default().sequence_len;
+        let data = crate::data::DataOptions::default().sequence_len;
+        let cmd = crate::cli::Cli::command();
+        let stats = cmd
+            .find_subcommand("data")
+            .and_then(|d| d.find_subcommand("stats"))
+            .expect("data stats");
+        let flag = stats
+            .get_arguments()
+            .find(|a| a.get_id() == "sequence_len")
+            .expect("--sequence-len");
+        let flag: usize = flag.get_default_values()[0]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!((config, data, flag), (512, 512, 512));
+    }
+}

@@ -142,10 +142,18 @@ pub fn write_merged_folder(
     let gen_path = model_path.join("generation_config.json");
     let base_generation_config = if from_dir && gen_path.is_file() {
         let text = crate::error::read_to_string(&gen_path)?;
-        Some(serde_json::from_str(&text).map_err(|source| Error::Json {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: gen_path.clone(),
             source,
-        })?)
+        })?;
+        if !v.is_object() {
+            return Err(Error::Export(format!(
+                "{}: generation_config.json must be a JSON object (transformers' GenerationConfig); fix or \
+                 remove the file",
+                gen_path.display()
+            )));
+        }
+        Some(v)
     } else {
         None
     };

@@ -292,3 +292,125 @@ fn cli_stats_from_a_training_config() {
         .unwrap()
         .starts_with(dir.path().join("prepared").to_str().unwrap()));
 }
+
+/// A config for the data commands only: no learning_rate, no run length.
+fn data_only_config(dir: &Path, data: &str, extra: &str) -> std::path::PathBuf {
+    let cfg = dir.join("data.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {data}\n    type: text\nsequence_len: 64\n\
+             dataset_prepared_path: {}\n{extra}",
+            fixture("models/llama").display(),
+            dir.join("prepared").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = loratune(args);
+    assert!(
+        out.status.success(),
+        "loratune {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `data stats|preview CONFIG` need only the data keys: a config without `learning_rate` / `num_epochs` works (and
+/// `train` still refuses it).
+#[test]
+fn data_commands_accept_a_config_without_training_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("t.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"hello there\"}\n{\"text\": \"general kenobi\"}\n",
+    )
+    .unwrap();
+    let cfg = data_only_config(dir.path(), data.to_str().unwrap(), "");
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok(&["data", "stats", cfg.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(st["train_counts"]["records"], 2);
+    let preview = run_ok(&["data", "preview", cfg.to_str().unwrap(), "--no-color"]);
+    assert!(preview.contains("llo there<|im_end|>⟧"), "{preview}");
+    let out = loratune(&["train", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("missing required key `learning_rate`"),
+        "{err}"
+    );
+}
+
+/// `data stats|preview CONFIG` apply `special_tokens` exactly as `train` does: the text format appends the
+/// overridden EOS, and `data stats` fills the very cache `train`'s data pipeline reads.
+#[test]
+fn data_commands_apply_special_tokens_like_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("t.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello there\"}\n").unwrap();
+    let plain = data_only_config(dir.path(), data.to_str().unwrap(), "");
+    let preview = run_ok(&["data", "preview", plain.to_str().unwrap(), "--no-color"]);
+    assert!(
+        preview.contains("<|im_end|>⟧") && !preview.contains("<pad>"),
+        "{preview}"
+    );
+    let cfg = data_only_config(
+        dir.path(),
+        data.to_str().unwrap(),
+        "special_tokens:\n  eos_token: \"<pad>\"\n",
+    );
+    let preview = run_ok(&["data", "preview", cfg.to_str().unwrap(), "--no-color"]);
+    assert!(
+        preview.contains("<pad>⟧") && !preview.contains("<|im_end|>"),
+        "{preview}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&run_ok(&["data", "stats", cfg.to_str().unwrap(), "--json"])).unwrap();
+    // What `train` builds from the same config.
+    let opts = loratune::config::LoadOptions {
+        purpose: loratune::config::Purpose::Data,
+        ..Default::default()
+    };
+    let c = loratune::config::TrainConfig::load_with(&cfg, &[], &opts).unwrap();
+    let tok = c.tokenizer(&c.base_model_path().unwrap()).unwrap();
+    assert_eq!(tok.eos.as_ref().map(|e| e.0.as_str()), Some("<pad>"));
+    let train_stats = c.data_pipeline(&tok).unwrap().stats().unwrap();
+    assert_eq!(
+        st["cache"].as_str().unwrap(),
+        train_stats.cache.to_str().unwrap()
+    );
+}
+
+/// A bad row's error names the key that skips such rows, and that key is accepted: `skip_bad_rows: true`.
+#[test]
+fn bad_row_error_names_a_key_the_config_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("t.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\"}\n{\"text\": 5}\n{\"text\": \"also fine\"}\n",
+    )
+    .unwrap();
+    let cfg = data_only_config(dir.path(), data.to_str().unwrap(), "");
+    let out = loratune(&["data", "stats", cfg.to_str().unwrap(), "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("t.jsonl line 2"),
+        "{err}"
+    );
+    let key = "skip_bad_rows: true";
+    assert!(err.contains(key), "{err}");
+    let st: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "data",
+        "stats",
+        cfg.to_str().unwrap(),
+        "--json",
+        "--set",
+        &key.replace(": ", "="),
+    ]))
+    .unwrap();
+    assert_eq!(st["train_counts"]["samples"], 2);
+}

@@ -335,3 +335,49 @@ fn streaming_merge_equals_in_memory_merge() {
         );
     }
 }
+
+/// `loratune merge` keeps the base's dtype by default, as PEFT's `merge_and_unload` does: an f32 base gives exactly
+/// the f32 merge (it used to be rounded to bf16), a bf16 base a bf16 folder; `--dtype` still overrides.
+#[test]
+fn cli_merge_keeps_the_base_dtype_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = fixture("loratune_export/llama");
+    let merge = |base: &str, out: &str, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+            .arg("merge")
+            .arg("--model")
+            .arg(fixture(base))
+            .arg("--adapter")
+            .arg(fx.join("adapter"))
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join(out).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        let src = model::open(&tmp.path().join(out)).unwrap();
+        let dtypes: std::collections::BTreeSet<String> = src
+            .source
+            .names()
+            .iter()
+            .map(|n| src.source.stored_dtype(n).unwrap().to_string())
+            .collect();
+        (cfg["torch_dtype"].as_str().unwrap().to_string(), dtypes)
+    };
+    let (name, dtypes) = merge("models/llama", "f32", &[]);
+    assert_eq!(name, "float32");
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), vec!["F32"]);
+    files_equal(
+        &tmp.path().join("f32/model.safetensors"),
+        &fx.join("merged/model.safetensors"),
+    );
+    let (name, dtypes) = merge("models/llama-bf16", "bf16", &[]);
+    assert_eq!(name, "bfloat16");
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), vec!["BF16"]);
+    let (name, _) = merge("models/llama", "override", &["--dtype", "f16"]);
+    assert_eq!(name, "float16");
+}

@@ -182,6 +182,7 @@ mod runs {
     use std::path::Path;
 
     use loratune::config::TrainConfig;
+    use loratune::model::CausalLm;
     use loratune::train::checkpoint::list_checkpoints;
     use loratune::train::run::{train, ProgressMode, RunOptions};
 
@@ -367,5 +368,94 @@ mod runs {
         let s = train(&cfg, &quiet()).unwrap();
         assert!(s.stopped_early);
         assert!(s.steps < 20 && s.steps >= 3, "stopped at {}", s.steps);
+    }
+
+    /// `train` with `merge_lora` assembles the merged folder as `loratune merge` does: a base
+    /// generation_config.json that is not a JSON object is an error naming it in both (it used to be replaced
+    /// silently), and a good one is kept (its sampling keys and eos ids) and completed with the model's eos.
+    #[test]
+    fn merged_export_of_train_and_merge_share_one_assembly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        for f in std::fs::read_dir(fixture("models/llama")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, base.join(f.file_name().unwrap())).unwrap();
+        }
+        std::fs::write(
+            base.join("generation_config.json"),
+            "[\"not\", \"an object\"]",
+        )
+        .unwrap();
+        let cfg = config_with(
+            tmp.path(),
+            "max_steps: 1\nmerge_lora: true",
+            &[&format!("base_model={}", base.display())],
+        );
+        let e = train(&cfg, &quiet()).unwrap_err().to_string();
+        assert!(
+            e.contains("generation_config.json must be a JSON object"),
+            "{e}"
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+            .args(["merge", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(fixture("loratune_export/llama/adapter"))
+            .arg("--out")
+            .arg(tmp.path().join("merged"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("generation_config.json must be a JSON object"),
+            "{err}"
+        );
+        // A good one is kept (its sampling keys and eos ids) and completed with the model's eos.
+        std::fs::write(
+            base.join("generation_config.json"),
+            r#"{"eos_token_id": 0, "temperature": 0.3}"#,
+        )
+        .unwrap();
+        train(&cfg, &quiet()).unwrap();
+        let g: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("run/merged/generation_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(g["temperature"], 0.3);
+        assert_eq!(g["eos_token_id"], serde_json::json!([2, 0]));
+    }
+
+    /// `loratune eval` runs where and how the config says: `bf16: true` evaluates the base in bf16 (it used to run
+    /// CPU f32 whatever the config said), exactly as the library does with a bf16 model.
+    #[test]
+    fn eval_honours_the_configs_placement() {
+        use burn::tensor::DType;
+        use loratune::train::run::{eval_on, evaluate};
+        let tmp = tempfile::tempdir().unwrap();
+        let f32_cfg = config(tmp.path(), "max_steps: 1\nval_set_size: 8");
+        let bf16_cfg = config_with(tmp.path(), "max_steps: 1\nval_set_size: 8", &["bf16=true"]);
+        let e32 = evaluate(&f32_cfg, None).unwrap();
+        let e16 = evaluate(&bf16_cfg, None).unwrap();
+        assert_eq!(e32.tokens, e16.tokens);
+        assert!(
+            (e32.loss - e16.loss).abs() > 1e-6,
+            "bf16 eval equals the f32 one ({}): the placement was ignored",
+            e32.loss
+        );
+        // The same evaluation by hand, with the base loaded in bf16.
+        let tok = bf16_cfg.tokenizer(&fixture("models/llama")).unwrap();
+        let data = bf16_cfg.data_pipeline(&tok).unwrap();
+        let batches: Vec<_> = data.eval_batches().unwrap().map(|b| b.unwrap()).collect();
+        let base = loratune::model::open(&fixture("models/llama")).unwrap();
+        let m = CausalLm::<B>::load(
+            base.config,
+            base.source.as_ref(),
+            &Default::default(),
+            DType::BF16,
+        )
+        .unwrap();
+        let want = eval_on(&m, &batches).unwrap();
+        assert_eq!(e16, want);
     }
 }
