@@ -90,6 +90,20 @@ pub enum Error {
     /// A hub download problem.
     #[error("{0}")]
     Hub(String),
+    /// Serialising a document (JSON, YAML) failed; `what` names it.
+    #[error("cannot serialise {what}")]
+    Serialize {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The tokenizers library refused to build or serialise a tokenizer part (`what` says which).
+    #[error("{what}")]
+    TokenizerBuild {
+        what: String,
+        #[source]
+        source: tokenizers::Error,
+    },
 }
 
 impl Error {

@@ -1,8 +1,9 @@
 //! loratune: LoRA fine-tuning for open-weight LLMs on Burn.
 //!
 //! The data flow, one module per stage: [`config`] → [`model`] → [`lora`] → [`data`] → [`train`] → [`export`],
-//! plus [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates),
-//! [`generate`] (sampling) and [`cli`].
+//! plus [`kernels`] (the hot operations behind one facade), [`backend`] (which backend and device a job runs on),
+//! [`hub`] (downloads), [`gguf`] (llama.cpp files), [`tokenizer`] (tokenizers and chat templates), [`generate`]
+//! (sampling), [`bench`] (the step benchmark) and [`cli`] (argument parsing and printing).
 
 pub mod backend;
 pub mod bench;
@@ -18,7 +19,6 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 mod names;
-pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 

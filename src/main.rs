@@ -1,5 +1,5 @@
 fn main() {
-    loratune::runtime::tune_allocator();
+    loratune::backend::tune_allocator();
     if let Err(e) = loratune::cli::main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -42,7 +42,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def bench_tokens(batch, seq, vocab):
-    """The token ids `loratune bench` uses (src/cli/bench.rs `bench_tokens`): a fixed integer hash."""
+    """The token ids `loratune bench` uses (src/bench.rs `bench_tokens`): a fixed integer hash."""
     m = (1 << 64) - 1
     return [[((((r * seq + i + 1) * 0x9E3779B97F4A7C15) & m) >> 33) % vocab for i in range(seq)]
             for r in range(batch)]

@@ -14,7 +14,6 @@ use anyhow::{Context, Result};
 use crate::config::{LoadOptions, Purpose, TrainConfig};
 use crate::data::{
     default_cache_dir, DataFormat, DataOptions, DataSpec, DatasetSource, OnBadRow, Truncation,
-    DEFAULT_SEQUENCE_LEN,
 };
 use crate::tokenizer::LoadedTokenizer;
 
@@ -59,7 +58,7 @@ pub struct SourceArgs {
     #[arg(long)]
     pub field_messages: Option<String>,
     /// Maximum tokens per sample (and per packed row).
-    #[arg(long, default_value_t = DEFAULT_SEQUENCE_LEN)]
+    #[arg(long, default_value_t = DataOptions::default().sequence_len)]
     pub sequence_len: usize,
     /// Train on every token, not only on the assistant turns / completions.
     #[arg(long)]
@@ -95,13 +94,13 @@ pub struct StatsArgs {
     #[arg(long)]
     pub sample_packing: bool,
     /// Rows per batch (without CONFIG).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DataOptions::default().micro_batch_size)]
     pub micro_batch_size: usize,
     /// Validation split: a fraction in (0, 1) or a number of samples (without CONFIG).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = DataOptions::default().val_set_size)]
     pub val_set_size: f64,
     /// Seed of the split and shuffle (without CONFIG).
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = DataOptions::default().seed)]
     pub seed: u64,
     /// Token cache folder (default: the config's dataset_prepared_path, else $XDG_CACHE_HOME/loratune/data or
     /// ~/.cache/loratune/data).

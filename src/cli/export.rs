@@ -5,14 +5,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::export::atomic::AtomicDir;
 use crate::export::gguf::{
-    export_gguf, export_gguf_adapter, tokenizer_metadata, GgufExportOptions, GgufExportReport,
-    GgufType,
+    export_gguf_adapter, export_gguf_from, GgufExportOptions, GgufExportReport, GgufType,
 };
-use crate::export::ollama::{create_command, modelfile_for, write_modelfile, TemplateFamily};
+use crate::export::ollama::{create_command, write_ollama_folder, TemplateFamily};
 use crate::lora::peft::{read_adapter, PeftAdapter};
-use crate::model::{self, OpenedModel};
+use crate::model;
 use crate::tokenizer::load_for_model;
 
 /// What `export` writes.
@@ -94,21 +92,6 @@ fn ensure_parent(p: &Path) -> Result<()> {
     Ok(())
 }
 
-fn merged(
-    base: &OpenedModel,
-    adapter: Option<&PeftAdapter>,
-    model_path: &Path,
-    dest: &Path,
-    shown: &Path,
-    opts: &GgufExportOptions,
-) -> Result<()> {
-    let tok = tokenizer_metadata(model_path, &base.config)
-        .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
-    let r = export_gguf(base, adapter, tok, dest, opts)?;
-    print_report(shown, &r);
-    Ok(())
-}
-
 pub fn run(a: ExportArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
@@ -132,7 +115,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
     match a.format {
         ExportFormat::Gguf => {
             ensure_parent(&a.out)?;
-            merged(&base, adapter.as_ref(), &a.model, &a.out, &a.out, &opts)?;
+            let r = export_gguf_from(&a.model, &base, adapter.as_ref(), &a.out, &opts)?;
+            print_report(&a.out, &r);
         }
         ExportFormat::GgufAdapter => {
             let Some(ad) = adapter.as_ref() else {
@@ -153,39 +137,22 @@ pub fn run(a: ExportArgs) -> Result<()> {
             }
             let tok = load_for_model(&a.model)
                 .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;
-            let staging = AtomicDir::create(&a.out)?;
-            let dir = staging.path().to_path_buf();
-            let (from, adapter_file) = if a.separate_adapter {
-                merged(
-                    &base,
-                    None,
-                    &a.model,
-                    &dir.join("base.gguf"),
-                    &a.out.join("base.gguf"),
-                    &opts,
-                )?;
-                let ad_opts = GgufExportOptions {
-                    out_type: GgufType::parse(a.out_type.as_deref().unwrap_or("f32"))?,
-                    name: a.name.clone(),
-                };
-                let ad = adapter.as_ref().context("adapter present")?;
-                let r = export_gguf_adapter(&base, ad, &dir.join("adapter.gguf"), &ad_opts)?;
-                print_report(&a.out.join("adapter.gguf"), &r);
-                ("./base.gguf", Some("./adapter.gguf"))
-            } else {
-                merged(
-                    &base,
-                    adapter.as_ref(),
-                    &a.model,
-                    &dir.join("model.gguf"),
-                    &a.out.join("model.gguf"),
-                    &opts,
-                )?;
-                ("./model.gguf", None)
-            };
-            let mf = modelfile_for(&tok, family, from, adapter_file)?;
-            write_modelfile(&dir, &mf)?;
-            staging.commit()?;
+            let adapter_type = GgufType::parse(a.out_type.as_deref().unwrap_or("f32"))?;
+            let folder = write_ollama_folder(
+                &a.model,
+                &base,
+                adapter.as_ref(),
+                &tok,
+                &a.out,
+                &opts,
+                adapter_type,
+                family,
+                a.separate_adapter,
+            )?;
+            for (path, r) in &folder.gguf {
+                print_report(path, r);
+            }
+            let mf = &folder.modelfile;
             let name = a.name.clone().unwrap_or_else(|| {
                 a.out
                     .file_name()

@@ -193,21 +193,24 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
+    /// Defaults of keys that configure another module are that module's defaults.
     fn default() -> Self {
+        let data = crate::data::DataOptions::default();
+        let adamw = crate::train::optim::AdamWConfig::default();
         TrainConfig {
             base_model: String::new(),
             base_model_revision: None,
             datasets: Vec::new(),
             test_datasets: Vec::new(),
-            val_set_size: 0.0,
+            val_set_size: data.val_set_size,
             dataset_prepared_path: None,
             skip_bad_rows: false,
             chat_template: ChatTemplateName::TokenizerDefault,
             chat_template_jinja: None,
-            train_on_inputs: false,
-            sequence_len: crate::data::DEFAULT_SEQUENCE_LEN,
-            sample_packing: false,
-            truncation: Truncation::Drop,
+            train_on_inputs: data.train_on_inputs,
+            sequence_len: data.sequence_len,
+            sample_packing: data.sample_packing,
+            truncation: data.truncation,
             special_tokens: SpecialTokens::default(),
             adapter: Adapter::Lora,
             lora_r: 8,
@@ -218,7 +221,7 @@ impl Default for TrainConfig {
             lora_layers_to_transform: None,
             peft_use_rslora: false,
             lora_init: LoraInit::Kaiming,
-            micro_batch_size: 1,
+            micro_batch_size: data.micro_batch_size,
             gradient_accumulation_steps: 1,
             num_epochs: None,
             max_steps: None,
@@ -227,16 +230,16 @@ impl Default for TrainConfig {
             warmup_steps: None,
             warmup_ratio: None,
             cosine_min_lr_ratio: None,
-            weight_decay: 0.0,
+            weight_decay: adamw.weight_decay,
             max_grad_norm: 1.0,
             optimizer: Optimizer::AdamW,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
+            adam_beta1: adamw.beta1,
+            adam_beta2: adamw.beta2,
+            adam_epsilon: adamw.eps,
             bf16: Bf16::Auto,
             gradient_checkpointing: false,
             device: Device::Auto,
-            seed: 42,
+            seed: data.seed,
             output_dir: PathBuf::from("./model-out"),
             save_steps: None,
             save_total_limit: None,
@@ -585,8 +588,10 @@ impl TrainConfig {
 
     /// The resolved config as YAML (every default filled in). Loading this text gives the same settings.
     pub fn to_yaml(&self) -> crate::Result<String> {
-        serde_yaml::to_string(self)
-            .map_err(|e| crate::Error::Config(format!("cannot serialise the config: {e}")))
+        serde_yaml::to_string(self).map_err(|source| crate::Error::Serialize {
+            what: "the resolved config".into(),
+            source: source.into(),
+        })
     }
 
     /// Write the resolved config to `dir/config.yaml` (atomically: temp file + rename), with a header

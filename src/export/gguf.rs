@@ -667,6 +667,18 @@ pub fn hf_tokenizer_metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(Strin
     Ok(out)
 }
 
+/// A merged (or, without an adapter, converted) GGUF of the model at `model_path`, with its tokenizer's metadata.
+pub fn export_gguf_from(
+    model_path: &Path,
+    base: &OpenedModel,
+    adapter: Option<&PeftAdapter>,
+    dest: &Path,
+    opts: &GgufExportOptions,
+) -> Result<GgufExportReport> {
+    let tok = tokenizer_metadata(model_path, &base.config)?;
+    export_gguf(base, adapter, tok, dest, opts)
+}
+
 /// Tokenizer metadata for a model location: copied from a `.gguf`, converted from an HF folder.
 pub fn tokenizer_metadata(
     model_path: &Path,
@@ -735,7 +747,7 @@ pub fn export_gguf_model<B: Backend>(
         .map(|t| HostTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
-            make: Box::new(move || Ok(t.values())),
+            make: Box::new(move || t.values()),
         })
         .collect();
     let name = opts.name.clone().unwrap_or_else(|| "model".to_string());
@@ -840,7 +852,7 @@ fn gguf_delta(
         &(ash.clone(), av.clone()),
         &(bsh.clone(), bv.clone()),
         *scale,
-    );
+    )?;
     to_gguf_layout(cfg, hf_weight, &[bsh[0], ash[1]], d)
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 use serde_json::{json, Value};
 
 use super::atomic::{write_atomic, AtomicDir};
@@ -46,13 +46,8 @@ pub struct ExportTensor<'a, B: Backend> {
 
 impl<B: Backend> ExportTensor<'_, B> {
     /// Materialise as f32 values.
-    pub fn values(&self) -> Vec<f32> {
-        (self.make)()
-            .cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .unwrap_or_default()
+    pub fn values(&self) -> Result<Vec<f32>> {
+        crate::model::weights::host_f32((self.make)())
     }
 }
 
@@ -184,7 +179,7 @@ pub fn save_merged<B: Backend>(
         .map(|t| HostTensor {
             name: t.name.clone(),
             shape: t.shape.clone(),
-            make: Box::new(move || Ok(t.values())),
+            make: Box::new(move || t.values()),
         })
         .collect();
     write_hf_folder(&model.config, tensors, dir, opts, fill)
@@ -250,7 +245,10 @@ pub fn write_hf_folder(
 
 /// Pretty-print JSON to a file atomically.
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Export(e.to_string()))?;
+    let mut s = serde_json::to_string_pretty(v).map_err(|source| Error::Serialize {
+        what: path.display().to_string(),
+        source: source.into(),
+    })?;
     s.push('\n');
     write_atomic(path, s.as_bytes())
 }

@@ -17,7 +17,11 @@ use crate::model::OpenedModel;
 use crate::tokenizer::LoadedTokenizer;
 
 /// scale·B·A (f32, `[out, in]`) on the CPU backend.
-pub fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64) -> Vec<f32> {
+pub fn delta(
+    a: &(Vec<usize>, Vec<f32>),
+    b: &(Vec<usize>, Vec<f32>),
+    scale: f64,
+) -> Result<Vec<f32>> {
     let device = Default::default();
     let ta = Tensor::<Cpu, 2>::from_data(
         TensorData::new(a.1.clone(), [a.0[0], a.0[1]]),
@@ -27,11 +31,7 @@ pub fn delta(a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f64)
         TensorData::new(b.1.clone(), [b.0[0], b.0[1]]),
         (&device, DType::F32),
     );
-    tb.matmul(ta)
-        .mul_scalar(scale)
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap_or_default()
+    crate::model::weights::host_f32(tb.matmul(ta).mul_scalar(scale))
 }
 
 /// Check that every module of `adapter` is a linear of the model `cfg` describes, with matching shapes.
@@ -100,7 +100,7 @@ pub fn merged_host_tensors<'a>(
                             &(ash.clone(), av.clone()),
                             &(bsh.clone(), bv.clone()),
                             *scale,
-                        );
+                        )?;
                         for (x, y) in w.iter_mut().zip(d) {
                             *x += y;
                         }

@@ -315,6 +315,62 @@ pub fn write_modelfile(dir: &Path, mf: &Modelfile) -> Result<()> {
     super::atomic::write_atomic(&dir.join("Modelfile"), mf.render()?.as_bytes())
 }
 
+/// What [`write_ollama_folder`] wrote.
+#[derive(Debug, Clone)]
+pub struct OllamaFolder {
+    /// Each GGUF written, by its path in the final folder, with its report.
+    pub gguf: Vec<(std::path::PathBuf, super::gguf::GgufExportReport)>,
+    pub modelfile: Modelfile,
+}
+
+/// An Ollama folder at `out` (replaced atomically): one merged GGUF (`model.gguf`), or with `separate_adapter` the
+/// base (`base.gguf`) and a GGUF LoRA adapter (`adapter.gguf`, in `adapter_type`, and an `ADAPTER` line), plus the
+/// Modelfile — TEMPLATE from the chat template's family (or `template`), stop tokens, default system prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn write_ollama_folder(
+    model_path: &Path,
+    base: &crate::model::OpenedModel,
+    adapter: Option<&crate::lora::peft::PeftAdapter>,
+    tokenizer: &LoadedTokenizer,
+    out: &Path,
+    opts: &super::gguf::GgufExportOptions,
+    adapter_type: super::gguf::GgufType,
+    template: Option<TemplateFamily>,
+    separate_adapter: bool,
+) -> Result<OllamaFolder> {
+    use super::gguf::{export_gguf_adapter, export_gguf_from, GgufExportOptions};
+    let staging = super::atomic::AtomicDir::create(out)?;
+    let dir = staging.path().to_path_buf();
+    let mut gguf = Vec::new();
+    let (from, adapter_file) = match (separate_adapter, adapter) {
+        (true, None) => {
+            return Err(Error::Export(
+                "a separate adapter needs an adapter (--adapter DIR)".into(),
+            ))
+        }
+        (true, Some(ad)) => {
+            let r = export_gguf_from(model_path, base, None, &dir.join("base.gguf"), opts)?;
+            gguf.push((out.join("base.gguf"), r));
+            let ad_opts = GgufExportOptions {
+                out_type: adapter_type,
+                name: opts.name.clone(),
+            };
+            let r = export_gguf_adapter(base, ad, &dir.join("adapter.gguf"), &ad_opts)?;
+            gguf.push((out.join("adapter.gguf"), r));
+            ("./base.gguf", Some("./adapter.gguf"))
+        }
+        (false, _) => {
+            let r = export_gguf_from(model_path, base, adapter, &dir.join("model.gguf"), opts)?;
+            gguf.push((out.join("model.gguf"), r));
+            ("./model.gguf", None)
+        }
+    };
+    let modelfile = modelfile_for(tokenizer, template, from, adapter_file)?;
+    write_modelfile(&dir, &modelfile)?;
+    staging.commit()?;
+    Ok(OllamaFolder { gguf, modelfile })
+}
+
 /// The command that imports the folder into Ollama.
 pub fn create_command(name: &str, modelfile: &Path) -> String {
     let quote = |s: &str| {

@@ -131,7 +131,10 @@ fn header(
     if !metadata.is_empty() {
         map.insert(
             "__metadata__".into(),
-            serde_json::to_value(metadata).map_err(|e| Error::Export(e.to_string()))?,
+            serde_json::to_value(metadata).map_err(|source| Error::Serialize {
+                what: "safetensors metadata".into(),
+                source: source.into(),
+            })?,
         );
     }
     let mut offset = 0usize;
@@ -153,8 +156,11 @@ fn header(
         );
         offset += e.bytes.len();
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(map))
-        .map_err(|e| Error::Export(e.to_string()))?;
+    let mut h =
+        serde_json::to_vec(&serde_json::Value::Object(map)).map_err(|source| Error::Serialize {
+            what: "a safetensors header".into(),
+            source: source.into(),
+        })?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }

@@ -1,7 +1,7 @@
 //! Text generation with a KV cache: greedy (temperature 0) or temperature + nucleus (top-p) sampling,
 //! seeded, stopping at any end-of-sequence / end-of-turn id.
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::kernels::Kernels;
 use rand::{Rng, SeedableRng};
@@ -102,7 +102,11 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng
 }
 
 /// Logits of the last position of a forward over `ids` continuing `cache`.
-fn step_logits<B: Kernels>(model: &CausalLm<B>, ids: &[u32], cache: &mut KvCache<B>) -> Vec<f32> {
+fn step_logits<B: Kernels>(
+    model: &CausalLm<B>,
+    ids: &[u32],
+    cache: &mut KvCache<B>,
+) -> Result<Vec<f32>> {
     let offset = cache.len() as u32;
     let n = ids.len();
     let batch = TokenBatch {
@@ -117,12 +121,7 @@ fn step_logits<B: Kernels>(model: &CausalLm<B>, ids: &[u32], cache: &mut KvCache
     let idx =
         Tensor::<B, 1, Int>::from_data(TensorData::new(vec![(n - 1) as i32], [1]), &model.device);
     let last = hidden.select(0, idx);
-    let logits = model.logits(last, &mut NoDropout).cast(DType::F32);
-    logits
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_default()
+    crate::model::weights::host_f32(model.logits(last, &mut NoDropout))
 }
 
 /// Generate after `prompt_ids`. `on_token` sees each new id as it is produced (for streaming).
@@ -147,7 +146,7 @@ pub fn generate<B: Kernels>(
     let mut cache = KvCache::new(model.config.num_hidden_layers, 1);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut out = Vec::new();
-    let mut logits = step_logits(model, prompt_ids, &mut cache);
+    let mut logits = step_logits(model, prompt_ids, &mut cache)?;
     for _ in 0..opts.max_new_tokens {
         let id = sample(&logits, opts.temperature, opts.top_p, &mut rng);
         out.push(id);
@@ -158,7 +157,7 @@ pub fn generate<B: Kernels>(
         if cache.len() + 1 >= max_ctx {
             return Ok((out, StopReason::Context));
         }
-        logits = step_logits(model, &[id], &mut cache);
+        logits = step_logits(model, &[id], &mut cache)?;
     }
     Ok((out, StopReason::Length))
 }

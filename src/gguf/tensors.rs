@@ -75,11 +75,7 @@ pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, rest) = split_layer(rest)?;
     let (base, suffix) = split_suffix(rest)?;
-    let (_, module) = family
-        .rules()
-        .gguf_tensors
-        .iter()
-        .find(|(g, _)| *g == base)?;
+    let (_, module) = family.rules().gguf_names().find(|(g, _)| *g == base)?;
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
 
@@ -91,11 +87,7 @@ pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, rest) = split_layer(rest)?;
     let (module, suffix) = split_suffix(rest)?;
-    let (base, _) = family
-        .rules()
-        .gguf_tensors
-        .iter()
-        .find(|(_, m)| *m == module)?;
+    let (base, _) = family.rules().gguf_names().find(|(_, m)| *m == module)?;
     Some(format!("blk.{layer}.{base}.{suffix}"))
 }
 

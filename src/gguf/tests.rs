@@ -193,7 +193,7 @@ fn smollm2_config_matches_transformers() {
         c.pad_token_id,
         Some(r["pad_token_id"].as_u64().unwrap() as u32)
     );
-    assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm);
+    assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias && !c.qk_norm());
     assert!(c.layer_windows.iter().all(Option::is_none));
     assert!(c.raw.is_none());
     // Every weight is there under its HF name; transformers' state dict adds only the tied lm_head.
@@ -705,7 +705,7 @@ fn assert_same_config(variant: &str, g: &crate::model::ModelConfig, h: &crate::m
         (h.qkv_bias, h.o_bias, h.mlp_bias),
         "{variant} biases"
     );
-    assert_eq!(g.qk_norm, h.qk_norm, "{variant} qk_norm");
+    assert_eq!(g.qk_norm(), h.qk_norm(), "{variant} qk_norm");
     assert_eq!(g.layer_windows, h.layer_windows, "{variant} windows");
     assert_eq!(
         g.attn_logit_softcapping, h.attn_logit_softcapping,

@@ -13,7 +13,7 @@ use super::targets::{short_name, TargetSpec};
 use crate::error::{Error, Result};
 use crate::export::atomic::{write_atomic, AtomicDir};
 use crate::export::safetensors::{encode, pt_metadata, write_safetensors, OutDtype, TensorEntry};
-use crate::model::weights::{convert_raw, parse_safetensors_header, StoredDtype};
+use crate::model::weights::{convert_raw, host_f32, parse_safetensors_header, StoredDtype};
 use crate::model::CausalLm;
 
 const PREFIX: &str = "base_model.model.";
@@ -71,41 +71,43 @@ pub fn adapter_config<B: Backend>(
 }
 
 /// The adapter tensors in PEFT naming and torch layout, f32.
-pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn adapter_tensors<B: Backend>(
+    model: &CausalLm<B>,
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let mut out = Vec::new();
     for (path, lin) in model.linears() {
         if let Some(l) = &lin.lora {
             for (suffix, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
                 let dims = t.dims().to_vec();
-                let v = t
-                    .clone()
-                    .cast(DType::F32)
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap_or_default();
-                out.push((format!("{PREFIX}{path}.{suffix}.weight"), dims, v));
+                out.push((
+                    format!("{PREFIX}{path}.{suffix}.weight"),
+                    dims,
+                    host_f32(t.clone())?,
+                ));
             }
         }
     }
-    out
+    Ok(out)
 }
 
-/// Write a PEFT adapter folder atomically: adapter_config.json, adapter_model.safetensors, README.md.
-pub fn save_adapter<B: Backend>(
+/// `adapter_config.json` and `adapter_model.safetensors` (f32) of the model's adapters, into `dir` (a staging
+/// folder: the PEFT adapter folder and every checkpoint write them).
+pub fn write_adapter_files<B: Backend>(
+    dir: &Path,
     model: &CausalLm<B>,
     s: &LoraSettings,
     base_model: &str,
-    dir: &Path,
 ) -> Result<()> {
-    let tensors = adapter_tensors(model);
+    let tensors = adapter_tensors(model)?;
     if tensors.is_empty() {
         return Err(Error::Lora("the model carries no adapter to save".into()));
     }
-    let staging = AtomicDir::create(dir)?;
     let cfg = adapter_config(model, s, base_model);
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Export(e.to_string()))?;
-    write_atomic(&staging.path().join("adapter_config.json"), text.as_bytes())?;
+    let text = serde_json::to_string_pretty(&cfg).map_err(|source| Error::Serialize {
+        what: "adapter_config.json".into(),
+        source: source.into(),
+    })?;
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
     let entries: Vec<TensorEntry> = tensors
         .into_iter()
         .map(|(name, shape, v)| TensorEntry {
@@ -116,10 +118,21 @@ pub fn save_adapter<B: Backend>(
         })
         .collect();
     write_safetensors(
-        &staging.path().join("adapter_model.safetensors"),
+        &dir.join("adapter_model.safetensors"),
         &entries,
         &pt_metadata(),
-    )?;
+    )
+}
+
+/// Write a PEFT adapter folder atomically: adapter_config.json, adapter_model.safetensors, README.md.
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    s: &LoraSettings,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
+    let staging = AtomicDir::create(dir)?;
+    write_adapter_files(staging.path(), model, s, base_model)?;
     let readme = model_card(model, s, base_model);
     write_atomic(&staging.path().join("README.md"), readme.as_bytes())?;
     staging.commit()

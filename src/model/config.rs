@@ -91,16 +91,6 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (Llama `mlp_bias`).
     pub mlp_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
-    /// Added to every RMSNorm weight: 1 for Gemma's `x̂·(1 + w)`, else 0.
-    pub norm_offset: f32,
-    /// Embeddings are multiplied by this (Gemma: √hidden_size).
-    pub embedding_scale: Option<f32>,
-    /// Norms after attention and after the MLP as well as before them (Gemma 2).
-    pub sandwich_norms: bool,
-    /// `qkv_proj` / `gate_up_proj` fused in the checkpoint (Phi-3), kept fused.
-    pub fused_projections: bool,
     /// Sliding-window size per layer (`None` = full causal attention).
     pub layer_windows: Vec<Option<usize>>,
     /// Gemma2: tanh soft-capping of attention scores.
@@ -246,11 +236,6 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: rules.qk_norm,
-            norm_offset: rules.norm_offset(),
-            embedding_scale: rules.embedding_scale(hidden_size),
-            sandwich_norms: rules.sandwich_norms,
-            fused_projections: rules.fused_projections,
             layer_windows,
             attn_logit_softcapping,
             final_logit_softcapping,
@@ -301,6 +286,31 @@ impl ModelConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family.rules().qk_norm
+    }
+
+    /// Added to every RMSNorm weight: 1 for Gemma's `x̂·(1 + w)`, else 0.
+    pub fn norm_offset(&self) -> f32 {
+        self.family.rules().norm_offset()
+    }
+
+    /// What the embeddings are multiplied by (Gemma: √hidden_size).
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.family.rules().embedding_scale(self.hidden_size)
+    }
+
+    /// Norms after attention and after the MLP as well as before them (Gemma 2).
+    pub fn sandwich_norms(&self) -> bool {
+        self.family.rules().sandwich_norms
+    }
+
+    /// `qkv_proj` / `gate_up_proj` fused in the checkpoint (Phi-3), kept fused.
+    pub fn fused_projections(&self) -> bool {
+        self.family.rules().fused_projections
     }
 
     /// A key of the original config.json (None when absent, null, or the config came from a GGUF).
@@ -398,14 +408,14 @@ impl ModelConfig {
                 0
             }
             + if self.o_bias { h } else { 0 }
-            + if self.qk_norm { 2 * self.head_dim } else { 0 };
+            + if self.qk_norm() { 2 * self.head_dim } else { 0 };
         let mlp = 3 * h * self.intermediate_size
             + if self.mlp_bias {
                 2 * self.intermediate_size + h
             } else {
                 0
             };
-        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let norms = if self.sandwich_norms() { 4 * h } else { 2 * h };
         let layer = attn + mlp + norms;
         embed
             + self.num_hidden_layers * layer
@@ -828,7 +838,12 @@ mod tests {
     fn unknown_architecture_lists_supported() {
         let mut v = llama();
         v["architectures"] = json!(["FalconForCausalLM"]);
-        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        let e = ModelConfig::from_json(&v).unwrap_err();
+        assert!(
+            matches!(&e, Error::UnsupportedArchitecture { what: "architecture", name, .. } if name == "FalconForCausalLM"),
+            "{e:?}"
+        );
+        let e = e.to_string();
         assert!(
             e.contains("FalconForCausalLM") && e.contains("Qwen3ForCausalLM"),
             "{e}"

@@ -198,7 +198,7 @@ impl<B: Kernels> CausalLm<B> {
         let ids: Vec<i32> = batch.input_ids.iter().map(|&x| x as i32).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), device);
         let mut x = self.model.embed_tokens.weight.clone().select(0, ids);
-        if let Some(scale) = cfg.embedding_scale {
+        if let Some(scale) = cfg.embedding_scale() {
             x = x.mul_scalar(scale);
         }
 

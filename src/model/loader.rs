@@ -136,7 +136,7 @@ impl<B: Backend> CausalLm<B> {
             device,
             dtype,
             eps: cfg.rms_norm_eps,
-            norm_offset: cfg.norm_offset,
+            norm_offset: cfg.norm_offset(),
         };
         let model = Tree::build(&cfg, &mut loader)?;
         let inv_freq = cfg.rope_inv_freq();

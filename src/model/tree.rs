@@ -140,7 +140,7 @@ impl<L: Leaves> Tree<L> {
             let attn = |name: &str| format!("{p}.self_attn.{name}");
             let mlp = |name: &str| format!("{p}.mlp.{name}");
             let norm = |name: &str| format!("{p}.{name}");
-            let (qkv, gate_up) = if cfg.fused_projections {
+            let (qkv, gate_up) = if cfg.fused_projections() {
                 (
                     vec![m.linear(&attn("qkv_proj"), qo + 2 * kvo, h, false)?],
                     vec![m.linear(&mlp("gate_up_proj"), 2 * i, h, false)?],
@@ -160,7 +160,7 @@ impl<L: Leaves> Tree<L> {
             };
             let o_proj = m.linear(&attn("o_proj"), h, qo, cfg.o_bias)?;
             let down_proj = m.linear(&mlp("down_proj"), h, i, cfg.mlp_bias)?;
-            let (q_norm, k_norm) = if cfg.qk_norm {
+            let (q_norm, k_norm) = if cfg.qk_norm() {
                 (
                     Some(m.norm(&attn("q_norm"), cfg.head_dim)?),
                     Some(m.norm(&attn("k_norm"), cfg.head_dim)?),
@@ -169,7 +169,7 @@ impl<L: Leaves> Tree<L> {
                 (None, None)
             };
             let input_norm = m.norm(&norm("input_layernorm"), h)?;
-            let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms {
+            let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms() {
                 (
                     Some(m.norm(&norm("post_attention_layernorm"), h)?),
                     m.norm(&norm("pre_feedforward_layernorm"), h)?,

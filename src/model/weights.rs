@@ -70,6 +70,18 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// A tensor's values on the host as f32 (from any float dtype): the one way loratune reads tensors back for files
+/// and host-side math. An unreadable tensor is an error, never an empty vector.
+pub fn host_f32<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> Result<Vec<f32>> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| Error::Weights(format!("reading a tensor back from the device: {e:?}")))
+}
+
 /// Convert little-endian raw elements of `from` to `TensorData` of `to`.
 pub fn convert_raw(
     bytes: &[u8],

@@ -194,9 +194,12 @@ pub fn tokenizer_from_gguf_metadata(meta: &BTreeMap<String, MetaValue>) -> Resul
         .map(|(tok, _)| AddedToken::from(tok.to_string(), false).normalized(false))
         .collect();
     if !user.is_empty() {
-        tokenizer.add_tokens(user).map_err(|e| {
-            Error::Tokenizer(format!("GGUF tokenizer: adding user-defined tokens: {e}"))
-        })?;
+        tokenizer
+            .add_tokens(user)
+            .map_err(|e| Error::TokenizerBuild {
+                what: "GGUF tokenizer: adding user-defined tokens".into(),
+                source: e,
+            })?;
     }
     let named = |id: Option<u32>| id.map(|i| (tokens[i as usize].to_string(), i));
     let bos = named(bos_id);
@@ -284,7 +287,10 @@ fn add_special(tokenizer: &mut Tokenizer, tokens: Vec<AddedToken>) -> Result<()>
     tokenizer
         .add_special_tokens(tokens)
         .map(|_| ())
-        .map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: adding special tokens: {e}")))
+        .map_err(|source| Error::TokenizerBuild {
+            what: "GGUF tokenizer: adding special tokens".into(),
+            source,
+        })
 }
 
 /// GPT-2's byte → printable-character table (`bytes_to_unicode`): printable Latin-1 bytes map to themselves,
@@ -332,7 +338,10 @@ fn build_byte_level(
         .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
         .ignore_merges(kind == PreKind::Llama3)
         .build()
-        .map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: building the BPE model: {e}")))?;
+        .map_err(|source| Error::TokenizerBuild {
+            what: "GGUF tokenizer: building the BPE model".into(),
+            source,
+        })?;
     let mut tokenizer = Tokenizer::new(bpe);
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         Split::new(
@@ -341,7 +350,10 @@ fn build_byte_level(
             false,
         )
         .map(Into::into)
-        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))
+        .map_err(|source| Error::TokenizerBuild {
+            what: "pre-tokenizer regex".into(),
+            source,
+        })
     };
     let pre: PreTokenizerWrapper = match kind {
         PreKind::Smollm => PreSequence::new(vec![
@@ -446,12 +458,16 @@ fn build_sentencepiece(
     if gemma && vocab.contains_key("<unk>") {
         builder = builder.unk_token("<unk>".to_string());
     }
-    let bpe = builder
-        .build()
-        .map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: building the BPE model: {e}")))?;
+    let bpe = builder.build().map_err(|source| Error::TokenizerBuild {
+        what: "GGUF tokenizer: building the BPE model".into(),
+        source,
+    })?;
     let mut tokenizer = Tokenizer::new(bpe);
     let replace = |from: &str, to: &str| -> Result<Replace> {
-        Replace::new(from, to).map_err(|e| Error::Tokenizer(format!("tokenizer normalizer: {e}")))
+        Replace::new(from, to).map_err(|source| Error::TokenizerBuild {
+            what: "tokenizer normalizer".into(),
+            source,
+        })
     };
     let mut decoders: Vec<DecoderWrapper> = vec![
         replace("\u{2581}", " ")?.into(),
@@ -461,13 +477,19 @@ fn build_sentencepiece(
     if gemma {
         tokenizer
             .with_normalizer(Some(NormalizerWrapper::from(replace(" ", "\u{2581}")?)))
-            .map_err(|e| Error::Tokenizer(format!("tokenizer normalizer: {e}")))?;
+            .map_err(|source| Error::TokenizerBuild {
+                what: "tokenizer normalizer".into(),
+                source,
+            })?;
         let split = Split::new(
             " ".to_string(),
             SplitDelimiterBehavior::MergedWithPrevious,
             false,
         )
-        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer: {e}")))?;
+        .map_err(|source| Error::TokenizerBuild {
+            what: "pre-tokenizer".into(),
+            source,
+        })?;
         tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::from(split)));
     } else if arch == "phi3" {
         let mut norms: Vec<NormalizerWrapper> = Vec::new();
@@ -479,7 +501,10 @@ fn build_sentencepiece(
             .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(
                 norms,
             ))))
-            .map_err(|e| Error::Tokenizer(format!("tokenizer normalizer: {e}")))?;
+            .map_err(|source| Error::TokenizerBuild {
+                what: "tokenizer normalizer".into(),
+                source,
+            })?;
         tokenizer.with_pre_tokenizer(None::<PreTokenizerWrapper>);
         if add_space_prefix {
             decoders.push(Strip::new(' ', 1, 0).into());
@@ -586,59 +611,41 @@ fn get_array<'a>(
     }
 }
 
+/// A metadata array whose elements `conv` reads (`what` names the expected type in the error).
+fn get_typed_array<'a, T>(
+    meta: &'a BTreeMap<String, MetaValue>,
+    key: &str,
+    what: &str,
+    conv: impl Fn(&'a MetaValue) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(arr) = get_array(meta, key)? else {
+        return Ok(None);
+    };
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            conv(v).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "GGUF metadata `{key}`[{i}] is a {}, expected {what}",
+                    v.type_name()
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 fn get_str_array<'a>(
     meta: &'a BTreeMap<String, MetaValue>,
     key: &str,
 ) -> Result<Option<Vec<&'a str>>> {
-    let Some(arr) = get_array(meta, key)? else {
-        return Ok(None);
-    };
-    arr.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_str().ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "GGUF metadata `{key}`[{i}] is a {}, expected a string",
-                    v.type_name()
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    get_typed_array(meta, key, "a string", MetaValue::as_str)
 }
 
 fn get_int_array(meta: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<Vec<i64>>> {
-    let Some(arr) = get_array(meta, key)? else {
-        return Ok(None);
-    };
-    arr.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_i64().ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "GGUF metadata `{key}`[{i}] is a {}, expected an integer",
-                    v.type_name()
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    get_typed_array(meta, key, "an integer", MetaValue::as_i64)
 }
 
 fn get_float_array(meta: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<Vec<f64>>> {
-    let Some(arr) = get_array(meta, key)? else {
-        return Ok(None);
-    };
-    arr.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_f64().ok_or_else(|| {
-                Error::Tokenizer(format!(
-                    "GGUF metadata `{key}`[{i}] is a {}, expected a number",
-                    v.type_name()
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    get_typed_array(meta, key, "a number", MetaValue::as_f64)
 }

@@ -326,7 +326,10 @@ impl LoadedTokenizer {
         let text = self
             .tokenizer
             .to_string(false)
-            .map_err(|e| Error::Tokenizer(format!("serialising the tokenizer: {e}")))?;
+            .map_err(|source| Error::TokenizerBuild {
+                what: "serialising the tokenizer".into(),
+                source,
+            })?;
         std::fs::write(&tok_path, text).map_err(|e| Error::io(&tok_path, e))?;
 
         let tok = |t: &Option<(String, u32)>| {
@@ -440,10 +443,16 @@ pub(crate) fn template_processing(
     let tp = TemplateProcessing::builder()
         .try_single(single)
         .and_then(|b| b.try_pair(pair))
-        .map_err(|e| Error::Tokenizer(format!("building the BOS/EOS post-processor: {e}")))?
+        .map_err(|source| Error::TokenizerBuild {
+            what: "building the BOS/EOS post-processor".into(),
+            source: source.into(),
+        })?
         .special_tokens(specials)
         .build()
-        .map_err(|e| Error::Tokenizer(format!("building the BOS/EOS post-processor: {e}")))?;
+        .map_err(|source| Error::TokenizerBuild {
+            what: "building the BOS/EOS post-processor".into(),
+            source: Box::new(source),
+        })?;
     Ok(tp.into())
 }
 

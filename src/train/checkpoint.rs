@@ -18,8 +18,8 @@ use crate::error::{Error, Result};
 use crate::export::atomic::{write_atomic, AtomicDir};
 use crate::export::safetensors::{encode, pt_metadata, write_safetensors, OutDtype, TensorEntry};
 use crate::lora::adapter::{lora_params, LoraSettings};
-use crate::lora::peft::{adapter_config, adapter_tensors};
-use crate::model::weights::parse_safetensors_header;
+use crate::lora::peft::write_adapter_files;
+use crate::model::weights::{host_f32, parse_safetensors_header};
 use crate::model::CausalLm;
 
 /// Bump when the layout changes.
@@ -86,36 +86,14 @@ pub fn save<B: burn::tensor::backend::AutodiffBackend>(
     let dir = checkpoint_dir(output_dir, state.global_step);
     let staging = AtomicDir::create(&dir)?;
     let p = staging.path();
-    let cfg = adapter_config(model, settings, base_model);
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Train(e.to_string()))?;
-    write_atomic(&p.join("adapter_config.json"), text.as_bytes())?;
-    let tensors: Vec<TensorEntry> = adapter_tensors(model)
-        .into_iter()
-        .map(|(name, shape, v)| TensorEntry {
-            name,
-            dtype: OutDtype::F32,
-            shape,
-            bytes: encode(&v, OutDtype::F32),
-        })
-        .collect();
-    write_safetensors(
-        &p.join("adapter_model.safetensors"),
-        &tensors,
-        &pt_metadata(),
-    )?;
+    write_adapter_files(p, model, settings, base_model)?;
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut moments = Vec::new();
     for (key, m) in keys.iter().zip(&opt.moments) {
         if let Some(Moments { m, v }) = m {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let shape = t.dims().to_vec();
-                let vals = t
-                    .clone()
-                    .cast(DType::F32)
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .unwrap_or_default();
+                let vals = host_f32(t.clone())?;
                 moments.push(TensorEntry {
                     name: format!("{prefix}.{key}"),
                     dtype: OutDtype::F32,
@@ -126,7 +104,10 @@ pub fn save<B: burn::tensor::backend::AutodiffBackend>(
         }
     }
     write_safetensors(&p.join("optimizer.safetensors"), &moments, &pt_metadata())?;
-    let st = serde_json::to_string_pretty(state).map_err(|e| Error::Train(e.to_string()))?;
+    let st = serde_json::to_string_pretty(state).map_err(|source| Error::Serialize {
+        what: "trainer_state.json".into(),
+        source: source.into(),
+    })?;
     // trainer_state.json last: its presence marks a complete checkpoint.
     write_atomic(&p.join("trainer_state.json"), st.as_bytes())?;
     staging.commit()?;

@@ -59,7 +59,10 @@ impl MetricsWriter {
     }
 
     pub fn write(&mut self, m: &MetricLine) -> Result<()> {
-        let s = serde_json::to_string(m).map_err(|e| Error::Train(e.to_string()))?;
+        let s = serde_json::to_string(m).map_err(|source| Error::Serialize {
+            what: "a metrics.jsonl line".into(),
+            source: source.into(),
+        })?;
         writeln!(self.file, "{s}").map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
         self.lines += 1;

@@ -245,17 +245,20 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     pub fn train(&mut self) -> Result<Outcome> {
         self.counters.t_loop = Instant::now();
         while self.state.global_step < self.schedule.total {
-            let step = self.state.global_step;
+            // The step's micro-batches and learning rate.
             let micro = self.next_micro_batches()?;
-            let lr = self.schedule.lr(step);
+            let lr = self.schedule.lr(self.state.global_step);
+            // Forward, backward and AdamW; then count, log.
             let stats = self.step(&micro, lr)?;
             self.record(&stats, lr)?;
+            // Evaluate and checkpoint when due.
             let last = self.state.global_step == self.schedule.total;
             let due = |every: u64, s: u64| s % every == 0 || last;
             let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?;
             if due(self.save_every, self.state.global_step) || stop_early {
                 self.save_checkpoint()?;
             }
+            // Stop early, or when interrupted.
             if stop_early {
                 return Ok(Outcome::StoppedEarly);
             }

@@ -1010,3 +1010,30 @@ fn every_key_is_documented() {
         );
     }
 }
+
+/// The library keeps a config's problems structured: `TrainConfig::load` fails with `Error::ConfigFile`, every
+/// issue with its key and position.
+#[test]
+fn config_errors_keep_their_structure() {
+    let d = data_dir();
+    let p = d.path().join("bad.yaml");
+    let good = GOOD
+        .replace(
+            "model.gguf",
+            &d.path().join("model.gguf").display().to_string(),
+        )
+        .replace(
+            "train.jsonl",
+            &d.path().join("train.jsonl").display().to_string(),
+        );
+    std::fs::write(&p, format!("{good}lora_alpah: 16\n")).unwrap();
+    match TrainConfig::load(&p, &[]) {
+        Err(loratune::Error::ConfigFile(e)) => {
+            assert_eq!(e.issues.len(), 1, "{e}");
+            assert_eq!(e.issues[0].key, "lora_alpah");
+            assert!(e.issues[0].pos.is_some());
+            assert!(e.to_string().contains("did you mean `lora_alpha`?"), "{e}");
+        }
+        other => panic!("expected Error::ConfigFile, got {other:?}"),
+    }
+}

@@ -166,8 +166,12 @@ fn nan_loss_stops_without_touching_the_adapter() {
             step: 0,
         },
     )
-    .unwrap_err()
-    .to_string();
+    .unwrap_err();
+    assert!(
+        matches!(e, loratune::Error::NonFinite { step: 1, .. }),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(
         e.contains("training stopped") && e.contains("learning_rate"),
         "{e}"
@@ -457,5 +461,29 @@ mod runs {
         .unwrap();
         let want = eval_on(&m, &batches).unwrap();
         assert_eq!(e16, want);
+    }
+
+    /// Resuming a checkpoint with a config that changes the trajectory is refused, as a typed error naming the
+    /// checkpoint.
+    #[test]
+    fn resuming_with_another_config_is_a_typed_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        train(&config(tmp.path(), "max_steps: 2\nsave_steps: 1"), &quiet()).unwrap();
+        let other = config_with(
+            tmp.path(),
+            "max_steps: 2\nsave_steps: 1\nauto_resume_from_checkpoints: true",
+            &["learning_rate=0.02"],
+        );
+        match train(&other, &quiet()) {
+            Err(loratune::Error::CheckpointMismatch {
+                checkpoint,
+                found,
+                expected,
+            }) => {
+                assert!(checkpoint.ends_with("checkpoint-2"), "{checkpoint:?}");
+                assert_ne!(found, expected);
+            }
+            other => panic!("expected a checkpoint mismatch, got {other:?}"),
+        }
     }
 }

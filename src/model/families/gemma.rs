@@ -1,39 +1,19 @@
 //! Gemma: transformers' `GemmaForCausalLM`, llama.cpp's `gemma`. `(1 + w)` RMSNorm (llama.cpp stores the norms
 //! as `w + 1`), embeddings scaled by √hidden, gelu-tanh, tied embeddings.
 
-use super::{windows_ignored_by_llamacpp, AttentionBias, Family, Hparams, Rules, Windows};
+use super::{Family, Hparams, Rules};
 use crate::error::Result;
 use crate::kernels::Activation;
 use crate::model::ModelConfig;
 
 pub const RULES: Rules = Rules {
-    family: Family::Gemma,
-    architecture: "GemmaForCausalLM",
-    model_type: "gemma",
     activation_keys: &["hidden_act", "hidden_activation"],
     default_activation: Activation::GeluTanh,
     gelu_means_tanh: true,
     tie_word_embeddings: true,
-    rms_norm_eps: 1e-6,
-    attention_bias: AttentionBias::Configurable,
-    mlp_bias: false,
-    windows: Windows::None,
-    layer_types_gate: None,
-    softcapping: None,
-    query_pre_attn_scalar: false,
-    qk_norm: false,
     gemma_norms: true,
-    sandwich_norms: false,
-    fused_projections: false,
-    default_lora_targets: &["q_proj", "v_proj"],
-    gguf_architecture: "gemma",
-    reads_gguf: true,
-    gguf_tensors: super::LLAMA_GGUF_TENSORS,
-    gguf_permutes_qk: false,
-    gguf_partial_rotary: false,
-    gguf_rope_freqs: false,
     gguf_hyperparameters,
-    llamacpp_windows: windows_ignored_by_llamacpp,
+    ..Rules::llama_like(Family::Gemma, "GemmaForCausalLM", "gemma", "gemma")
 };
 
 /// `context_length`, `embedding_length`, `block_count`, `feed_forward_length`, head counts, epsilon, key/value

@@ -2,55 +2,37 @@
 //! attention and after the MLP too), tanh soft-capping of the attention scores and the final logits, sliding-window
 //! attention on even layers, `query_pre_attn_scalar`.
 
-use super::{AttentionBias, Family, Hparams, Rules, Softcapping, Windows};
+use super::{Family, Hparams, Rules, Softcapping, Windows};
 use crate::error::{Error, Result};
 use crate::kernels::Activation;
 use crate::model::ModelConfig;
 
 pub const RULES: Rules = Rules {
-    family: Family::Gemma2,
-    architecture: "Gemma2ForCausalLM",
-    model_type: "gemma2",
     activation_keys: &["hidden_activation", "hidden_act"],
     default_activation: Activation::GeluTanh,
-    gelu_means_tanh: false,
     tie_word_embeddings: true,
-    rms_norm_eps: 1e-6,
-    attention_bias: AttentionBias::Configurable,
-    mlp_bias: false,
     windows: Windows::Alternating { default: 4096 },
-    layer_types_gate: None,
     softcapping: Some(Softcapping {
         gguf_attn_default: 50.0,
         gguf_final_default: 30.0,
         llamacpp_query_scalar,
     }),
     query_pre_attn_scalar: true,
-    qk_norm: false,
     gemma_norms: true,
     sandwich_norms: true,
-    fused_projections: false,
-    default_lora_targets: &["q_proj", "v_proj"],
-    gguf_architecture: "gemma2",
-    reads_gguf: true,
     gguf_tensors: &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_q", "self_attn.q_proj"),
-        ("attn_k", "self_attn.k_proj"),
-        ("attn_v", "self_attn.v_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("post_attention_norm", "post_attention_layernorm"),
-        ("ffn_norm", "pre_feedforward_layernorm"),
-        ("post_ffw_norm", "post_feedforward_layernorm"),
-        ("ffn_gate", "mlp.gate_proj"),
-        ("ffn_up", "mlp.up_proj"),
-        ("ffn_down", "mlp.down_proj"),
+        super::GGUF_INPUT_NORM,
+        super::GGUF_ATTENTION,
+        &[
+            ("post_attention_norm", "post_attention_layernorm"),
+            ("ffn_norm", "pre_feedforward_layernorm"),
+            ("post_ffw_norm", "post_feedforward_layernorm"),
+        ],
+        super::GGUF_MLP,
     ],
-    gguf_permutes_qk: false,
-    gguf_partial_rotary: false,
-    gguf_rope_freqs: false,
     gguf_hyperparameters,
     llamacpp_windows,
+    ..Rules::llama_like(Family::Gemma2, "Gemma2ForCausalLM", "gemma2", "gemma2")
 };
 
 /// llama.cpp does not store the attention scale: it uses 1/√(hidden/heads) for the 46-layer 27B model and

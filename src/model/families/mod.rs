@@ -184,8 +184,9 @@ pub struct Rules {
     pub gguf_architecture: &'static str,
     /// Whether a GGUF of that architecture is read as this family (Mistral's GGUFs say `llama`).
     pub reads_gguf: bool,
-    /// Per-layer GGUF tensor base names → HF module paths under `model.layers.N.`.
-    pub gguf_tensors: &'static [(&'static str, &'static str)],
+    /// Per-layer GGUF tensor base names → HF module paths under `model.layers.N.`, in groups (shared groups are
+    /// the consts below).
+    pub gguf_tensors: &'static [&'static [(&'static str, &'static str)]],
     /// llama.cpp stores q/k rows permuted for its interleaved RoPE (the `llama` architecture).
     pub gguf_permutes_qk: bool,
     /// `rope.dimension_count` below head_dim is read as partial rotary (Phi-3).
@@ -200,6 +201,50 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// A family with Llama's conventions (silu, untied head, eps 1e-6, no windows, q/v LoRA targets, llama.cpp's
+    /// Llama tensor names, the llama-style GGUF keys); a family file overrides what differs.
+    pub const fn llama_like(
+        family: Family,
+        architecture: &'static str,
+        model_type: &'static str,
+        gguf_architecture: &'static str,
+    ) -> Rules {
+        Rules {
+            family,
+            architecture,
+            model_type,
+            activation_keys: &["hidden_act"],
+            default_activation: Activation::Silu,
+            gelu_means_tanh: false,
+            tie_word_embeddings: false,
+            rms_norm_eps: 1e-6,
+            attention_bias: AttentionBias::Configurable,
+            mlp_bias: false,
+            windows: Windows::None,
+            layer_types_gate: None,
+            softcapping: None,
+            query_pre_attn_scalar: false,
+            qk_norm: false,
+            gemma_norms: false,
+            sandwich_norms: false,
+            fused_projections: false,
+            default_lora_targets: &["q_proj", "v_proj"],
+            gguf_architecture,
+            reads_gguf: true,
+            gguf_tensors: LLAMA_GGUF_TENSORS,
+            gguf_permutes_qk: false,
+            gguf_partial_rotary: false,
+            gguf_rope_freqs: false,
+            gguf_hyperparameters: llama_gguf_hyperparameters,
+            llamacpp_windows: windows_ignored_by_llamacpp,
+        }
+    }
+
+    /// Every (GGUF base name, HF module path) pair of a layer.
+    pub fn gguf_names(&self) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+        self.gguf_tensors.iter().flat_map(|g| g.iter())
+    }
+
     /// What the decoder adds to every RMSNorm weight (Gemma's `x̂·(1 + w)`).
     pub fn norm_offset(&self) -> f32 {
         if self.gemma_norms {
@@ -315,6 +360,28 @@ impl Hparams {
     }
 }
 
+/// What llama.cpp's converter writes for llama, mistral, qwen2 and qwen3: `block_count`, `context_length`,
+/// `embedding_length`, `feed_forward_length`, head counts, `rope.scaling.*` (linear scaling), `rope.freq_base`,
+/// `attention.layer_norm_rms_epsilon`, `attention.key_length` + `value_length` (when config.json has
+/// `head_dim`), `general.file_type`; the `llama` architecture also `vocab_size` and `rope.dimension_count`.
+fn llama_gguf_hyperparameters(cfg: &ModelConfig, h: &mut Hparams) -> Result<()> {
+    h.llama_sizes(cfg)?;
+    h.rope_scaling(cfg);
+    h.f32("rope.freq_base", cfg.rope.theta);
+    h.eps(cfg);
+    let head_dim_in_config = cfg.raw_get("head_dim").is_some()
+        || cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size;
+    if head_dim_in_config {
+        h.head_dim(cfg)?;
+    }
+    h.file_type();
+    if cfg.family.rules().gguf_architecture == "llama" {
+        h.u32("vocab_size", cfg.vocab_size, "vocab_size")?;
+        h.u32("rope.dimension_count", cfg.head_dim, "head_dim")?;
+    }
+    Ok(())
+}
+
 /// The windows rule of families llama.cpp runs without sliding-window attention: a note when the model has one.
 pub fn windows_ignored_by_llamacpp(cfg: &ModelConfig) -> std::result::Result<Vec<String>, String> {
     let arch = cfg.family.rules().gguf_architecture;
@@ -326,15 +393,26 @@ pub fn windows_ignored_by_llamacpp(cfg: &ModelConfig) -> std::result::Result<Vec
     })
 }
 
-/// llama.cpp's per-layer tensor names for the Llama module layout (shared by several families).
-pub const LLAMA_GGUF_TENSORS: &[(&str, &str)] = &[
-    ("attn_norm", "input_layernorm"),
+/// llama.cpp's per-layer tensor names (GGUF base name, HF module path), in the groups the families share.
+pub type GgufNames = &'static [(&'static str, &'static str)];
+
+/// The norm before attention.
+pub const GGUF_INPUT_NORM: GgufNames = &[("attn_norm", "input_layernorm")];
+/// Separate q, k, v and o projections.
+pub const GGUF_ATTENTION: GgufNames = &[
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
     ("attn_output", "self_attn.o_proj"),
-    ("ffn_norm", "post_attention_layernorm"),
+];
+/// The norm before the MLP (Llama's `post_attention_layernorm`).
+pub const GGUF_MLP_NORM: GgufNames = &[("ffn_norm", "post_attention_layernorm")];
+/// Separate gate, up and down projections.
+pub const GGUF_MLP: GgufNames = &[
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
 ];
+/// The Llama module layout.
+pub const LLAMA_GGUF_TENSORS: &[GgufNames] =
+    &[GGUF_INPUT_NORM, GGUF_ATTENTION, GGUF_MLP_NORM, GGUF_MLP];

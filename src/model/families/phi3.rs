@@ -4,44 +4,30 @@
 
 use super::{AttentionBias, Family, Hparams, Rules, Windows};
 use crate::error::Result;
-use crate::kernels::Activation;
 use crate::model::ModelConfig;
 
 pub const RULES: Rules = Rules {
-    family: Family::Phi3,
-    architecture: "Phi3ForCausalLM",
-    model_type: "phi3",
-    activation_keys: &["hidden_act"],
-    default_activation: Activation::Silu,
-    gelu_means_tanh: false,
-    tie_word_embeddings: false,
     rms_norm_eps: 1e-5,
     attention_bias: AttentionBias::None,
-    mlp_bias: false,
     windows: Windows::EveryLayer,
-    layer_types_gate: None,
-    softcapping: None,
-    query_pre_attn_scalar: false,
-    qk_norm: false,
-    gemma_norms: false,
-    sandwich_norms: false,
     fused_projections: true,
     default_lora_targets: &["qkv_proj"],
-    gguf_architecture: "phi3",
-    reads_gguf: true,
     gguf_tensors: &[
-        ("attn_norm", "input_layernorm"),
-        ("attn_qkv", "self_attn.qkv_proj"),
-        ("attn_output", "self_attn.o_proj"),
-        ("ffn_norm", "post_attention_layernorm"),
-        ("ffn_up", "mlp.gate_up_proj"),
-        ("ffn_down", "mlp.down_proj"),
+        super::GGUF_INPUT_NORM,
+        &[
+            ("attn_qkv", "self_attn.qkv_proj"),
+            ("attn_output", "self_attn.o_proj"),
+        ],
+        super::GGUF_MLP_NORM,
+        &[
+            ("ffn_up", "mlp.gate_up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ],
     ],
-    gguf_permutes_qk: false,
     gguf_partial_rotary: true,
-    gguf_rope_freqs: false,
     gguf_hyperparameters,
     llamacpp_windows,
+    ..Rules::llama_like(Family::Phi3, "Phi3ForCausalLM", "phi3", "phi3")
 };
 
 /// `context_length`, `rope.scaling.original_context_length`, `embedding_length`, `feed_forward_length`,
