@@ -895,7 +895,7 @@ impl TrainConfig {
     pub fn check_data(&self, d: &DataFacts) -> Result<Vec<ConfigIssue>, ConfigErrors> {
         let mut issues = Vec::new();
         match self.val_split() {
-            ValSplit::Count(n) if n as usize >= d.samples_before_split => issues.push(Issue::invalid(
+            ValSplit::Count(n) if n >= d.samples_before_split => issues.push(Issue::invalid(
                 k("val_set_size"),
                 format!(
                     "{n} evaluation samples leave none for training: the dataset has {} samples",

@@ -165,6 +165,8 @@ named_enum! {
     reject {}
 }
 
+// `named_enum!` derives a fixed set of traits; the default is given here.
+#[allow(clippy::derivable_impls)]
 impl Default for TrainOnEos {
     fn default() -> Self {
         TrainOnEos::Turn

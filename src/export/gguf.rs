@@ -37,6 +37,18 @@ use crate::tokenizer::{tokenizer_from_gguf_metadata, LoadedTokenizer, SUPPORTED_
 /// `general.quantization_version` (gguf-py's `GGML_QUANT_VERSION`).
 pub const GGML_QUANT_VERSION: u32 = 2;
 
+/// The tokenizer's keys, then `general.quantization_version`, as the converter orders them after the
+/// hyperparameters.
+fn tokenizer_and_version(w: &mut GgufWriter, tokenizer: Vec<(String, MetaValue)>) -> Result<()> {
+    for (k, v) in tokenizer {
+        w.set(k, v)?;
+    }
+    w.set(
+        "general.quantization_version",
+        MetaValue::U32(GGML_QUANT_VERSION),
+    )
+}
+
 /// Output tensor types of a GGUF export (`--type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufType {
@@ -785,13 +797,7 @@ fn write_from_hf(
     for (k, v) in hyperparameters(cfg, opts.out_type.file_type())? {
         w.set(k, v)?;
     }
-    for (k, v) in tokenizer {
-        w.set(k, v)?;
-    }
-    w.set(
-        "general.quantization_version",
-        MetaValue::U32(GGML_QUANT_VERSION),
-    )?;
+    tokenizer_and_version(&mut w, tokenizer)?;
 
     if let Some(r) = rope_freqs {
         let n = r.len();
@@ -919,13 +925,7 @@ fn export_from_gguf(
             base.path.display()
         )));
     }
-    for (k, v) in tokenizer {
-        w.set(k, v)?;
-    }
-    w.set(
-        "general.quantization_version",
-        MetaValue::U32(GGML_QUANT_VERSION),
-    )?;
+    tokenizer_and_version(&mut w, tokenizer)?;
 
     let modules = adapter.map(|a| &a.modules);
     let mut fallbacks = Vec::new();

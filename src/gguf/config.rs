@@ -11,7 +11,7 @@
 use super::reader::GgufFile;
 use super::value::MetaValue;
 use crate::error::{Error, Result};
-use crate::model::families::{AttentionBias, Windows};
+use crate::model::families::Windows;
 use crate::model::{Family, ModelConfig, RopeConfig, RopeScaling};
 
 /// Typed access to metadata keys, with errors that name the file and key.
@@ -190,11 +190,8 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
 
     let has = |n: &str| file.tensor_info(n).is_some();
     let tie_word_embeddings = !has("output.weight");
-    let (qkv_bias, o_bias) = match rules.attention_bias {
-        AttentionBias::QkvOnly => (true, false),
-        AttentionBias::None => (false, false),
-        AttentionBias::Configurable => (has("blk.0.attn_q.bias"), has("blk.0.attn_output.bias")),
-    };
+    let (qkv_bias, o_bias) =
+        rules.attention_biases(has("blk.0.attn_q.bias"), has("blk.0.attn_output.bias"));
     let mlp_bias = rules.mlp_bias && has("blk.0.ffn_up.bias");
     let hidden_act = rules.default_activation;
 

@@ -208,22 +208,7 @@ pub fn unpermute_rope_rows(
     cols: usize,
     n_head: usize,
 ) -> std::result::Result<Vec<f32>, String> {
-    let half = check_rope_rows(rows, n_head)?;
-    if data.len() != rows * cols {
-        return Err(format!("{} values for {rows}×{cols}", data.len()));
-    }
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for j in 0..half {
-            for a in 0..2 {
-                let src = h * 2 * half + 2 * j + a;
-                let dst = h * 2 * half + a * half + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
+    move_rope_rows(data, rows, cols, n_head, false)
 }
 
 /// Apply llama.cpp's q/k permutation (the inverse of [`unpermute_rope_rows`]), for the GGUF writer.
@@ -232,6 +217,18 @@ pub fn permute_rope_rows(
     rows: usize,
     cols: usize,
     n_head: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    move_rope_rows(data, rows, cols, n_head, true)
+}
+
+/// Rows between HF's half-split rotary layout (row `h·d + a·(d/2) + j`) and llama.cpp's interleaved pairs (row
+/// `h·d + 2j + a`): to llama.cpp when `to_gguf`, back to HF otherwise.
+fn move_rope_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+    to_gguf: bool,
 ) -> std::result::Result<Vec<f32>, String> {
     let half = check_rope_rows(rows, n_head)?;
     if data.len() != rows * cols {
@@ -243,7 +240,9 @@ pub fn permute_rope_rows(
             for a in 0..2 {
                 let hf = h * 2 * half + a * half + j;
                 let gg = h * 2 * half + 2 * j + a;
-                out[gg * cols..(gg + 1) * cols].copy_from_slice(&data[hf * cols..(hf + 1) * cols]);
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }

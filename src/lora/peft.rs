@@ -70,10 +70,11 @@ pub fn adapter_config<B: Backend>(
     })
 }
 
+/// One adapter tensor: PEFT key, torch-layout shape, f32 values.
+pub type AdapterTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The adapter tensors in PEFT naming and torch layout, f32.
-pub fn adapter_tensors<B: Backend>(
-    model: &CausalLm<B>,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Result<Vec<AdapterTensor>> {
     let mut out = Vec::new();
     for (path, lin) in model.linears() {
         if let Some(l) = &lin.lora {

@@ -187,11 +187,7 @@ impl ModelConfig {
             .unwrap_or(rules.tie_word_embeddings);
 
         let attention_bias = c.opt_bool("attention_bias")?.unwrap_or(false);
-        let (qkv_bias, o_bias) = match rules.attention_bias {
-            AttentionBias::QkvOnly => (true, false),
-            AttentionBias::None => (false, false),
-            AttentionBias::Configurable => (attention_bias, attention_bias),
-        };
+        let (qkv_bias, o_bias) = rules.attention_biases(attention_bias, attention_bias);
         let mlp_bias = rules.mlp_bias && c.opt_bool("mlp_bias")?.unwrap_or(false);
 
         let rope = parse_rope(obj)?;

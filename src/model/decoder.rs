@@ -254,6 +254,7 @@ impl<B: Kernels> CausalLm<B> {
         norm(&self.model.norm, x)
     }
 
+    /// One layer: attention and the gated MLP, each between its norms and added to the residual stream.
     fn layer(
         &self,
         layer: &Layer<Weights<B>>,
@@ -262,13 +263,17 @@ impl<B: Kernels> CausalLm<B> {
         cache: Option<&mut KvSlot<B>>,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
-        let h = self.attention(layer, norm(&layer.input_norm, x.clone()), att, cache, drop);
+        let qkv = group(&layer.qkv, norm(&layer.input_norm, x.clone()), drop);
+        let h = self.attend(layer, qkv, att, cache);
+        let h = group(std::slice::from_ref(&layer.o_proj), h, drop);
         let h = match &layer.attn_out_norm {
             Some(n) => norm(n, h),
             None => h,
         };
         let x = x + h;
-        let h = self.mlp(layer, norm(&layer.mlp_in_norm, x.clone()), drop);
+        let gate_up = group(&layer.gate_up, norm(&layer.mlp_in_norm, x.clone()), drop);
+        let h = B::glu(gate_up, self.config.hidden_act);
+        let h = group(std::slice::from_ref(&layer.down_proj), h, drop);
         let h = match &layer.mlp_out_norm {
             Some(n) => norm(n, h),
             None => h,
@@ -276,47 +281,34 @@ impl<B: Kernels> CausalLm<B> {
         x + h
     }
 
-    fn attention(
+    /// Attention from q|k|v `[b·s, (nh + 2·nkv)·hd]`: per-head q/k norms when the family has them, RoPE, the
+    /// masked softmax over the keys (and the KV cache when decoding).
+    fn attend(
         &self,
         layer: &Layer<Weights<B>>,
-        x: Tensor<B, 2>,
+        qkv: Tensor<B, 2>,
         att: &Attention<B>,
         cache: Option<&mut KvSlot<B>>,
-        drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
+        if cache.is_none() && layer.q_norm.is_none() && layer.k_norm.is_none() {
+            return B::rope_attention(Qkv::Packed(qkv), att);
+        }
         let (b, s, nh, nkv, hd) = att.spec.dims();
-        let qkv = group(&layer.qkv, x, drop);
-        let out = if cache.is_none() && layer.q_norm.is_none() && layer.k_norm.is_none() {
-            B::rope_attention(Qkv::Packed(qkv), att)
-        } else {
-            let n = b * s;
-            let (qo, ko) = (nh * hd, nkv * hd);
-            let mut q = qkv.clone().slice([0..n, 0..qo]);
-            let mut k = qkv.clone().slice([0..n, qo..qo + ko]);
-            let v = qkv.slice([0..n, qo + ko..qo + 2 * ko]);
-            if let Some(qn) = &layer.q_norm {
-                q = norm(qn, q.reshape([b, s, nh, hd])).reshape([n, qo]);
-            }
-            if let Some(kn) = &layer.k_norm {
-                k = norm(kn, k.reshape([b, s, nkv, hd])).reshape([n, ko]);
-            }
-            match cache {
-                Some(slot) => B::rope_attention_cached(q, k, v, att, slot),
-                None => B::rope_attention(Qkv::Split(q, k, v), att),
-            }
-        };
-        group(std::slice::from_ref(&layer.o_proj), out, drop)
-    }
-
-    fn mlp(
-        &self,
-        layer: &Layer<Weights<B>>,
-        x: Tensor<B, 2>,
-        drop: &mut dyn DropoutSource<B>,
-    ) -> Tensor<B, 2> {
-        let gate_up = group(&layer.gate_up, x, drop);
-        let h = B::glu(gate_up, self.config.hidden_act);
-        group(std::slice::from_ref(&layer.down_proj), h, drop)
+        let n = b * s;
+        let (qo, ko) = (nh * hd, nkv * hd);
+        let mut q = qkv.clone().slice([0..n, 0..qo]);
+        let mut k = qkv.clone().slice([0..n, qo..qo + ko]);
+        let v = qkv.slice([0..n, qo + ko..qo + 2 * ko]);
+        if let Some(qn) = &layer.q_norm {
+            q = norm(qn, q.reshape([b, s, nh, hd])).reshape([n, qo]);
+        }
+        if let Some(kn) = &layer.k_norm {
+            k = norm(kn, k.reshape([b, s, nkv, hd])).reshape([n, ko]);
+        }
+        match cache {
+            Some(slot) => B::rope_attention_cached(q, k, v, att, slot),
+            None => B::rope_attention(Qkv::Split(q, k, v), att),
+        }
     }
 
     /// Logits `[n, vocab]` for hidden rows `[n, hidden]` (lm_head + final soft-capping).

@@ -240,6 +240,16 @@ impl Rules {
         }
     }
 
+    /// (q/k/v bias, o bias) of this family, given what the checkpoint says for q and o (config.json's
+    /// `attention_bias` for both; in a GGUF, whether the bias tensors are there).
+    pub fn attention_biases(&self, q: bool, o: bool) -> (bool, bool) {
+        match self.attention_bias {
+            AttentionBias::QkvOnly => (true, false),
+            AttentionBias::None => (false, false),
+            AttentionBias::Configurable => (q, o),
+        }
+    }
+
     /// Every (GGUF base name, HF module path) pair of a layer.
     pub fn gguf_names(&self) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
         self.gguf_tensors.iter().flat_map(|g| g.iter())
