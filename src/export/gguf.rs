@@ -32,6 +32,7 @@ use crate::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue, TensorPayload};
 use crate::lora::peft::PeftAdapter;
 use crate::model::families::Hparams;
 use crate::model::{CausalLm, ModelConfig, OpenedModel, RopeScaling};
+use crate::tokenizer::gguf::{LLAMA3_SPLIT, QWEN2_SPLIT};
 use crate::tokenizer::{tokenizer_from_gguf_metadata, LoadedTokenizer, SUPPORTED_PRE_TOKENIZERS};
 
 /// `general.quantization_version` (gguf-py's `GGML_QUANT_VERSION`).
@@ -379,17 +380,6 @@ pub fn pre_tokenizer_hash(ids: &[u32]) -> String {
     let digest = Sha256::digest(text.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
-
-/// Llama 3's split regex as it appears in its tokenizer.json (same as the tokenizer module's GGUF reader).
-const LLAMA3_SPLIT: &str = concat!(
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-);
-/// Qwen2's split regex (single digits).
-const QWEN2_SPLIT: &str = concat!(
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-);
 
 /// `tokenizer.ggml.pre` from the structure of tokenizer.json's `pre_tokenizer` (used when the hash is not in
 /// [`KNOWN_PRE_TOKENIZER_HASHES`], e.g. a retrained vocabulary with a known pre-tokenizer):

@@ -75,6 +75,21 @@ pub struct AdapterRef<'a, B: Backend> {
     pub mask: Option<Tensor<B, 2>>,
 }
 
+/// An RMSNorm as a kernel reads it: the weight, epsilon, and what is added to the weight (1 for Gemma's `(1 + w)`).
+pub struct NormRef<'a, B: Backend> {
+    pub weight: &'a Tensor<B, 1>,
+    pub eps: f64,
+    pub offset: f32,
+}
+
+/// What a loss is computed on: the rows of the hidden states that have a next token, their targets, and Gemma 2's
+/// final soft-cap.
+pub struct Targets<'a> {
+    pub rows: &'a [usize],
+    pub targets: &'a [usize],
+    pub softcap: Option<f64>,
+}
+
 /// Attention inputs: q|k|v side by side in one `[b·s, (nh + 2·nkv)·hd]` tensor (what a grouped projection
 /// produces), or three tensors (after per-head q/k norms).
 pub enum Qkv<B: Backend> {
@@ -185,15 +200,9 @@ pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 /// The backends the model runs on, with the implementation of each hot op. Every method has the reference
 /// implementation as its default; see the module documentation for which backend overrides what.
 pub trait Kernels: Backend {
-    /// RMSNorm over the last dimension, computed in f32: `x / √(mean(x²) + eps) · (w + offset)` (`offset` = 1 for
-    /// Gemma's `(1 + w)`).
-    fn rms_norm<const D: usize>(
-        x: Tensor<Self, D>,
-        weight: &Tensor<Self, 1>,
-        eps: f64,
-        offset: f32,
-    ) -> Tensor<Self, D> {
-        reference::rms_norm(x, weight, eps, offset)
+    /// RMSNorm over the last dimension, computed in f32: `x / √(mean(x²) + eps) · (w + offset)`.
+    fn rms_norm<const D: usize>(x: Tensor<Self, D>, norm: &NormRef<'_, Self>) -> Tensor<Self, D> {
+        reference::rms_norm(x, norm)
     }
 
     /// `act(gate)·up` from gate|up side by side, `[n, 2i]` → `[n, i]`.
@@ -213,25 +222,21 @@ pub trait Kernels: Backend {
 
     /// [`Kernels::rope_attention`] for new positions over a KV cache, which it extends.
     fn rope_attention_cached(
-        q: Tensor<Self, 2>,
-        k: Tensor<Self, 2>,
-        v: Tensor<Self, 2>,
+        qkv: Qkv<Self>,
         att: &Attention<Self>,
         cache: &mut KvSlot<Self>,
     ) -> Tensor<Self, 2> {
-        reference::attention_cached(q, k, v, att, cache)
+        reference::attention_cached(qkv, att, cache)
     }
 
-    /// Summed cross-entropy of `lm_head(hidden[rows])` (soft-capped when `softcap` is set) against `targets`, a
-    /// `[1]` tensor. The head's dropout mask, if any, covers the selected rows.
+    /// Summed cross-entropy of `lm_head(hidden[rows])` against the targets, a `[1]` tensor. The head's dropout mask,
+    /// if any, covers the selected rows.
     fn lm_head_cross_entropy(
         hidden: Tensor<Self, 2>,
         head: &LinearRef<'_, Self>,
-        softcap: Option<f64>,
-        rows: &[usize],
-        targets: &[usize],
+        t: &Targets<'_>,
     ) -> Tensor<Self, 1> {
-        reference::lm_head_cross_entropy(hidden, head, softcap, rows, targets)
+        reference::lm_head_cross_entropy(hidden, head, t)
     }
 }
 
@@ -245,16 +250,11 @@ macro_rules! cpu_kernels {
         impl Kernels for $backend {
             fn rms_norm<const D: usize>(
                 x: Tensor<Self, D>,
-                weight: &Tensor<Self, 1>,
-                eps: f64,
-                offset: f32,
+                norm: &NormRef<'_, Self>,
             ) -> Tensor<Self, D> {
-                match enabled()
-                    .then(|| cpu::norm::rms_norm(&x, weight, eps, offset))
-                    .flatten()
-                {
+                match enabled().then(|| cpu::norm::rms_norm(&x, norm)).flatten() {
                     Some(y) => y,
-                    None => reference::rms_norm(x, weight, eps, offset),
+                    None => reference::rms_norm(x, norm),
                 }
             }
 
@@ -294,19 +294,16 @@ macro_rules! cpu_kernels {
             fn lm_head_cross_entropy(
                 hidden: Tensor<Self, 2>,
                 head: &LinearRef<'_, Self>,
-                softcap: Option<f64>,
-                rows: &[usize],
-                targets: &[usize],
+                t: &Targets<'_>,
             ) -> Tensor<Self, 1> {
-                let fused = (enabled()
-                    && head.adapter.is_none()
-                    && head.bias.is_none()
-                    && softcap.is_none())
-                .then(|| cpu::xent::lm_xent(&hidden, head.weight, rows, targets))
-                .flatten();
+                let plain_head =
+                    head.adapter.is_none() && head.bias.is_none() && t.softcap.is_none();
+                let fused = (enabled() && plain_head)
+                    .then(|| cpu::xent::lm_xent(&hidden, head.weight, t.rows, t.targets))
+                    .flatten();
                 match fused {
                     Some(loss) => loss,
-                    None => reference::lm_head_cross_entropy(hidden, head, softcap, rows, targets),
+                    None => reference::lm_head_cross_entropy(hidden, head, t),
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
-use super::{Activation, Attention, KvSlot, LinearRef, Qkv, Rope};
+use super::{Activation, Attention, KvSlot, LinearRef, NormRef, Qkv, Rope, Targets};
 
 fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     if x.dtype() != DType::F32 {
@@ -24,17 +24,15 @@ fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor
 /// RMSNorm over the last dimension, in f32: `x / √(mean(x²) + eps) · (w + offset)`.
 pub fn rms_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
-    weight: &Tensor<B, 1>,
-    eps: f64,
-    offset: f32,
+    norm: &NormRef<'_, B>,
 ) -> Tensor<B, D> {
     let dtype = x.dtype();
     let xf = to_f32(x);
     let var = xf.clone().square().mean_dim(D - 1);
-    let normed = xf * (var.add_scalar(eps)).sqrt().recip();
-    let mut w = weight.clone().cast(DType::F32);
-    if offset != 0.0 {
-        w = w.add_scalar(offset);
+    let normed = xf * (var.add_scalar(norm.eps)).sqrt().recip();
+    let mut w = norm.weight.clone().cast(DType::F32);
+    if norm.offset != 0.0 {
+        w = w.add_scalar(norm.offset);
     }
     let mut shape = [1usize; D];
     shape[D - 1] = w.dims()[0];
@@ -191,9 +189,12 @@ fn attention_core<B: Backend>(
         .reshape([b * s, nh * hd])
 }
 
-/// Attention without a cache, from packed or separate q/k/v.
-pub fn attention<B: Backend>(qkv: Qkv<B>, att: &Attention<B>) -> Tensor<B, 2> {
-    let (q, k, v) = match qkv {
+/// q, k and v as separate tensors.
+fn split_qkv<B: Backend>(
+    qkv: Qkv<B>,
+    att: &Attention<B>,
+) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+    match qkv {
         Qkv::Split(q, k, v) => (q, k, v),
         Qkv::Packed(t) => {
             let (_, s, nh, nkv, hd) = att.spec.dims();
@@ -205,18 +206,22 @@ pub fn attention<B: Backend>(qkv: Qkv<B>, att: &Attention<B>) -> Tensor<B, 2> {
                 t.slice([0..n, qo + ko..qo + 2 * ko]),
             )
         }
-    };
+    }
+}
+
+/// Attention without a cache, from packed or separate q/k/v.
+pub fn attention<B: Backend>(qkv: Qkv<B>, att: &Attention<B>) -> Tensor<B, 2> {
+    let (q, k, v) = split_qkv(qkv, att);
     attention_core(q, k, v, att, None)
 }
 
 /// Attention for new positions over a KV cache, which it extends.
 pub fn attention_cached<B: Backend>(
-    q: Tensor<B, 2>,
-    k: Tensor<B, 2>,
-    v: Tensor<B, 2>,
+    qkv: Qkv<B>,
     att: &Attention<B>,
     cache: &mut KvSlot<B>,
 ) -> Tensor<B, 2> {
+    let (q, k, v) = split_qkv(qkv, att);
     attention_core(q, k, v, att, Some(cache))
 }
 
@@ -225,21 +230,19 @@ pub fn attention_cached<B: Backend>(
 pub fn lm_head_cross_entropy<B: super::Kernels>(
     hidden: Tensor<B, 2>,
     head: &LinearRef<'_, B>,
-    softcap: Option<f64>,
-    rows: &[usize],
-    targets: &[usize],
+    t: &Targets<'_>,
 ) -> Tensor<B, 1> {
     let device = hidden.device();
-    let n = rows.len();
-    let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    let n = t.rows.len();
+    let idx: Vec<i32> = t.rows.iter().map(|&r| r as i32).collect();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
     let h = hidden.select(0, idx);
     let mut logits = B::lora_linear_group(h, std::slice::from_ref(head));
-    if let Some(cap) = softcap {
+    if let Some(cap) = t.softcap {
         logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
     }
     let logp = activation::log_softmax(to_f32(logits), 1);
-    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
+    let tg: Vec<i32> = t.targets.iter().map(|&t| t as i32).collect();
     let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
     logp.gather(1, tgt).sum().neg()
 }

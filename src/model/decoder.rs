@@ -11,7 +11,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::tree::{Embedding, Layer, MapLeaves, RmsNorm, Tree, Weights};
-use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, Qkv, Rope};
+use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, NormRef, Qkv, Rope};
 use crate::lora::linear::{LoraAdapter, LoraLinear};
 
 /// The causal LM: the module tree plus what a forward needs besides weights.
@@ -142,7 +142,12 @@ fn group<B: Kernels>(
 }
 
 fn norm<B: Kernels, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    B::rms_norm(x, &n.weight, n.eps, n.offset)
+    let norm = NormRef {
+        weight: &n.weight,
+        eps: n.eps,
+        offset: n.offset,
+    };
+    B::rms_norm(x, &norm)
 }
 
 /// Boolean attention mask `[b, q, k]` (true = blocked) for queries at absolute positions `offset..offset+q`
@@ -306,7 +311,7 @@ impl<B: Kernels> CausalLm<B> {
             k = norm(kn, k.reshape([b, s, nkv, hd])).reshape([n, ko]);
         }
         match cache {
-            Some(slot) => B::rope_attention_cached(q, k, v, att, slot),
+            Some(slot) => B::rope_attention_cached(Qkv::Split(q, k, v), att, slot),
             None => B::rope_attention(Qkv::Split(q, k, v), att),
         }
     }

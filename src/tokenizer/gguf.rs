@@ -49,12 +49,12 @@ pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
 ];
 
 /// Llama 3's split regex (its tokenizer.json; llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
-const LLAMA3_SPLIT: &str = concat!(
+pub(crate) const LLAMA3_SPLIT: &str = concat!(
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 );
 /// Qwen2's split regex: like Llama 3's but single digits.
-const QWEN2_SPLIT: &str = concat!(
+pub(crate) const QWEN2_SPLIT: &str = concat!(
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 );

@@ -6,7 +6,7 @@
 
 use burn::tensor::Tensor;
 
-use crate::kernels::Kernels;
+use crate::kernels::{Kernels, Targets};
 use crate::model::decoder::DropoutSource;
 use crate::model::{CausalLm, TokenBatch};
 
@@ -64,11 +64,12 @@ pub fn loss_from_hidden<B: Kernels>(
         }
         _ => None,
     };
-    let softcap = model.config.final_logit_softcapping;
-    (
-        B::lm_head_cross_entropy(hidden, &head.as_ref(mask), softcap, &rows, &tg),
-        n,
-    )
+    let t = Targets {
+        rows: &rows,
+        targets: &tg,
+        softcap: model.config.final_logit_softcapping,
+    };
+    (B::lm_head_cross_entropy(hidden, &head.as_ref(mask), &t), n)
 }
 
 #[cfg(test)]

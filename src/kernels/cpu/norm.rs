@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::simd::{self, simd_fn};
 use super::{flex_f32, Cpu, Rows};
-use crate::kernels::prof;
+use crate::kernels::{prof, NormRef};
 
 /// Rows per rayon task.
 const ROWS_PER_TASK: usize = 16;
@@ -120,11 +120,10 @@ impl Backward<Flex, 1> for RmsNormBackward {
 /// Gemma's `x̂·(1 + w)`). `None` when the inputs are outside what the kernel covers.
 pub fn rms_norm<B: Cpu, const D: usize>(
     x: &Tensor<B, D>,
-    weight: &Tensor<B, 1>,
-    eps: f64,
-    offset: f32,
+    norm: &NormRef<'_, B>,
 ) -> Option<Tensor<B, D>> {
-    let wi = B::input(weight);
+    let (eps, offset) = (norm.eps, norm.offset);
+    let wi = B::input(norm.weight);
     let xi = B::input(x);
     let (wt, xf) = (B::flex(&wi), B::flex(&xi));
     if B::tracked(&wi) || !super::all_f32(&[wt, xf]) {
@@ -166,10 +165,15 @@ mod tests {
                 let dev = Default::default();
                 let xt = ad_param::<2>(&x, [6, 40], &dev);
                 let wt = plain::<1>(&w, [40], &dev);
+                let norm = NormRef {
+                    weight: &wt,
+                    eps: 1e-5,
+                    offset,
+                };
                 let y = if fused {
-                    rms_norm(&xt, &wt, 1e-5, offset).expect("fused path applies")
+                    rms_norm(&xt, &norm).expect("fused path applies")
                 } else {
-                    reference::rms_norm(xt.clone(), &wt, 1e-5, offset)
+                    reference::rms_norm(xt.clone(), &norm)
                 };
                 let g = backward_with(y.clone(), &dy, [6, 40]);
                 (to_vec(y), to_vec(xt.grad(&g).expect("grad")))
@@ -189,8 +193,13 @@ mod tests {
         let w = rand_vec(40, 5);
         let xt = plain::<2>(&x, [6, 64], &dev).slice([0..6, 10..50]);
         let wt = plain::<1>(&w, [40], &dev);
-        let a = to_vec(rms_norm(&xt, &wt, 1e-6, 0.0).expect("fused"));
-        let b = to_vec(reference::rms_norm(xt, &wt, 1e-6, 0.0));
+        let norm = NormRef {
+            weight: &wt,
+            eps: 1e-6,
+            offset: 0.0,
+        };
+        let a = to_vec(rms_norm(&xt, &norm).expect("fused"));
+        let b = to_vec(reference::rms_norm(xt, &norm));
         assert_close(&a, &b, 1e-5, "strided rmsnorm");
     }
 }
