@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::{Bf16, Device, InferJob, Placement};
-use crate::generate::{generate, GenerateOptions, StopReason, StreamDecoder};
+use crate::generate::{encode_prompt, generate, GenerateOptions, StopReason, StreamDecoder};
 use crate::kernels::Kernels;
 use crate::model::{self, CausalLm};
-use crate::tokenizer::{self, LoadedTokenizer, Message};
+use crate::tokenizer::{self, LoadedTokenizer};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -92,20 +92,7 @@ fn complete<B: Kernels>(
     tok: &LoadedTokenizer,
     load_seconds: f64,
 ) -> Result<()> {
-    let (prompt_text, prompt_ids) = if a.chat {
-        let template = tok.chat_template()?;
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(Message::new("system", s.clone()));
-        }
-        msgs.push(Message::new("user", a.prompt.clone()));
-        let text = template.render(&msgs, true)?;
-        let ids = tok.encode_templated(&text)?;
-        (text, ids)
-    } else {
-        let ids = tok.encode(&a.prompt, tok.add_bos)?;
-        (a.prompt.clone(), ids)
-    };
+    let (prompt_text, prompt_ids) = encode_prompt(tok, &a.prompt, a.system.as_deref(), a.chat)?;
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,

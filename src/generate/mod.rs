@@ -124,6 +124,28 @@ fn step_logits<B: Kernels>(
     crate::model::weights::host_f32(model.logits(last, &mut NoDropout))
 }
 
+/// The prompt as the model reads it: the text (rendered with the chat template as a user message, after an optional
+/// system message, with the generation prompt, when `chat`) and its token ids.
+pub fn encode_prompt(
+    tok: &crate::tokenizer::LoadedTokenizer,
+    prompt: &str,
+    system: Option<&str>,
+    chat: bool,
+) -> Result<(String, Vec<u32>)> {
+    if !chat {
+        return Ok((prompt.to_string(), tok.encode(prompt, tok.add_bos)?));
+    }
+    let template = tok.chat_template()?;
+    let mut msgs = Vec::new();
+    if let Some(s) = system {
+        msgs.push(crate::tokenizer::Message::new("system", s.to_string()));
+    }
+    msgs.push(crate::tokenizer::Message::new("user", prompt.to_string()));
+    let text = template.render(&msgs, true)?;
+    let ids = tok.encode_templated(&text)?;
+    Ok((text, ids))
+}
+
 /// Generate after `prompt_ids`. `on_token` sees each new id as it is produced (for streaming).
 pub fn generate<B: Kernels>(
     model: &CausalLm<B>,
