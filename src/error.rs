@@ -84,6 +84,14 @@ pub enum Error {
         found: String,
         expected: String,
     },
+    /// Another process holds the run folder's lock (two runs writing one folder would interleave their metrics,
+    /// checkpoints and config).
+    #[error(
+        "{}: in use by another loratune process{} — wait for it to finish, stop it, or set another output_dir",
+        dir.display(),
+        match pid { Some(p) => format!(" (pid {p})"), None => String::new() }
+    )]
+    RunFolderBusy { dir: PathBuf, pid: Option<u32> },
     /// An export problem.
     #[error("{0}")]
     Export(String),

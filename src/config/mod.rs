@@ -599,7 +599,6 @@ impl TrainConfig {
     pub fn write_resolved(&self, dir: &Path) -> crate::Result<PathBuf> {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let path = dir.join("config.yaml");
-        let tmp = dir.join(".config.yaml.tmp");
         let mut text = String::new();
         text.push_str(
             "# Resolved loratune config: every default filled in, --set overrides applied.\n",
@@ -614,8 +613,7 @@ impl TrainConfig {
         }
         text.push_str(&format!("# config_hash: {}\n", self.config_hash()));
         text.push_str(&self.to_yaml()?);
-        std::fs::write(&tmp, text).map_err(|e| crate::Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| crate::Error::io(&path, e))?;
+        crate::export::atomic::write_atomic(&path, text.as_bytes())?;
         Ok(path)
     }
 

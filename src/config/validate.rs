@@ -30,6 +30,10 @@ fn finite(x: f64) -> bool {
     x.is_finite()
 }
 
+/// Above this learning rate a config gets a warning (not a refusal): AdamW's step is ~lr per weight, so at
+/// 1e-1 a LoRA factor moves by its own magnitude every step.
+pub(crate) const IMPLAUSIBLE_LR: f64 = 0.1;
+
 /// Fill type-dependent defaults and check every value. `doc` is the document after overrides (to tell
 /// "absent" from "default"); issues on keys that already failed the schema check are filtered by the caller.
 pub(crate) fn resolve_and_validate(
@@ -273,6 +277,16 @@ pub(crate) fn resolve_and_validate(
             k("learning_rate"),
             format!(
                 "must be greater than 0, got {} (typical for LoRA: 1e-4 to 3e-4)",
+                cfg.learning_rate
+            ),
+        ));
+    } else if cfg.learning_rate > IMPLAUSIBLE_LR {
+        warnings.push(Issue::value(
+            k("learning_rate"),
+            "the learning rate is implausibly high",
+            format!(
+                "{} is above {IMPLAUSIBLE_LR}: AdamW at this rate usually diverges, or drives the loss to ln(vocab) \
+                 and the gradients to 0 (typical for LoRA: 1e-4 to 3e-4); training goes on as asked",
                 cfg.learning_rate
             ),
         ));

@@ -400,6 +400,8 @@ pub fn build(
         return Ok(dir);
     }
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(cache_dir, e))?;
+    // Build folders of processes that died mid-build (the cache is shared, so only those of dead ones).
+    crate::export::atomic::remove_stale_staging(cache_dir, false);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let tmp = cache_dir.join(format!(
         "{key}.tmp-{}-{}",

@@ -17,6 +17,7 @@ use crate::backend::{InferJob, Placement, TrainJob};
 use crate::config::{ModelFacts, TrainConfig};
 use crate::data::{Batch, LoaderState, TrainLoader};
 use crate::error::{Error, Result};
+use crate::export::atomic::{remove_stale_staging, FolderLock};
 use crate::kernels::{Kernels, TrainBackend};
 use crate::lora::adapter::{attach, lora_params, report, set_trainable, LoraSettings};
 use crate::lora::peft::{apply_adapter, load_adapter, read_adapter, save_adapter};
@@ -117,6 +118,8 @@ pub struct Run<'a, B: TrainBackend> {
     resumed_from: Option<PathBuf>,
     last_checkpoint: Option<PathBuf>,
     counters: Counters,
+    /// Held until the run ends.
+    _lock: Option<FolderLock>,
 }
 
 impl<'a, B: TrainBackend> Run<'a, B> {
@@ -130,8 +133,21 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     ) -> Result<Self> {
         let t_start = Instant::now();
         let out = &cfg.output_dir;
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let printer = Printer::new(opts.progress);
+        // One writer per run folder: lock it, then clear what killed runs left half-written.
+        let lock = FolderLock::acquire(out)?;
+        if lock.is_none() {
+            printer.line(&format!(
+                "warning: {}: the file system does not support locks; make sure no other run writes here",
+                out.display()
+            ));
+        }
+        for p in remove_stale_staging(out, lock.is_some()) {
+            printer.line(&format!(
+                "removed {} (left by an interrupted run)",
+                p.display()
+            ));
+        }
         let (resume_dir, resume_state) = resume_point(cfg, &printer)?;
         cfg.write_resolved(out)?;
         for w in cfg.warnings() {
@@ -238,6 +254,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             last_checkpoint: resume_dir.clone(),
             resumed_from: resume_dir,
             counters: Counters::new(t_start),
+            _lock: lock,
         })
     }
 
@@ -353,6 +370,13 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let c = &mut self.counters;
         c.add(stats);
         let s = self.state.global_step;
+        if stats.grad_norm == 0.0 && stats.trained_tokens > 0 && !c.warned_zero_grad {
+            c.warned_zero_grad = true;
+            self.printer.line(&format!(
+                "warning: step {s}: the gradient norm is 0 — the adapter has stopped learning (a learning rate too \
+                 high for AdamW saturates the model: lower learning_rate)"
+            ));
+        }
         let total = self.schedule.total;
         self.printer.step(
             s,
@@ -569,6 +593,7 @@ struct Counters {
     last_eval: Option<f64>,
     t_start: Instant,
     t_loop: Instant,
+    warned_zero_grad: bool,
 }
 
 impl Counters {
@@ -584,6 +609,7 @@ impl Counters {
             last_eval: None,
             t_start,
             t_loop: Instant::now(),
+            warned_zero_grad: false,
         }
     }
 

@@ -787,3 +787,30 @@ fn cli_export_ollama_folder() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--adapter"));
 }
+
+/// A single-file export that fails at its last step (here the final rename: the destination is a folder)
+/// leaves no `.m.gguf.tmp-<pid>` behind — before, the temp file survived and kept a full disk full.
+#[test]
+fn a_failed_gguf_export_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m.gguf");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::write(dest.join("keep"), b"x").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+        .args(["export", "--model"])
+        .arg(fixture("models/qwen2"))
+        .args(["--format", "gguf", "--out"])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["m.gguf".to_string()],
+        "temporary file left behind"
+    );
+}

@@ -486,4 +486,78 @@ mod runs {
             other => panic!("expected a checkpoint mismatch, got {other:?}"),
         }
     }
+
+    /// Two processes training into one folder: the second fails at once, naming the holder's pid, and writes
+    /// nothing there (before the lock, both exited 0 with interleaved metrics and a config of the wrong seed).
+    #[test]
+    fn a_second_run_into_a_locked_folder_fails_naming_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), "max_steps: 1");
+        let out = &cfg.output_dir;
+        let held = loratune::export::atomic::FolderLock::acquire(out)
+            .unwrap()
+            .expect("advisory locks work on the test machine's temp folder");
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+            .arg("train")
+            .arg(tmp.path().join("config.yaml"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{err}");
+        assert!(
+            err.contains("in use by another loratune process")
+                && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        assert!(!out.join("config.yaml").exists() && !out.join("metrics.jsonl").exists());
+        // Released (as when the holder dies): the same run now goes through.
+        drop(held);
+        train(&cfg, &quiet()).unwrap();
+        assert!(out.join("adapter/adapter_model.safetensors").exists());
+    }
+
+    /// What a killed run left half-written (a checkpoint staging folder, an export's temp file) is removed by the
+    /// next run in that folder; finished checkpoints are kept.
+    #[test]
+    fn staging_left_by_a_killed_run_is_removed_on_the_next_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(
+            tmp.path(),
+            "max_steps: 3\nsave_steps: 1\nauto_resume_from_checkpoints: true",
+        );
+        let interrupted = RunOptions {
+            stop_after: Some(2),
+            ..quiet()
+        };
+        train(&cfg, &interrupted).unwrap();
+        let out = &cfg.output_dir;
+        let dead = 4_194_304u32; // above Linux's pid_max: never a running process
+        let stale_ckpt = out.join(format!(".checkpoint-3.tmp-{dead}"));
+        std::fs::create_dir(&stale_ckpt).unwrap();
+        std::fs::write(stale_ckpt.join("adapter_model.safetensors"), b"half").unwrap();
+        std::fs::create_dir_all(out.join("adapter")).unwrap();
+        let stale_file = out.join(format!("adapter/.adapter_model.safetensors.tmp-{dead}"));
+        std::fs::write(&stale_file, b"half").unwrap();
+        train(&cfg, &quiet()).unwrap();
+        assert!(!stale_ckpt.exists() && !stale_file.exists());
+        assert!(out.join("checkpoint-2").is_dir() && out.join("checkpoint-3").is_dir());
+    }
+
+    /// `learning_rate: 1e30` used to train without a word; now the config carries a warning (and still trains).
+    #[test]
+    fn an_implausible_learning_rate_is_a_warning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config_with(tmp.path(), "max_steps: 1", &["learning_rate=1e30"]);
+        let w: Vec<String> = cfg.warnings().iter().map(|w| w.to_string()).collect();
+        assert!(
+            w.iter()
+                .any(|w| w.contains("learning_rate") && w.contains("implausibly high")),
+            "{w:?}"
+        );
+        let ok = config(tmp.path(), "max_steps: 1");
+        assert!(ok
+            .warnings()
+            .iter()
+            .all(|w| !w.to_string().contains("implausibly")));
+    }
 }
