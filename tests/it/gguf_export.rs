@@ -814,3 +814,38 @@ fn a_failed_gguf_export_leaves_no_temporary_file() {
         "temporary file left behind"
     );
 }
+
+/// A write error in the middle of an export (the file-size limit stands in for a full disk: with SIGXFSZ
+/// ignored, writes past it fail with EFBIG as they would with ENOSPC) is reported, and neither the GGUF file
+/// nor the Ollama folder leaves anything behind.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_write_error_mid_export_is_reported_and_cleaned_up() {
+    for format in ["gguf", "ollama"] {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir
+            .path()
+            .join(if format == "gguf" { "m.gguf" } else { "m" });
+        let script = format!(
+            "trap '' XFSZ; ulimit -f 16; exec '{}' export --model '{}' --format {format} --type f32 --out '{}'",
+            env!("CARGO_BIN_EXE_loratune"),
+            fixture("models/qwen2").display(),
+            dest.display()
+        );
+        let o = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{format}: the export should fail past 8 KiB"
+        );
+        assert!(
+            err.contains("File too large") || err.contains("too large"),
+            "{format}: {err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{format}: left behind {left:?}");
+    }
+}
