@@ -1,25 +1,37 @@
-//! Resolving `base_model`: a local Hugging Face folder, a `.gguf` file, or a Hub repo id downloaded with
-//! `hf-hub` into the standard Hugging Face cache.
+//! Resolving `base_model`: a local Hugging Face folder, a `.gguf` file, or a Hub repo id downloaded into the
+//! standard Hugging Face cache.
 //!
 //! Environment (read by [`HubOptions::from_env`], the same variables as `huggingface_hub`):
 //! - `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`), else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
 //!   `~/.cache/huggingface/hub`: the cache (shared with Python: same `models--org--name/{blobs,refs,snapshots}`
 //!   layout);
 //! - `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the token file (`HF_TOKEN_PATH`, else
-//!   `HF_HOME/token`) written by `huggingface-cli login` — hf-hub itself only reads the file under HF_HOME;
-//! - `HF_HUB_OFFLINE=1`: never touch the network, resolve from the cache only (hf-hub has no such switch);
+//!   `HF_HOME/token`) written by `huggingface-cli login`;
+//! - `HF_HUB_OFFLINE=1`: never touch the network, resolve from the cache only;
 //! - `HF_ENDPOINT`: another hub (a mirror, or the loopback fake hub in the tests).
 //!
 //! Only the files needed to train are downloaded: `config.json`, `generation_config.json`, the tokenizer files,
 //! `chat_template.jinja`, and `model.safetensors` or `model.safetensors.index.json` plus the shards it lists.
 //! Like `huggingface_hub.snapshot_download`, the revision is first resolved to a commit sha and every file is
 //! fetched at that sha, so a branch that moves during the download cannot mix two commits.
+//!
+//! The requests are loratune's own (`http.rs`: plain `ureq`, the same few requests hf-hub 0.5 and huggingface_hub
+//! make) so that the token goes nowhere but the configured endpoint: a redirect to another host (the Hub's CDN)
+//! is followed without `Authorization`, as huggingface_hub does — hf-hub 0.5 re-sends it there. Malformed answers
+//! (a redirect without `Location`, bad JSON, a cut or over-long body, a hostile ETag) are errors, never panics or
+//! files outside the cache, and every message passes through [`redact`] (no token, no `user:password@`).
+//! The cache layout is huggingface_hub's (`cache.rs`), so caches are shared with Python both ways.
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
-use hf_hub::{Cache, Repo, RepoType};
+mod cache;
+mod http;
+
+pub use http::redact;
+
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use cache::{is_commit_id, is_repo_path, RepoCache};
+use http::{Answer, Client, FetchError};
 
 /// Default Hub endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -115,8 +127,8 @@ impl BaseModelRef {
     }
 }
 
-/// How to reach the Hub and where the cache is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to reach the Hub and where the cache is. `Debug` shows neither the token nor endpoint credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HubOptions {
     /// Base URL, without a trailing slash.
     pub endpoint: String,
@@ -126,8 +138,20 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// Resolve from the cache only (`HF_HUB_OFFLINE`).
     pub offline: bool,
-    /// Draw hf-hub's download progress bars (on stderr).
+    /// Draw download progress bars (on stderr).
     pub progress: bool,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("endpoint", &redact(&self.endpoint, self.token.as_deref()))
+            .field("cache_dir", &self.cache_dir)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("offline", &self.offline)
+            .field("progress", &self.progress)
+            .finish()
+    }
 }
 
 fn truthy(v: &str) -> bool {
@@ -379,8 +403,10 @@ fn no_safetensors(name: &str, pickles: &[String]) -> Error {
     }
 }
 
-fn is_commit_sha(s: &str) -> bool {
-    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
+/// Whether `s` can be a revision (branch, tag, `refs/pr/N`, or commit sha): path-like segments, none empty,
+/// `.` or `..`, no blanks (it becomes `refs/<revision>` in the cache).
+fn is_revision(s: &str) -> bool {
+    is_repo_path(s) && s.len() <= 255 && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// The snapshot folder for `repo_id@revision` in the cache, if the revision is known there.
@@ -389,15 +415,23 @@ pub fn cached_snapshot(
     repo_id: &str,
     revision: &str,
 ) -> Option<(String, PathBuf)> {
-    let repo_dir = cache_dir.join(Repo::model(repo_id.to_string()).folder_name());
-    if is_commit_sha(revision) {
+    if !is_repo_id(repo_id) || !is_revision(revision) {
+        return None;
+    }
+    let repo_dir = RepoCache::new(cache_dir, repo_id).dir();
+    if is_commit_id(revision) {
         let snap = repo_dir.join("snapshots").join(revision);
         if snap.is_dir() {
             return Some((revision.to_string(), snap));
         }
     }
-    let sha = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+    let mut ref_file = repo_dir.join("refs");
+    ref_file.extend(revision.split('/'));
+    let sha = std::fs::read_to_string(ref_file).ok()?;
     let sha = sha.trim().to_string();
+    if !is_commit_id(&sha) {
+        return None;
+    }
     let snap = repo_dir.join("snapshots").join(&sha);
     snap.is_dir().then_some((sha, snap))
 }
@@ -424,54 +458,94 @@ fn resolve_offline(
     Ok(files)
 }
 
-/// Download (or find in the cache) `repo_id` at `revision` and return its files.
+/// The answer to `GET /api/models/{repo}/revision/{rev}` (the fields loratune reads).
+#[derive(serde::Deserialize)]
+struct RepoInfo {
+    sha: String,
+    siblings: Vec<Sibling>,
+}
+
+#[derive(serde::Deserialize)]
+struct Sibling {
+    rfilename: String,
+}
+
+/// Download (or find in the cache) `repo_id` at `revision` and return its files. Every error message passes
+/// through [`redact`].
 pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    fetch(repo_id, revision, opts).map_err(|e| match e {
+        Error::Hub(m) => Error::Hub(redact(&m, opts.token.as_deref())),
+        other => other,
+    })
+}
+
+fn fetch(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    if !is_repo_id(repo_id) {
+        return Err(Error::Hub(format!(
+            "`{repo_id}` is not a Hub repo id (org/name)"
+        )));
+    }
+    if !is_revision(revision) {
+        return Err(Error::Hub(format!(
+            "`{revision}` is not a valid revision for `{repo_id}` (base_model_revision: a branch, tag or commit sha)"
+        )));
+    }
     if opts.offline {
         return resolve_offline(repo_id, revision, opts, "HF_HUB_OFFLINE is set");
     }
-    let api = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
-        .with_endpoint(opts.endpoint.clone())
-        .with_token(opts.token.clone())
-        .with_progress(opts.progress)
-        .build()
-        .map_err(|e| Error::Hub(format!("cannot set up the Hub client: {e}")))?;
+    let client = Client::new(&opts.endpoint, opts.token.as_deref()).map_err(Error::Hub)?;
     let ctx = Ctx {
         repo_id,
         revision,
         opts,
+        endpoint: redact(&opts.endpoint, opts.token.as_deref()),
     };
 
-    let info = match api
-        .repo(Repo::with_revision(
-            repo_id.to_string(),
-            RepoType::Model,
-            revision.to_string(),
-        ))
-        .info()
-    {
+    let info_url = format!(
+        "{}/api/models/{repo_id}/revision/{}",
+        opts.endpoint,
+        http::encode_path(revision, false)
+    );
+    let info = client
+        .get(&info_url, &[])
+        .and_then(Answer::success)
+        .and_then(Answer::text)
+        .and_then(|text| {
+            serde_json::from_str::<RepoInfo>(&text).map_err(|e| {
+                FetchError::Malformed(format!("the Hub's answer is not the expected JSON ({e})"))
+            })
+        });
+    let info = match info {
         Ok(i) => i,
-        Err(e) => {
-            if let Some(net) = network_failure(&e) {
-                // Like huggingface_hub: without a connection, fall back to a cached copy of this revision.
-                return resolve_offline(
-                    repo_id,
-                    revision,
-                    opts,
-                    &format!(
-                        "cannot reach {} ({net}; set HF_HUB_OFFLINE=1 to use the cache only)",
-                        opts.endpoint
-                    ),
-                );
-            }
-            return Err(ctx.api_error(&e, None));
+        Err(FetchError::Network(net)) => {
+            // Like huggingface_hub: without a connection, fall back to a cached copy of this revision.
+            return resolve_offline(
+                repo_id,
+                revision,
+                opts,
+                &format!(
+                    "cannot reach {} ({net}; set HF_HUB_OFFLINE=1 to use the cache only)",
+                    ctx.endpoint
+                ),
+            );
         }
+        Err(e) => return Err(ctx.describe(e, None)),
     };
-    let sha = info.sha.clone();
-    if sha.trim().is_empty() {
+    let sha = info.sha.trim().to_string();
+    if sha.is_empty() {
         return Err(Error::Hub(format!(
             "{}: the Hub returned no commit for `{repo_id}` at `{revision}`",
-            opts.endpoint
+            ctx.endpoint
         )));
+    }
+    if !is_commit_id(&sha) {
+        return Err(ctx.describe(
+            FetchError::Malformed(format!(
+                "the Hub returned an invalid commit id `{}`",
+                http::shorten(&sha, 80)
+            )),
+            None,
+        ));
     }
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let has = |n: &str| names.contains(&n);
@@ -499,23 +573,15 @@ pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<M
     }
 
     // Everything is fetched at the resolved sha (a moving branch cannot mix commits).
-    let pinned = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        sha.clone(),
-    ));
-    let snapshot_cache = Cache::new(opts.cache_dir.clone()).repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        sha.clone(),
-    ));
+    let repo_cache = RepoCache::new(&opts.cache_dir, repo_id);
     let get = |file: &str| -> Result<PathBuf> {
-        if let Some(p) = snapshot_cache.get(file) {
-            return Ok(p);
-        }
-        pinned
-            .download(file)
-            .map_err(|e| ctx.api_error(&e, Some(file)))
+        let url = format!(
+            "{}/{repo_id}/resolve/{sha}/{}",
+            opts.endpoint,
+            http::encode_path(file, true)
+        );
+        cache::fetch_file(&client, &url, &repo_cache, &sha, file, opts.progress)
+            .map_err(|e| ctx.describe(e, Some(file)))
     };
 
     // Decide on the weights from the file list before transferring anything.
@@ -556,14 +622,9 @@ pub fn fetch_model(repo_id: &str, revision: &str, opts: &HubOptions) -> Result<M
 
     // Record the branch/tag → sha mapping so offline runs find this snapshot by the name the config uses.
     if revision != sha {
-        Cache::new(opts.cache_dir.clone())
-            .repo(Repo::with_revision(
-                repo_id.to_string(),
-                RepoType::Model,
-                revision.to_string(),
-            ))
-            .create_ref(&sha)
-            .map_err(|e| Error::io(opts.cache_dir.join("refs"), e))?;
+        repo_cache
+            .write_ref(revision, &sha)
+            .map_err(|e| ctx.describe(e, None))?;
     }
 
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -587,41 +648,29 @@ struct Ctx<'a> {
     repo_id: &'a str,
     revision: &'a str,
     opts: &'a HubOptions,
-}
-
-fn ureq_error(e: &ApiError) -> Option<&ureq::Error> {
-    match e {
-        ApiError::RequestError(b) => Some(b.as_ref()),
-        ApiError::TooManyRetries(inner) => ureq_error(inner),
-        _ => None,
-    }
-}
-
-/// A description of a connection-level failure (no HTTP status), if that is what `e` is.
-fn network_failure(e: &ApiError) -> Option<String> {
-    match ureq_error(e)? {
-        ureq::Error::StatusCode(_) => None,
-        ureq::Error::Io(io) => Some(io.to_string()),
-        ureq::Error::HostNotFound => Some("host not found".into()),
-        ureq::Error::ConnectionFailed => Some("connection failed".into()),
-        ureq::Error::Timeout(t) => Some(format!("timeout: {t}")),
-        _ => None,
-    }
+    /// The endpoint as messages show it ([`redact`]ed).
+    endpoint: String,
 }
 
 impl Ctx<'_> {
-    fn api_error(&self, e: &ApiError, file: Option<&str>) -> Error {
-        let (repo, rev) = (self.repo_id, self.revision);
-        let page = format!("{}/{repo}", self.opts.endpoint);
+    /// `e` as a sentence that says what was being done, for whom, and what to do about it (redacted).
+    fn describe(&self, e: FetchError, file: Option<&str>) -> Error {
+        let (repo, rev, endpoint) = (self.repo_id, self.revision, &self.endpoint);
+        let page = format!("{endpoint}/{repo}");
         let what = match file {
             Some(f) => format!("downloading `{f}` of `{repo}` (revision `{rev}`)"),
-            None => format!(
-                "looking up `{repo}` (revision `{rev}`) on {}",
-                self.opts.endpoint
-            ),
+            None => format!("looking up `{repo}` (revision `{rev}`) on {endpoint}"),
         };
-        if let Some(ureq::Error::StatusCode(code)) = ureq_error(e) {
-            let msg = match *code {
+        let msg = match e {
+            // An error from the host a redirect led to (a CDN) is not about the repo's access rules.
+            e @ FetchError::Status {
+                elsewhere: Some(_), ..
+            } => format!("{what}: {e}"),
+            FetchError::Status {
+                code,
+                server_message,
+                elsewhere: None,
+            } => match code {
                 401 => {
                     let tok = if self.opts.token.is_some() {
                         "the token in HF_TOKEN (or the token file) was rejected or has no access"
@@ -646,17 +695,21 @@ impl Ctx<'_> {
                     ),
                 },
                 429 => format!("{what}: rate limited by the Hub (HTTP 429); wait and retry, or set HF_TOKEN"),
-                c => format!("{what}: the Hub answered HTTP {c}"),
-            };
-            return Error::Hub(msg);
-        }
-        if let Some(net) = network_failure(e) {
-            return Error::Hub(format!(
-                "{what}: cannot reach {} ({net}). Check the network/HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a cached copy",
-                self.opts.endpoint
-            ));
-        }
-        Error::Hub(format!("{what}: {e}"))
+                _ => format!(
+                    "{what}: {}",
+                    FetchError::Status {
+                        code,
+                        server_message,
+                        elsewhere: None,
+                    }
+                ),
+            },
+            FetchError::Network(net) => format!(
+                "{what}: cannot reach {endpoint} ({net}). Check the network/HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a cached copy"
+            ),
+            other => format!("{what}: {other}"),
+        };
+        Error::Hub(redact(&msg, self.opts.token.as_deref()))
     }
 }
 

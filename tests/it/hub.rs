@@ -1,9 +1,12 @@
 //! `base_model` resolution against a fake Hugging Face Hub on loopback.
 //!
-//! The fake hub answers exactly what hf-hub 0.5 (sync/ureq) asks, as read in its source
-//! (`hf-hub-0.5.0/src/api/sync.rs`): `GET /api/models/{repo}/revision/{rev}` → JSON `{sha, siblings}`;
-//! per file `GET /{repo}/resolve/{rev}/{file}` with `Range: bytes=0-0` (needs `ETag`, `X-Repo-Commit`,
-//! `Content-Range: bytes 0-0/<size>`), then `Range: bytes=0-` for the content.
+//! The fake hub answers what the Hub answers loratune's client (`src/hub/http.rs`, the same requests hf-hub 0.5
+//! and huggingface_hub make): `GET /api/models/{repo}/revision/{rev}` → JSON `{sha, siblings}`; per file
+//! `GET /{repo}/resolve/{rev}/{file}` with `Range: bytes=0-0` (the metadata probe: needs `ETag` or
+//! `X-Linked-Etag`, `X-Repo-Commit`, and `Content-Range: bytes 0-0/<size>` or `X-Linked-Size`), then the
+//! content (with `Range: bytes=<n>-` when resuming). A [`Quirk`] makes one repo answer like a misbehaving or
+//! CDN-backed hub: file requests redirected to another server, redirects without `Location`, loops, garbage
+//! JSON, cut or mis-sized bodies, hostile ETags, error messages echoing the `Authorization` header.
 
 use loratune::hub::{resolve_base_model, BaseModelRef, HubOptions, ResolvedModel};
 use std::collections::HashMap;
@@ -21,6 +24,37 @@ struct Request {
     headers: HashMap<String, String>,
 }
 
+/// How a fake repo misbehaves (or, for `RedirectFilesTo`, behaves like the real Hub with a CDN).
+#[derive(Clone, Debug)]
+enum Quirk {
+    /// File requests answer `302` to the same path on this base URL (another server), carrying the Hub's
+    /// `X-Repo-Commit`, `X-Linked-Etag` and `X-Linked-Size`, as huggingface.co does for LFS files.
+    RedirectFilesTo(String),
+    /// File requests answer `302` with the Hub headers but no `Location`.
+    FileRedirectWithoutLocation,
+    /// The repo-info request answers `302` without `Location`.
+    InfoRedirectWithoutLocation,
+    /// File requests answer `302` with this `Location`, verbatim.
+    FileRedirectTo(String),
+    /// File requests answer `302` to themselves, forever.
+    RedirectLoop,
+    /// Every request answers `307` with a relative `Location` to the same request on this repo id (a renamed repo).
+    MovedTo(String),
+    /// The repo-info answer has this body.
+    InfoBody(String),
+    /// Content answers announce the full `Content-Length` but the connection closes after half of it.
+    TruncatedBody,
+    /// Content answers are this many bytes longer (or shorter) than the size the probe announced, with a
+    /// matching `Content-Length` (well-framed HTTP, wrong file).
+    WrongLength(isize),
+    /// This `ETag` on file answers (and no `X-Linked-Etag`).
+    Etag(String),
+    /// File answers lack `X-Repo-Commit`.
+    NoCommitHeader,
+    /// Every request answers `500` with an `X-Error-Message` that echoes the `Authorization` header.
+    EchoAuthInError,
+}
+
 #[derive(Clone, Default)]
 struct FakeRepo {
     /// branch/tag → sha
@@ -29,6 +63,7 @@ struct FakeRepo {
     commits: HashMap<String, Vec<(String, Vec<u8>)>>,
     /// When set, requests need `Authorization: Bearer <token>` (401 without any, 403 with another).
     gated_token: Option<String>,
+    quirk: Option<Quirk>,
 }
 
 struct FakeHub {
@@ -61,7 +96,7 @@ impl FakeHub {
     fn downloads(&self) -> Vec<String> {
         self.requests()
             .into_iter()
-            .filter(|r| r.headers.get("range").is_some_and(|v| v != "bytes=0-0"))
+            .filter(|r| r.headers.get("range").map(String::as_str) != Some("bytes=0-0"))
             .filter_map(|r| {
                 r.path
                     .split_once("/resolve/")
@@ -72,10 +107,19 @@ impl FakeHub {
 }
 
 fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    respond_claiming(stream, status, headers, body, body.len())
+}
+
+/// [`respond`] with a `Content-Length` that may differ from the body sent.
+fn respond_claiming(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    content_length: usize,
+) {
+    let mut head =
+        format!("HTTP/1.1 {status}\r\nContent-Length: {content_length}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -144,6 +188,30 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, FakeRepo>, log: &Mutex<V
     let Some(repo) = repos.get(&repo_id) else {
         return not_found(&mut stream, "Repository not found");
     };
+    match &repo.quirk {
+        Some(Quirk::MovedTo(new_id)) => {
+            let moved = path.replacen(&repo_id, new_id, 1);
+            return respond(
+                &mut stream,
+                "307 Temporary Redirect",
+                &[("Location", moved)],
+                b"",
+            );
+        }
+        Some(Quirk::EchoAuthInError) => {
+            let auth = headers.get("authorization").cloned().unwrap_or_default();
+            return respond(
+                &mut stream,
+                "500 Internal Server Error",
+                &[(
+                    "X-Error-Message",
+                    format!("cannot check credentials {auth}"),
+                )],
+                b"oops",
+            );
+        }
+        _ => {}
+    }
     if let Some(tok) = &repo.gated_token {
         match headers.get("authorization") {
             None => return respond(&mut stream, "401 Unauthorized", &[], b"gated: log in"),
@@ -172,8 +240,14 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, FakeRepo>, log: &Mutex<V
                 .iter()
                 .map(|(n, _)| serde_json::json!({ "rfilename": n }))
                 .collect();
-            let body =
-                serde_json::json!({ "id": repo_id, "sha": sha, "siblings": siblings }).to_string();
+            let body = match &repo.quirk {
+                Some(Quirk::InfoRedirectWithoutLocation) => {
+                    return respond(&mut stream, "302 Found", &[], b"")
+                }
+                Some(Quirk::InfoBody(b)) => b.clone(),
+                _ => serde_json::json!({ "id": repo_id, "sha": sha, "siblings": siblings })
+                    .to_string(),
+            };
             respond(
                 &mut stream,
                 "200 OK",
@@ -191,6 +265,26 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, FakeRepo>, log: &Mutex<V
                 );
             };
             let size = bytes.len();
+            // What the Hub says about the file before handing it to a CDN.
+            let hub_headers = vec![
+                ("X-Repo-Commit", sha.clone()),
+                ("X-Linked-Etag", etag(bytes)),
+                ("X-Linked-Size", size.to_string()),
+            ];
+            let redirect = |s: &mut TcpStream, location: Option<String>| {
+                let mut h = hub_headers.clone();
+                h.extend(location.map(|l| ("Location", l)));
+                respond(s, "302 Found", &h, b"")
+            };
+            match &repo.quirk {
+                Some(Quirk::RedirectFilesTo(base)) => {
+                    return redirect(&mut stream, Some(format!("{base}{path}")))
+                }
+                Some(Quirk::FileRedirectWithoutLocation) => return redirect(&mut stream, None),
+                Some(Quirk::FileRedirectTo(l)) => return redirect(&mut stream, Some(l.clone())),
+                Some(Quirk::RedirectLoop) => return redirect(&mut stream, Some(path.clone())),
+                _ => {}
+            }
             let (start, end) = match headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
                 Some(r) => {
                     let (a, b) = r.split_once('-').unwrap();
@@ -204,16 +298,33 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, FakeRepo>, log: &Mutex<V
                 }
                 None => (0, size - 1),
             };
-            respond(
-                &mut stream,
-                "206 Partial Content",
-                &[
-                    ("ETag", etag(bytes)),
-                    ("X-Repo-Commit", sha.clone()),
-                    ("Content-Range", format!("bytes {start}-{end}/{size}")),
-                ],
-                &bytes[start..=end],
-            );
+            let mut h = vec![
+                ("ETag", etag(bytes)),
+                ("Content-Range", format!("bytes {start}-{end}/{size}")),
+            ];
+            if let Some(Quirk::Etag(e)) = &repo.quirk {
+                h[0].1 = e.clone();
+            }
+            if !matches!(repo.quirk, Some(Quirk::NoCommitHeader)) {
+                h.push(("X-Repo-Commit", sha.clone()));
+            }
+            let body = &bytes[start..=end];
+            let probe = headers.get("range").map(String::as_str) == Some("bytes=0-0");
+            match &repo.quirk {
+                Some(Quirk::TruncatedBody) if !probe => respond_claiming(
+                    &mut stream,
+                    "206 Partial Content",
+                    &h,
+                    &body[..body.len() / 2],
+                    body.len(),
+                ),
+                Some(Quirk::WrongLength(delta)) if !probe => {
+                    let mut b = body.to_vec();
+                    b.resize((b.len() as isize + delta).max(0) as usize, b'x');
+                    respond(&mut stream, "206 Partial Content", &h, &b)
+                }
+                _ => respond(&mut stream, "206 Partial Content", &h, body),
+            }
         }
     }
 }
@@ -262,6 +373,7 @@ fn repo(refs: &[(&str, &str)], commits: Vec<(&str, Files)>) -> FakeRepo {
             .map(|(s, f)| (s.to_string(), f))
             .collect(),
         gated_token: None,
+        quirk: None,
     }
 }
 
@@ -325,6 +437,21 @@ fn downloads_only_the_needed_files_into_the_hf_cache() {
     assert!(
         f.weights_index.is_none() && f.special_tokens_map.is_none() && f.chat_template.is_none()
     );
+    // As huggingface_hub lays it out: snapshot entries are relative links to blobs named by the ETag.
+    #[cfg(unix)]
+    {
+        let bytes = std::fs::read(fixture_dir().join("config.json")).unwrap();
+        let blob = Path::new("../../blobs").join(etag(&bytes).trim_matches('"'));
+        assert_eq!(std::fs::read_link(&f.config).unwrap(), blob);
+        assert!(repo_dir.join("snapshots").join(SHA_A).join(&blob).is_file());
+        assert!(
+            !std::fs::read_dir(repo_dir.join("blobs")).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".incomplete"))
+        );
+    }
 
     // Only what training needs was fetched, at the resolved sha, after one repo lookup.
     let reqs = hub.requests();
@@ -348,7 +475,7 @@ fn downloads_only_the_needed_files_into_the_hf_cache() {
             || r.path.contains("README")
             || r.path.contains(".pth"))
     );
-    // hf-hub probes each file with `Range: bytes=0-0` before fetching it.
+    // Each file is probed with `Range: bytes=0-0` (etag, commit, size) before it is fetched.
     assert!(reqs.iter().any(|r| r.path.ends_with("/model.safetensors")
         && r.headers.get("range").map(String::as_str) == Some("bytes=0-0")));
     // No token configured → no Authorization header.
@@ -705,5 +832,396 @@ fn local_folders_and_gguf_files() {
     assert_eq!(
         BaseModelRef::classify(g.to_str().unwrap(), None, true),
         Ok(BaseModelRef::Gguf(g))
+    );
+}
+
+fn quirky(quirk: Quirk) -> FakeRepo {
+    let mut r = repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]);
+    r.quirk = Some(quirk);
+    r
+}
+
+fn sorted_needed_files() -> Vec<String> {
+    let mut want: Vec<String> = [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    .iter()
+    .map(|n| format!("{SHA_A}/{n}"))
+    .collect();
+    want.sort();
+    want
+}
+
+#[test]
+fn the_token_never_follows_a_redirect_to_another_host() {
+    // A second server on another port plays the CDN: it serves the files without a token and logs what it gets.
+    let cdn = FakeHub::start(HashMap::from([(
+        "meta/gated".to_string(),
+        repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]),
+    )]));
+    let mut gated = quirky(Quirk::RedirectFilesTo(cdn.url.clone()));
+    gated.gated_token = Some("hf_secret".into());
+    let hub = FakeHub::start(HashMap::from([("meta/gated".to_string(), gated)]));
+    let cache = tempfile::tempdir().unwrap();
+    let mut o = opts(&hub.url, cache.path());
+    o.token = Some("hf_secret".into());
+
+    let f = folder(resolve_base_model("meta/gated", None, &o).unwrap());
+    for (name, p) in [
+        ("config.json", &f.config),
+        ("model.safetensors", &f.weights[0]),
+        ("tokenizer.json", f.tokenizer.as_ref().unwrap()),
+    ] {
+        assert_eq!(
+            std::fs::read(p).unwrap(),
+            std::fs::read(fixture_dir().join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // The hub got the token on every request (repo lookup, probes, content requests) ...
+    let at_hub = hub.requests();
+    assert!(at_hub.len() >= 11, "{at_hub:?}");
+    for r in &at_hub {
+        assert_eq!(
+            r.headers.get("authorization").map(String::as_str),
+            Some("Bearer hf_secret"),
+            "{}",
+            r.path
+        );
+    }
+    // ... the other host served every file and never saw it.
+    let mut got = cdn.downloads();
+    got.sort();
+    assert_eq!(got, sorted_needed_files());
+    for r in cdn.requests() {
+        assert!(
+            !r.headers.contains_key("authorization"),
+            "the token went to another host: {} {:?}",
+            r.path,
+            r.headers.get("authorization")
+        );
+    }
+
+    // An error from the other host is reported as its answer, not as the repo's access rules.
+    let empty_cdn = FakeHub::start(HashMap::new());
+    let mut gated = quirky(Quirk::RedirectFilesTo(empty_cdn.url.clone()));
+    gated.gated_token = Some("hf_secret".into());
+    let hub = FakeHub::start(HashMap::from([("meta/gated".to_string(), gated)]));
+    let fresh = tempfile::tempdir().unwrap();
+    let e = resolve_base_model("meta/gated", None, &opts(&hub.url, fresh.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HTTP 401"), "{e}");
+    let e = resolve_base_model(
+        "meta/gated",
+        None,
+        &HubOptions {
+            endpoint: hub.url.clone(),
+            cache_dir: fresh.path().to_path_buf(),
+            ..o.clone()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("downloading `config.json`")
+            && e.contains("127.0.0.1 (where the Hub redirected the request) answered HTTP 404")
+            && !e.contains("at that revision"),
+        "{e}"
+    );
+    assert!(empty_cdn
+        .requests()
+        .iter()
+        .all(|r| !r.headers.contains_key("authorization")));
+}
+
+#[test]
+fn same_host_redirects_keep_the_token() {
+    // A renamed repo: the Hub answers 307 with a relative Location; the token must still be sent there.
+    let mut gated = repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]);
+    gated.gated_token = Some("hf_secret".into());
+    let moved = FakeRepo {
+        quirk: Some(Quirk::MovedTo("meta/new-name".into())),
+        ..FakeRepo::default()
+    };
+    let hub = FakeHub::start(HashMap::from([
+        ("meta/old-name".to_string(), moved),
+        ("meta/new-name".to_string(), gated),
+    ]));
+    let cache = tempfile::tempdir().unwrap();
+    let mut o = opts(&hub.url, cache.path());
+    o.token = Some("hf_secret".into());
+    let f = folder(resolve_base_model("meta/old-name", None, &o).unwrap());
+    assert_eq!(
+        f.dir,
+        cache
+            .path()
+            .join("models--meta--old-name/snapshots")
+            .join(SHA_A)
+    );
+    let reqs = hub.requests();
+    assert!(reqs
+        .iter()
+        .any(|r| r.path.contains("/meta/old-name/resolve/")));
+    assert!(reqs
+        .iter()
+        .any(|r| r.path.contains("/meta/new-name/resolve/")));
+    for r in &reqs {
+        assert_eq!(
+            r.headers.get("authorization").map(String::as_str),
+            Some("Bearer hf_secret"),
+            "{}",
+            r.path
+        );
+    }
+}
+
+#[test]
+fn a_redirect_without_location_is_an_error_not_a_panic() {
+    let hub = FakeHub::start(HashMap::from([
+        (
+            "o/file-302".to_string(),
+            quirky(Quirk::FileRedirectWithoutLocation),
+        ),
+        (
+            "o/info-302".to_string(),
+            quirky(Quirk::InfoRedirectWithoutLocation),
+        ),
+    ]));
+    let cache = tempfile::tempdir().unwrap();
+    let o = opts(&hub.url, cache.path());
+    let e = resolve_base_model("o/file-302", None, &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("downloading `config.json` of `o/file-302`")
+            && e.contains("HTTP 302")
+            && e.contains("without a Location header"),
+        "{e}"
+    );
+    let e = resolve_base_model("o/info-302", None, &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("looking up `o/info-302`") && e.contains("without a Location header"),
+        "{e}"
+    );
+    assert!(!cache
+        .path()
+        .join("models--o--file-302/snapshots")
+        .join(SHA_A)
+        .join("config.json")
+        .exists());
+}
+
+#[test]
+fn credentials_never_appear_in_messages() {
+    let mut gated = repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]);
+    gated.gated_token = Some("hf_secret".into());
+    let hub = FakeHub::start(HashMap::from([
+        ("meta/gated".to_string(), gated),
+        ("o/echo".to_string(), quirky(Quirk::EchoAuthInError)),
+        (
+            "tiny/llama".to_string(),
+            repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]),
+        ),
+    ]));
+    let with_userinfo = |url: &str| url.replacen("http://", "http://user:hunter2pw@", 1);
+    let home = tempfile::tempdir().unwrap();
+    let options = |endpoint: String, token: Option<&'static str>| {
+        HubOptions::from_lookup(|k| match k {
+            "HF_HOME" => Some(home.path().to_string_lossy().to_string()),
+            "HF_ENDPOINT" => Some(endpoint.clone()),
+            "HF_TOKEN" => token.map(str::to_string),
+            _ => None,
+        })
+        .unwrap()
+    };
+    let shown = with_userinfo(&hub.url).replace("user:hunter2pw", "***");
+    let clean = |e: &str| {
+        assert!(
+            !e.contains("hunter2pw") && !e.contains("hf_tok_SECRET"),
+            "credential in: {e}"
+        );
+    };
+
+    // A working endpoint with userinfo still works (and the token goes to it).
+    let o = options(with_userinfo(&hub.url), Some("hf_tok_SECRET"));
+    folder(resolve_base_model("tiny/llama", None, &o).unwrap());
+    // Options print without secrets.
+    clean(&format!("{o:?}"));
+
+    // A 404 names the endpoint, redacted.
+    let e = resolve_base_model("o/absent", None, &o)
+        .unwrap_err()
+        .to_string();
+    clean(&e);
+    assert!(
+        e.contains(&format!("on {shown}")) && e.contains("HTTP 404"),
+        "{e}"
+    );
+    // A 403 (a token without access) links to the repo page, redacted.
+    let e = resolve_base_model("meta/gated", None, &o)
+        .unwrap_err()
+        .to_string();
+    clean(&e);
+    assert!(
+        e.contains("HTTP 403") && e.contains(&format!("{shown}/meta/gated")),
+        "{e}"
+    );
+    // Without a token the endpoint's userinfo goes as Basic auth (to the endpoint only), which the gated repo
+    // refuses as well.
+    let n = hub.requests().len();
+    let e = resolve_base_model("meta/gated", None, &options(with_userinfo(&hub.url), None))
+        .unwrap_err()
+        .to_string();
+    clean(&e);
+    assert!(
+        e.contains("HTTP 403") && e.contains(&format!("{shown}/meta/gated")),
+        "{e}"
+    );
+    assert!(hub.requests()[n..].iter().all(|r| r
+        .headers
+        .get("authorization")
+        .is_some_and(|a| a.starts_with("Basic "))));
+    // A server message that echoes the Authorization header is shown without the token.
+    let e = resolve_base_model("o/echo", None, &o)
+        .unwrap_err()
+        .to_string();
+    clean(&e);
+    assert!(e.contains("HTTP 500") && e.contains("Bearer ***"), "{e}");
+    // An unreachable endpoint with userinfo.
+    let e = resolve_base_model(
+        "tiny/absent",
+        None,
+        &options(
+            "http://user:hunter2pw@127.0.0.1:9".into(),
+            Some("hf_tok_SECRET"),
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    clean(&e);
+    assert!(e.contains("cannot reach http://***@127.0.0.1:9"), "{e}");
+}
+
+#[test]
+fn malformed_hub_answers_are_errors() {
+    let info = |body: &str| quirky(Quirk::InfoBody(body.to_string()));
+    let bad_sha = serde_json::json!({"sha": "../../../escaped", "siblings": [{"rfilename": "config.json"}, {"rfilename": "model.safetensors"}]}).to_string();
+    let cases: Vec<(&str, FakeRepo, &str)> = vec![
+        (
+            "o/cut-json",
+            info("{\"sha\": \"aaaa"),
+            "not the expected JSON",
+        ),
+        (
+            "o/html",
+            info("<html>captive portal</html>"),
+            "not the expected JSON",
+        ),
+        (
+            "o/no-siblings",
+            info(&format!("{{\"sha\": \"{SHA_A}\"}}")),
+            "not the expected JSON",
+        ),
+        ("o/bad-sha", info(&bad_sha), "invalid commit id"),
+        ("o/truncated", quirky(Quirk::TruncatedBody), "received"),
+        ("o/short", quirky(Quirk::WrongLength(-3)), "received"),
+        ("o/long", quirky(Quirk::WrongLength(5)), "more than"),
+        (
+            "o/no-commit",
+            quirky(Quirk::NoCommitHeader),
+            "X-Repo-Commit",
+        ),
+        (
+            "o/evil-etag",
+            quirky(Quirk::Etag("\"../../../escaped\"".into())),
+            "ETag",
+        ),
+        (
+            "o/loop",
+            quirky(Quirk::RedirectLoop),
+            "more than 10 redirects",
+        ),
+        (
+            "o/ftp",
+            quirky(Quirk::FileRedirectTo("ftp://127.0.0.1/x".into())),
+            "unsupported scheme",
+        ),
+        (
+            "o/bad-location",
+            quirky(Quirk::FileRedirectTo("http://[::1".into())),
+            "invalid Location",
+        ),
+    ];
+    let hub = FakeHub::start(
+        cases
+            .iter()
+            .map(|(id, r, _)| (id.to_string(), r.clone()))
+            .collect(),
+    );
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("x/cache");
+    let o = opts(&hub.url, &cache);
+    for (id, _, want) in &cases {
+        let e = resolve_base_model(id, None, &o).unwrap_err().to_string();
+        assert!(e.contains(want), "{id}: {e}");
+        assert!(e.contains(&format!("`{id}`")), "{id}: {e}");
+        let snapshot = cache
+            .join(format!("models--{}", id.replace('/', "--")))
+            .join("snapshots")
+            .join(SHA_A);
+        assert!(!snapshot.join("config.json").exists(), "{id}");
+    }
+    // TLS to a server that speaks plain HTTP: an error naming the endpoint, no panic.
+    let e = resolve_base_model(
+        "o/html",
+        None,
+        &opts(&hub.url.replace("http://", "https://"), &cache),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot reach https://127.0.0.1:"), "{e}");
+    // Nothing was written outside the cache (hostile ETag / commit id).
+    assert!(!t.path().join("x/escaped").exists());
+    assert!(!t.path().join("escaped").exists());
+    assert!(!cache.join("escaped").exists());
+}
+
+#[test]
+fn an_interrupted_download_resumes() {
+    let cut = FakeHub::start(HashMap::from([(
+        "tiny/llama".to_string(),
+        quirky(Quirk::TruncatedBody),
+    )]));
+    let good = FakeHub::start(HashMap::from([(
+        "tiny/llama".to_string(),
+        repo(&[("main", SHA_A)], vec![(SHA_A, llama_files())]),
+    )]));
+    let cache = tempfile::tempdir().unwrap();
+    let e = resolve_base_model("tiny/llama", None, &opts(&cut.url, cache.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("downloading `config.json`"), "{e}");
+    let f = folder(resolve_base_model("tiny/llama", None, &opts(&good.url, cache.path())).unwrap());
+    let config = std::fs::read(fixture_dir().join("config.json")).unwrap();
+    assert_eq!(std::fs::read(&f.config).unwrap(), config);
+    // The second hub was asked only for the rest of config.json.
+    let half = config.len() / 2;
+    let resumed: Vec<Request> = good
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/config.json"))
+        .collect();
+    assert!(
+        resumed
+            .iter()
+            .any(|r| r.headers.get("range") == Some(&format!("bytes={half}-"))),
+        "{resumed:?}"
     );
 }
