@@ -16,6 +16,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod kernels;
+pub mod limits;
 pub mod lora;
 pub mod model;
 mod names;

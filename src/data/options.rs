@@ -263,13 +263,19 @@ impl DataOptions {
                 "must be at least 2 tokens (next-token prediction needs two), got {n}; typically 512–4096"
             ));
         }
-        Ok(())
+        crate::limits::check(&crate::limits::SEQUENCE_LEN, n as u64).map(|_| ())
     }
 
     /// A count that must be at least 1.
     pub fn check_count(n: usize) -> std::result::Result<(), String> {
         if n == 0 {
             return Err("must be at least 1, got 0".into());
+        }
+        if n as u64 > crate::limits::BATCH {
+            return Err(format!(
+                "{n} is above loratune's limit of {}",
+                crate::limits::BATCH
+            ));
         }
         Ok(())
     }

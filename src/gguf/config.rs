@@ -14,6 +14,21 @@ use crate::error::{Error, Result};
 use crate::model::families::Windows;
 use crate::model::{Family, ModelConfig, RopeConfig, RopeScaling};
 
+/// GGUF `{arch}.*` count keys and the `config.json` fields they become (whose bounds apply).
+const GGUF_TO_HF: &[(&str, &str)] = &[
+    ("block_count", "num_hidden_layers"),
+    ("embedding_length", "hidden_size"),
+    ("feed_forward_length", "intermediate_size"),
+    ("attention.head_count", "num_attention_heads"),
+    ("attention.head_count_kv", "num_key_value_heads"),
+    ("attention.key_length", "head_dim"),
+    ("attention.value_length", "head_dim"),
+    ("rope.dimension_count", "head_dim"),
+    ("context_length", "max_position_embeddings"),
+    ("attention.sliding_window", "sliding_window"),
+    ("vocab_size", "vocab_size"),
+];
+
 /// Typed access to metadata keys, with errors that name the file and key.
 struct Meta<'a> {
     file: &'a GgufFile,
@@ -47,8 +62,16 @@ impl Meta<'_> {
         }
     }
 
+    /// An `{arch}.k` count, checked against the bound of the `config.json` field it becomes.
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
-        self.opt_usize_full(&self.key(k))
+        let full = self.key(k);
+        let v = self.opt_usize_full(&full)?;
+        match (v, GGUF_TO_HF.iter().find(|(g, _)| *g == k)) {
+            (Some(x), Some((_, hf))) => crate::limits::check_model_field(hf, x as u64)
+                .map(Some)
+                .map_err(|e| self.err(format!("metadata `{full}`: {e}"))),
+            _ => Ok(v),
+        }
     }
 
     fn req_usize(&self, k: &str) -> Result<usize> {

@@ -632,6 +632,37 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
             }
         }
     }
+    // As llama.cpp's gguf.cpp requires: each tensor starts at the running sum of the aligned sizes before it,
+    // so the tensors tile the data region in header order, aligned, without overlaps or gaps.
+    let mut expected = 0u64;
+    for t in &tensors {
+        if t.offset != expected {
+            let why = if t.offset % alignment != 0 {
+                format!("it is not a multiple of the {alignment}-byte alignment")
+            } else if t.offset < expected {
+                "it overlaps the tensor before it".to_string()
+            } else {
+                "it leaves a gap after the tensor before it".to_string()
+            };
+            return Err(corrupt(
+                path,
+                format!(
+                    "tensor `{}` has data offset {} but the tensors before it end at {expected} (aligned): {why}",
+                    t.name, t.offset
+                ),
+            ));
+        }
+        expected = t
+            .n_bytes
+            .checked_next_multiple_of(alignment)
+            .and_then(|n| expected.checked_add(n))
+            .ok_or_else(|| {
+                corrupt(
+                    path,
+                    format!("tensor `{}` overflows the data region", t.name),
+                )
+            })?;
+    }
     Ok(Header {
         version,
         metadata,

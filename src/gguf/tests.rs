@@ -544,6 +544,64 @@ fn hostile_tensor_infos() {
 }
 
 #[test]
+fn tensor_offsets_must_tile_the_data_region() {
+    // llama.cpp's rule: each tensor starts at the aligned running sum of the sizes before it. Take a tensor in
+    // the middle (neither first nor last) and move its offset: onto the previous tensor, off the alignment, and
+    // one alignment further (a gap). Each is an error naming the tensor.
+    let buf = fixture_bytes();
+    let h = parse_header(&buf, Path::new("/data/ok.gguf")).unwrap();
+    assert!(h.tensors.len() >= 3);
+    let t = &h.tensors[1];
+    let pos = tensor_info_pos(&buf, &t.name) + 4 + 8 * t.dims.len() + 4;
+    assert_eq!(
+        u64::from_le_bytes(buf[pos..pos + 8].try_into().unwrap()),
+        t.offset
+    );
+    let name = format!("tensor `{}`", t.name);
+    for (off, why) in [
+        (h.tensors[0].offset, "overlaps"),
+        (t.offset + 1, "not a multiple of the 64-byte alignment"),
+        (t.offset + h.alignment, "gap"),
+    ] {
+        let mut b = buf.clone();
+        put_u64(&mut b, pos, off);
+        parse_err(&b, &[&name, why]);
+    }
+}
+
+#[test]
+fn absurd_model_counts_in_metadata_are_refused_before_allocating() {
+    // `{arch}.block_count` = 2^31 − 1 once asked for a 68 GB vector of per-layer settings.
+    let path = fixtures().join("families/llama.gguf");
+    let buf = std::fs::read(&path).unwrap();
+    let at = after_string(&buf, "llama.block_count");
+    assert_eq!(
+        u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()),
+        4,
+        "u32 value"
+    );
+    for (n, needle) in [((1u32 << 31) - 1, "2147483647"), (513, "513")] {
+        let mut b = buf.clone();
+        put_u32(&mut b, at + 4, n);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let e = GgufSource::open(&p).unwrap_err().to_string();
+        for want in ["llama.block_count", needle, "512"] {
+            assert!(e.contains(want), "expected `{want}` in: {e}");
+        }
+    }
+    let at = after_string(&buf, "llama.embedding_length");
+    let mut b = buf.clone();
+    put_u32(&mut b, at + 4, u32::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    std::fs::write(&p, &b).unwrap();
+    let e = GgufSource::open(&p).unwrap_err().to_string();
+    assert!(e.contains("embedding_length") && e.contains("65536"), "{e}");
+}
+
+#[test]
 fn known_but_unsupported_tensor_type_errors_at_load() {
     // Retag the Q4_0 tensor (18-byte blocks of 32) as IQ4_NL, which has the same block size but which we do
     // not dequantise: the file opens (metadata stays readable), loading names the tensor and the type.

@@ -86,7 +86,7 @@ impl LoraSettings {
         if r == 0 {
             return Err("the LoRA rank must be at least 1, got 0 (typical: 8–64)".into());
         }
-        Ok(())
+        crate::limits::check(&crate::limits::LORA_RANK, r as u64).map(|_| ())
     }
 
     /// Alpha is a positive number.

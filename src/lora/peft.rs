@@ -220,7 +220,8 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let r = v
         .get("r")
         .and_then(Value::as_u64)
-        .ok_or_else(|| bad("missing integer `r`".into()))? as usize;
+        .ok_or_else(|| bad("missing integer `r`".into()))?;
+    let r = crate::limits::check(&crate::limits::LORA_RANK, r).map_err(bad)?;
     let alpha = v
         .get("lora_alpha")
         .and_then(Value::as_f64)

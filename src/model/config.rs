@@ -261,7 +261,13 @@ impl ModelConfig {
             if v == 0 {
                 return Err(Error::Config(format!("`{k}` must be positive")));
             }
+            crate::limits::check_model_field(k, v as u64).map_err(Error::Config)?;
         }
+        crate::limits::check_model_field(
+            "max_position_embeddings",
+            self.max_position_embeddings as u64,
+        )
+        .map_err(Error::Config)?;
         if self.head_dim % 2 != 0 {
             return Err(Error::Config(format!(
                 "head_dim {} must be even for rotary embeddings",
@@ -739,13 +745,23 @@ impl Reader<'_> {
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                Error::Config(format!("`{k}` must be a non-negative integer, got {v}"))
-            }),
+            Some(v) => {
+                let x = v.as_u64().ok_or_else(|| {
+                    Error::Config(format!("`{k}` must be a non-negative integer, got {v}"))
+                })?;
+                crate::limits::check_model_field(k, x)
+                    .map(Some)
+                    .map_err(Error::Config)
+            }
         }
     }
     fn opt_u32(&self, k: &str) -> Result<Option<u32>> {
-        Ok(self.opt_usize(k)?.map(|x| x as u32))
+        match self.opt_usize(k)? {
+            None => Ok(None),
+            Some(x) => u32::try_from(x)
+                .map(Some)
+                .map_err(|_| Error::Config(format!("`{k}` = {x} does not fit a token id"))),
+        }
     }
     fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.get(k) {
@@ -781,14 +797,15 @@ impl Reader<'_> {
                 .iter()
                 .map(|v| {
                     v.as_u64()
-                        .map(|x| x as u32)
-                        .ok_or_else(|| Error::Config(format!("`{k}` entries must be integers")))
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| Error::Config(format!("`{k}` entries must be token ids")))
                 })
                 .collect(),
             Some(v) => v
                 .as_u64()
-                .map(|x| vec![x as u32])
-                .ok_or_else(|| Error::Config(format!("`{k}` must be an integer or a list"))),
+                .and_then(|x| u32::try_from(x).ok())
+                .map(|x| vec![x])
+                .ok_or_else(|| Error::Config(format!("`{k}` must be a token id or a list"))),
         }
     }
 }

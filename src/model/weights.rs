@@ -297,7 +297,10 @@ impl SafetensorsSource {
 
 type HeaderEntry = (StoredDtype, Vec<usize>, usize, usize);
 
-/// Parse and validate a safetensors header against the file size. Never panics on bad input.
+/// Parse and validate a safetensors header against the file size, as strictly as the format's own crate: the
+/// header length within the file (and at most [`crate::limits::SAFETENSORS_HEADER`]), every known dtype's
+/// byte length = elements × element size, and the tensors tiling the data region exactly — contiguous from
+/// byte 0, no overlaps, no gaps, ending at the end of the file. Never panics on bad input.
 pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String, HeaderEntry)>> {
     let bad = |msg: String| {
         Error::Weights(format!(
@@ -312,10 +315,16 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String
         )));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
-    if n > (bytes.len() as u64 - 8) || n > 100 * 1024 * 1024 {
+    if n > (bytes.len() as u64 - 8) {
         return Err(bad(format!(
             "header length {n} exceeds the file size {} (truncated download?)",
             bytes.len()
+        )));
+    }
+    if n > crate::limits::SAFETENSORS_HEADER {
+        return Err(bad(format!(
+            "header length {n} is above the format's limit of {} bytes",
+            crate::limits::SAFETENSORS_HEADER
         )));
     }
     let header = &bytes[8..8 + n as usize];
@@ -331,34 +340,56 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String
         if name == "__metadata__" {
             continue;
         }
-        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
-            Some("F32") => StoredDtype::F32,
-            Some("F16") => StoredDtype::F16,
-            Some("BF16") => StoredDtype::BF16,
-            Some("F64") => StoredDtype::Other("F64"),
-            Some("I64") => StoredDtype::Other("I64"),
-            Some("I32") => StoredDtype::Other("I32"),
-            Some("I8") => StoredDtype::Other("I8"),
-            Some("U8") => StoredDtype::Other("U8"),
-            Some("BOOL") => StoredDtype::Other("BOOL"),
-            Some("F8_E4M3") => StoredDtype::Other("F8_E4M3"),
-            Some("F8_E5M2") => StoredDtype::Other("F8_E5M2"),
-            Some(_) => StoredDtype::Other("unknown"),
+        let (dtype, esize) = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => (StoredDtype::F32, 4),
+            Some("F16") => (StoredDtype::F16, 2),
+            Some("BF16") => (StoredDtype::BF16, 2),
+            Some("F64") => (StoredDtype::Other("F64"), 8),
+            Some("I64") => (StoredDtype::Other("I64"), 8),
+            Some("U64") => (StoredDtype::Other("U64"), 8),
+            Some("I32") => (StoredDtype::Other("I32"), 4),
+            Some("U32") => (StoredDtype::Other("U32"), 4),
+            Some("I16") => (StoredDtype::Other("I16"), 2),
+            Some("U16") => (StoredDtype::Other("U16"), 2),
+            Some("I8") => (StoredDtype::Other("I8"), 1),
+            Some("U8") => (StoredDtype::Other("U8"), 1),
+            Some("BOOL") => (StoredDtype::Other("BOOL"), 1),
+            Some("F8_E4M3") => (StoredDtype::Other("F8_E4M3"), 1),
+            Some("F8_E5M2") => (StoredDtype::Other("F8_E5M2"), 1),
+            Some(other) => {
+                return Err(bad(format!(
+                    "tensor `{name}` has unknown dtype `{}`",
+                    other.chars().take(32).collect::<String>()
+                )))
+            }
             None => return Err(bad(format!("tensor `{name}` has no dtype"))),
         };
-        let shape: Vec<usize> = info
+        let dims = info
             .get("shape")
             .and_then(|s| s.as_array())
-            .ok_or_else(|| bad(format!("tensor `{name}` has no shape")))?
+            .ok_or_else(|| bad(format!("tensor `{name}` has no shape")))?;
+        if dims.len() > crate::limits::SAFETENSORS_RANK {
+            return Err(bad(format!(
+                "tensor `{name}` has {} dimensions (at most {} accepted)",
+                dims.len(),
+                crate::limits::SAFETENSORS_RANK
+            )));
+        }
+        let shape: Vec<usize> = dims
             .iter()
-            .map(|d| d.as_u64().map(|x| x as usize))
+            .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()))
             .collect::<Option<_>>()
             .ok_or_else(|| bad(format!("tensor `{name}` has a non-integer dimension")))?;
         let offs = info
             .get("data_offsets")
             .and_then(|s| s.as_array())
             .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)))
+            .and_then(|a| {
+                Some((
+                    usize::try_from(a[0].as_u64()?).ok()?,
+                    usize::try_from(a[1].as_u64()?).ok()?,
+                ))
+            })
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
         if offs.0 > offs.1 || offs.1 > data_len {
             return Err(bad(format!(
@@ -366,24 +397,51 @@ pub fn parse_safetensors_header(bytes: &[u8], path: &Path) -> Result<Vec<(String
                 offs.0, offs.1
             )));
         }
-        let esize = match dtype {
-            StoredDtype::F32 => Some(4),
-            StoredDtype::F16 | StoredDtype::BF16 => Some(2),
-            _ => None,
-        };
-        if let Some(es) = esize {
-            let n_el = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            if n_el.and_then(|n| n.checked_mul(es)) != Some(offs.1 - offs.0) {
-                return Err(bad(format!(
-                    "tensor `{name}` shape {shape:?} does not match its {} data bytes",
-                    offs.1 - offs.0
-                )));
-            }
+        let n_el = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n_el.and_then(|n| n.checked_mul(esize)) != Some(offs.1 - offs.0) {
+            return Err(bad(format!(
+                "tensor `{name}` shape {shape:?} of {dtype} needs {} bytes but its data_offsets give {}",
+                n_el.and_then(|n| n.checked_mul(esize))
+                    .map_or("more than addressable".to_string(), |b| b.to_string()),
+                offs.1 - offs.0
+            )));
         }
         out.push((
             name.clone(),
             (dtype, shape, data_start + offs.0, data_start + offs.1),
         ));
+    }
+    // The tensors must tile the data region: sorted by offset, each starts where the previous one ends.
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by_key(|&i| (out[i].1 .2, out[i].1 .3));
+    let mut end = data_start;
+    let mut prev: Option<&str> = None;
+    for &i in &order {
+        let (name, (_, _, s, e)) = &out[i];
+        if *s != end {
+            let after = prev.map_or("the start of the data region".to_string(), |p| {
+                format!("tensor `{p}`")
+            });
+            let kind = if *s < end {
+                "overlaps"
+            } else {
+                "leaves a gap after"
+            };
+            return Err(bad(format!(
+                "tensor `{name}` (data_offsets [{}, {})) {kind} {after}, which ends at {}: tensors must be stored back to back",
+                s - data_start,
+                e - data_start,
+                end - data_start
+            )));
+        }
+        end = *e;
+        prev = Some(name);
+    }
+    if end != bytes.len() {
+        return Err(bad(format!(
+            "{} bytes after the last tensor belong to no tensor (wrong header length, or a file with extra data)",
+            bytes.len() - end
+        )));
     }
     Ok(out)
 }

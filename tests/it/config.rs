@@ -275,6 +275,18 @@ save_total_limit: 0
 }
 
 #[test]
+fn absurd_sizes_are_refused_naming_the_bound() {
+    // `lora_r: 1000000000` once passed validation and aborted in `attach` on a 256 GB allocation.
+    let d = data_dir();
+    let yaml = GOOD.to_string()
+        + "lora_r: 1000000000\nsequence_len: 100000000\nmicro_batch_size: 1000000\n";
+    let errs = errors(d.path(), &yaml, &[]);
+    assert_contains(&errs, &["invalid `lora_r`", "1000000000", "4096"]);
+    assert_contains(&errs, &["invalid `sequence_len`", "100000000", "1048576"]);
+    assert_contains(&errs, &["invalid `micro_batch_size`", "1000000", "65536"]);
+}
+
+#[test]
 fn missing_required_keys() {
     let d = data_dir();
     let errs = errors(d.path(), "num_epochs: 1\n", &[]);

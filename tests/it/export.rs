@@ -381,3 +381,15 @@ fn cli_merge_keeps_the_base_dtype_by_default() {
     let (name, _) = merge("models/llama", "override", &["--dtype", "f16"]);
     assert_eq!(name, "float16");
 }
+
+#[test]
+fn attach_refuses_an_absurd_rank_before_allocating() {
+    let device = Default::default();
+    let mut m = load_fixture_model::<B>(&fixture("models/llama"), &device);
+    let s = LoraSettings {
+        r: 1_000_000_000,
+        ..settings()
+    };
+    let e = attach(&mut m, &s).unwrap_err().to_string();
+    assert!(e.contains("lora_r") && e.contains("4096"), "{e}");
+}
