@@ -30,7 +30,10 @@ use super::source::{read_records, RawRecord, ResolvedFile, RowLoc};
 use crate::error::{Error, Result};
 
 /// Bump when the cache layout or the meaning of its contents changes.
-pub const CACHE_VERSION: u32 = 2;
+pub const CACHE_VERSION: u32 = 3;
+
+/// How many skipped and dropped records the counts quote (file and line).
+const EXAMPLES: usize = 5;
 const ENTRY_BYTES: usize = 32;
 
 /// 64-bit FNV-1a, seeded (a stable hash for cache keys and fingerprints).
@@ -105,6 +108,9 @@ pub struct Counts {
     pub skipped: BTreeMap<String, u64>,
     /// The first few skip messages (file, line, field, fix).
     pub skip_examples: Vec<String>,
+    /// The first few samples dropped for their length (file, line, tokens).
+    #[serde(default)]
+    pub drop_examples: Vec<String>,
     /// Samples longer than `sequence_len` that were dropped (`truncation: drop`).
     pub dropped_too_long: u64,
     /// Samples cut to `sequence_len` (`truncation: truncate`).
@@ -571,7 +577,7 @@ fn build_into(
                         }
                         OnBadRow::Skip => {
                             *counts.skipped.entry(b.kind.name().to_string()).or_insert(0) += 1;
-                            if counts.skip_examples.len() < 5 {
+                            if counts.skip_examples.len() < EXAMPLES {
                                 counts.skip_examples.push(msg);
                             }
                             continue;
@@ -585,6 +591,14 @@ fn build_into(
                 match opts.truncation {
                     Truncation::Drop => {
                         counts.dropped_too_long += 1;
+                        if counts.drop_examples.len() < EXAMPLES {
+                            counts.drop_examples.push(format!(
+                                "{} {}: {} tokens > sequence_len {seq_len} (raise sequence_len, or set `truncation: truncate`)",
+                                files[*fi].file.path.display(),
+                                rec.loc,
+                                sample.ids.len()
+                            ));
+                        }
                         continue;
                     }
                     Truncation::Truncate => {
@@ -598,6 +612,13 @@ fn build_into(
             let labels = sample.trained.iter().skip(1).filter(|&&t| t).count() as u64;
             if labels == 0 {
                 counts.dropped_no_labels += 1;
+                if counts.drop_examples.len() < EXAMPLES {
+                    counts.drop_examples.push(format!(
+                        "{} {}: no trained token left in the first {seq_len} tokens",
+                        files[*fi].file.path.display(),
+                        rec.loc
+                    ));
+                }
                 continue;
             }
             if flags & 1 != 0 {

@@ -74,7 +74,7 @@ pub use options::{
     Truncation, ValSplit, DEFAULT_SEQUENCE_LEN,
 };
 pub use render::{ChatRenderer, SampleBuilder, SpecialToken, TemplateRenderer, TextTokenizer};
-pub use report::{DataStats, PreviewItem};
+pub use report::{DataStats, PreviewItem, DATA_REPORT};
 pub use rows::{BadRow, BadRowKind, Example, RowParser};
 
 use crate::error::{Error, Result};

@@ -15,6 +15,10 @@ use super::rows::RowParser;
 use super::source::{read_records, ResolvedFile};
 use crate::error::{Error, Result};
 
+/// The file in a run folder that holds the [`DataStats`] of the run's data (what `train` read, kept, skipped,
+/// dropped and truncated).
+pub const DATA_REPORT: &str = "data_report.json";
+
 /// Length distribution of the samples (tokens per sample).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LengthStats {
@@ -192,6 +196,9 @@ fn write_counts(f: &mut fmt::Formatter<'_>, c: &Counts, seq_len: usize) -> fmt::
             "  dropped (no label left after truncation)  {}",
             c.dropped_no_labels
         )?;
+    }
+    for m in &c.drop_examples {
+        writeln!(f, "      e.g. {m}")?;
     }
     writeln!(f, "  tokens                {}", c.tokens)?;
     writeln!(

@@ -329,6 +329,14 @@ impl RowParser {
 
     fn missing(&self, obj: &serde_json::Map<String, Value>, key: &str) -> BadRow {
         let name = &self.fields[key];
+        if obj.get(name.as_str()).is_some_and(Value::is_null) {
+            return BadRow::new(
+                BadRowKind::MissingField,
+                name,
+                "is null",
+                "fill it in or remove the record",
+            );
+        }
         let present: Vec<&str> = obj.keys().map(|k| k.as_str()).take(8).collect();
         BadRow::new(
             BadRowKind::MissingField,
@@ -432,8 +440,17 @@ impl RowParser {
             };
             let content = match m.get(ck) {
                 Some(Value::String(s)) => s.clone(),
-                // OpenAI tool-call messages carry `content: null`.
-                Some(Value::Null) => String::new(),
+                // OpenAI tool-call messages carry `content: null` beside their `tool_calls`; anywhere else a
+                // null content would train an empty turn without a word.
+                Some(Value::Null) if m.get("tool_calls").is_some_and(|t| !t.is_null()) => String::new(),
+                Some(Value::Null) => {
+                    return Err(BadRow::new(
+                        BadRowKind::MissingField,
+                        format!("{field}[{i}].{ck}"),
+                        "is null",
+                        "give the message its text (only a message with `tool_calls` may have a null content)",
+                    ))
+                }
                 None => {
                     return Err(BadRow::new(
                         BadRowKind::MissingField,

@@ -32,11 +32,11 @@ pub struct ResolvedFile {
 /// Where a record is in its file, as a user would look for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowLoc {
-    /// JSON Lines: 1-based line number.
+    /// JSON Lines and CSV/TSV: 1-based line number (where a CSV record starts).
     Line(u64),
     /// JSON array: 1-based element number.
     Record(u64),
-    /// CSV/TSV/Parquet: 1-based data row (the CSV header is not counted).
+    /// Parquet: 1-based row.
     Row(u64),
 }
 
@@ -197,8 +197,121 @@ pub fn read_records(
                 ))),
             }
         }
-        FileKind::Csv | FileKind::Tsv | FileKind::Parquet => {
-            read_polars(file, limit, columns, batch_rows, f)
+        FileKind::Csv | FileKind::Tsv => read_csv(file, limit, columns, f),
+        FileKind::Parquet => read_polars(file, limit, columns, batch_rows, f),
+    }
+}
+
+/// CSV/TSV, record by record (RFC 4180 quoting, a header row, UTF-8 with or without a BOM): a row with the wrong
+/// number of fields or bytes that are not UTF-8 is a bad row at its line, skippable like any other; every value
+/// is text (a numeric-looking answer stays a string) and an empty cell is null.
+fn read_csv(
+    file: &ResolvedFile,
+    limit: Option<usize>,
+    columns: Option<&[String]>,
+    f: &mut dyn FnMut(RawRecord) -> Result<bool>,
+) -> Result<()> {
+    let path = &file.path;
+    let sep = if file.kind == FileKind::Tsv {
+        b'\t'
+    } else {
+        b','
+    };
+    let reader = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut r = csv::ReaderBuilder::new()
+        .delimiter(sep)
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(BufReader::with_capacity(1 << 20, reader));
+    let csv_err = |e: csv::Error| {
+        let at = e
+            .position()
+            .map(|p| format!(" at line {}", p.line()))
+            .unwrap_or_default();
+        Error::Data(format!(
+            "{}: cannot read this CSV file{at}: {e}",
+            path.display()
+        ))
+    };
+    let header: Vec<String> = r
+        .byte_headers()
+        .map_err(csv_err)?
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            std::str::from_utf8(h).map(str::to_string).map_err(|_| {
+                Error::Data(format!(
+                    "{}: the header's column {} is not valid UTF-8; re-encode the file as UTF-8",
+                    path.display(),
+                    i + 1
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let keep: Vec<bool> = header
+        .iter()
+        .map(|h| columns.is_none_or(|c| c.iter().any(|c| c == h)))
+        .collect();
+    let mut rec = csv::ByteRecord::new();
+    let mut records = 0usize;
+    loop {
+        match r.read_byte_record(&mut rec) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
+            // An I/O error, not a malformed row (the csv reader accepts any bytes).
+            Err(e) => return Err(csv_err(e)),
+        }
+        let line = rec.position().map_or(0, |p| p.line());
+        let value = if rec.len() != header.len() {
+            Err(BadRow::new(
+                BadRowKind::InvalidJson,
+                "",
+                format!(
+                    "the row has {} fields but the header has {}",
+                    rec.len(),
+                    header.len()
+                ),
+                "quote values that contain the separator or a line break, and give every row one value per column",
+            ))
+        } else {
+            let mut obj = serde_json::Map::with_capacity(header.len());
+            let mut bad = None;
+            for ((name, cell), keep) in header.iter().zip(rec.iter()).zip(&keep) {
+                if !keep {
+                    continue;
+                }
+                match std::str::from_utf8(cell) {
+                    Ok("") => {
+                        obj.insert(name.clone(), Value::Null);
+                    }
+                    Ok(text) => {
+                        obj.insert(name.clone(), Value::String(text.to_string()));
+                    }
+                    Err(e) => {
+                        bad = Some(BadRow::new(
+                            BadRowKind::InvalidJson,
+                            name,
+                            format!("not valid UTF-8 (byte {})", e.valid_up_to() + 1),
+                            "re-encode the file as UTF-8",
+                        ));
+                        break;
+                    }
+                }
+            }
+            match bad {
+                Some(b) => Err(b),
+                None => Ok(Value::Object(obj)),
+            }
+        };
+        records += 1;
+        if !f(RawRecord {
+            loc: RowLoc::Line(line),
+            value,
+        })? {
+            return Ok(());
+        }
+        if Some(records) == limit {
+            return Ok(());
         }
     }
 }
@@ -373,6 +486,7 @@ fn polars_err(path: &Path, e: PolarsError) -> Error {
     Error::Data(format!("{}: cannot read this file: {e}", path.display()))
 }
 
+/// Parquet, in record batches through polars' streaming engine.
 fn read_polars(
     file: &ResolvedFile,
     limit: Option<usize>,
@@ -382,32 +496,11 @@ fn read_polars(
 ) -> Result<()> {
     let path = &file.path;
     let pl_path = PlRefPath::try_from_path(path).map_err(|e| polars_err(path, e))?;
-    let lf = match file.kind {
-        FileKind::Csv | FileKind::Tsv => {
-            let sep = if file.kind == FileKind::Tsv {
-                b'\t'
-            } else {
-                b','
-            };
-            LazyCsvReader::new(pl_path)
-                .with_has_header(true)
-                // Every column as text: no type guessing (a numeric-looking answer stays a string).
-                .with_infer_schema_length(Some(0))
-                .with_glob(false)
-                .map_parse_options(move |o| o.with_separator(sep))
-                .finish()
-                .map_err(|e| polars_err(path, e))?
-        }
-        FileKind::Parquet => {
-            let args = ScanArgsParquet {
-                glob: false,
-                ..Default::default()
-            };
-            LazyFrame::scan_parquet(pl_path, args).map_err(|e| polars_err(path, e))?
-        }
-        _ => unreachable!("read_polars is only called for CSV/TSV/Parquet"),
+    let args = ScanArgsParquet {
+        glob: false,
+        ..Default::default()
     };
-    let mut lf = lf;
+    let mut lf = LazyFrame::scan_parquet(pl_path, args).map_err(|e| polars_err(path, e))?;
     if let Some(cols) = columns {
         let schema = lf.collect_schema().map_err(|e| polars_err(path, e))?;
         let present: Vec<Expr> = cols

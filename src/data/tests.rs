@@ -606,13 +606,13 @@ fn json_array_is_streamed_with_record_numbers_and_limit() {
 }
 
 #[test]
-fn csv_and_parquet_are_read_through_polars() {
+fn csv_and_parquet_are_read_with_their_locations() {
     use polars::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let csv = write(
         dir.path(),
         "a.csv",
-        "instruction,input,output\n\"Say hi, politely\",,Hello!\nAdd,\"1, 2\",3\n",
+        "\u{feff}instruction,input,output\n\"Say hi,\npolitely\",,Hello!\nAdd,\"1, 2\",3\n",
     );
     let files = source::resolve(&DatasetSource::new(
         csv.to_string_lossy(),
@@ -626,8 +626,13 @@ fn csv_and_parquet_are_read_through_polars() {
     })
     .unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0].0, source::RowLoc::Row(1));
-    assert_eq!(rows[0].1["instruction"], "Say hi, politely");
+    assert_eq!(rows[0].0, source::RowLoc::Line(2));
+    assert_eq!(
+        rows[1].0,
+        source::RowLoc::Line(4),
+        "the quoted line break counts"
+    );
+    assert_eq!(rows[0].1["instruction"], "Say hi,\npolitely");
     assert_eq!(rows[0].1["input"], serde_json::Value::Null);
     assert_eq!(rows[1].1["output"], "3", "CSV values stay strings");
 
@@ -665,6 +670,90 @@ fn csv_and_parquet_are_read_through_polars() {
             ],
             trained: vec![false, true]
         }]
+    );
+}
+
+#[test]
+fn ragged_and_non_utf8_csv_rows_are_bad_rows_at_their_line() {
+    // Both used to abort the whole file with no line number, and skip_bad_rows did not apply.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = b"instruction,output\nSay hi,Hello\nToo,many,fields\nOne field only\n".to_vec();
+    bytes.extend_from_slice(b"Caf\xe9,latin-1 bytes\nAdd,3\n");
+    let csv = dir.path().join("r.csv");
+    std::fs::write(&csv, &bytes).unwrap();
+    let src = DatasetSource::new(csv.to_string_lossy(), DataFormat::Alpaca);
+    let files = source::resolve(&src).unwrap();
+    let mut got = Vec::new();
+    source::read_records(&files[0], None, None, 16, &mut |r| {
+        got.push((r.loc, r.value.map_err(|b| b.message(&csv, r.loc))));
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(got.len(), 5, "{got:?}");
+    use source::RowLoc::Line;
+    assert_eq!((got[0].0, got[4].0), (Line(2), Line(6)));
+    assert!(got[0].1.is_ok() && got[4].1.is_ok());
+    let e = got[1].1.as_ref().unwrap_err();
+    assert!(
+        e.contains("r.csv line 3") && e.contains("3 fields but the header has 2"),
+        "{e}"
+    );
+    let e = got[2].1.as_ref().unwrap_err();
+    assert!(e.contains("line 4") && e.contains("1 fields"), "{e}");
+    let e = got[3].1.as_ref().unwrap_err();
+    assert!(
+        e.contains("line 5") && e.contains("`instruction`") && e.contains("UTF-8"),
+        "{e}"
+    );
+    assert!(
+        e.contains("skip_bad_rows: true"),
+        "the hint names the real key: {e}"
+    );
+
+    // Through the pipeline: skipped and counted with skip_bad_rows, an error naming the line without.
+    let o = DataOptions {
+        on_bad_row: OnBadRow::Skip,
+        ..opts()
+    };
+    let p = pipeline(vec![src.clone()], o, &dir.path().join("c"));
+    let c = p.stats().unwrap().train_counts;
+    assert_eq!((c.records, c.samples), (5, 2));
+    assert_eq!(c.skipped.values().sum::<u64>(), 3);
+    assert!(
+        c.skip_examples[0].contains("r.csv line 3"),
+        "{:?}",
+        c.skip_examples
+    );
+    let p = pipeline(vec![src], opts(), &dir.path().join("c2"));
+    let e = p.stats().unwrap_err().to_string();
+    assert!(e.contains("r.csv line 3"), "{e}");
+}
+
+#[test]
+fn null_content_and_null_required_fields_are_bad_rows_naming_the_field() {
+    // `"content": null` used to render silently as an empty turn.
+    let p = RowParser::new(&DatasetSource::new("x", DataFormat::Chat)).unwrap();
+    let v = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": null}]});
+    let e = p.parse(&v, false).unwrap_err();
+    assert_eq!(
+        (e.kind, e.field.as_str(), e.problem.as_str()),
+        (BadRowKind::MissingField, "messages[1].content", "is null")
+    );
+    // An OpenAI tool call keeps its null content.
+    let v = serde_json::json!({"messages": [{"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}]});
+    assert!(p.parse(&v, false).is_ok());
+    // A null required field of a flat format.
+    let p = RowParser::new(&DatasetSource::new("x", DataFormat::Alpaca)).unwrap();
+    let e = p
+        .parse(
+            &serde_json::json!({"instruction": "Say hi", "output": null}),
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.problem.as_str()),
+        ("output", "is null")
     );
 }
 

@@ -15,9 +15,10 @@ use super::schedule::Schedule;
 use super::step::{eval_loss, train_step, StepConfig, StepStats};
 use crate::backend::{InferJob, Placement, TrainJob};
 use crate::config::{ModelFacts, TrainConfig};
+use crate::data::DATA_REPORT;
 use crate::data::{Batch, LoaderState, TrainLoader};
 use crate::error::{Error, Result};
-use crate::export::atomic::{remove_stale_staging, FolderLock};
+use crate::export::atomic::{remove_stale_staging, write_atomic, FolderLock};
 use crate::kernels::{Kernels, TrainBackend};
 use crate::lora::adapter::{attach, lora_params, report, set_trainable, LoraSettings};
 use crate::lora::peft::{apply_adapter, load_adapter, read_adapter, save_adapter};
@@ -187,6 +188,14 @@ impl<'a, B: TrainBackend> Run<'a, B> {
 
         // Data: exact counts for the schedule, evaluation batches.
         let facts = data.data_facts()?;
+        // Every record accounted for: the summary `data stats` prints, on screen and in the run folder.
+        let stats = data.stats()?;
+        printer.line(&stats.to_string());
+        let report = serde_json::to_vec_pretty(&stats).map_err(|e| Error::Serialize {
+            what: DATA_REPORT.into(),
+            source: Box::new(e),
+        })?;
+        write_atomic(&out.join(DATA_REPORT), &report)?;
         for w in cfg.check_data(&facts)? {
             printer.line(&format!("warning: {w}"));
         }

@@ -560,4 +560,69 @@ mod runs {
             .iter()
             .all(|w| !w.to_string().contains("implausibly")));
     }
+
+    /// With 3 of the rows too long and 2 bad, `train` says so at the start and writes the same counts, with the
+    /// file and line of each, to data_report.json (it used to print only "N training samples").
+    #[test]
+    fn every_row_is_accounted_for_at_the_start_and_in_the_run_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = std::fs::read_to_string(fixture("train/facts_chat.jsonl")).unwrap();
+        let n_good = good.lines().count();
+        let long = "lorem ipsum ".repeat(300);
+        let mut data = good.clone();
+        for i in 0..3 {
+            data.push_str(
+                &serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")},
+                    {"role": "assistant", "content": long}]})
+                .to_string(),
+            );
+            data.push('\n');
+        }
+        data.push_str(r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}"#);
+        data.push_str("\n{not json\n");
+        let data_path = tmp.path().join("mixed.jsonl");
+        std::fs::write(&data_path, data).unwrap();
+        let set = format!("datasets.0.path={}", data_path.display());
+        config_with(tmp.path(), "max_steps: 1\nskip_bad_rows: true", &[&set]);
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_loratune"))
+            .arg("train")
+            .arg(tmp.path().join("config.yaml"))
+            .args(["--set", &set])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{stdout}\n{stderr}");
+        let shown = format!("{stdout}{stderr}");
+        for want in [
+            format!("records read          {}", n_good + 5),
+            format!("samples kept          {n_good}"),
+            "bad records skipped   2".to_string(),
+            "dropped (> 256 tokens)  3".to_string(),
+            format!("mixed.jsonl line {}: ", n_good + 1),
+            format!(
+                "mixed.jsonl line {}: field `messages[1].content`: is null",
+                n_good + 4
+            ),
+        ] {
+            assert!(shown.contains(&want), "`{want}` not in:\n{shown}");
+        }
+        let report: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(tmp.path().join("run/data_report.json")).unwrap(),
+        )
+        .unwrap();
+        let c = &report["train_counts"];
+        assert_eq!(c["records"], n_good as u64 + 5);
+        assert_eq!(c["samples"], n_good as u64);
+        assert_eq!(c["dropped_too_long"], 3);
+        assert_eq!(c["skipped"]["missing_field"], 1);
+        assert_eq!(c["skipped"]["invalid_json"], 1);
+        let drops = c["drop_examples"].as_array().unwrap();
+        assert_eq!(drops.len(), 3);
+        assert!(drops[0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("mixed.jsonl line {}: ", n_good + 1)));
+        assert_eq!(c["skip_examples"].as_array().unwrap().len(), 2);
+    }
 }
