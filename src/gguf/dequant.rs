@@ -31,7 +31,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// mismatched lengths.
 pub fn dequantize_into(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), String> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
-    if src.len() % ts != 0 || src.len() / ts * bs != dst.len() {
+    if !src.len().is_multiple_of(ts) || src.len() / ts * bs != dst.len() {
         return Err(format!(
             "{} bytes of {ty} do not decode to {} elements",
             src.len(),

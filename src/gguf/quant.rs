@@ -125,7 +125,7 @@ pub fn quantize(ty: GgmlType, data: &[f32], row_len: usize) -> Result<Vec<u8>, S
             ))
         }
     };
-    if row_len == 0 || row_len % bs != 0 || data.len() % row_len != 0 {
+    if row_len == 0 || !row_len.is_multiple_of(bs) || !data.len().is_multiple_of(row_len) {
         return Err(format!(
             "{} values in rows of {row_len} cannot be stored as {ty} (blocks of {bs} elements)",
             data.len()

@@ -192,7 +192,7 @@ pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTen
 }
 
 fn check_rope_rows(rows: usize, n_head: usize) -> std::result::Result<usize, String> {
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         return Err(format!(
             "{rows} rows cannot be split into {n_head} heads of even size for the rotary permutation"
         ));

@@ -230,7 +230,7 @@ impl<'a> GgufWriter<'a> {
         }
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let row = dims[0];
-        if row % ty.block_size() as u64 != 0 {
+        if !row.is_multiple_of(ty.block_size() as u64) {
             return Err(bad(format!(
                 "tensor `{name}` (shape {shape:?}) has rows of {row} elements, not a multiple of {ty}'s {}-element blocks",
                 ty.block_size()

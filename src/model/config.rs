@@ -268,7 +268,7 @@ impl ModelConfig {
             self.max_position_embeddings as u64,
         )
         .map_err(Error::Config)?;
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

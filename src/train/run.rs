@@ -279,7 +279,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             self.record(&stats, lr)?;
             // Evaluate and checkpoint when due.
             let last = self.state.global_step == self.schedule.total;
-            let due = |every: u64, s: u64| s % every == 0 || last;
+            let due = |every: u64, s: u64| s.is_multiple_of(every) || last;
             let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?;
             if due(self.save_every, self.state.global_step) || stop_early {
                 self.save_checkpoint()?;
@@ -395,7 +395,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 c.real as f64 / c.t_loop.elapsed().as_secs_f64()
             ),
         );
-        if s % self.log_every != 0 && s != total {
+        if !s.is_multiple_of(self.log_every) && s != total {
             return Ok(());
         }
         let (loss, tps) = c.take_window();

@@ -206,7 +206,7 @@ fn join_safetensors(
     header_len_delta: i64,
 ) -> Vec<u8> {
     let mut h = serde_json::to_string(header).unwrap();
-    while (h.len() + 8) % 8 != 0 || h.ends_with('}') {
+    while !(h.len() + 8).is_multiple_of(8) || h.ends_with('}') {
         h.push(' ');
     }
     let n = (h.len() as i64 + header_len_delta) as u64;

@@ -97,7 +97,7 @@ pub fn silu_mul_packed<B: Cpu>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let i0 = B::input(gate_up);
     let f = B::flex(&i0);
     let r = Rows::of(f);
-    if !super::all_f32(&[f]) || r.cols % 2 != 0 {
+    if !super::all_f32(&[f]) || !r.cols.is_multiple_of(2) {
         return None;
     }
     let i = r.cols / 2;

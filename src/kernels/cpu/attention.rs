@@ -364,7 +364,7 @@ fn check_spec(spec: &AttnSpec) -> bool {
     spec.keys == spec.seq
         && spec.softcap.is_none()
         && spec.kv_heads > 0
-        && spec.heads % spec.kv_heads == 0
+        && spec.heads.is_multiple_of(spec.kv_heads)
         && 2 * spec.rope.half <= spec.head_dim
         && spec.rope.cos.len() == spec.batch * spec.seq * spec.rope.half
         && spec.mask.len() == spec.batch * spec.seq * spec.seq
