@@ -21,6 +21,9 @@
 //! | tensor rank | 8 (safetensors), 4 (GGUF, ggml's `GGML_MAX_DIMS`) | |
 //! | safetensors header | 100 MB | the safetensors crate's `MAX_HEADER_SIZE` |
 //! | GGUF strings, arrays | the bytes left in the file; 2^24 metadata values | |
+//! | one chat-template render | 2^23 fuel (~8 M steps, ~512 MB of text) | minijinja's fuel |
+//! | a template's `str.format` width, `str.replace` result | 64 MiB | built before fuel is charged |
+//! | a template's `tojson` indent | 1024 | |
 
 /// One bound: the largest accepted value of a named field, and where the number comes from.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +104,18 @@ pub const SAFETENSORS_RANK: usize = 8;
 
 /// Largest safetensors JSON header in bytes (the safetensors crate's `MAX_HEADER_SIZE`).
 pub const SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Fuel of one chat-template render (minijinja: about one unit per instruction and per 64 bytes created), so a
+/// template that loops or doubles strings stops with an error: ~8 M instructions or ~512 MB of text, where the
+/// templates of real models use a few thousand units per conversation.
+pub const TEMPLATE_FUEL: u64 = 1 << 23;
+
+/// Largest string a chat template's `str.format` field width or `str.replace` may build (pycompat allocates these
+/// before fuel is charged).
+pub const TEMPLATE_STRING: usize = 1 << 26;
+
+/// Largest `tojson(indent=…)` a chat template may ask for.
+pub const TEMPLATE_INDENT: usize = 1024;
 
 /// Check `value` of `field` against `bound`; the message names both.
 pub fn check(bound: &Bound, value: u64) -> std::result::Result<usize, String> {

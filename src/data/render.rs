@@ -475,10 +475,7 @@ impl SampleBuilder {
         &self,
         r: &Rendered,
     ) -> std::result::Result<(Sample, Vec<Option<Range<usize>>>), BadRow> {
-        let enc = self
-            .tok
-            .tokenizer
-            .encode(r.text.as_str(), false)
+        let enc = crate::tokenizer::encode_guarded(&self.tok.tokenizer, r.text.as_str(), false)
             .map_err(|e| {
                 BadRow::new(
                     BadRowKind::TemplateError,

@@ -758,6 +758,32 @@ fn null_content_and_null_required_fields_are_bad_rows_naming_the_field() {
 }
 
 #[test]
+fn cache_build_folders_of_dead_processes_are_removed_by_the_next_build() {
+    // A build killed mid-way leaves `<key>.tmp-<pid>-<n>/`; the next build removes those of dead processes and
+    // leaves a live process's build alone (the cache folder is shared between runs).
+    let dir = tempfile::tempdir().unwrap();
+    let f = chat_jsonl(dir.path(), "c.jsonl", 4);
+    let cache = dir.path().join("cache");
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = cache.join(format!("0123abcd.tmp-{dead}-0"));
+    let live = cache.join("0123abcd.tmp-1-0");
+    for d in [&stale, &live] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("ids.bin"), [0u8; 64]).unwrap();
+    }
+    let p = pipeline(
+        vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Chat)],
+        opts(),
+        &cache,
+    );
+    assert_eq!(p.stats().unwrap().train_counts.samples, 4);
+    assert!(!stale.exists(), "the dead build's folder is still there");
+    assert!(live.exists(), "a live process's build folder was removed");
+}
+
+#[test]
 fn sharegpt_records_and_role_mapping() {
     let mut src = DatasetSource::new("x", DataFormat::Chat);
     let p = RowParser::new(&src).unwrap();

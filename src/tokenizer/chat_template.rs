@@ -282,6 +282,12 @@ impl ChatTemplate {
                 Some(msg) => Err(Error::Tokenizer(format!(
                     "chat template raised an error: {msg}"
                 ))),
+                None if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Tokenizer(format!(
+                    "chat template stopped: it used up its budget of {} steps (~{} MB of text) for one render — \
+                     it loops without end or builds huge strings; fix or replace the template",
+                    crate::limits::TEMPLATE_FUEL,
+                    (crate::limits::TEMPLATE_FUEL * 64) >> 20
+                ))),
                 None => Err(Error::Tokenizer(format!(
                     "chat template failed to render: {e:#}"
                 ))),
@@ -384,6 +390,8 @@ fn build_env(
     fixed_now: Option<chrono::NaiveDateTime>,
 ) -> Result<Environment<'static>> {
     let mut env = Environment::new();
+    // Bounds the time and the memory one render may take (a hostile template in a downloaded GGUF).
+    env.set_fuel(Some(crate::limits::TEMPLATE_FUEL));
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)
         .lstrip_blocks(true)
@@ -391,7 +399,7 @@ fn build_env(
         .build()
         .map_err(|e| Error::Tokenizer(format!("chat template syntax config: {e}")))?;
     env.set_syntax(syntax);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(bounded_pycompat);
     env.set_formatter(python_formatter);
     env.add_filter("tojson", tojson_filter);
     env.add_filter("string", python_str_filter);
@@ -469,6 +477,70 @@ fn strftime_now(
 
 /// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`, i.e. Python's
 /// `json.dumps` with those arguments (positional or keyword).
+/// Python's string methods (minijinja-contrib's pycompat), except that the two whose result size comes from their
+/// arguments — `str.format` field widths and `str.replace` — are refused when they would build a string above
+/// [`crate::limits::TEMPLATE_STRING`] (pycompat allocates them before fuel could stop it).
+fn bounded_pycompat(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    let limit = crate::limits::TEMPLATE_STRING;
+    if let Some(s) = value.as_str() {
+        let too_big = match method {
+            "format" => format_field_width(s) > limit as u64,
+            "replace" => match (
+                args.first().and_then(|a| a.as_str()),
+                args.get(1).and_then(|a| a.as_str()),
+            ) {
+                (Some(old), Some(new)) => {
+                    let hits = if old.is_empty() {
+                        s.chars().count() + 1
+                    } else {
+                        s.matches(old).count()
+                    };
+                    hits.saturating_mul(new.len()).saturating_add(s.len()) > limit
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if too_big {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("str.{method} would build a string above {limit} bytes"),
+            ));
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// The largest number written inside a `{...}` replacement field of a `str.format` pattern (its width or
+/// precision), saturating.
+fn format_field_width(pattern: &str) -> u64 {
+    let mut widest = 0u64;
+    let mut in_field = false;
+    let mut n = 0u64;
+    let mut prev = '\0';
+    for c in pattern.chars() {
+        match c {
+            '{' if !in_field => in_field = prev != '{',
+            '}' => in_field = false,
+            d if in_field && d.is_ascii_digit() => {
+                n = n.saturating_mul(10).saturating_add(d as u64 - '0' as u64);
+                widest = widest.max(n);
+            }
+            _ => {}
+        }
+        if !c.is_ascii_digit() {
+            n = 0;
+        }
+        prev = c;
+    }
+    widest
+}
+
 fn tojson_filter(
     value: &Value,
     args: Rest<Value>,
@@ -510,7 +582,17 @@ fn tojson_filter(
                         "tojson: indent must be an integer or a string",
                     )
                 })?;
-                Some(" ".repeat(usize::try_from(n).unwrap_or(0)))
+                let n = usize::try_from(n).unwrap_or(0);
+                if n > crate::limits::TEMPLATE_INDENT {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "tojson: indent {n} is above the limit of {}",
+                            crate::limits::TEMPLATE_INDENT
+                        ),
+                    ));
+                }
+                Some(" ".repeat(n))
             }
         },
     };

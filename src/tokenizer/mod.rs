@@ -77,7 +77,8 @@ impl LoadedTokenizer {
                 tok_path.display()
             )));
         }
-        let mut tokenizer = Tokenizer::from_file(&tok_path)
+        let mut tokenizer = crate::error::catch_panic(|| Tokenizer::from_file(&tok_path))
+            .map_err(|p| Error::Tokenizer(format!("{}: malformed ({p})", tok_path.display())))?
             .map_err(|e| Error::Tokenizer(format!("{}: cannot load: {e}", tok_path.display())))?;
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json_opt(&dir.join("special_tokens_map.json"))?;
@@ -144,8 +145,7 @@ impl LoadedTokenizer {
                 (add_bos, add_eos)
             } else {
                 // Otherwise tokenizer.json's post-processor decides; read what it does.
-                let with = tokenizer
-                    .encode("a", true)
+                let with = encode_guarded(&tokenizer, "a", true)
                     .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
                 let ids = with.get_ids();
                 let add_bos = matches!((&bos, ids.first()), (Some((_, b)), Some(f)) if b == f);
@@ -235,9 +235,7 @@ impl LoadedTokenizer {
     /// Token ids of `text`. `add_special` adds BOS/EOS as the tokenizer is configured to ([`Self::add_bos`]);
     /// special-token text inside `text` (e.g. `<|im_start|>`) always maps to its id.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special)
+        let enc = encode_guarded(&self.tokenizer, text, add_special)
             .map_err(|e| Error::Tokenizer(format!("tokenizing {:?}: {e}", preview(text))))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -245,9 +243,7 @@ impl LoadedTokenizer {
     /// Token ids of `text` with each token's byte range in `text` (for mapping chat-template spans, such as
     /// [`ChatTemplate::render_with_spans`]'s, to tokens). Tokens added by the post-processor (BOS/EOS) get `(0, 0)`.
     pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<IdsAndOffsets> {
-        let enc = self
-            .tokenizer
-            .encode(text, add_special)
+        let enc = encode_guarded(&self.tokenizer, text, add_special)
             .map_err(|e| Error::Tokenizer(format!("tokenizing {:?}: {e}", preview(text))))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
@@ -475,6 +471,23 @@ fn write_json(path: &Path, value: &Json) -> Result<()> {
         source,
     })?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// The one way loratune runs a `tokenizers` encode: its errors and its panics (Oniguruma gives up on a regex that
+/// backtracks without bound, and the crate panics) both come back as the message.
+pub(crate) fn encode_guarded(
+    tokenizer: &Tokenizer,
+    text: &str,
+    add_special: bool,
+) -> std::result::Result<tokenizers::Encoding, String> {
+    match crate::error::catch_panic(|| tokenizer.encode(text, add_special)) {
+        Ok(Ok(enc)) => Ok(enc),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(p) => Err(format!(
+            "the tokenizer failed ({p}); a regex in tokenizer.json's pre-tokenizer or normalizer may backtrack \
+             without bound — check the tokenizer files"
+        )),
+    }
 }
 
 fn preview(text: &str) -> String {

@@ -618,3 +618,87 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         fx["chat_cases"].as_array().unwrap(),
     );
 }
+
+#[test]
+fn a_template_that_loops_or_doubles_strings_stops_with_an_error() {
+    // A hostile template (e.g. in a downloaded GGUF) could otherwise take all memory or run forever.
+    let msgs = [Message::new("user", "hi")];
+    for src in [
+        "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x|length }}",
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{{ 'x' * 1000000000 }}",
+        "{{ '{0:>2000000000}'.format(1) }}",
+        "{{ 'ab'.replace('', 'x' * 100000000) }}",
+        "{{ messages|tojson(indent=2000000000) }}",
+        "{{ '%2000000000s'|format(1) }}",
+        "{{ 'x\ny'|indent(2000000000) }}",
+    ] {
+        let t = ChatTemplate::new(src, None, None).unwrap();
+        let e = t.render(&msgs, false).unwrap_err().to_string();
+        assert!(
+            e.contains("budget") || e.contains("too large") || e.contains("above"),
+            "{src}: {e}"
+        );
+    }
+    // Real templates stay far below the budget, even on a long conversation.
+    let long: Vec<Message> = (0..200)
+        .map(|i| {
+            Message::new(
+                if i % 2 == 0 { "user" } else { "assistant" },
+                "word ".repeat(2000),
+            )
+        })
+        .collect();
+    let t = ChatTemplate::builtin("chatml").unwrap();
+    assert!(t.render(&long, true).unwrap().len() > 2_000_000);
+}
+
+#[test]
+fn a_malformed_decoder_is_an_error_not_a_panic() {
+    // The tokenizers crate `expect`s inside its decoder deserialiser: a syntax error there panicked (found by
+    // the fuzz suite). It is now an error naming the file.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(src.join("tokenizer.json")).unwrap();
+    let (head, tail) = text.split_once("\"decoder\": {").unwrap();
+    let broken = format!("{head}\"decoder\": {{\"use_regex\": :rue,{tail}");
+    std::fs::write(dir.path().join("tokenizer.json"), broken).unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let e = LoadedTokenizer::from_hf_dir(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("malformed"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_pre_tokenizer_regex_that_backtracks_without_bound_is_an_error() {
+    // Oniguruma gives up after its retry limit and the tokenizers crate panics; found by the fuzz suite.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let mut v: Json =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let old = v["pre_tokenizer"].take();
+    v["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": false}, old]});
+    std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let tok = LoadedTokenizer::from_hf_dir(dir.path()).unwrap();
+    assert!(tok.encode("aab", false).is_ok());
+    let e = tok
+        .encode(&format!("{}b", "a".repeat(64)), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("backtrack"), "{e}");
+}
