@@ -127,6 +127,35 @@ fn seed_file(name: &str, path: &Path, kind: &str) -> Seed {
     }
 }
 
+/// Every `*.ext` file of a folder as a seed named by its stem (kind `ext`), sorted by name.
+fn dir_seeds(dir: &Path, ext: &str) -> Vec<Seed> {
+    let mut v: Vec<Seed> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().to_string();
+            seed_file(&name, &p, ext)
+        })
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// A text format's mutation: line-level with probability `p_lines` (dictionary lines inserted, values replaced),
+/// else byte-level with the same dictionary.
+fn text_mutate(rng: &mut ChaCha8Rng, s: &Seed, dict: &[&str], p_lines: f64) -> Vec<u8> {
+    if rng.random_bool(p_lines) {
+        let text = String::from_utf8_lossy(&s.bytes);
+        return mutate::lines(rng, &text, dict).into_bytes();
+    }
+    let dict: Vec<&[u8]> = dict.iter().map(|s| s.as_bytes()).collect();
+    let mut b = s.bytes.clone();
+    mutate::bytes(rng, &mut b, usize::MAX, &dict);
+    b
+}
+
 fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
 }
@@ -594,30 +623,11 @@ const JINJA: &[&str] = &[
 ];
 
 fn template_seeds() -> Vec<Seed> {
-    let dir = fixtures().join("templates");
-    let mut v: Vec<Seed> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
-        .map(|p| {
-            let name = p.file_stem().unwrap().to_string_lossy().to_string();
-            seed_file(&name, &p, "jinja")
-        })
-        .collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    v
+    dir_seeds(&fixtures().join("templates"), "jinja")
 }
 
 fn template_mutate(rng: &mut ChaCha8Rng, s: &Seed) -> Vec<u8> {
-    if rng.random_bool(0.5) {
-        let text = String::from_utf8_lossy(&s.bytes);
-        return mutate::lines(rng, &text, JINJA).into_bytes();
-    }
-    let dict: Vec<&[u8]> = JINJA.iter().map(|s| s.as_bytes()).collect();
-    let mut b = s.bytes.clone();
-    mutate::bytes(rng, &mut b, usize::MAX, &dict);
-    b
+    text_mutate(rng, s, JINJA, 0.5)
 }
 
 fn template_run(_: &Seed, bytes: &[u8], _: &Path) -> Result<(), String> {
@@ -684,30 +694,11 @@ const YAML: &[&str] = &[
 ];
 
 fn yaml_seeds() -> Vec<Seed> {
-    let dir = root().join("configs");
-    let mut v: Vec<Seed> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .map(|p| {
-            let name = p.file_stem().unwrap().to_string_lossy().to_string();
-            seed_file(&name, &p, "yaml")
-        })
-        .collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
-    v
+    dir_seeds(&root().join("configs"), "yaml")
 }
 
 fn yaml_mutate(rng: &mut ChaCha8Rng, s: &Seed) -> Vec<u8> {
-    if rng.random_bool(0.6) {
-        let text = String::from_utf8_lossy(&s.bytes);
-        return mutate::lines(rng, &text, YAML).into_bytes();
-    }
-    let dict: Vec<&[u8]> = YAML.iter().map(|s| s.as_bytes()).collect();
-    let mut b = s.bytes.clone();
-    mutate::bytes(rng, &mut b, usize::MAX, &dict);
-    b
+    text_mutate(rng, s, YAML, 0.6)
 }
 
 fn yaml_run(_: &Seed, bytes: &[u8], dir: &Path) -> Result<(), String> {
