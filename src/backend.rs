@@ -2,12 +2,12 @@
 //! `merge`.
 //!
 //! A job is written once, generic over the backend ([`TrainJob`] for training, [`InferJob`] for a forward-only
-//! model); [`Placement::train`] / [`Placement::infer`] pick the concrete backend type from the config's `device`,
-//! `bf16` and `gradient_checkpointing`: burn-flex on the CPU, burn-cuda (with the `cuda` feature) on an NVIDIA GPU.
+//! model); [`Placement::train`] / [`Placement::infer`] pick the concrete backend type from the config's `device`
+//! and `bf16`: burn-flex on the CPU, burn-cuda (with the `cuda` feature) on an NVIDIA GPU. (Gradient
+//! checkpointing is not a backend: the training step recomputes layers itself, see [`crate::train::recompute`].)
 
 use std::fmt;
 
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::DType;
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -174,20 +174,18 @@ pub fn cuda_available() -> bool {
             || std::path::Path::new("/proc/driver/nvidia/version").exists())
 }
 
-/// Where and in what dtype a job runs, resolved from `device` / `bf16` / `gradient_checkpointing`.
+/// Where and in what dtype a job runs, resolved from `device` / `bf16`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     /// `Cpu` or `Cuda(i)` (never `Auto`).
     pub device: Device,
     /// The frozen base's compute dtype.
     pub dtype: DType,
-    /// Recompute activations in the backward pass (training only).
-    pub checkpointing: bool,
 }
 
 impl Placement {
     /// Resolve the config's choices: `auto` picks CUDA device 0 when available; `bf16: auto` is bf16 on a GPU.
-    pub fn resolve(device: Device, bf16: Bf16, checkpointing: bool) -> Result<Placement> {
+    pub fn resolve(device: Device, bf16: Bf16) -> Result<Placement> {
         if let Some(why) = device.unavailable() {
             return Err(Error::Config(format!("device: {device}: {why}")));
         }
@@ -203,11 +201,7 @@ impl Placement {
             Bf16::Auto if gpu => DType::BF16,
             Bf16::Auto => DType::F32,
         };
-        Ok(Placement {
-            device,
-            dtype,
-            checkpointing,
-        })
+        Ok(Placement { device, dtype })
     }
 
     /// The CPU in f32.
@@ -215,25 +209,18 @@ impl Placement {
         Placement {
             device: Device::Cpu,
             dtype: DType::F32,
-            checkpointing: false,
         }
     }
 
     /// Run a training job on the chosen backend.
     pub fn train<J: TrainJob>(&self, job: J) -> Result<J::Output> {
-        type Ckpt = BalancedCheckpointing;
         match self.device {
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => {
                 type Cuda = burn::backend::Cuda<f32, i32>;
                 let device = burn::backend::cuda::CudaDevice::new(i);
-                if self.checkpointing {
-                    job.run::<Autodiff<Cuda, Ckpt>>(device, *self)
-                } else {
-                    job.run::<Autodiff<Cuda>>(device, *self)
-                }
+                job.run::<Autodiff<Cuda>>(device, *self)
             }
-            _ if self.checkpointing => job.run::<Autodiff<Flex, Ckpt>>(Default::default(), *self),
             _ => job.run::<Autodiff<Flex>>(Default::default(), *self),
         }
     }
@@ -280,14 +267,14 @@ mod tests {
 
     #[test]
     fn placement_follows_device_and_bf16() {
-        let p = Placement::resolve(Device::Cpu, Bf16::Auto, false).unwrap();
+        let p = Placement::resolve(Device::Cpu, Bf16::Auto).unwrap();
         assert_eq!((p.device, p.dtype), (Device::Cpu, DType::F32));
-        let p = Placement::resolve(Device::Cpu, Bf16::True, true).unwrap();
-        assert_eq!((p.dtype, p.checkpointing), (DType::BF16, true));
+        let p = Placement::resolve(Device::Cpu, Bf16::True).unwrap();
+        assert_eq!(p.dtype, DType::BF16);
         if !cfg!(feature = "cuda") {
-            let e = Placement::resolve(Device::Cuda(0), Bf16::Auto, false).unwrap_err();
+            let e = Placement::resolve(Device::Cuda(0), Bf16::Auto).unwrap_err();
             assert!(e.to_string().contains("built without CUDA"), "{e}");
-            let p = Placement::resolve(Device::Auto, Bf16::Auto, false).unwrap();
+            let p = Placement::resolve(Device::Auto, Bf16::Auto).unwrap();
             assert_eq!((p.device, p.dtype), (Device::Cpu, DType::F32));
         }
     }

@@ -19,6 +19,7 @@ use crate::model::{
     self, expected_tensors, CausalLm, ModelConfig, StoredDtype, TensorSource, TokenBatch,
 };
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::recompute::Checkpointing;
 use crate::train::step::{train_step, StepConfig};
 
 /// What to benchmark.
@@ -41,6 +42,8 @@ pub struct BenchSpec {
     pub peak_flops: Option<f64>,
     /// Time each fused kernel.
     pub profile: bool,
+    /// Gradient checkpointing (layer recompute).
+    pub recompute: Checkpointing,
 }
 
 /// One row of the per-kernel profile (means over the timed steps).
@@ -78,6 +81,15 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
                              "original_max_position_embeddings": 8192, "rope_type": "llama3"},
             "hidden_act": "silu", "tie_word_embeddings": true, "bos_token_id": 128000, "eos_token_id": 128001
         }),
+        "llama-3.1-8b" => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "hidden_act": "silu", "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001
+        }),
         "smollm2-135m" => serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -87,7 +99,7 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
         }),
         other => {
             return Err(Error::Config(format!(
-                "unknown shape `{other}`; known: llama-3.2-1b, smollm2-135m"
+                "unknown shape `{other}`; known: llama-3.2-1b, llama-3.1-8b, smollm2-135m"
             )))
         }
     };
@@ -246,6 +258,7 @@ fn run_on<B: TrainBackend>(
                 max_grad_norm: 1.0,
                 seed: 0,
                 step: i as u64,
+                recompute: spec.recompute,
             },
         )?;
         B::sync(&device).map_err(|e| Error::Train(format!("device sync failed: {e:?}")))?;
@@ -287,6 +300,7 @@ fn run_on<B: TrainBackend>(
         "device": at.device.to_string(),
         "dtype": if at.dtype == DType::BF16 { "bf16" } else { "f32" },
         "fused_kernels": crate::kernels::enabled(),
+        "gradient_checkpointing": spec.recompute.to_string(),
         "tokens_per_step": tokens,
         "step_seconds_median": median,
         "step_seconds_min": sorted[0],
@@ -578,5 +592,37 @@ mod tests {
     fn gpu_memory_sampler_without_the_program_reports_nothing() {
         let s = GpuMemSampler::start_with("/nonexistent/nvidia-smi", &[]);
         assert_eq!(s.finish(), None);
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::shape_config;
+
+    /// The named shapes are the published models' configs: parameter counts as published (embeddings included;
+    /// 8B untied, 1B and 135M tied).
+    #[test]
+    fn named_shapes_have_the_published_sizes() {
+        let params = |name: &str| {
+            let c = shape_config(name).unwrap();
+            let (h, i, l, v) = (
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.vocab_size,
+            );
+            let kv = c.num_key_value_heads * c.head_dim;
+            let q = c.num_attention_heads * c.head_dim;
+            let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+            let heads = if c.tie_word_embeddings { 1 } else { 2 };
+            l * layer + heads * v * h + h
+        };
+        assert_eq!(params("llama-3.1-8b"), 8_030_261_248);
+        assert_eq!(params("llama-3.2-1b"), 1_235_814_400);
+        assert_eq!(params("smollm2-135m"), 134_515_008);
+        assert!(shape_config("llama-9")
+            .unwrap_err()
+            .to_string()
+            .contains("llama-3.1-8b"));
     }
 }

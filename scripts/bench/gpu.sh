@@ -19,7 +19,10 @@
 #       linear layer (all-linear), loratune vs torch + PEFT on the same GPU, alternating runs
 #       (scripts/bench/compare.py): tokens/s, MFU against 989 TFLOP/s (H100 SXM dense bf16 spec; the summary
 #       also gives it against ~790 TFLOP/s, what dense bf16 GEMMs measure on an H100), peak GPU memory
-#       (nvidia-smi, both sides alike) and the ratio.
+#       (nvidia-smi, both sides alike) and the ratio;
+#   (c) the per-kernel profile of loratune's step;
+#   (d) the same step with the fused CubeCL attention and with burn's decomposed attention (LORATUNE_FUSED=0);
+#   (e) a Llama-3.1-8B-shaped step at 1 x 4096 with gradient_checkpointing: true (peak GPU memory).
 set -uo pipefail
 
 LORATUNE=${1:-target/release/loratune}
@@ -38,6 +41,20 @@ ROOT=$(cd "$HERE/../.." && pwd)
 mkdir -p "$OUT"
 status=0
 say() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+# One summary line from a `loratune bench --json` report: bench_line LABEL FILE.
+bench_line() {
+  "$PYTHON" - "$1" "$2" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, sys
+label, path = sys.argv[1], sys.argv[2]
+try:
+    r = json.load(open(path))
+except Exception as e:
+    print(f"{label}: no report ({e})")
+    sys.exit(0)
+print(f"{label}: {r['tokens_per_second']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+      f"peak GPU {r.get('peak_gpu_used_mb', float('nan')):.0f} MB")
+PY
+}
 
 if [ ! -x "$LORATUNE" ]; then
   echo "no loratune binary at $LORATUNE (build with: CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda)" >&2
@@ -106,5 +123,20 @@ if [ -f "$PROF_DIR/cubecl-profile.log" ]; then
   head -n 30 "$OUT/profile-kernels.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
   tail -n 2 "$OUT/profile-kernels.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
 fi
+# (d) the fused CubeCL attention against burn's decomposed attention, same shape, same invocation
+# (LORATUNE_FUSED=0 sends every op to the reference implementation).
+say "(d) Llama-3.2-1B shape: fused attention vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
+for fused in 1 0; do
+  LORATUNE_FUSED=$fused timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape llama-3.2-1b --device "$DEVICE" \
+    --dtype bf16 --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup 2 --steps 3 --json \
+    > "$OUT/fused-$fused.json" 2> "$OUT/fused-$fused.log" || status=1
+  bench_line "fused=$fused" "$OUT/fused-$fused.json"
+done
+# (e) an 8B shape at 4096 tokens with layer recompute: does it fit a 24 GB GPU (target: peak <= 22 GB)?
+say "(e) Llama-3.1-8B shape, 1 x 4096, bf16 base, LoRA r=16 all-linear, gradient_checkpointing true"
+timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape llama-3.1-8b --device "$DEVICE" --dtype bf16 --batch 1 \
+  --seq 4096 --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps 2 --json \
+  > "$OUT/8b-recompute.json" 2> "$OUT/8b-recompute.log" || status=1
+bench_line "8B recompute" "$OUT/8b-recompute.json"
 say "logs in $OUT/ (exit status $status)"
 exit $status

@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Turn the fused CPU kernels off (burn ops only), for comparisons.
     #[arg(long)]
     pub plain: bool,
+    /// Gradient checkpointing: false, true (recompute each layer in the backward) or offload.
+    #[arg(long, default_value = "false")]
+    pub gradient_checkpointing: crate::train::recompute::Checkpointing,
     /// Print where each step's time goes (per fused kernel, forward / backward, GFLOP/s).
     #[arg(long)]
     pub profile: bool,
@@ -78,7 +81,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.device
         );
     }
-    let at = Placement::resolve(a.device, bf16, false)?;
+    let at = Placement::resolve(a.device, bf16)?;
     if let Some(dir) = &a.check_fixtures {
         return print_fixture_checks(dir, at);
     }
@@ -97,6 +100,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         steps: a.steps,
         peak_flops: a.peak_flops,
         profile: a.profile,
+        recompute: a.gradient_checkpointing,
     };
     let json = a.json;
     let v = run_bench(&spec, at, &mut |i, dt, loss| {

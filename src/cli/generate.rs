@@ -80,7 +80,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.system.is_some() && !a.chat {
         bail!("--system needs --chat");
     }
-    Placement::resolve(a.device, Bf16::Auto, false)?
+    Placement::resolve(a.device, Bf16::Auto)?
         .infer(Job(&a))
         .with_context(|| format!("loading {}", a.model.display()))?
 }

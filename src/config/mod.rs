@@ -35,6 +35,7 @@ pub use crate::data::DataFacts;
 pub use crate::data::{DataFormat, FileKind, TrainOnEos, Truncation, ValSplit};
 pub use crate::export::{ByteSize, ExportDtype};
 pub use crate::lora::{LoraInit, TargetSpec};
+pub use crate::train::recompute::Checkpointing;
 pub use crate::train::schedule::ScheduleKind;
 pub use issues::{LoadOptions, Purpose};
 pub use names::{Adapter, ChatTemplateName, LayerList, Optimizer, TargetModules};
@@ -150,8 +151,9 @@ pub struct TrainConfig {
     /// Keep the frozen base in bf16: `true`, `false` or `auto` (bf16 on a GPU that supports it, f32 on the
     /// CPU). LoRA weights and optimizer state are always f32. Default: `auto` (Axolotl).
     pub bf16: Bf16,
-    /// Recompute activations in the backward pass to save memory. Default: `false`.
-    pub gradient_checkpointing: bool,
+    /// Recompute each layer in the backward pass instead of keeping its activations: `true`, `false`, or
+    /// `offload` (the layer inputs kept in host memory). Exact: the same losses and gradients. Default: `false`.
+    pub gradient_checkpointing: Checkpointing,
     /// `cpu`, `cuda`, `cuda:N` or `auto`. Default: `auto`.
     pub device: Device,
     /// Random seed for LoRA init, shuffling and dropout. Default: `42` (transformers, Axolotl).
@@ -237,7 +239,7 @@ impl Default for TrainConfig {
             adam_beta2: adamw.beta2,
             adam_epsilon: adamw.eps,
             bf16: Bf16::Auto,
-            gradient_checkpointing: false,
+            gradient_checkpointing: Checkpointing::Off,
             device: Device::Auto,
             seed: data.seed,
             output_dir: PathBuf::from("./model-out"),

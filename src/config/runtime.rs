@@ -196,9 +196,9 @@ impl TrainConfig {
         }
     }
 
-    /// Where the run computes: `device`, `bf16`, `gradient_checkpointing`.
+    /// Where the run computes: `device`, `bf16`.
     pub fn placement(&self) -> Result<Placement> {
-        Placement::resolve(self.device, self.bf16, self.gradient_checkpointing)
+        Placement::resolve(self.device, self.bf16)
     }
 }
 

@@ -19,8 +19,8 @@
 //! - `Flex` and `Autodiff<Flex>` run the fused CPU kernels ([`cpu`]), each with its own backward registered in
 //!   burn's autodiff graph, and fall back to the reference inside the method for inputs a kernel does not cover
 //!   (a dtype other than f32, a tracked frozen weight, soft-capping, a KV cache).
-//! - `Autodiff<Flex, BalancedCheckpointing>` (gradient checkpointing on the CPU) and the CUDA backend run the
-//!   reference for now.
+//! - CubeCL backends (`CubeBackend<R, …>` for every runtime R: CUDA, and wgpu in tests) and their autodiff wrapper
+//!   run the fused GPU kernels ([`cube`]: attention so far) and the reference for the rest.
 //!
 //! Why a trait bound rather than a run-time type check: fused GPU kernels (CubeCL, with their own backward)
 //! are written once for every CubeCL runtime — `impl<R: CubeRuntime…> Kernels for CubeBackend<R…>` and its
@@ -32,6 +32,8 @@
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.
 
 pub(crate) mod cpu;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) mod cube;
 pub mod prof;
 pub mod reference;
 
@@ -40,7 +42,6 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, Tensor};
@@ -143,8 +144,22 @@ pub struct AttnSpec {
     /// Gemma 2's tanh soft-capping of the scores.
     pub softcap: Option<f64>,
     pub rope: Arc<Rope>,
-    /// `[batch, seq, keys]`, true = blocked; blocks every key after its query (causal).
+    /// `[batch, seq, keys]`, true = blocked; blocks every key after its query (causal). Built from `masking`
+    /// ([`crate::model::decoder::build_mask`]).
     pub mask: Arc<Vec<bool>>,
+    /// What the mask is made of, for kernels that mask on the fly instead of reading `[s, keys]` rows.
+    pub masking: Arc<Masking>,
+}
+
+/// The causes of an attention mask besides causality: padding, packing, a sliding window.
+#[derive(Debug, Clone, Default)]
+pub struct Masking {
+    /// `[batch·keys]`: false for padding (never attended to).
+    pub key_valid: Vec<bool>,
+    /// `[batch·seq]` packed-sample ids (training: no cache, keys = queries); attention stays inside a sample.
+    pub segments: Option<Vec<u32>>,
+    /// A query at position i sees keys j with i − j < window.
+    pub window: Option<usize>,
 }
 
 impl AttnSpec {
@@ -312,19 +327,6 @@ macro_rules! cpu_kernels {
 
 cpu_kernels!(Flex);
 cpu_kernels!(Autodiff<Flex>);
-
-/// Gradient checkpointing on the CPU: the fused kernels register their backward without checkpointing, so this
-/// backend runs the reference.
-impl Kernels for Autodiff<Flex, BalancedCheckpointing> {}
-
-#[cfg(feature = "cuda")]
-impl Kernels for burn::backend::Cuda<f32, i32> {}
-
-#[cfg(feature = "cuda")]
-impl<C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> Kernels
-    for Autodiff<burn::backend::Cuda<f32, i32>, C>
-{
-}
 
 static ENABLED: AtomicU8 = AtomicU8::new(2);
 

@@ -160,10 +160,7 @@ fn attention_core<B: Backend>(
 ) -> Tensor<B, 2> {
     let (b, s, nh, nkv, hd) = att.spec.dims();
     let g = nh / nkv;
-    let (cos, sin) = att.cos_sin();
-    let q = apply_rope(q.reshape([b, s, nh, hd]).swap_dims(1, 2), cos, sin);
-    let mut k = apply_rope(k.reshape([b, s, nkv, hd]).swap_dims(1, 2), cos, sin);
-    let mut v = v.reshape([b, s, nkv, hd]).swap_dims(1, 2);
+    let (q, mut k, mut v) = heads(q, k, v, att);
     if let Some(slot) = cache {
         if let Some((pk, pv)) = slot.take() {
             k = Tensor::cat(vec![pk, k], 2);
@@ -187,6 +184,32 @@ fn attention_core<B: Backend>(
     out.reshape([b, nh, s, hd])
         .swap_dims(1, 2)
         .reshape([b * s, nh * hd])
+}
+
+/// q `[b, nh, s, hd]`, k / v `[b, nkv, s, hd]` from their `[b·s, heads·hd]` rows, RoPE applied to q and k.
+fn heads<B: Backend>(
+    q: Tensor<B, 2>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    att: &Attention<B>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let (b, s, nh, nkv, hd) = att.spec.dims();
+    let (cos, sin) = att.cos_sin();
+    (
+        apply_rope(q.reshape([b, s, nh, hd]).swap_dims(1, 2), cos, sin),
+        apply_rope(k.reshape([b, s, nkv, hd]).swap_dims(1, 2), cos, sin),
+        v.reshape([b, s, nkv, hd]).swap_dims(1, 2),
+    )
+}
+
+/// [`heads`] from packed or separate q/k/v (no cache): what a fused attention kernel without RoPE reads.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) fn rope_heads<B: Backend>(
+    qkv: Qkv<B>,
+    att: &Attention<B>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let (q, k, v) = split_qkv(qkv, att);
+    heads(q, k, v, att)
 }
 
 /// q, k and v as separate tensors.

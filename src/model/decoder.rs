@@ -11,7 +11,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::tree::{Embedding, Layer, MapLeaves, RmsNorm, Tree, Weights};
-use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, NormRef, Qkv, Rope};
+use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, Masking, NormRef, Qkv, Rope};
 use crate::lora::linear::{LoraAdapter, LoraLinear};
 
 /// The causal LM: the module tree plus what a forward needs besides weights.
@@ -189,6 +189,13 @@ pub(crate) fn build_mask(
     m
 }
 
+/// The attention settings of one forward pass, one per sliding window, on the host (no backend): what a pass
+/// over the layers shares, and what a layer recomputed in the backward needs again.
+pub(crate) type AttnSpecs = HashMap<Option<usize>, AttnSpec>;
+
+/// [`AttnSpecs`] as a backend's layers read them.
+pub(crate) type AttnSettings<B> = HashMap<Option<usize>, Attention<B>>;
+
 impl<B: Kernels> CausalLm<B> {
     /// Final hidden states `[b·s, hidden]` (after the final norm).
     pub fn forward_hidden(
@@ -197,41 +204,73 @@ impl<B: Kernels> CausalLm<B> {
         cache: Option<&mut KvCache<B>>,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
-        let cfg = &self.config;
-        let (b, s) = (batch.batch, batch.seq);
-        let device = &self.device;
-        let ids: Vec<i32> = batch.input_ids.iter().map(|&x| x as i32).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), device);
-        let mut x = self.model.embed_tokens.weight.clone().select(0, ids);
-        if let Some(scale) = cfg.embedding_scale() {
-            x = x.mul_scalar(scale);
-        }
-
-        // Key validity over the whole (cached + new) sequence; one attention setting per window.
+        let s = batch.seq;
+        let mut x = self.embed(batch);
+        // Key validity over the whole (cached + new) sequence.
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let mut key_valid: Vec<Vec<bool>> = match &cache {
             Some(c) => c.key_valid.clone(),
-            None => vec![Vec::new(); b],
+            None => vec![Vec::new(); batch.batch],
         };
         for (r, kv) in key_valid.iter_mut().enumerate() {
             kv.extend_from_slice(&batch.attention_mask[r * s..(r + 1) * s]);
         }
+        let specs = self.attention_specs(batch, offset, &key_valid);
+        let settings = self.attention_settings(&specs, x.dtype());
+        let mut cache = cache;
+        for (li, layer) in self.model.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[li]);
+            x = self.layer(layer, x, &settings[&layer.window], slot, drop);
+        }
+        if let Some(c) = cache {
+            c.key_valid = key_valid;
+            c.len = offset + s;
+        }
+        self.final_norm(x)
+    }
+
+    /// The token embeddings of a batch `[b·s, hidden]` (scaled where the family scales them).
+    pub(crate) fn embed(&self, batch: &TokenBatch) -> Tensor<B, 2> {
+        let n = batch.batch * batch.seq;
+        let ids: Vec<i32> = batch.input_ids.iter().map(|&x| x as i32).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+        let x = self.model.embed_tokens.weight.clone().select(0, ids);
+        match self.config.embedding_scale() {
+            Some(scale) => x.mul_scalar(scale),
+            None => x,
+        }
+    }
+
+    /// The attention settings of a pass (one per window of the model's layers) for queries at positions
+    /// `offset..offset + seq` over keys whose validity is `key_valid` (per batch row, cached keys first).
+    pub(crate) fn attention_specs(
+        &self,
+        batch: &TokenBatch,
+        offset: usize,
+        key_valid: &[Vec<bool>],
+    ) -> AttnSpecs {
+        let cfg = &self.config;
+        let (b, s) = (batch.batch, batch.seq);
         let keys = offset + s;
         let rope = Arc::new(Rope::new(&self.inv_freq, &batch.position_ids));
-        let tables = Attention::<B>::shared_tables();
-        let mut settings: HashMap<Option<usize>, Attention<B>> = HashMap::new();
+        let mut specs = AttnSpecs::new();
         for layer in &self.model.layers {
-            settings.entry(layer.window).or_insert_with(|| {
+            specs.entry(layer.window).or_insert_with(|| {
                 let mask = build_mask(
                     b,
                     s,
                     keys,
                     offset,
-                    &key_valid,
+                    key_valid,
                     batch.segment_ids.as_deref(),
                     layer.window,
                 );
-                let spec = AttnSpec {
+                let masking = Masking {
+                    key_valid: key_valid.concat(),
+                    segments: batch.segment_ids.clone(),
+                    window: layer.window,
+                };
+                AttnSpec {
                     batch: b,
                     seq: s,
                     keys,
@@ -242,20 +281,51 @@ impl<B: Kernels> CausalLm<B> {
                     softcap: cfg.attn_logit_softcapping,
                     rope: rope.clone(),
                     mask: Arc::new(mask),
-                };
-                Attention::new(spec, x.dtype(), device, tables.clone())
+                    masking: Arc::new(masking),
+                }
             });
         }
+        specs
+    }
 
-        let mut cache = cache;
-        for (li, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[li]);
-            x = self.layer(layer, x, &settings[&layer.window], slot, drop);
-        }
-        if let Some(c) = cache {
-            c.key_valid = key_valid;
-            c.len = keys;
-        }
+    /// [`AttnSpecs`] for training (no cache: keys are the batch's own tokens).
+    pub(crate) fn train_attention_specs(&self, batch: &TokenBatch) -> AttnSpecs {
+        let key_valid: Vec<Vec<bool>> = batch
+            .attention_mask
+            .chunks(batch.seq.max(1))
+            .map(<[bool]>::to_vec)
+            .collect();
+        self.attention_specs(batch, 0, &key_valid)
+    }
+
+    /// The settings this backend's layers read (the RoPE tables shared by every window).
+    pub(crate) fn attention_settings(&self, specs: &AttnSpecs, dtype: DType) -> AttnSettings<B> {
+        let tables = Attention::<B>::shared_tables();
+        specs
+            .iter()
+            .map(|(w, spec)| {
+                (
+                    *w,
+                    Attention::new(spec.clone(), dtype, &self.device, tables.clone()),
+                )
+            })
+            .collect()
+    }
+
+    /// Layer `li` without a cache (a training pass, or one layer recomputed in the backward).
+    pub(crate) fn layer_at(
+        &self,
+        li: usize,
+        x: Tensor<B, 2>,
+        settings: &AttnSettings<B>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let layer = &self.model.layers[li];
+        self.layer(layer, x, &settings[&layer.window], None, drop)
+    }
+
+    /// The final norm.
+    pub(crate) fn final_norm(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         norm(&self.model.norm, x)
     }
 
@@ -390,7 +460,59 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B::InnerBackend>> for Inn
     }
 }
 
+/// A training model's leaves on the same backend, untracked (shared tensors; operations on them record nothing).
+struct Detach;
+
+impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
+    fn embedding(&mut self, e: &Embedding<B>) -> Embedding<B> {
+        let e = Inner.embedding(e);
+        Embedding {
+            path: e.path,
+            weight: Tensor::from_inner(e.weight),
+        }
+    }
+
+    fn linear(&mut self, l: &LoraLinear<B>) -> LoraLinear<B> {
+        let l = Inner.linear(l);
+        LoraLinear {
+            path: l.path,
+            weight: Tensor::from_inner(l.weight),
+            bias: l.bias.map(Tensor::from_inner),
+            lora: l.lora.map(|a| LoraAdapter {
+                a: Tensor::from_inner(a.a),
+                b: Tensor::from_inner(a.b),
+                scale: a.scale,
+                dropout: a.dropout,
+            }),
+            merged: l.merged,
+            tied: l.tied,
+        }
+    }
+
+    fn norm(&mut self, n: &RmsNorm<B>) -> RmsNorm<B> {
+        let n = Inner.norm(n);
+        RmsNorm {
+            path: n.path,
+            weight: Tensor::from_inner(n.weight),
+            eps: n.eps,
+            offset: n.offset,
+        }
+    }
+}
+
 impl<B: AutodiffBackend> CausalLm<B> {
+    /// The same model on the same backend with every tensor untracked: a forward records no graph but runs the
+    /// very operations a tracked forward runs (bit for bit the same values, which the inner backend's
+    /// implementations need not be).
+    pub fn detached(&self) -> CausalLm<B> {
+        CausalLm {
+            config: self.config.clone(),
+            model: self.model.map(&mut Detach),
+            inv_freq: self.inv_freq.clone(),
+            device: self.device.clone(),
+        }
+    }
+
     /// The same model on the inner backend (no autodiff graph), sharing every tensor.
     pub fn valid(&self) -> CausalLm<B::InnerBackend> {
         CausalLm {

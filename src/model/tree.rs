@@ -76,6 +76,17 @@ pub struct Layer<L: Leaves> {
     pub window: Option<usize>,
 }
 
+impl<L: Leaves> Layer<L> {
+    /// The layer's linear modules in forward order (q/k/v, o, gate/up, down): [`Tree::linears`]'s order.
+    pub fn linears(&self) -> Vec<&L::Linear> {
+        let mut out: Vec<_> = self.qkv.iter().collect();
+        out.push(&self.o_proj);
+        out.extend(&self.gate_up);
+        out.push(&self.down_proj);
+        out
+    }
+}
+
 /// Makes the leaves while [`Tree::build`] walks a config.
 pub trait Make<L: Leaves> {
     type Error;
@@ -241,13 +252,7 @@ impl<L: Leaves> Tree<L> {
     /// Every linear in forward order (per layer q, k, v / qkv, o, gate, up / gate_up, down; `lm_head` last), tied
     /// head included.
     pub fn linears(&self) -> Vec<&L::Linear> {
-        let mut out = Vec::new();
-        for l in &self.layers {
-            out.extend(&l.qkv);
-            out.push(&l.o_proj);
-            out.extend(&l.gate_up);
-            out.push(&l.down_proj);
-        }
+        let mut out: Vec<_> = self.layers.iter().flat_map(Layer::linears).collect();
         out.push(&self.lm_head);
         out
     }

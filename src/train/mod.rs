@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod recompute;
 pub mod report;
 pub mod run;
 pub mod schedule;

@@ -357,6 +357,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             max_grad_norm: self.cfg.max_grad_norm,
             seed: self.cfg.seed,
             step: self.state.global_step,
+            recompute: self.cfg.gradient_checkpointing,
         };
         train_step(&mut self.model, &mut self.opt, &pairs, settings).map_err(|e| match e {
             Error::NonFinite {

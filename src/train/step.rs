@@ -8,13 +8,15 @@ use rand_chacha::ChaCha8Rng;
 
 use super::loss::{lm_loss_sum, shift_labels, IGNORE_INDEX};
 use super::optim::{clip_grad_norm, AdamW};
+use super::recompute::{self, Checkpointing};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, TrainBackend};
 use crate::lora::adapter::{lora_params, set_lora_params};
 use crate::model::decoder::DropoutSource;
 use crate::model::{CausalLm, TokenBatch};
 
-/// LoRA dropout masks from a seeded ChaCha8 stream.
+/// LoRA dropout masks from a seeded ChaCha8 stream (cloned, it replays the same masks: layer recompute).
+#[derive(Clone)]
 pub struct SeededDropout {
     rng: ChaCha8Rng,
 }
@@ -90,6 +92,8 @@ pub struct StepConfig {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub step: u64,
+    /// Gradient checkpointing: recompute each layer in the backward.
+    pub recompute: Checkpointing,
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -97,14 +101,26 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     v as f64
 }
 
-/// Run forward/backward over the micro-batches and update the adapters in place.
-/// On a NaN/Inf loss or gradient nothing is updated and an error is returned.
-pub fn train_step<B: TrainBackend>(
-    model: &mut CausalLm<B>,
-    opt: &mut AdamW<B::InnerBackend>,
+/// The gradients of one optimizer step, before clipping: the micro-batches' summed token losses divided by the
+/// step's trained-token count, differentiated with respect to the LoRA factors (in
+/// [`crate::lora::adapter::lora_params`] order).
+pub struct StepGradients<B: TrainBackend> {
+    /// Mean loss per trained token over the micro-batches.
+    pub loss: f64,
+    pub grads: Vec<Tensor<B::InnerBackend, 2>>,
+    /// Trained tokens in the step.
+    pub trained_tokens: usize,
+    /// Real (non-padding) tokens processed.
+    pub real_tokens: usize,
+}
+
+/// Forward and backward over the micro-batches (with layer recompute when `cfg.recompute` says so),
+/// accumulating the LoRA gradients; nothing is updated.
+pub fn step_gradients<B: TrainBackend>(
+    model: &CausalLm<B>,
     micro: &[(&TokenBatch, &[i64])],
     cfg: StepConfig,
-) -> Result<StepStats> {
+) -> Result<StepGradients<B>> {
     let total: usize = micro.iter().map(|(t, l)| trained_tokens(t, l)).sum();
     let real: usize = micro
         .iter()
@@ -127,6 +143,12 @@ pub fn train_step<B: TrainBackend>(
     let mut loss_sum = 0.0f64;
     for (mi, (tokens, labels)) in micro.iter().enumerate() {
         let mut drop = SeededDropout::new(cfg.seed, cfg.step, mi as u64);
+        if cfg.recompute.is_on() {
+            let offload = cfg.recompute == Checkpointing::Offload;
+            loss_sum +=
+                recompute::accumulate(model, tokens, labels, total, drop, offload, &mut acc)?;
+            continue;
+        }
         let (sum, _) = lm_loss_sum(model, tokens, labels, &mut drop);
         let loss = sum.div_scalar(total as f64);
         loss_sum += scalar(loss.clone().inner()) * total as f64;
@@ -141,8 +163,28 @@ pub fn train_step<B: TrainBackend>(
             });
         }
     }
-    let loss = loss_sum / total as f64;
-    let mut grads: Vec<Tensor<B::InnerBackend, 2>> = acc.into_iter().flatten().collect();
+    Ok(StepGradients {
+        loss: loss_sum / total as f64,
+        grads: acc.into_iter().flatten().collect(),
+        trained_tokens: total,
+        real_tokens: real,
+    })
+}
+
+/// Run forward/backward over the micro-batches and update the adapters in place.
+/// On a NaN/Inf loss or gradient nothing is updated and an error is returned.
+pub fn train_step<B: TrainBackend>(
+    model: &mut CausalLm<B>,
+    opt: &mut AdamW<B::InnerBackend>,
+    micro: &[(&TokenBatch, &[i64])],
+    cfg: StepConfig,
+) -> Result<StepStats> {
+    let StepGradients {
+        loss,
+        mut grads,
+        trained_tokens,
+        real_tokens,
+    } = step_gradients(model, micro, cfg)?;
     let grad_norm = if cfg.max_grad_norm > 0.0 {
         clip_grad_norm(&mut grads, cfg.max_grad_norm)
     } else {
@@ -158,7 +200,10 @@ pub fn train_step<B: TrainBackend>(
             });
         }
     }
-    let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
+    let inner: Vec<_> = lora_params(model)
+        .into_iter()
+        .map(|(_, p)| p.inner())
+        .collect();
     let updated = opt.step(cfg.lr, inner, grads);
     set_lora_params(
         model,
@@ -170,8 +215,8 @@ pub fn train_step<B: TrainBackend>(
     Ok(StepStats {
         loss,
         grad_norm,
-        trained_tokens: total,
-        real_tokens: real,
+        trained_tokens,
+        real_tokens,
     })
 }
 

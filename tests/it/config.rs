@@ -351,7 +351,12 @@ fn defaults_are_axolotl_and_transformers_defaults() {
     assert_eq!(c.output_dir, PathBuf::from("./model-out"));
     assert_eq!(c.chat_template, ChatTemplateName::TokenizerDefault);
     assert_eq!(c.truncation, Truncation::Drop);
-    assert!(!c.train_on_inputs && !c.sample_packing && !c.gradient_checkpointing && !c.merge_lora);
+    assert!(
+        !c.train_on_inputs
+            && !c.sample_packing
+            && !c.gradient_checkpointing.is_on()
+            && !c.merge_lora
+    );
     // transformers / PEFT defaults
     assert_eq!((c.lora_r, c.lora_alpha, c.lora_dropout), (8, 8.0, 0.0));
     assert_eq!(c.lora_init, LoraInit::Kaiming);
@@ -1048,4 +1053,26 @@ fn config_errors_keep_their_structure() {
         }
         other => panic!("expected Error::ConfigFile, got {other:?}"),
     }
+}
+
+#[test]
+fn gradient_checkpointing_values() {
+    use loratune::config::Checkpointing;
+    let d = data_dir();
+    for (v, want) in [
+        ("true", Checkpointing::Layers),
+        ("false", Checkpointing::Off),
+        ("offload", Checkpointing::Offload),
+    ] {
+        let c = load_in(d.path(), GOOD, &[&format!("gradient_checkpointing={v}")]).unwrap();
+        assert_eq!(c.gradient_checkpointing, want, "{v}");
+    }
+    let errs = errors(d.path(), GOOD, &["gradient_checkpointing=sometimes"]);
+    assert_contains(
+        &errs,
+        &[
+            "gradient_checkpointing",
+            "expected true, false or offload, found `sometimes`",
+        ],
+    );
 }

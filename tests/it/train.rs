@@ -4,7 +4,8 @@ use loratune::lora::adapter::{lora_params, set_trainable};
 use loratune::lora::peft::load_adapter;
 use loratune::model::TokenBatch;
 use loratune::train::optim::{AdamW, AdamWConfig};
-use loratune::train::step::{train_step, StepConfig};
+use loratune::train::recompute::Checkpointing;
+use loratune::train::step::{step_gradients, train_step, StepConfig};
 
 use crate::common::*;
 use crate::parity::reference_batch;
@@ -46,6 +47,7 @@ fn gradient_accumulation_is_normalised_per_token_not_per_micro_batch() {
         max_grad_norm: 0.0,
         seed: 0,
         step: 0,
+        recompute: Checkpointing::Off,
     };
 
     // One micro-batch holding both rows (padded).
@@ -127,6 +129,7 @@ fn steps_are_deterministic_with_dropout() {
                     max_grad_norm: 1.0,
                     seed: 5,
                     step,
+                    recompute: Checkpointing::Off,
                 },
             )
             .unwrap();
@@ -164,6 +167,7 @@ fn nan_loss_stops_without_touching_the_adapter() {
             max_grad_norm: 1.0,
             seed: 0,
             step: 0,
+            recompute: Checkpointing::Off,
         },
     )
     .unwrap_err();
@@ -177,6 +181,168 @@ fn nan_loss_stops_without_touching_the_adapter() {
         "{e}"
     );
     assert_eq!(params(&m), before, "a failed step changed the adapter");
+}
+
+/// Gradient checkpointing (layer recompute, on the device or offloaded) against the plain step: the same losses,
+/// gradient norms and updated adapters, over several steps with LoRA dropout on (the recompute must replay the
+/// forward's masks), for the fused CPU kernels and the reference path (Gemma 2: sliding window, soft-capping;
+/// Qwen3: per-head q/k norms), padded and packed batches, an adapter on `lm_head`, and adapters on the upper
+/// layer only (the layers below it are never rebuilt).
+#[test]
+fn gradient_checkpointing_equals_the_plain_step() {
+    use loratune::lora::adapter::{attach, LoraInit, LoraSettings};
+    use loratune::lora::TargetSpec;
+    let (padded, labels) = reference_batch(&fixture("adapters/llama/reference.safetensors"));
+    // The same tokens as one packed row: two samples, positions restarting, attention kept inside each.
+    let packed = {
+        let mut t = TokenBatch::from_rows(std::slice::from_ref(&padded.input_ids), None);
+        let s = padded.seq;
+        t.position_ids = (0..2 * s as u32).map(|p| p % s as u32).collect();
+        t.segment_ids = Some((0..2 * s as u32).map(|p| p / s as u32).collect());
+        t
+    };
+    let mut packed_labels = labels.clone();
+    packed_labels[padded.seq] = -100;
+    let device = Default::default();
+    let cases: [(&str, TargetSpec, Option<Vec<usize>>); 5] = [
+        ("llama", TargetSpec::AllLinear, None),
+        ("gemma2", TargetSpec::AllLinear, None),
+        ("qwen3", TargetSpec::AllLinear, None),
+        (
+            "qwen2",
+            TargetSpec::Names(vec!["q_proj".into(), "down_proj".into(), "lm_head".into()]),
+            None,
+        ),
+        ("mistral", TargetSpec::AllLinear, Some(vec![1])),
+    ];
+    for (family, targets, layers) in cases {
+        let mut base = load_fixture_model::<AD>(&fixture(&format!("models/{family}")), &device);
+        let settings = LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            use_rslora: false,
+            targets,
+            layers,
+            init: LoraInit::Gaussian,
+            seed: 3,
+        };
+        attach(&mut base, &settings).unwrap();
+        set_trainable(&mut base);
+        let vocab = base.config.vocab_size as i64;
+        let clamp = |l: &[i64]| -> Vec<i64> {
+            l.iter()
+                .map(|&x| if x < 0 { x } else { x % vocab })
+                .collect()
+        };
+        let clamp_ids = |t: &TokenBatch| {
+            let mut t = t.clone();
+            t.input_ids.iter_mut().for_each(|x| *x %= vocab as u32);
+            t
+        };
+        let (pb, pl) = (clamp_ids(&padded), clamp(&labels));
+        let (kb, kl) = (clamp_ids(&packed), clamp(&packed_labels));
+        let cfg = |step: u64, recompute| StepConfig {
+            lr: 1e-2,
+            max_grad_norm: 1.0,
+            seed: 11,
+            step,
+            recompute,
+        };
+        let micro_of = |step: u64| -> Vec<(&TokenBatch, &[i64])> {
+            if step == 1 {
+                vec![(&kb, &kl), (&pb, &pl)]
+            } else {
+                vec![(&pb, &pl)]
+            }
+        };
+        for fused in [true, false] {
+            // Along the plain run's trajectory, each step's loss and gradients with and without recompute.
+            let mut plain = Vec::new();
+            loratune::kernels::with_fused(fused, || {
+                let mut m = base.clone();
+                let mut o = AdamW::new(AdamWConfig::default(), lora_params(&m).len());
+                for step in 0..3 {
+                    let g0 =
+                        step_gradients(&m, &micro_of(step), cfg(step, Checkpointing::Off)).unwrap();
+                    for mode in [Checkpointing::Layers, Checkpointing::Offload] {
+                        let g1 = step_gradients(&m, &micro_of(step), cfg(step, mode)).unwrap();
+                        let rel = (g0.loss - g1.loss).abs() / g0.loss.abs();
+                        assert!(
+                            rel <= 1e-6,
+                            "{family} fused={fused} {mode} step {step}: loss {} vs {}",
+                            g0.loss,
+                            g1.loss
+                        );
+                        assert_eq!(g0.grads.len(), g1.grads.len());
+                        for (i, (x, y)) in g0.grads.iter().zip(&g1.grads).enumerate() {
+                            let (x, y) = (to_vec(x.clone()), to_vec(y.clone()));
+                            let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                            let d = max_abs_diff(&x, &y) / scale;
+                            assert!(d <= 1e-6, "{family} fused={fused} {mode} step {step}: gradient {i} differs by {d} (relative to its largest entry)");
+                        }
+                    }
+                    plain.push(
+                        train_step(
+                            &mut m,
+                            &mut o,
+                            &micro_of(step),
+                            cfg(step, Checkpointing::Off),
+                        )
+                        .unwrap(),
+                    );
+                }
+            });
+            // The fused CPU kernels are deterministic: the recomputed run is the plain run, Adam updates included.
+            if fused {
+                let mut m = base.clone();
+                let mut o = AdamW::new(AdamWConfig::default(), lora_params(&m).len());
+                let rec: Vec<_> = (0..3)
+                    .map(|step| {
+                        train_step(
+                            &mut m,
+                            &mut o,
+                            &micro_of(step),
+                            cfg(step, Checkpointing::Layers),
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                assert_eq!(
+                    rec.iter()
+                        .map(|s| (s.loss, s.grad_norm))
+                        .collect::<Vec<_>>(),
+                    plain
+                        .iter()
+                        .map(|s| (s.loss, s.grad_norm))
+                        .collect::<Vec<_>>(),
+                    "{family}: recomputed steps differ from the plain ones"
+                );
+            }
+            // The dropout masks matter here: without them the losses change (so a recompute that drew fresh masks
+            // would have been caught above).
+            let mut nodrop = base.clone();
+            for (_, l) in nodrop.linears_mut() {
+                if let Some(a) = &mut l.lora {
+                    a.dropout = 0.0;
+                }
+            }
+            let mut o = AdamW::new(AdamWConfig::default(), lora_params(&nodrop).len());
+            let s = loratune::kernels::with_fused(fused, || {
+                train_step(
+                    &mut nodrop,
+                    &mut o,
+                    &[(&pb, &pl)],
+                    cfg(0, Checkpointing::Layers),
+                )
+                .unwrap()
+            });
+            assert!(
+                (s.grad_norm - plain[0].grad_norm).abs() > 1e-6 * plain[0].grad_norm,
+                "{family}: dropout made no difference to the gradient"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

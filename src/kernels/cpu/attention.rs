@@ -1,12 +1,15 @@
-//! Attention with RoPE as one autodiff node.
+//! Attention with RoPE as one autodiff node, in memory linear in the sequence length.
 //!
 //! Reads q `[b·s, nh·hd]` and k / v `[b·s, nkv·hd]` exactly as the projections produce them (column slices of a
 //! fused projection too), applies rotate-half RoPE, computes `softmax(q·kᵀ·scale + mask)·v` per (batch, kv head)
 //! pair — the g = nh/nkv query heads of a group share their k/v without copies — and writes `[b·s, nh·hd]`, the
-//! layout o_proj reads. Queries go in blocks of [`BLOCK`] rows; a block only multiplies against keys up to its
-//! last row (the mask is causal), which skips most of the upper triangle. The backward recomputes nothing: it
-//! keeps the rotated q / k, v and the probabilities, and forms dv = Pᵀ·dO, dS = P ∘ (dO·vᵀ − rowsum(P ∘ dO·vᵀ)),
-//! dq = scale·dS·k, dk = scale·dSᵀ·q, then applies the transposed rotation to dq / dk.
+//! layout o_proj reads. Queries go in blocks of [`BLOCK`] rows, in parallel; a block only multiplies against keys
+//! up to its last row (the mask is causal), which skips most of the upper triangle, and holds its `[rows, keys]`
+//! scores only while it runs. What is saved for the backward is linear in s: the rotated q / k, v, and per query
+//! row the softmax's maximum and inverse sum (FlashAttention's log-sum-exp, split in two so that the backward
+//! rebuilds the forward's probabilities bit for bit). The backward recomputes each block's probabilities, then
+//! dv = Pᵀ·dO, dS = P ∘ (dO·vᵀ − rowsum(P ∘ dO·vᵀ)), dq = scale·dS·k, dk = scale·dSᵀ·q, and applies the transposed
+//! rotation to dq / dk.
 
 use std::sync::Arc;
 
@@ -24,6 +27,11 @@ use crate::kernels::{prof, AttnSpec, Qkv};
 
 /// Query rows per block.
 pub const BLOCK: usize = 64;
+
+thread_local! {
+    /// A block's scores, per thread (the forward).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 simd_fn! {
     fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], y: &mut [f32]) {
@@ -52,7 +60,8 @@ simd_fn! {
 }
 
 simd_fn! {
-    fn softmax_row(row: &mut [f32], blocked: &[bool]) {
+    /// Masked softmax in place; returns the row's maximum and inverse sum for [`replay_softmax_row`].
+    fn softmax_row(row: &mut [f32], blocked: &[bool]) -> RowStat {
         for (v, &b) in row.iter_mut().zip(blocked) {
             if b {
                 *v = f32::NEG_INFINITY;
@@ -61,12 +70,32 @@ simd_fn! {
         let m = simd::max(row);
         if m == f32::NEG_INFINITY {
             row.fill(0.0);
-            return;
+            return RowStat { max: m, inv_sum: 0.0 };
         }
         let s = simd::exp_shift_sum(row, m);
         let inv = 1.0 / s;
         for v in row.iter_mut() {
             *v *= inv;
+        }
+        RowStat { max: m, inv_sum: inv }
+    }
+}
+
+simd_fn! {
+    /// [`softmax_row`] with the recorded maximum and inverse sum: the same probabilities, bit for bit.
+    fn replay_softmax_row(row: &mut [f32], blocked: &[bool], st: RowStat) {
+        if st.max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        for (v, &b) in row.iter_mut().zip(blocked) {
+            if b {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        simd::exp_shift_sum(row, st.max);
+        for v in row.iter_mut() {
+            *v *= st.inv_sum;
         }
     }
 }
@@ -81,7 +110,8 @@ simd_fn! {
 }
 
 /// Everything the backward needs, per (batch, kv head) task; the task's g query heads are interleaved
-/// token-major (`[s, g, hd]`), so a block of query rows of all g heads is one matrix.
+/// token-major (`[s, g, hd]`), so a block of query rows of all g heads is one matrix. Linear in the sequence
+/// length: the probabilities are recomputed block by block from the row maxima and inverse sums.
 #[derive(Debug)]
 struct Saved {
     spec: AttnSpec,
@@ -91,9 +121,16 @@ struct Saved {
     kr: Vec<f32>,
     /// v `[b, nkv, s, hd]`.
     v: Vec<f32>,
-    /// Probabilities `[b, nkv, s·g, s]` (row i·g + t: token i, head t of the group; only the causal prefix of
-    /// each block is written).
-    p: Vec<f32>,
+    /// Per query row (`[b, nkv, s·g]`, row i·g + t: token i, head t of the group): the softmax's maximum score
+    /// (−∞ for a row with nothing to attend to) and the inverse of its sum of exponentials.
+    stats: Vec<RowStat>,
+}
+
+/// What the forward's softmax used on one row; with the row's scores it reproduces the probabilities bit for bit.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowStat {
+    max: f32,
+    inv_sum: f32,
 }
 
 fn blocks(s: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -126,7 +163,47 @@ fn scatter_tasks(
         });
 }
 
-/// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state).
+/// Scores of query rows `r0..r1` (all g heads) against keys `0..r1` into `sc` (`[(r1 − r0)·g, r1]`, packed),
+/// masked; `softmax` then turns each row into probabilities, recording (`Some`) or replaying (`None` → the
+/// recorded `stats`) its maximum and inverse sum. The forward and the backward call this with the same inputs,
+/// so the backward's probabilities are the forward's, bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn block_probs(
+    sc: &mut [f32],
+    qt: &[f32],
+    kt: &[f32],
+    mask: &[bool],
+    (r0, r1): (usize, usize),
+    (s, g, hd): (usize, usize, usize),
+    scale: f32,
+    stats: &mut [RowStat],
+    record: bool,
+) {
+    let (rows, kb) = ((r1 - r0) * g, r1);
+    gemm(
+        MatMut::rows(sc, 0, rows, kb, kb),
+        MatRef::packed(qt, s * g, hd).row_range(r0 * g, r1 * g),
+        MatRef::packed(kt, s, hd).row_range(0, kb).t(),
+        scale,
+        false,
+        false,
+    );
+    for i in r0..r1 {
+        for t in 0..g {
+            let rr = (i - r0) * g + t;
+            let row = &mut sc[rr * kb..(rr + 1) * kb];
+            let st = &mut stats[rr];
+            if record {
+                *st = softmax_row(row, &mask[i * s..i * s + kb]);
+            } else {
+                replay_softmax_row(row, &mask[i * s..i * s + kb], *st);
+            }
+        }
+    }
+}
+
+/// Forward on host rows; returns (out `[b·s, nh·hd]`, saved state). Query blocks of every (batch, kv head)
+/// pair run in parallel; each keeps only its block's scores.
 fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Saved) {
     let (b, s, nh, nkv, hd) = spec.dims();
     let g = nh / nkv;
@@ -135,15 +212,14 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
     let mut qr = vec![0f32; b * nh * s * hd];
     let mut kr = vec![0f32; b * nkv * s * hd];
     let mut vv = vec![0f32; b * nkv * s * hd];
-    let mut p = vec![0f32; b * nh * s * s];
+    let mut stats = vec![RowStat::default(); b * nh * s];
     let mut o = vec![0f32; b * nh * s * hd];
+    // RoPE on q / k and v into task-major buffers.
     qr.par_chunks_mut(s * gw)
         .zip(kr.par_chunks_mut(s * hd))
         .zip(vv.par_chunks_mut(s * hd))
-        .zip(p.par_chunks_mut(g * s * s))
-        .zip(o.par_chunks_mut(s * gw))
         .enumerate()
-        .for_each(|(task, ((((qt, kt), vt), pt), ot))| {
+        .for_each(|(task, ((qt, kt), vt))| {
             let (bi, j) = (task / nkv, task % nkv);
             for i in 0..s {
                 let tok = bi * s + i;
@@ -165,33 +241,42 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
                     );
                 }
             }
+        });
+    o.par_chunks_mut(s * gw)
+        .zip(stats.par_chunks_mut(s * g))
+        .enumerate()
+        .for_each(|(task, (ot, stt))| {
+            let bi = task / nkv;
+            let qt = &qr[task * s * gw..(task + 1) * s * gw];
+            let kt = &kr[task * s * hd..(task + 1) * s * hd];
+            let vt = &vv[task * s * hd..(task + 1) * s * hd];
             let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
-            let qm = MatRef::packed(qt, s * g, hd);
-            for (r0, r1) in blocks(s) {
-                let (rows, kb) = ((r1 - r0) * g, r1);
-                gemm(
-                    MatMut::rows(pt, r0 * g * s, rows, kb, s),
-                    qm.row_range(r0 * g, r1 * g),
-                    MatRef::packed(kt, s, hd).row_range(0, kb).t(),
-                    spec.scale,
-                    false,
-                    false,
-                );
-                for i in r0..r1 {
-                    for t in 0..g {
-                        let r = (i * g + t) * s;
-                        softmax_row(&mut pt[r..r + kb], &mask[i * s..i * s + kb]);
-                    }
-                }
-                gemm(
-                    MatMut::rows(ot, r0 * gw, rows, hd, hd),
-                    MatRef::rows(pt, r0 * g * s, rows, kb, s),
-                    MatRef::packed(vt, s, hd).row_range(0, kb),
-                    1.0,
-                    false,
-                    false,
-                );
-            }
+            ot.par_chunks_mut(BLOCK * gw)
+                .zip(stt.par_chunks_mut(BLOCK * g))
+                .enumerate()
+                .for_each(|(blk, (ob, sb))| {
+                    let r0 = blk * BLOCK;
+                    let r1 = (r0 + BLOCK).min(s);
+                    let (rows, kb) = ((r1 - r0) * g, r1);
+                    // One buffer per thread, sized for the longest block: blocks of growing length would otherwise
+                    // leave a trail of ever larger freed buffers in the heap (measured: a quadratic term in RSS).
+                    // Nothing inside the block calls into rayon, so the borrow cannot be re-entered.
+                    SCRATCH.with_borrow_mut(|sc| {
+                        if sc.len() < BLOCK * g * s {
+                            sc.resize(BLOCK * g * s, 0.0);
+                        }
+                        let sc = &mut sc[..rows * kb];
+                        block_probs(sc, qt, kt, mask, (r0, r1), (s, g, hd), spec.scale, sb, true);
+                        gemm(
+                            MatMut::rows(ob, 0, rows, hd, hd),
+                            MatRef::rows(sc, 0, rows, kb, kb),
+                            MatRef::packed(vt, s, hd).row_range(0, kb),
+                            1.0,
+                            false,
+                            false,
+                        );
+                    });
+                });
         });
     let mut out = vec![0f32; b * s * nh * hd];
     scatter_tasks(&mut out, nh * hd, 0, &o, s, nkv, gw);
@@ -202,7 +287,7 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
             qr,
             kr,
             v: vv,
-            p,
+            stats,
         },
     )
 }
@@ -213,7 +298,9 @@ fn attn_flops(spec: &AttnSpec) -> f64 {
     4.0 * (spec.batch * spec.heads * per_head * spec.head_dim) as f64
 }
 
-/// Backward on host rows: task-major (dq `[b, nkv, s, g·hd]`, dk, dv `[b, nkv, s, hd]`).
+/// Backward on host rows: task-major (dq `[b, nkv, s, g·hd]`, dk, dv `[b, nkv, s, hd]`). Per query block: the
+/// probabilities again (q·kᵀ, then the forward's row maxima and sums), dv += Pᵀ·dO, dS = P ∘ (dO·vᵀ −
+/// rowsum(P ∘ dO·vᵀ)), dq = scale·dS·k, dk += scale·dSᵀ·q.
 fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let spec = &st.spec;
     let (b, s, nh, nkv, hd) = spec.dims();
@@ -233,7 +320,8 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             let kt = &st.kr[task * s * hd..(task + 1) * s * hd];
             let vt = &st.v[task * s * hd..(task + 1) * s * hd];
             let qt = &st.qr[task * s * gw..(task + 1) * s * gw];
-            let pt = &st.p[task * g * s * s..(task + 1) * g * s * s];
+            let mut stt = st.stats[task * s * g..(task + 1) * s * g].to_vec();
+            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
             // dO of the group's heads, token-major [s·g, hd].
             let mut d_o = vec![0f32; s * gw];
             for i in 0..s {
@@ -244,10 +332,22 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             let qm = MatRef::packed(qt, s * g, hd);
             let mut dkr = vec![0f32; s * hd];
             let mut dqr = vec![0f32; s * gw];
-            let mut ds = vec![0f32; BLOCK.min(s) * g * s];
+            let cap = BLOCK.min(s) * g * s;
+            let (mut p, mut ds) = (vec![0f32; cap], vec![0f32; cap]);
             for (r0, r1) in blocks(s) {
                 let (rows, kb) = ((r1 - r0) * g, r1);
-                let p_blk = MatRef::rows(pt, r0 * g * s, rows, kb, s);
+                block_probs(
+                    &mut p,
+                    qt,
+                    kt,
+                    mask,
+                    (r0, r1),
+                    (s, g, hd),
+                    spec.scale,
+                    &mut stt[r0 * g..r1 * g],
+                    false,
+                );
+                let p_blk = MatRef::rows(&p, 0, rows, kb, kb);
                 let do_blk = dom.row_range(r0 * g, r1 * g);
                 // dv[0..kb] += Pᵀ·dO
                 gemm(
@@ -268,8 +368,7 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
                     false,
                 );
                 for rr in 0..rows {
-                    let r = r0 * g + rr;
-                    dsoftmax_row(&pt[r * s..r * s + kb], &mut ds[rr * kb..(rr + 1) * kb]);
+                    dsoftmax_row(&p[rr * kb..(rr + 1) * kb], &mut ds[rr * kb..(rr + 1) * kb]);
                 }
                 let ds_blk = MatRef::rows(&ds, 0, rows, kb, kb);
                 // dq = scale·dS·k
@@ -327,7 +426,7 @@ impl<const N: usize> Backward<Flex, N> for AttentionBackward {
         let spec = &st.spec;
         let (b, s, nh, nkv, hd) = spec.dims();
         let n = b * s;
-        let timer = prof::time(prof::Cat::AttnBwd, 2.0 * attn_flops(spec));
+        let timer = prof::time(prof::Cat::AttnBwd, 2.5 * attn_flops(spec));
         let (dq, dk, dv) = backward_host(&Rows::of(&grad), st);
         let (qo, ko) = (nh * hd, nkv * hd);
         let gw = (nh / nkv) * hd;
@@ -479,6 +578,7 @@ mod tests {
                 softcap: None,
                 rope: Arc::new(Rope::new(&inv_freq, &positions)),
                 mask: Arc::new(mask.clone()),
+                masking: Default::default(),
             };
             let att = Attention::<AD>::new(
                 spec.clone(),
@@ -550,5 +650,38 @@ mod tests {
     #[test]
     fn fused_attention_with_window_and_packing_matches_plain() {
         check(Some(20), true);
+    }
+
+    /// What the forward keeps for the backward grows linearly with the sequence (no `[s, s]` probabilities).
+    #[test]
+    fn saved_state_is_linear_in_sequence_length() {
+        let (nh, nkv, hd) = (4, 2, 16);
+        let saved_floats = |s: usize| {
+            let n = s;
+            let positions: Vec<u32> = (0..s as u32).collect();
+            let mask = build_mask(1, s, s, 0, &[vec![true; s]], None, None);
+            let spec = AttnSpec {
+                batch: 1,
+                seq: s,
+                keys: s,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: 0.25,
+                softcap: None,
+                rope: Arc::new(Rope::new(&[1.0, 0.5], &positions)),
+                mask: Arc::new(mask),
+                masking: Default::default(),
+            };
+            let q = flex_f32(rand_vec(n * nh * hd, 1), &[n, nh * hd]);
+            let k = flex_f32(rand_vec(n * nkv * hd, 2), &[n, nkv * hd]);
+            let v = flex_f32(rand_vec(n * nkv * hd, 3), &[n, nkv * hd]);
+            let (_, st) = forward_host(&Rows::of(&q), &Rows::of(&k), &Rows::of(&v), &spec);
+            st.qr.len() + st.kr.len() + st.v.len() + 2 * st.stats.len()
+        };
+        let (a, b) = (saved_floats(256), saved_floats(512));
+        assert_eq!(b, 2 * a, "saved state at s=512 is {b} floats, at s=256 {a}");
+        // Per token: rotated q (nh·hd), k and v (nkv·hd each), two floats per query head.
+        assert_eq!(a, 256 * (nh * hd + 2 * nkv * hd + 2 * nh));
     }
 }

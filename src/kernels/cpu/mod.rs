@@ -7,7 +7,8 @@
 //!   once, with GEMMs accumulating in place;
 //! - [`attention`] — RoPE + causal/padded/packed/windowed softmax attention with grouped KV heads, reading q/k/v
 //!   in the projections' `[tokens, heads·dim]` layout and writing o_proj's input layout (no transposes), blocked
-//!   to skip the causally masked half, (batch, kv-head) pairs in parallel;
+//!   to skip the causally masked half, in memory linear in the sequence (the backward recomputes the
+//!   probabilities block by block);
 //! - [`xent`] — `lm_head` + cross-entropy, chunked over rows, never keeping vocabulary-sized logits.
 //!
 //! Each kernel is generic over [`Cpu`], the two backends it runs on (`Flex` and `Autodiff<Flex>`), and returns

@@ -1,0 +1,326 @@
+//! The fused kernels on CubeCL runtimes: written once as `#[cube]` kernels, generic over the runtime and float
+//! type, so the same code runs on CUDA (`--features cuda`) and, in CI, on wgpu over Mesa's lavapipe
+//! (`--features wgpu`). Each op registers its own backward in burn's autodiff graph, as the CPU kernels do.
+//!
+//! - [`attention`] — masked softmax attention (causal, padding, packing, sliding window, soft-capping, grouped
+//!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward.
+//!
+//! RoPE, the projections and the rest still run burn's ops (the reference implementations); the attention is where
+//! the memory was (every `[s, s]` score and probability tensor saved, see issue #13).
+
+pub mod attention;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::*;
+
+use super::{reference, Attention, AttnSpec, Kernels, Qkv};
+
+/// What the attention kernels read besides q / k / v: shapes, masking data and scalars.
+#[derive(Debug, Clone)]
+struct Call<R: CubeRuntime> {
+    heads: u32,
+    kv_heads: u32,
+    seq: u32,
+    window: u32,
+    scale: f32,
+    softcap: f32,
+    head_dim: usize,
+    /// `[b·s]` i32: 1 for a real key.
+    valid: CubeTensor<R>,
+    /// `[b·s]` i32 packed-sample ids (zeros without packing).
+    seg: CubeTensor<R>,
+}
+
+/// The largest head dim the kernels take (their per-unit arrays are sized at compile time, per head dim).
+const MAX_HEAD_DIM: usize = 512;
+
+/// Whether the kernels cover this call: no KV cache, grouped heads, a supported head dim, a float type.
+fn covers(spec: &AttnSpec, dtype: DType) -> bool {
+    spec.keys == spec.seq
+        && spec.kv_heads > 0
+        && spec.heads.is_multiple_of(spec.kv_heads)
+        && spec.head_dim <= MAX_HEAD_DIM
+        && spec.masking.key_valid.len() == spec.batch * spec.seq
+        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && u32::try_from(spec.batch * spec.heads * spec.seq * spec.head_dim).is_ok()
+}
+
+fn i32_tensor<R: CubeRuntime>(like: &CubeTensor<R>, v: Vec<i32>) -> CubeTensor<R> {
+    let n = v.len();
+    let handle = like.client.create_from_slice(bytemuck::cast_slice(&v));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new([n]),
+        handle,
+        DType::I32,
+    )
+}
+
+impl<R: CubeRuntime> Call<R> {
+    fn new(spec: &AttnSpec, like: &CubeTensor<R>) -> Self {
+        let m = &spec.masking;
+        let valid = m.key_valid.iter().map(|&v| v as i32).collect();
+        let seg = match &m.segments {
+            Some(s) => s.iter().map(|&x| x as i32).collect(),
+            None => vec![0; spec.batch * spec.seq],
+        };
+        Call {
+            heads: spec.heads as u32,
+            kv_heads: spec.kv_heads as u32,
+            seq: spec.seq as u32,
+            window: m.window.map_or(0, |w| w.min(u32::MAX as usize) as u32),
+            scale: spec.scale,
+            softcap: spec.softcap.map_or(0.0, |c| c as f32),
+            head_dim: spec.head_dim,
+            valid: i32_tensor(like, valid),
+            seg: i32_tensor(like, seg),
+        }
+    }
+}
+
+fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, dtype)
+}
+
+fn grid<R: CubeRuntime>(x: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&x.client, units);
+    (
+        cubecl::calculate_cube_count_elemwise(&x.client, units, dim),
+        dim,
+    )
+}
+
+/// Launch `$kernel` with float type `$f` chosen from the runtime dtype `$dtype`.
+macro_rules! launch_float {
+    ($dtype:expr, $kernel:ident, $($arg:expr),* $(,)?) => {
+        match $dtype {
+            DType::F32 => attention::$kernel::launch::<f32, R>($($arg),*),
+            DType::F16 => attention::$kernel::launch::<half::f16, R>($($arg),*),
+            DType::BF16 => attention::$kernel::launch::<half::bf16, R>($($arg),*),
+            d => unreachable!("attention kernels launched for {d:?} (covers() admits floats only)"),
+        }
+    };
+}
+
+/// Forward: (o `[b, nh, s, hd]`, lse `[b·nh·s]` f32) from contiguous q, k, v.
+fn forward<R: CubeRuntime>(
+    q: &CubeTensor<R>,
+    k: &CubeTensor<R>,
+    v: &CubeTensor<R>,
+    c: &Call<R>,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let rows = q.meta.shape().num_elements() / c.head_dim;
+    let o = empty_like(q, q.meta.shape().clone(), q.dtype);
+    let lse = empty_like(q, Shape::new([rows]), DType::F32);
+    let (count, dim) = grid(q, rows);
+    launch_float!(
+        q.dtype,
+        attn_fwd,
+        &q.client,
+        count,
+        dim,
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        c.valid.clone().into_tensor_arg(),
+        c.seg.clone().into_tensor_arg(),
+        o.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        c.heads,
+        c.kv_heads,
+        c.seq,
+        c.window,
+        c.scale,
+        c.softcap,
+        c.head_dim,
+    );
+    (o, lse)
+}
+
+/// What the backward keeps: the inputs, the output and its log-sum-exp (all linear in s).
+#[derive(Debug, Clone)]
+struct Saved<R: CubeRuntime> {
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    o: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    call: Call<R>,
+}
+
+/// Backward: (dq, dk, dv) from dO.
+fn backward<R: CubeRuntime>(
+    d_o: CubeTensor<R>,
+    st: &Saved<R>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let c = &st.call;
+    let d_o = into_contiguous(d_o);
+    let rows = st.q.meta.shape().num_elements() / c.head_dim;
+    let krows = st.k.meta.shape().num_elements() / c.head_dim;
+    let delta = empty_like(&st.q, Shape::new([rows]), DType::F32);
+    let (count, dim) = grid(&st.q, rows);
+    launch_float!(
+        st.q.dtype,
+        attn_bwd_delta,
+        &st.q.client,
+        count.clone(),
+        dim,
+        d_o.clone().into_tensor_arg(),
+        st.o.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        c.head_dim,
+    );
+    let dq = empty_like(&st.q, st.q.meta.shape().clone(), st.q.dtype);
+    launch_float!(
+        st.q.dtype,
+        attn_bwd_dq,
+        &st.q.client,
+        count,
+        dim,
+        st.q.clone().into_tensor_arg(),
+        st.k.clone().into_tensor_arg(),
+        st.v.clone().into_tensor_arg(),
+        d_o.clone().into_tensor_arg(),
+        st.lse.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        c.valid.clone().into_tensor_arg(),
+        c.seg.clone().into_tensor_arg(),
+        dq.clone().into_tensor_arg(),
+        c.heads,
+        c.kv_heads,
+        c.seq,
+        c.window,
+        c.scale,
+        c.softcap,
+        c.head_dim,
+    );
+    let dk = empty_like(&st.k, st.k.meta.shape().clone(), st.k.dtype);
+    let dv = empty_like(&st.v, st.v.meta.shape().clone(), st.v.dtype);
+    let (kcount, kdim) = grid(&st.k, krows);
+    launch_float!(
+        st.q.dtype,
+        attn_bwd_dkdv,
+        &st.q.client,
+        kcount,
+        kdim,
+        st.q.clone().into_tensor_arg(),
+        st.k.clone().into_tensor_arg(),
+        st.v.clone().into_tensor_arg(),
+        d_o.into_tensor_arg(),
+        st.lse.clone().into_tensor_arg(),
+        delta.into_tensor_arg(),
+        c.valid.clone().into_tensor_arg(),
+        c.seg.clone().into_tensor_arg(),
+        dk.clone().into_tensor_arg(),
+        dv.clone().into_tensor_arg(),
+        c.heads,
+        c.kv_heads,
+        c.seq,
+        c.window,
+        c.scale,
+        c.softcap,
+        c.head_dim,
+    );
+    (dq, dk, dv)
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<R, F, I, BT>, 3> for AttentionBackward
+{
+    type State = Saved<R>;
+
+    fn backward(self, ops: Ops<Saved<R>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<CubeBackend<R, F, I, BT>>(&ops.node);
+        let (dq, dk, dv) = backward(d_o, &ops.state);
+        for (p, d) in ops.parents.iter().zip([dq, dk, dv]) {
+            if let Some(p) = p {
+                grads.register::<CubeBackend<R, F, I, BT>>(p.id, d);
+            }
+        }
+    }
+}
+
+fn float<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+/// `[b, nh, s, hd]` → o_proj's `[b·s, nh·hd]`.
+fn rows<B: burn::tensor::backend::Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [b, nh, s, hd] = o.dims();
+    o.swap_dims(1, 2).reshape([b * s, nh * hd])
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
+    for CubeBackend<R, F, I, BT>
+{
+    fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
+        if !super::enabled() || !covers(&att.spec, att.dtype) {
+            return reference::attention(qkv, att);
+        }
+        let (q, k, v) = reference::rope_heads(qkv, att);
+        let (q, k, v) = (
+            into_contiguous(float(q)),
+            into_contiguous(float(k)),
+            into_contiguous(float(v)),
+        );
+        let call = Call::new(&att.spec, &q);
+        let (o, _) = forward(&q, &k, &v, &call);
+        rows(Tensor::from_primitive(TensorPrimitive::Float(o)))
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
+    for Autodiff<CubeBackend<R, F, I, BT>>
+{
+    fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
+        if !super::enabled() || !covers(&att.spec, att.dtype) {
+            return reference::attention(qkv, att);
+        }
+        let (q, k, v) = reference::rope_heads(qkv, att);
+        let (q, k, v) = (float(q), float(k), float(v));
+        let (qp, kp, vp) = (
+            into_contiguous(q.primitive.clone()),
+            into_contiguous(k.primitive.clone()),
+            into_contiguous(v.primitive.clone()),
+        );
+        let call = Call::new(&att.spec, &qp);
+        let (o, lse) = forward(&qp, &kp, &vp, &call);
+        let out = match AttentionBackward
+            .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = Saved {
+                    q: qp,
+                    k: kp,
+                    v: vp,
+                    o: o.clone(),
+                    lse,
+                    call,
+                };
+                prep.finish(saved, o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        rows(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests;

@@ -1,0 +1,318 @@
+//! The CubeCL kernels on wgpu (Mesa lavapipe in CI: `--features wgpu`), against the reference implementation on
+//! the same backend: values and the gradients of q, k and v, for every mask variant, grouped heads, ragged
+//! lengths, several head dims, f32 and f16.
+
+use std::sync::Arc;
+
+use burn::backend::Autodiff;
+use burn::tensor::{DType, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+
+use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
+use crate::model::decoder::build_mask;
+
+type W = burn::backend::Wgpu<f32, i32>;
+type AD = Autodiff<W>;
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    packed: bool,
+    padded: bool,
+    softcap: Option<f64>,
+    dtype: DType,
+}
+
+/// Max |a − b| relative to max |b|.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+fn check(c: Case) {
+    let dev = Default::default();
+    let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
+    let n = b * s;
+    let half = hd / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+        .collect();
+    let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+    let mut key_valid = vec![vec![true; s]; b];
+    if c.padded {
+        for v in key_valid[b - 1][s - s / 5..].iter_mut() {
+            *v = false;
+        }
+    }
+    let segments: Option<Vec<u32>> = c
+        .packed
+        .then(|| (0..n).map(|p| u32::from(p % s >= s / 3)).collect());
+    let mask = build_mask(b, s, s, 0, &key_valid, segments.as_deref(), c.window);
+    let spec = AttnSpec {
+        batch: b,
+        seq: s,
+        keys: s,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: c.softcap,
+        rope: Arc::new(Rope::new(&inv_freq, &positions)),
+        mask: Arc::new(mask),
+        masking: Arc::new(Masking {
+            key_valid: key_valid.concat(),
+            segments,
+            window: c.window,
+        }),
+    };
+    let width = (nh + 2 * nkv) * hd;
+    // Scores of a few units: the softmax is neither flat nor one-hot.
+    let x: Vec<f32> = rand_vec(n * width, 7).iter().map(|v| v * 2.0).collect();
+    // The upstream gradient of padding rows is zero, as in a model (padding never reaches the loss): a padding
+    // row with no open key (its window holds only padding) attends to itself in the reference mask and to
+    // nothing in the kernel, a difference no gradient can see.
+    let dy: Vec<f32> = rand_vec(n * nh * hd, 8)
+        .chunks(nh * hd)
+        .enumerate()
+        .flat_map(|(t, r)| {
+            let real = key_valid[t / s][t % s];
+            r.iter().map(move |&v| if real { v } else { 0.0 })
+        })
+        .collect();
+    let run = |fused: bool| {
+        crate::kernels::with_fused(fused, || {
+            let att = Attention::<AD>::new(
+                spec.clone(),
+                c.dtype,
+                &dev,
+                Attention::<AD>::shared_tables(),
+            );
+            let t =
+                Tensor::<AD, 2>::from_data(TensorData::new(x.clone(), [n, width]), (&dev, c.dtype))
+                    .require_grad();
+            let y = if fused {
+                <AD as Kernels>::rope_attention(Qkv::Packed(t.clone()), &att)
+            } else {
+                reference::attention(Qkv::Packed(t.clone()), &att)
+            };
+            let up = Tensor::<AD, 2>::from_data(
+                TensorData::new(dy.clone(), [n, nh * hd]),
+                (&dev, c.dtype),
+            );
+            let g = (y.clone().cast(DType::F32) * up.cast(DType::F32))
+                .sum()
+                .backward();
+            (to_vec(y), to_vec(t.grad(&g).expect("dqkv")))
+        })
+    };
+    let (yf, gf) = run(true);
+    let (yr, gr) = run(false);
+    // Padded query rows are never used; compare real rows.
+    let real = |v: &[f32], w: usize| -> Vec<f32> {
+        v.chunks(w)
+            .enumerate()
+            .filter(|(t, _)| key_valid[t / s][t % s])
+            .flat_map(|(_, r)| r.to_vec())
+            .collect()
+    };
+    let tol = if c.dtype == DType::F32 { 1e-4 } else { 1e-2 };
+    assert!(
+        yf.iter().chain(&gf).all(|v| v.is_finite()),
+        "{c:?}: non-finite values"
+    );
+    let dy_ = rel_diff(&real(&yf, nh * hd), &real(&yr, nh * hd));
+    let dg = rel_diff(&gf, &gr);
+    assert!(dy_ <= tol, "{c:?}: output differs by {dy_} (relative)");
+    assert!(dg <= tol, "{c:?}: d(q|k|v) differs by {dg} (relative)");
+}
+
+const BASE: Case = Case {
+    batch: 2,
+    seq: 70,
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 64,
+    window: None,
+    packed: false,
+    padded: true,
+    softcap: None,
+    dtype: DType::F32,
+};
+
+#[test]
+fn cube_attention_causal_padded_gqa() {
+    check(BASE);
+}
+
+#[test]
+fn cube_attention_window_packing_softcap() {
+    check(Case {
+        window: Some(17),
+        packed: true,
+        ..BASE
+    });
+    check(Case {
+        softcap: Some(50.0),
+        ..BASE
+    });
+    check(Case {
+        window: Some(9),
+        softcap: Some(20.0),
+        packed: true,
+        kv_heads: 1,
+        ..BASE
+    });
+}
+
+#[test]
+fn cube_attention_head_dims_and_ragged_lengths() {
+    for (hd, seq) in [(80, 33), (128, 65), (256, 19)] {
+        check(Case {
+            head_dim: hd,
+            seq,
+            heads: 2,
+            kv_heads: 2,
+            ..BASE
+        });
+    }
+}
+
+#[test]
+fn cube_attention_f16() {
+    check(Case {
+        dtype: DType::F16,
+        ..BASE
+    });
+    check(Case {
+        dtype: DType::F16,
+        window: Some(17),
+        packed: true,
+        ..BASE
+    });
+}
+
+/// One whole training step's loss and LoRA gradients on wgpu (fused attention, reference elsewhere) against the
+/// CPU step, on tiny parity fixtures: Llama (grouped heads) and Gemma 2 (sliding window, soft-capping), LoRA on
+/// every linear layer with dropout, a padded two-row batch and a packed row, with and without layer recompute.
+#[test]
+fn cube_training_step_equals_the_cpu_step() {
+    use crate::lora::adapter::{attach, set_trainable, LoraInit, LoraSettings};
+    use crate::lora::TargetSpec;
+    use crate::model::{CausalLm, ModelConfig, SafetensorsSource, TokenBatch};
+    use crate::train::recompute::Checkpointing;
+    use crate::train::step::{step_gradients, StepConfig};
+    use burn::backend::Flex;
+
+    fn grads<B: crate::kernels::TrainBackend>(
+        family: &str,
+        device: &B::Device,
+        micro: &[(&TokenBatch, &[i64])],
+        recompute: Checkpointing,
+    ) -> (f64, Vec<Vec<f32>>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/models/{family}"));
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let src = SafetensorsSource::open(&dir).unwrap();
+        let mut m = CausalLm::<B>::load(cfg, &src, device, DType::F32).unwrap();
+        let settings = LoraSettings {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.1,
+            use_rslora: false,
+            targets: TargetSpec::AllLinear,
+            layers: None,
+            init: LoraInit::Gaussian,
+            seed: 3,
+        };
+        attach(&mut m, &settings).unwrap();
+        // Non-zero B factors, so every gradient is non-trivial.
+        for (_, l) in m.linears_mut() {
+            if let Some(a) = &mut l.lora {
+                let [o, r] = a.b.dims();
+                let v: Vec<f32> = rand_vec(o * r, (o * 31 + r) as u64)
+                    .iter()
+                    .map(|x| x * 0.1)
+                    .collect();
+                a.b = Tensor::from_data(TensorData::new(v, [o, r]), (device, DType::F32));
+            }
+        }
+        set_trainable(&mut m);
+        let cfg = StepConfig {
+            lr: 1e-3,
+            max_grad_norm: 1.0,
+            seed: 5,
+            step: 0,
+            recompute,
+        };
+        let g = step_gradients(&m, micro, cfg).unwrap();
+        let v = g.grads.into_iter().map(to_vec).collect();
+        (g.loss, v)
+    }
+
+    let vocab = 256u32;
+    let ids = |n: usize, seed: u64| -> Vec<u32> {
+        rand_vec(n, seed)
+            .iter()
+            .map(|x| ((x + 1.0) * 0.5 * (vocab - 1) as f32) as u32)
+            .collect()
+    };
+    let (r0, r1) = (ids(23, 1), ids(15, 2));
+    let padded = TokenBatch::from_rows(&[r0.clone(), r1.clone()], None);
+    let labels: Vec<i64> = (0..2 * padded.seq)
+        .map(|t| {
+            let (r, i) = (t / padded.seq, t % padded.seq);
+            if padded.attention_mask[t] && i > 2 {
+                padded.input_ids[r * padded.seq + i] as i64
+            } else {
+                -100
+            }
+        })
+        .collect();
+    let mut packed = TokenBatch::from_rows(&[[r0.clone(), r1.clone()].concat()], None);
+    packed.position_ids = (0..23).chain(0..15).collect();
+    packed.segment_ids = Some([vec![0; 23], vec![1; 15]].concat());
+    let packed_labels: Vec<i64> = packed
+        .input_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i == 0 || i == 23 { -100 } else { t as i64 })
+        .collect();
+    let micro: Vec<(&TokenBatch, &[i64])> = vec![(&padded, &labels), (&packed, &packed_labels)];
+    for family in ["llama", "gemma2"] {
+        let (cpu_loss, cpu) =
+            grads::<Autodiff<Flex>>(family, &Default::default(), &micro, Checkpointing::Off);
+        for recompute in [Checkpointing::Off, Checkpointing::Layers] {
+            let (loss, gpu) = grads::<AD>(family, &Default::default(), &micro, recompute);
+            assert!(
+                ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
+                "{family} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
+            );
+            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                let d = rel_diff(g, c);
+                assert!(
+                    d < 1e-4,
+                    "{family} {recompute}: gradient {i} differs by {d} (relative)"
+                );
+            }
+        }
+    }
+}
