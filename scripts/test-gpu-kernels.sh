@@ -19,4 +19,6 @@ ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || {
 # Only lavapipe: never pick a real (or absent) hardware driver.
 export VK_ICD_FILENAMES
 VK_ICD_FILENAMES=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json | head -n1)
-cargo test --release --features wgpu --lib kernels::cube "$@"
+# One test at a time: the memory test reads the device's allocation counters, which other tests would share.
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
+cargo test --release --features wgpu --lib kernels::cube "$@" -- --test-threads=1

@@ -316,3 +316,73 @@ fn cube_training_step_equals_the_cpu_step() {
         }
     }
 }
+
+/// What the attention keeps on the device from its forward to its backward grows linearly with the sequence for
+/// the kernel (inputs, output, one float per row) and quadratically for the reference (its `[s, s]` scores and
+/// probabilities, and the mask): device bytes in use after the forward, graph alive, at s and 2s. Runs alone
+/// (scripts/test-gpu-kernels.sh passes --test-threads=1) so no other test shares the device's counters.
+#[test]
+fn cube_attention_holds_memory_linear_in_the_sequence() {
+    use burn::backend::wgpu::WgpuRuntime;
+    use burn::tensor::backend::Backend;
+    use cubecl::Runtime;
+    let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
+    let client = WgpuRuntime::client(&dev);
+    let (nh, nkv, hd) = (4, 2, 64);
+    let held = |s: usize, fused: bool| -> u64 {
+        crate::kernels::with_fused(fused, || {
+            let positions: Vec<u32> = (0..s as u32).collect();
+            let key_valid = vec![vec![true; s]];
+            let spec = AttnSpec {
+                batch: 1,
+                seq: s,
+                keys: s,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: 0.125,
+                softcap: None,
+                rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
+                mask: Arc::new(build_mask(1, s, s, 0, &key_valid, None, None)),
+                masking: Arc::new(Masking {
+                    key_valid: key_valid.concat(),
+                    segments: None,
+                    window: None,
+                }),
+            };
+            let width = (nh + 2 * nkv) * hd;
+            let t = Tensor::<AD, 2>::from_data(
+                TensorData::new(rand_vec(s * width, 3), [s, width]),
+                (&dev, DType::F32),
+            )
+            .require_grad();
+            let att =
+                Attention::<AD>::new(spec, DType::F32, &dev, Attention::<AD>::shared_tables());
+            W::sync(&dev).unwrap();
+            let before = client.memory_usage().unwrap().bytes_in_use;
+            let y = if fused {
+                <AD as Kernels>::rope_attention(Qkv::Packed(t.clone()), &att)
+            } else {
+                reference::attention(Qkv::Packed(t.clone()), &att)
+            };
+            W::sync(&dev).unwrap();
+            let after = client.memory_usage().unwrap().bytes_in_use;
+            drop((y, att, t));
+            after.saturating_sub(before)
+        })
+    };
+    let (f1, f2) = (held(512, true), held(1024, true));
+    let (r1, r2) = (held(512, false), held(1024, false));
+    let (fr, rr) = (f2 as f64 / f1 as f64, r2 as f64 / r1 as f64);
+    println!("held after the forward: fused {f1} B → {f2} B (×{fr:.2}), reference {r1} B → {r2} B (×{rr:.2})");
+    assert!(f1 > 0 && r1 > 0, "no device memory measured ({f1}, {r1})");
+    assert!(
+        fr < 2.3,
+        "fused attention held {f1} B at s=512 and {f2} B at s=1024 (×{fr:.2}): not linear"
+    );
+    // The reference keeps [s, s] tensors: the measurement can tell the two apart.
+    assert!(
+        rr > 3.0,
+        "reference attention held {r1} B and {r2} B (×{rr:.2}): expected quadratic growth"
+    );
+}
