@@ -36,6 +36,24 @@ fn first_key(i: u32, window: u32) -> u32 {
     lo
 }
 
+/// Query row r of `[b, nh, s, hd]`: its position i, where its kv head's k / v rows start, and the first token of
+/// its batch row (for the per-token masking data).
+#[cube]
+fn query_row(
+    r: usize,
+    seq: u32,
+    heads: u32,
+    kv_heads: u32,
+    #[comptime] hd: usize,
+) -> (usize, usize, usize) {
+    let s = seq as usize;
+    let nh = heads as usize;
+    let h = (r / s) % nh;
+    let bi = r / (s * nh);
+    let kvh = h / (nh / kv_heads as usize);
+    (r % s, (bi * kv_heads as usize + kvh) * s * hd, bi * s)
+}
+
 /// The score of one (query, key) pair: scale·q·k, soft-capped; also returns tanh's value for the backward
 /// (0 without capping).
 #[cube]
@@ -81,14 +99,7 @@ pub fn attn_fwd<F: Float>(
     if r >= lse.len() {
         terminate!();
     }
-    let s = seq as usize;
-    let nh = heads as usize;
-    let i = r % s;
-    let h = (r / s) % nh;
-    let bi = r / (s * nh);
-    let kvh = h / (nh / kv_heads as usize);
-    let kbase = (bi * kv_heads as usize + kvh) * s * hd;
-    let row0 = bi * s;
+    let (i, kbase, row0) = query_row(r, seq, heads, kv_heads, hd);
     let mut qr = Array::<f32>::new(hd);
     let mut acc = Array::<f32>::new(hd);
     for d in 0..hd {
@@ -167,14 +178,7 @@ pub fn attn_bwd_dq<F: Float>(
     if r >= lse.len() {
         terminate!();
     }
-    let s = seq as usize;
-    let nh = heads as usize;
-    let i = r % s;
-    let h = (r / s) % nh;
-    let bi = r / (s * nh);
-    let kvh = h / (nh / kv_heads as usize);
-    let kbase = (bi * kv_heads as usize + kvh) * s * hd;
-    let row0 = bi * s;
+    let (i, kbase, row0) = query_row(r, seq, heads, kv_heads, hd);
     let mut qr = Array::<f32>::new(hd);
     let mut dor = Array::<f32>::new(hd);
     let mut acc = Array::<f32>::new(hd);

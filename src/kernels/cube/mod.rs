@@ -2,12 +2,14 @@
 //! type, so the same code runs on CUDA (`--features cuda`) and, in CI, on wgpu over Mesa's lavapipe
 //! (`--features wgpu`). Each op registers its own backward in burn's autodiff graph, as the CPU kernels do.
 //!
+//! - [`act`] — SiLU(gate)·up on the packed `gate|up` rows, saving only its input;
 //! - [`attention`] — masked softmax attention (causal, padding, packing, sliding window, soft-capping, grouped
 //!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward.
 //!
-//! RoPE, the projections and the rest still run burn's ops (the reference implementations); the attention is where
-//! the memory was (every `[s, s]` score and probability tensor saved, see issue #13).
+//! RoPE, RMSNorm, GELU-gated MLPs, the projections and the loss still run burn's ops (the reference
+//! implementations); the attention is where the memory was (every `[s, s]` score and probability tensor saved).
 
+pub mod act;
 pub mod attention;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -50,7 +52,7 @@ fn covers(spec: &AttnSpec, dtype: DType) -> bool {
         && spec.heads.is_multiple_of(spec.kv_heads)
         && spec.head_dim <= MAX_HEAD_DIM
         && spec.masking.key_valid.len() == spec.batch * spec.seq
-        && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        && is_float(dtype)
         && u32::try_from(spec.batch * spec.heads * spec.seq * spec.head_dim).is_ok()
 }
 
@@ -100,16 +102,20 @@ fn grid<R: CubeRuntime>(x: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim)
     )
 }
 
-/// Launch `$kernel` with float type `$f` chosen from the runtime dtype `$dtype`.
+/// Launch `$module::$kernel` with the float type chosen from the runtime dtype `$dtype`.
 macro_rules! launch_float {
-    ($dtype:expr, $kernel:ident, $($arg:expr),* $(,)?) => {
+    ($dtype:expr, $module:ident::$kernel:ident, $($arg:expr),* $(,)?) => {
         match $dtype {
-            DType::F32 => attention::$kernel::launch::<f32, R>($($arg),*),
-            DType::F16 => attention::$kernel::launch::<half::f16, R>($($arg),*),
-            DType::BF16 => attention::$kernel::launch::<half::bf16, R>($($arg),*),
-            d => unreachable!("attention kernels launched for {d:?} (covers() admits floats only)"),
+            DType::F32 => $module::$kernel::launch::<f32, R>($($arg),*),
+            DType::F16 => $module::$kernel::launch::<half::f16, R>($($arg),*),
+            DType::BF16 => $module::$kernel::launch::<half::bf16, R>($($arg),*),
+            d => unreachable!("float kernel launched for {d:?} (callers check the dtype)"),
         }
     };
+}
+
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// Forward: (o `[b, nh, s, hd]`, lse `[b·nh·s]` f32) from contiguous q, k, v.
@@ -125,7 +131,7 @@ fn forward<R: CubeRuntime>(
     let (count, dim) = grid(q, rows);
     launch_float!(
         q.dtype,
-        attn_fwd,
+        attention::attn_fwd,
         &q.client,
         count,
         dim,
@@ -171,7 +177,7 @@ fn backward<R: CubeRuntime>(
     let (count, dim) = grid(&st.q, rows);
     launch_float!(
         st.q.dtype,
-        attn_bwd_delta,
+        attention::attn_bwd_delta,
         &st.q.client,
         count.clone(),
         dim,
@@ -183,7 +189,7 @@ fn backward<R: CubeRuntime>(
     let dq = empty_like(&st.q, st.q.meta.shape().clone(), st.q.dtype);
     launch_float!(
         st.q.dtype,
-        attn_bwd_dq,
+        attention::attn_bwd_dq,
         &st.q.client,
         count,
         dim,
@@ -209,7 +215,7 @@ fn backward<R: CubeRuntime>(
     let (kcount, kdim) = grid(&st.k, krows);
     launch_float!(
         st.q.dtype,
-        attn_bwd_dkdv,
+        attention::attn_bwd_dkdv,
         &st.q.client,
         kcount,
         kdim,
@@ -265,9 +271,76 @@ fn rows<B: burn::tensor::backend::Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {
     o.swap_dims(1, 2).reshape([b * s, nh * hd])
 }
 
+/// SiLU(gate)·up forward on a contiguous `[n, 2i]`.
+fn silu_mul_forward<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
+    let [n, two_i] = x.meta.shape().dims::<2>();
+    let i = two_i / 2;
+    let y = empty_like(x, Shape::new([n, i]), x.dtype);
+    let (count, dim) = grid(x, n * i);
+    launch_float!(
+        x.dtype,
+        act::silu_mul_fwd,
+        &x.client,
+        count,
+        dim,
+        x.clone().into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        i as u32,
+    );
+    y
+}
+
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<R, F, I, BT>, 1> for SiluMulBackward
+{
+    /// The packed input.
+    type State = CubeTensor<R>;
+
+    fn backward(self, ops: Ops<CubeTensor<R>, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = into_contiguous(grads.consume::<CubeBackend<R, F, I, BT>>(&ops.node));
+        let x = ops.state;
+        let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
+        let (count, dim) = grid(&dy, dy.meta.shape().num_elements());
+        launch_float!(
+            x.dtype,
+            act::silu_mul_bwd,
+            &x.client,
+            count,
+            dim,
+            dy.into_tensor_arg(),
+            x.clone().into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            (x.meta.shape().dims::<2>()[1] / 2) as u32,
+        );
+        if let Some(p) = &ops.parents[0] {
+            grads.register::<CubeBackend<R, F, I, BT>>(p.id, dx);
+        }
+    }
+}
+
+/// Whether the fused SiLU·up covers this call.
+fn glu_covered(act: super::Activation, dtype: DType, dims: [usize; 2]) -> bool {
+    super::enabled()
+        && act == super::Activation::Silu
+        && is_float(dtype)
+        && dims[1].is_multiple_of(2)
+        && u32::try_from(dims[0] * dims[1]).is_ok()
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for CubeBackend<R, F, I, BT>
 {
+    fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
+        if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
+            return reference::glu(gate_up, act);
+        }
+        let x = into_contiguous(float(gate_up));
+        Tensor::from_primitive(TensorPrimitive::Float(silu_mul_forward(&x)))
+    }
+
     fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
         if !super::enabled() || !covers(&att.spec, att.dtype) {
             return reference::attention(qkv, att);
@@ -287,6 +360,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for Autodiff<CubeBackend<R, F, I, BT>>
 {
+    fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
+        if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
+            return reference::glu(gate_up, act);
+        }
+        let x = float(gate_up);
+        let xp = into_contiguous(x.primitive.clone());
+        let y = silu_mul_forward(&xp);
+        let out = match SiluMulBackward
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(xp, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
     fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
         if !super::enabled() || !covers(&att.spec, att.dtype) {
             return reference::attention(qkv, att);
