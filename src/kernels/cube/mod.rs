@@ -2,15 +2,17 @@
 //! type, so the same code runs on CUDA (`--features cuda`) and, in CI, on wgpu over Mesa's lavapipe
 //! (`--features wgpu`). Each op registers its own backward in burn's autodiff graph, as the CPU kernels do.
 //!
+//! - [`norm`] — RMSNorm (Gemma's `1 + w` included), one cube per row, saving the input and one float per row;
 //! - [`act`] — SiLU(gate)·up on the packed `gate|up` rows, saving only its input;
 //! - [`attention`] — masked softmax attention (causal, padding, packing, sliding window, soft-capping, grouped
 //!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward.
 //!
-//! RoPE, RMSNorm, GELU-gated MLPs, the projections and the loss still run burn's ops (the reference
+//! RoPE, GELU-gated MLPs, the projections and the loss still run burn's ops (the reference
 //! implementations); the attention is where the memory was (every `[s, s]` score and probability tensor saved).
 
 pub mod act;
 pub mod attention;
+pub mod norm;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -271,6 +273,86 @@ fn rows<B: burn::tensor::backend::Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {
     o.swap_dims(1, 2).reshape([b * s, nh * hd])
 }
 
+/// Cubes for one per row: a 2-D grid (a grid dimension holds at most 65 535 cubes); the kernels skip the extra.
+fn row_cubes(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, 65_535);
+    CubeCount::Static(x as u32, rows.div_ceil(x).max(1) as u32, 1)
+}
+
+/// RMSNorm forward on contiguous `[rows, h]` x and `[h]` w: (y, r per row).
+fn rms_forward<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    w: &CubeTensor<R>,
+    eps: f32,
+    offset: f32,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let h = w.meta.shape().num_elements();
+    let rows = x.meta.shape().num_elements() / h;
+    let y = empty_like(x, x.meta.shape().clone(), x.dtype);
+    let r = empty_like(x, Shape::new([rows]), DType::F32);
+    launch_float!(
+        x.dtype,
+        norm::rms_fwd,
+        &x.client,
+        row_cubes(rows),
+        CubeDim::new_1d(norm::BLOCK),
+        x.clone().into_tensor_arg(),
+        w.clone().into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        r.clone().into_tensor_arg(),
+        eps,
+        offset,
+    );
+    (y, r)
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+/// The norm's input, weight, 1/rms per row, and the weight offset.
+type RmsState<R> = (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, f32);
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<R, F, I, BT>, 1> for RmsNormBackward
+{
+    type State = RmsState<R>;
+
+    fn backward(self, ops: Ops<RmsState<R>, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = into_contiguous(grads.consume::<CubeBackend<R, F, I, BT>>(&ops.node));
+        let (x, w, r, offset) = ops.state;
+        let rows = r.meta.shape().num_elements();
+        let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
+        launch_float!(
+            x.dtype,
+            norm::rms_bwd,
+            &x.client,
+            row_cubes(rows),
+            CubeDim::new_1d(norm::BLOCK),
+            dy.into_tensor_arg(),
+            x.clone().into_tensor_arg(),
+            w.into_tensor_arg(),
+            r.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            offset,
+        );
+        if let Some(p) = &ops.parents[0] {
+            grads.register::<CubeBackend<R, F, I, BT>>(p.id, dx);
+        }
+    }
+}
+
+/// Whether the fused RMSNorm covers this call: float input, the weight in the same dtype and frozen.
+fn rms_covered<B: burn::tensor::backend::Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    norm: &super::NormRef<'_, B>,
+) -> bool {
+    super::enabled()
+        && is_float(x.dtype())
+        && norm.weight.dtype() == x.dtype()
+        && !norm.weight.is_require_grad()
+        && x.dims()[D - 1] == norm.weight.dims()[0]
+}
+
 /// SiLU(gate)·up forward on a contiguous `[n, 2i]`.
 fn silu_mul_forward<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     let [n, two_i] = x.meta.shape().dims::<2>();
@@ -333,6 +415,19 @@ fn glu_covered(act: super::Activation, dtype: DType, dims: [usize; 2]) -> bool {
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for CubeBackend<R, F, I, BT>
 {
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        norm: &super::NormRef<'_, Self>,
+    ) -> Tensor<Self, D> {
+        if !rms_covered(&x, norm) {
+            return reference::rms_norm(x, norm);
+        }
+        let xp = into_contiguous(float(x));
+        let w = into_contiguous(float(norm.weight.clone()));
+        let (y, _) = rms_forward(&xp, &w, norm.eps as f32, norm.offset);
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    }
+
     fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
         if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
             return reference::glu(gate_up, act);
@@ -360,6 +455,28 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for Autodiff<CubeBackend<R, F, I, BT>>
 {
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        norm: &super::NormRef<'_, Self>,
+    ) -> Tensor<Self, D> {
+        if !rms_covered(&x, norm) {
+            return reference::rms_norm(x, norm);
+        }
+        let x = float(x);
+        let xp = into_contiguous(x.primitive.clone());
+        let w = into_contiguous(float(norm.weight.clone()).primitive);
+        let (y, r) = rms_forward(&xp, &w, norm.eps as f32, norm.offset);
+        let out = match RmsNormBackward
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xp, w, r, norm.offset), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
     fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
         if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
             return reference::glu(gate_up, act);

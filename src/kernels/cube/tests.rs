@@ -431,3 +431,70 @@ fn cube_silu_mul_matches_the_reference() {
         );
     }
 }
+
+/// The fused RMSNorm against the reference on the same backend: values and the input's gradient, a plain and a
+/// Gemma-style (1 + w) weight, a hidden size that is not a multiple of the cube, token rows and per-head rows
+/// (q/k norms over head_dim), f32 and f16.
+#[test]
+fn cube_rms_norm_matches_the_reference() {
+    use crate::kernels::NormRef;
+    let dev = Default::default();
+    for (dims, offset, dtype) in [
+        (vec![37usize, 300usize], 0.0f32, DType::F32),
+        (vec![37, 300], 1.0, DType::F32),
+        (vec![2, 5, 3, 64], 0.0, DType::F32),
+        (vec![37, 300], 0.0, DType::F16),
+    ] {
+        let n: usize = dims.iter().product();
+        let h = *dims.last().unwrap();
+        let x: Vec<f32> = rand_vec(n, 21).iter().map(|v| v * 3.0).collect();
+        let w = rand_vec(h, 22);
+        let dy = rand_vec(n, 23);
+        let run = |fused: bool| {
+            crate::kernels::with_fused(fused, || {
+                let weight =
+                    Tensor::<AD, 1>::from_data(TensorData::new(w.clone(), [h]), (&dev, dtype));
+                let norm = NormRef {
+                    weight: &weight,
+                    eps: 1e-6,
+                    offset,
+                };
+                let t = Tensor::<AD, 1>::from_data(TensorData::new(x.clone(), [n]), (&dev, dtype))
+                    .require_grad();
+                let shaped = |t: Tensor<AD, 1>| -> Tensor<AD, 4> {
+                    let d4 = if dims.len() == 4 {
+                        [dims[0], dims[1], dims[2], dims[3]]
+                    } else {
+                        [1, 1, dims[0], dims[1]]
+                    };
+                    t.reshape(d4)
+                };
+                let xin = shaped(t.clone());
+                let y = if fused {
+                    <AD as Kernels>::rms_norm(xin, &norm)
+                } else {
+                    reference::rms_norm(xin, &norm)
+                };
+                let up = shaped(Tensor::<AD, 1>::from_data(
+                    TensorData::new(dy.clone(), [n]),
+                    (&dev, dtype),
+                ));
+                let g = (y.clone().cast(DType::F32) * up.cast(DType::F32))
+                    .sum()
+                    .backward();
+                (to_vec(y), to_vec(t.grad(&g).expect("dx")))
+            })
+        };
+        let ((yf, gf), (yr, gr)) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let (dyv, dg) = (rel_diff(&yf, &yr), rel_diff(&gf, &gr));
+        assert!(
+            dyv <= tol,
+            "{dims:?} offset {offset} {dtype:?}: output differs by {dyv}"
+        );
+        assert!(
+            dg <= tol,
+            "{dims:?} offset {offset} {dtype:?}: gradient differs by {dg}"
+        );
+    }
+}
