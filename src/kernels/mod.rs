@@ -145,7 +145,7 @@ pub struct AttnSpec {
     pub softcap: Option<f64>,
     pub rope: Arc<Rope>,
     /// `[batch, seq, keys]`, true = blocked; blocks every key after its query (causal). Built from `masking`
-    /// ([`crate::model::decoder::build_mask`]).
+    /// ([`Masking::dense`]).
     pub mask: Arc<Vec<bool>>,
     /// What the mask is made of, for kernels that mask on the fly instead of reading `[s, keys]` rows.
     pub masking: Arc<Masking>,
@@ -160,6 +160,39 @@ pub struct Masking {
     pub segments: Option<Vec<u32>>,
     /// A query at position i sees keys j with i − j < window.
     pub window: Option<usize>,
+}
+
+impl Masking {
+    /// The boolean mask `[batch, seq, keys]` (true = blocked) for queries at absolute positions
+    /// `offset..offset + seq` over keys `0..keys`: causal, plus padding, packing and the window. A query with
+    /// nothing to attend to (a fully padded row) attends to itself: finite, unused.
+    pub fn dense(&self, batch: usize, seq: usize, keys: usize, offset: usize) -> Vec<bool> {
+        let mut m = vec![false; batch * seq * keys];
+        for b in 0..batch {
+            let key_valid = &self.key_valid[b * keys..(b + 1) * keys];
+            for i in 0..seq {
+                let qi = offset + i;
+                let row = &mut m[(b * seq + i) * keys..(b * seq + i + 1) * keys];
+                let mut any_open = false;
+                for (j, cell) in row.iter_mut().enumerate() {
+                    let mut blocked = j > qi || !key_valid[j];
+                    if let Some(w) = self.window {
+                        blocked |= qi >= j + w;
+                    }
+                    if let Some(seg) = &self.segments {
+                        // Packing is a training-time layout: no cache, so q and k index the same grid.
+                        blocked |= seg[b * keys + j] != seg[b * keys + qi.min(keys - 1)];
+                    }
+                    *cell = blocked;
+                    any_open |= !blocked;
+                }
+                if !any_open && qi < keys {
+                    row[qi] = false;
+                }
+            }
+        }
+        m
+    }
 }
 
 impl AttnSpec {

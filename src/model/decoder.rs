@@ -150,45 +150,6 @@ fn norm<B: Kernels, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B
     B::rms_norm(x, &norm)
 }
 
-/// Boolean attention mask `[b, q, k]` (true = blocked) for queries at absolute positions `offset..offset+q`
-/// over keys `0..k`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn build_mask(
-    batch: usize,
-    q_len: usize,
-    k_len: usize,
-    offset: usize,
-    key_valid: &[Vec<bool>],
-    segments: Option<&[u32]>,
-    window: Option<usize>,
-) -> Vec<bool> {
-    let mut m = vec![false; batch * q_len * k_len];
-    for b in 0..batch {
-        for i in 0..q_len {
-            let qi = offset + i;
-            let row = &mut m[(b * q_len + i) * k_len..(b * q_len + i + 1) * k_len];
-            let mut any_open = false;
-            for (j, cell) in row.iter_mut().enumerate() {
-                let mut blocked = j > qi || !key_valid[b].get(j).copied().unwrap_or(false);
-                if let Some(w) = window {
-                    blocked |= qi >= j + w;
-                }
-                if let Some(seg) = segments {
-                    // Packing is a training-time layout: no cache, so q and k index the same grid.
-                    blocked |= seg[b * k_len + j] != seg[b * k_len + qi.min(k_len - 1)];
-                }
-                *cell = blocked;
-                any_open |= !blocked;
-            }
-            if !any_open && qi < k_len {
-                // A query with nothing to attend to (a fully padded row) attends to itself: finite, unused.
-                row[qi] = false;
-            }
-        }
-    }
-    m
-}
-
 /// The attention settings of one forward pass, one per sliding window, on the host (no backend): what a pass
 /// over the layers shares, and what a layer recomputed in the backward needs again.
 pub(crate) type AttnSpecs = HashMap<Option<usize>, AttnSpec>;
@@ -256,20 +217,12 @@ impl<B: Kernels> CausalLm<B> {
         let mut specs = AttnSpecs::new();
         for layer in &self.model.layers {
             specs.entry(layer.window).or_insert_with(|| {
-                let mask = build_mask(
-                    b,
-                    s,
-                    keys,
-                    offset,
-                    key_valid,
-                    batch.segment_ids.as_deref(),
-                    layer.window,
-                );
                 let masking = Masking {
                     key_valid: key_valid.concat(),
                     segments: batch.segment_ids.clone(),
                     window: layer.window,
                 };
+                let mask = masking.dense(b, s, keys, offset);
                 AttnSpec {
                     batch: b,
                     seq: s,

@@ -535,8 +535,7 @@ pub fn attention<B: Cpu>(qkv: &Qkv<B>, spec: &AttnSpec) -> Option<Tensor<B, 2>> 
 mod tests {
     use super::*;
     use crate::kernels::cpu::tests_util::*;
-    use crate::kernels::{reference, Attention, Rope};
-    use crate::model::decoder::build_mask;
+    use crate::kernels::{reference, Attention, Masking, Rope};
     use burn::tensor::DType;
 
     /// The fused attention (RoPE, GQA, causal + padding + packing + sliding-window masks, a partial rotary
@@ -559,7 +558,12 @@ mod tests {
         }
         let segments: Option<Vec<u32>> =
             packed.then(|| (0..n).map(|p| if p % s < 30 { 0 } else { 1 }).collect());
-        let mask = build_mask(b, s, s, 0, &key_valid, segments.as_deref(), window);
+        let masking = Masking {
+            key_valid: key_valid.concat(),
+            segments,
+            window,
+        };
+        let mask = masking.dense(b, s, s, 0);
         let q = rand_vec(n * nh * hd, 41);
         let k = rand_vec(n * nkv * hd, 42);
         let v = rand_vec(n * nkv * hd, 43);
@@ -578,7 +582,7 @@ mod tests {
                 softcap: None,
                 rope: Arc::new(Rope::new(&inv_freq, &positions)),
                 mask: Arc::new(mask.clone()),
-                masking: Default::default(),
+                masking: Arc::new(masking.clone()),
             };
             let att = Attention::<AD>::new(
                 spec.clone(),
@@ -659,7 +663,11 @@ mod tests {
         let saved_floats = |s: usize| {
             let n = s;
             let positions: Vec<u32> = (0..s as u32).collect();
-            let mask = build_mask(1, s, s, 0, &[vec![true; s]], None, None);
+            let masking = Masking {
+                key_valid: vec![true; s],
+                segments: None,
+                window: None,
+            };
             let spec = AttnSpec {
                 batch: 1,
                 seq: s,
@@ -670,8 +678,8 @@ mod tests {
                 scale: 0.25,
                 softcap: None,
                 rope: Arc::new(Rope::new(&[1.0, 0.5], &positions)),
-                mask: Arc::new(mask),
-                masking: Default::default(),
+                mask: Arc::new(masking.dense(1, s, s, 0)),
+                masking: Arc::new(masking),
             };
             let q = flex_f32(rand_vec(n * nh * hd, 1), &[n, nh * hd]);
             let k = flex_f32(rand_vec(n * nkv * hd, 2), &[n, nkv * hd]);

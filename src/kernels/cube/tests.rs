@@ -9,7 +9,6 @@ use burn::tensor::{DType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 
 use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
-use crate::model::decoder::build_mask;
 
 type W = burn::backend::Wgpu<f32, i32>;
 type AD = Autodiff<W>;
@@ -66,7 +65,11 @@ fn check(c: Case) {
     let segments: Option<Vec<u32>> = c
         .packed
         .then(|| (0..n).map(|p| u32::from(p % s >= s / 3)).collect());
-    let mask = build_mask(b, s, s, 0, &key_valid, segments.as_deref(), c.window);
+    let masking = Masking {
+        key_valid: key_valid.concat(),
+        segments,
+        window: c.window,
+    };
     let spec = AttnSpec {
         batch: b,
         seq: s,
@@ -77,12 +80,8 @@ fn check(c: Case) {
         scale: 1.0 / (hd as f32).sqrt(),
         softcap: c.softcap,
         rope: Arc::new(Rope::new(&inv_freq, &positions)),
-        mask: Arc::new(mask),
-        masking: Arc::new(Masking {
-            key_valid: key_valid.concat(),
-            segments,
-            window: c.window,
-        }),
+        mask: Arc::new(masking.dense(b, s, s, 0)),
+        masking: Arc::new(masking),
     };
     let width = (nh + 2 * nkv) * hd;
     // Scores of a few units: the softmax is neither flat nor one-hot.
@@ -332,7 +331,11 @@ fn cube_attention_holds_memory_linear_in_the_sequence() {
     let held = |s: usize, fused: bool| -> u64 {
         crate::kernels::with_fused(fused, || {
             let positions: Vec<u32> = (0..s as u32).collect();
-            let key_valid = vec![vec![true; s]];
+            let masking = Masking {
+                key_valid: vec![true; s],
+                segments: None,
+                window: None,
+            };
             let spec = AttnSpec {
                 batch: 1,
                 seq: s,
@@ -343,12 +346,8 @@ fn cube_attention_holds_memory_linear_in_the_sequence() {
                 scale: 0.125,
                 softcap: None,
                 rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
-                mask: Arc::new(build_mask(1, s, s, 0, &key_valid, None, None)),
-                masking: Arc::new(Masking {
-                    key_valid: key_valid.concat(),
-                    segments: None,
-                    window: None,
-                }),
+                mask: Arc::new(masking.dense(1, s, s, 0)),
+                masking: Arc::new(masking),
             };
             let width = (nh + 2 * nkv) * hd;
             let t = Tensor::<AD, 2>::from_data(
