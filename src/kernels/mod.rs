@@ -20,7 +20,8 @@
 //!   burn's autodiff graph, and fall back to the reference inside the method for inputs a kernel does not cover
 //!   (a dtype other than f32, a tracked frozen weight, soft-capping, a KV cache).
 //! - CubeCL backends (`CubeBackend<R, …>` for every runtime R: CUDA, and wgpu in tests) and their autodiff wrapper
-//!   run the fused GPU kernels ([`cube`]: attention so far) and the reference for the rest.
+//!   run the fused GPU kernels ([`cube`]: attention, RMSNorm, the gated activation, the loss) and the reference
+//!   for the rest.
 //!
 //! Why a trait bound rather than a run-time type check: fused GPU kernels (CubeCL, with their own backward)
 //! are written once for every CubeCL runtime — `impl<R: CubeRuntime…> Kernels for CubeBackend<R…>` and its

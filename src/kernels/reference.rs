@@ -48,7 +48,16 @@ pub fn glu<B: Backend>(gate_up: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
     let a = match act {
         Activation::Silu => activation::silu(gate),
         Activation::GeluTanh => activation::gelu_approximate(gate),
-        Activation::Gelu => activation::gelu(gate),
+        // `x·(1 + erf(x/√2))/2` composed, not `activation::gelu`: burn 0.21's `gelu_backward` is the derivative of
+        // the tanh approximation (off by up to ~1e-3 relative), erf's backward is exact (torch's gelu gradient).
+        Activation::Gelu => gate
+            .clone()
+            .mul(
+                gate.mul_scalar(std::f64::consts::FRAC_1_SQRT_2)
+                    .erf()
+                    .add_scalar(1.0),
+            )
+            .mul_scalar(0.5),
     };
     a * up
 }
@@ -268,4 +277,34 @@ pub fn lm_head_cross_entropy<B: super::Kernels>(
     let tg: Vec<i32> = t.targets.iter().map(|&t| t as i32).collect();
     let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
     logp.gather(1, tgt).sum().neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::{glu, Activation};
+
+    /// Exact GELU's gradient is Φ(x) + x·φ(x) (what torch computes), not the tanh form's derivative burn 0.21's
+    /// `gelu_backward` returns. Hand values at x = 1.5: Φ = 0.933 192 80, φ = 0.129 517 60.
+    #[test]
+    fn exact_gelu_has_the_exact_gradient() {
+        type AD = Autodiff<Flex>;
+        let dev = Default::default();
+        let gu = Tensor::<AD, 2>::from_data(TensorData::new(vec![1.5f32, 1.0], [1, 2]), &dev)
+            .require_grad();
+        let y = glu(gu.clone(), Activation::Gelu);
+        let g = gu.grad(&y.clone().sum().backward()).unwrap();
+        let g = g.into_data().to_vec::<f32>().unwrap();
+        let y = y.into_data().to_vec::<f32>().unwrap()[0];
+        assert!((y - 1.5 * 0.933_192_8).abs() < 1e-6, "gelu(1.5) = {y}");
+        let want = 0.933_192_8 + 1.5 * 0.129_517_6;
+        assert!(
+            (g[0] - want).abs() < 1e-6,
+            "d gelu(1.5) = {}, want {want}",
+            g[0]
+        );
+        assert!((g[1] - 1.5 * 0.933_192_8).abs() < 1e-6, "d up = {}", g[1]);
+    }
 }

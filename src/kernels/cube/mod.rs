@@ -3,30 +3,46 @@
 //! (`--features wgpu`). Each op registers its own backward in burn's autodiff graph, as the CPU kernels do.
 //!
 //! - [`norm`] — RMSNorm (Gemma's `1 + w` included), one cube per row, saving the input and one float per row;
-//! - [`act`] — SiLU(gate)·up on the packed `gate|up` rows, saving only its input;
+//! - [`act`] — `act(gate)·up` (SiLU, GELU tanh / erf) on the packed `gate|up` rows, saving only its input;
 //! - [`attention`] — masked softmax attention (causal, padding, packing, sliding window, soft-capping, grouped
-//!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward.
+//!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward;
+//! - [`xent`] — `lm_head` + cross-entropy (Gemma 2's final soft-cap included) swept in row chunks: one GEMM per
+//!   chunk for the logits, one kernel for the rows' losses that turns the logits into their gradient in place,
+//!   one GEMM for ∂loss/∂hidden; only `[n, hidden]` is kept for the backward, never `[tokens, vocab]` logits.
 //!
-//! RoPE, GELU-gated MLPs, the projections and the loss still run burn's ops (the reference
-//! implementations); the attention is where the memory was (every `[s, s]` score and probability tensor saved).
+//! RoPE and the projections (frozen GEMMs plus LoRA) run burn's ops: cubek's matmuls, autotuned with `cuda`.
+
+/// Launch `$module::$kernel` with the float type chosen from the runtime dtype `$dtype`.
+macro_rules! launch_float {
+    ($dtype:expr, $module:ident::$kernel:ident, $($arg:expr),* $(,)?) => {
+        match $dtype {
+            DType::F32 => $module::$kernel::launch::<f32, R>($($arg),*),
+            DType::F16 => $module::$kernel::launch::<half::f16, R>($($arg),*),
+            DType::BF16 => $module::$kernel::launch::<half::bf16, R>($($arg),*),
+            d => unreachable!("float kernel launched for {d:?} (callers check the dtype)"),
+        }
+    };
+}
 
 pub mod act;
 pub mod attention;
 pub mod norm;
+mod reduce;
+pub mod xent;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 
-use super::{reference, Attention, AttnSpec, Kernels, Qkv};
+use super::{reference, Attention, AttnSpec, Kernels, LinearRef, Qkv, Targets};
 
 /// What the attention kernels read besides q / k / v: shapes, masking data and scalars.
 #[derive(Debug, Clone)]
@@ -102,18 +118,6 @@ fn grid<R: CubeRuntime>(x: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim)
         cubecl::calculate_cube_count_elemwise(&x.client, units, dim),
         dim,
     )
-}
-
-/// Launch `$module::$kernel` with the float type chosen from the runtime dtype `$dtype`.
-macro_rules! launch_float {
-    ($dtype:expr, $module:ident::$kernel:ident, $($arg:expr),* $(,)?) => {
-        match $dtype {
-            DType::F32 => $module::$kernel::launch::<f32, R>($($arg),*),
-            DType::F16 => $module::$kernel::launch::<half::f16, R>($($arg),*),
-            DType::BF16 => $module::$kernel::launch::<half::bf16, R>($($arg),*),
-            d => unreachable!("float kernel launched for {d:?} (callers check the dtype)"),
-        }
-    };
 }
 
 fn is_float(dtype: DType) -> bool {
@@ -353,42 +357,57 @@ fn rms_covered<B: burn::tensor::backend::Backend, const D: usize>(
         && x.dims()[D - 1] == norm.weight.dims()[0]
 }
 
-/// SiLU(gate)·up forward on a contiguous `[n, 2i]`.
-fn silu_mul_forward<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
+/// The kernels' compile-time code of an activation.
+fn act_code(act: super::Activation) -> u32 {
+    match act {
+        super::Activation::Silu => act::SILU,
+        super::Activation::GeluTanh => act::GELU_TANH,
+        super::Activation::Gelu => act::GELU_ERF,
+    }
+}
+
+/// `act(gate)·up` forward on a contiguous `[n, 2i]`.
+fn glu_forward<R: CubeRuntime>(x: &CubeTensor<R>, act: u32) -> CubeTensor<R> {
     let [n, two_i] = x.meta.shape().dims::<2>();
     let i = two_i / 2;
     let y = empty_like(x, Shape::new([n, i]), x.dtype);
     let (count, dim) = grid(x, n * i);
     launch_float!(
         x.dtype,
-        act::silu_mul_fwd,
+        act::glu_fwd,
         &x.client,
         count,
         dim,
         x.clone().into_tensor_arg(),
         y.clone().into_tensor_arg(),
         i as u32,
+        act,
     );
     y
 }
 
 #[derive(Debug)]
-struct SiluMulBackward;
+struct GluBackward;
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
-    Backward<CubeBackend<R, F, I, BT>, 1> for SiluMulBackward
+    Backward<CubeBackend<R, F, I, BT>, 1> for GluBackward
 {
-    /// The packed input.
-    type State = CubeTensor<R>;
+    /// The packed input and the activation's code.
+    type State = (CubeTensor<R>, u32);
 
-    fn backward(self, ops: Ops<CubeTensor<R>, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(
+        self,
+        ops: Ops<(CubeTensor<R>, u32), 1>,
+        grads: &mut Gradients,
+        _: &mut Checkpointer,
+    ) {
         let dy = into_contiguous(grads.consume::<CubeBackend<R, F, I, BT>>(&ops.node));
-        let x = ops.state;
+        let (x, act) = ops.state;
         let dx = empty_like(&x, x.meta.shape().clone(), x.dtype);
         let (count, dim) = grid(&dy, dy.meta.shape().num_elements());
         launch_float!(
             x.dtype,
-            act::silu_mul_bwd,
+            act::glu_bwd,
             &x.client,
             count,
             dim,
@@ -396,6 +415,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
             x.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
             (x.meta.shape().dims::<2>()[1] / 2) as u32,
+            act,
         );
         if let Some(p) = &ops.parents[0] {
             grads.register::<CubeBackend<R, F, I, BT>>(p.id, dx);
@@ -403,13 +423,133 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
     }
 }
 
-/// Whether the fused SiLU·up covers this call.
-fn glu_covered(act: super::Activation, dtype: DType, dims: [usize; 2]) -> bool {
+/// Whether the fused `act(gate)·up` covers this call.
+fn glu_covered(dtype: DType, dims: [usize; 2]) -> bool {
     super::enabled()
-        && act == super::Activation::Silu
         && is_float(dtype)
         && dims[1].is_multiple_of(2)
         && u32::try_from(dims[0] * dims[1]).is_ok()
+}
+
+/// Rows of logits one chunk of the fused loss holds: at most 2^26 logits (256 MB in f32) at once, so the loss
+/// never materialises `[tokens, vocab]` (at 2048 tokens × 128 256, the f32 logits alone are 1 GB).
+fn xent_chunk_rows(vocab: usize) -> usize {
+    ((1usize << 26) / vocab.max(1)).max(1)
+}
+
+/// `lm_head` + cross-entropy of the selected rows `h` `[n, d]` against the frozen head `w` `[V, d]`, `chunk` rows at
+/// a time: per chunk one GEMM gives the logits, [`xent::xent_rows`] the rows' losses (and, with `grad`, turns the
+/// logits into their gradient in place), a second GEMM ∂loss/∂h. Returns the summed loss `[1]` (f32) and, with
+/// `grad`, ∂loss/∂h `[n, d]`.
+fn lm_xent<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    h: Tensor<CubeBackend<R, F, I, BT>, 2>,
+    w: &Tensor<CubeBackend<R, F, I, BT>, 2>,
+    targets: &[usize],
+    cap: f32,
+    grad: bool,
+    chunk: usize,
+) -> (
+    Tensor<CubeBackend<R, F, I, BT>, 1>,
+    Option<Tensor<CubeBackend<R, F, I, BT>, 2>>,
+) {
+    let n = h.dims()[0];
+    let vocab = w.dims()[0];
+    let wt = w.clone().transpose();
+    let (mut losses, mut dh) = (Vec::new(), Vec::new());
+    for r0 in (0..n).step_by(chunk.max(1)) {
+        let r1 = (r0 + chunk.max(1)).min(n);
+        let logits = into_contiguous(float(h.clone().slice(r0..r1).matmul(wt.clone())));
+        let tg = i32_tensor(&logits, targets[r0..r1].iter().map(|&t| t as i32).collect());
+        let loss = empty_like(&logits, Shape::new([r1 - r0]), DType::F32);
+        launch_float!(
+            logits.dtype,
+            xent::xent_rows,
+            &logits.client,
+            row_cubes(r1 - r0),
+            CubeDim::new_1d(xent::BLOCK),
+            logits.clone().into_tensor_arg(),
+            tg.into_tensor_arg(),
+            loss.clone().into_tensor_arg(),
+            vocab as u32,
+            cap,
+            grad,
+        );
+        losses.push(Tensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(
+            TensorPrimitive::Float(loss),
+        ));
+        if grad {
+            let dl = Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(
+                logits,
+            ));
+            dh.push(dl.matmul(w.clone()));
+        }
+    }
+    (
+        Tensor::cat(losses, 0).sum(),
+        grad.then(|| Tensor::cat(dh, 0)),
+    )
+}
+
+/// Whether the fused loss covers this call: a plain frozen head (no adapter, no bias) in the hidden states' float
+/// type, at least one row, every target inside the vocabulary.
+fn xent_covered<B: burn::tensor::backend::Backend>(
+    hidden: &Tensor<B, 2>,
+    head: &LinearRef<'_, B>,
+    t: &Targets<'_>,
+) -> bool {
+    let [n, d] = hidden.dims();
+    let [vocab, wd] = head.weight.dims();
+    super::enabled()
+        && head.adapter.is_none()
+        && head.bias.is_none()
+        && !head.weight.is_require_grad()
+        && is_float(hidden.dtype())
+        && head.weight.dtype() == hidden.dtype()
+        && wd == d
+        && !t.rows.is_empty()
+        && t.rows.len() == t.targets.len()
+        && t.rows.iter().all(|&r| r < n)
+        && t.targets.iter().all(|&x| x < vocab)
+        && u32::try_from(vocab).is_ok()
+}
+
+/// The selected rows as an index tensor.
+fn row_index<B: burn::tensor::backend::Backend>(
+    rows: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+    Tensor::from_data(TensorData::new(idx, [rows.len()]), device)
+}
+
+#[derive(Debug)]
+struct XentBackward;
+
+/// ∂loss/∂(selected rows), their indices, and the hidden states' shape.
+type XentState<B> = (Tensor<B, 2>, Tensor<B, 1, Int>, [usize; 2]);
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
+    Backward<CubeBackend<R, F, I, BT>, 1> for XentBackward
+{
+    type State = XentState<CubeBackend<R, F, I, BT>>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+        let g = grads.consume::<B<R, F, I, BT>>(&ops.node);
+        let (dh, idx, dims) = ops.state;
+        let Some(p) = &ops.parents[0] else { return };
+        let dtype = dh.dtype();
+        let g = Tensor::<B<R, F, I, BT>, 1>::from_primitive(TensorPrimitive::Float(g))
+            .cast(dtype)
+            .reshape([1, 1]);
+        let full = Tensor::<B<R, F, I, BT>, 2>::zeros(dims, (&dh.device(), dtype)).select_assign(
+            0,
+            idx,
+            dh * g,
+            IndexingUpdateOp::Add,
+        );
+        grads.register::<B<R, F, I, BT>>(p.id, float(full));
+    }
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
@@ -429,11 +569,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     }
 
     fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
-        if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
+        if !glu_covered(gate_up.dtype(), gate_up.dims()) {
             return reference::glu(gate_up, act);
         }
         let x = into_contiguous(float(gate_up));
-        Tensor::from_primitive(TensorPrimitive::Float(silu_mul_forward(&x)))
+        Tensor::from_primitive(TensorPrimitive::Float(glu_forward(&x, act_code(act))))
     }
 
     fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
@@ -449,6 +589,30 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         let call = Call::new(&att.spec, &q);
         let (o, _) = forward(&q, &k, &v, &call);
         rows(Tensor::from_primitive(TensorPrimitive::Float(o)))
+    }
+
+    fn lm_head_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        head: &LinearRef<'_, Self>,
+        t: &Targets<'_>,
+    ) -> Tensor<Self, 1> {
+        if !xent_covered(&hidden, head, t) {
+            return reference::lm_head_cross_entropy(hidden, head, t);
+        }
+        let vocab = head.weight.dims()[0];
+        let h = hidden
+            .clone()
+            .select(0, row_index(t.rows, &hidden.device()));
+        let cap = t.softcap.map_or(0.0, |c| c as f32);
+        lm_xent(
+            h,
+            head.weight,
+            t.targets,
+            cap,
+            false,
+            xent_chunk_rows(vocab),
+        )
+        .0
     }
 }
 
@@ -478,18 +642,19 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     }
 
     fn glu(gate_up: Tensor<Self, 2>, act: super::Activation) -> Tensor<Self, 2> {
-        if !glu_covered(act, gate_up.dtype(), gate_up.dims()) {
+        if !glu_covered(gate_up.dtype(), gate_up.dims()) {
             return reference::glu(gate_up, act);
         }
         let x = float(gate_up);
         let xp = into_contiguous(x.primitive.clone());
-        let y = silu_mul_forward(&xp);
-        let out = match SiluMulBackward
+        let code = act_code(act);
+        let y = glu_forward(&xp, code);
+        let out = match GluBackward
             .prepare::<NoCheckpointing>([x.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(xp, y),
+            OpsKind::Tracked(prep) => prep.finish((xp, code), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -527,6 +692,43 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             OpsKind::UnTracked(prep) => prep.finish(o),
         };
         rows(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn lm_head_cross_entropy(
+        hidden: Tensor<Self, 2>,
+        head: &LinearRef<'_, Self>,
+        t: &Targets<'_>,
+    ) -> Tensor<Self, 1> {
+        type Inner<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+        if !xent_covered(&hidden, head, t) {
+            return reference::lm_head_cross_entropy(hidden, head, t);
+        }
+        let dims = hidden.dims();
+        let vocab = head.weight.dims()[0];
+        let cap = t.softcap.map_or(0.0, |c| c as f32);
+        let x = float(hidden);
+        let h = Tensor::<Inner<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(
+            x.primitive.clone(),
+        ));
+        let idx = row_index::<Inner<R, F, I, BT>>(t.rows, &h.device());
+        let h = h.select(0, idx.clone());
+        let w = head.weight.clone().inner();
+        let chunk = xent_chunk_rows(vocab);
+        let out = match XentBackward
+            .prepare::<NoCheckpointing>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (loss, dh) = lm_xent(h, &w, t.targets, cap, true, chunk);
+                let dh = dh.expect("asked for the gradient");
+                prep.finish((dh, idx, dims), float(loss))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(float(lm_xent(h, &w, t.targets, cap, false, chunk).0))
+            }
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
 

@@ -5,30 +5,10 @@
 
 use cubecl::prelude::*;
 
+use super::reduce::cube_sum;
+
 /// Units per cube (a power of two).
 pub const BLOCK: u32 = 128;
-
-/// Σ over the cube of each unit's `v`, returned to every unit.
-#[cube]
-fn cube_sum(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
-    sh[UNIT_POS as usize] = v;
-    sync_cube();
-    let mut stride = CUBE_DIM / 2;
-    loop {
-        if stride == 0 {
-            break;
-        }
-        if UNIT_POS < stride {
-            let a = sh[(UNIT_POS + stride) as usize];
-            sh[UNIT_POS as usize] += a;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = sh[0];
-    sync_cube();
-    total
-}
 
 #[cube(launch)]
 pub fn rms_fwd<F: Float>(

@@ -386,16 +386,19 @@ fn cube_attention_holds_memory_linear_in_the_sequence() {
     );
 }
 
-/// The fused SiLU(gate)·up against the reference on the same backend: values and the packed input's gradient,
-/// f32 and f16, a size that is not a multiple of any workgroup.
+/// The fused act(gate)·up against the reference on the same backend, for each activation (SiLU, GELU tanh, GELU
+/// erf): values and the packed input's gradient, f32 and f16, a size that is not a multiple of any workgroup.
 #[test]
-fn cube_silu_mul_matches_the_reference() {
+fn cube_glu_matches_the_reference() {
     use crate::kernels::Activation;
     let dev = Default::default();
     let (n, i) = (37, 50);
     let x: Vec<f32> = rand_vec(n * 2 * i, 11).iter().map(|v| v * 4.0).collect();
     let dy = rand_vec(n * i, 12);
-    for dtype in [DType::F32, DType::F16] {
+    for (act, dtype) in [Activation::Silu, Activation::GeluTanh, Activation::Gelu]
+        .into_iter()
+        .flat_map(|a| [(a, DType::F32), (a, DType::F16)])
+    {
         let run = |fused: bool| {
             crate::kernels::with_fused(fused, || {
                 let t = Tensor::<AD, 2>::from_data(
@@ -404,9 +407,9 @@ fn cube_silu_mul_matches_the_reference() {
                 )
                 .require_grad();
                 let y = if fused {
-                    <AD as Kernels>::glu(t.clone(), Activation::Silu)
+                    <AD as Kernels>::glu(t.clone(), act)
                 } else {
-                    reference::glu(t.clone(), Activation::Silu)
+                    reference::glu(t.clone(), act)
                 };
                 let up =
                     Tensor::<AD, 2>::from_data(TensorData::new(dy.clone(), [n, i]), (&dev, dtype));
@@ -420,12 +423,12 @@ fn cube_silu_mul_matches_the_reference() {
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         assert!(
             rel_diff(&yf, &yr) <= tol,
-            "{dtype:?}: output differs by {}",
+            "{act:?} {dtype:?}: output differs by {}",
             rel_diff(&yf, &yr)
         );
         assert!(
             rel_diff(&gf, &gr) <= tol,
-            "{dtype:?}: gradient differs by {}",
+            "{act:?} {dtype:?}: gradient differs by {}",
             rel_diff(&gf, &gr)
         );
     }
@@ -495,5 +498,80 @@ fn cube_rms_norm_matches_the_reference() {
             dg <= tol,
             "{dims:?} offset {offset} {dtype:?}: gradient differs by {dg}"
         );
+    }
+}
+
+/// The fused `lm_head` + cross-entropy against the reference on the same backend: the summed loss and the hidden
+/// states' gradient (under an incoming gradient of 0.5, so the backward's scaling is checked), a vocabulary that is
+/// not a multiple of the cube, unselected rows (their gradient must be zero), with and without Gemma 2's final
+/// soft-cap, f32 and f16; and the chunked sweep (4 rows at a time) equal to one chunk.
+#[test]
+fn cube_lm_head_cross_entropy_matches_the_reference() {
+    use crate::kernels::{LinearRef, Targets};
+    let dev = Default::default();
+    let (n, d, vocab) = (23, 40, 1001);
+    let rows: Vec<usize> = (0..n).filter(|r| r % 5 != 4).collect();
+    let targets: Vec<usize> = rows.iter().map(|r| (r * 7919 + 13) % vocab).collect();
+    let h: Vec<f32> = rand_vec(n * d, 31).iter().map(|v| v * 2.0).collect();
+    let w = rand_vec(vocab * d, 32);
+    for (cap, dtype) in [
+        (None, DType::F32),
+        (Some(3.0), DType::F32),
+        (None, DType::F16),
+        (Some(3.0), DType::F16),
+    ] {
+        let t = Targets {
+            rows: &rows,
+            targets: &targets,
+            softcap: cap,
+        };
+        let run = |fused: bool| {
+            crate::kernels::with_fused(fused, || {
+                let weight = Tensor::<AD, 2>::from_data(
+                    TensorData::new(w.clone(), [vocab, d]),
+                    (&dev, dtype),
+                );
+                let head = LinearRef {
+                    weight: &weight,
+                    bias: None,
+                    adapter: None,
+                };
+                let x =
+                    Tensor::<AD, 2>::from_data(TensorData::new(h.clone(), [n, d]), (&dev, dtype))
+                        .require_grad();
+                let loss = if fused {
+                    <AD as Kernels>::lm_head_cross_entropy(x.clone(), &head, &t)
+                } else {
+                    reference::lm_head_cross_entropy(x.clone(), &head, &t)
+                };
+                let g = loss.clone().mul_scalar(0.5).backward();
+                (to_vec(loss), to_vec(x.grad(&g).expect("d hidden")))
+            })
+        };
+        let ((lf, gf), (lr, gr)) = (run(true), run(false));
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+        let (dl, dg) = (rel_diff(&lf, &lr), rel_diff(&gf, &gr));
+        assert!(dl <= tol, "cap {cap:?} {dtype:?}: loss {lf:?} vs {lr:?}");
+        assert!(dg <= tol, "cap {cap:?} {dtype:?}: gradient differs by {dg}");
+        for r in (0..n).filter(|r| !rows.contains(r)) {
+            assert!(
+                gf[r * d..(r + 1) * d].iter().all(|&v| v == 0.0),
+                "row {r} has no target but got a gradient"
+            );
+        }
+        if dtype == DType::F32 {
+            let hw = Tensor::<W, 2>::from_data(TensorData::new(h.clone(), [n, d]), &dev);
+            let idx = super::row_index::<W>(&rows, &dev);
+            let ww = Tensor::<W, 2>::from_data(TensorData::new(w.clone(), [vocab, d]), &dev);
+            let capf = cap.map_or(0.0, |c| c as f32);
+            let (l4, dh4) = super::lm_xent(hw.select(0, idx), &ww, &targets, capf, true, 4);
+            let dh4 = to_vec(dh4.expect("gradient").mul_scalar(0.5));
+            let want: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| gf[r * d..(r + 1) * d].to_vec())
+                .collect();
+            assert!(rel_diff(&to_vec(l4), &lf) <= 1e-6, "chunked loss differs");
+            assert!(rel_diff(&dh4, &want) <= 1e-6, "chunked gradient differs");
+        }
     }
 }
