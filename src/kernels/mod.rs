@@ -145,10 +145,9 @@ pub struct AttnSpec {
     /// Gemma 2's tanh soft-capping of the scores.
     pub softcap: Option<f64>,
     pub rope: Arc<Rope>,
-    /// `[batch, seq, keys]`, true = blocked; blocks every key after its query (causal). Built from `masking`
-    /// ([`Masking::dense`]).
-    pub mask: Arc<Vec<bool>>,
-    /// What the mask is made of, for kernels that mask on the fly instead of reading `[s, keys]` rows.
+    /// What the mask is made of besides causality. Kernels mask on the fly ([`Masking::row_into`]); only the
+    /// reference builds the dense `[batch, seq, keys]` mask ([`Masking::dense`]), so nothing quadratic in the
+    /// sequence length exists on the fused paths.
     pub masking: Arc<Masking>,
 }
 
@@ -165,34 +164,40 @@ pub struct Masking {
 
 impl Masking {
     /// The boolean mask `[batch, seq, keys]` (true = blocked) for queries at absolute positions
-    /// `offset..offset + seq` over keys `0..keys`: causal, plus padding, packing and the window. A query with
-    /// nothing to attend to (a fully padded row) attends to itself: finite, unused.
+    /// `offset..offset + seq` over keys `0..keys`: causal, plus padding, packing and the window.
     pub fn dense(&self, batch: usize, seq: usize, keys: usize, offset: usize) -> Vec<bool> {
         let mut m = vec![false; batch * seq * keys];
         for b in 0..batch {
-            let key_valid = &self.key_valid[b * keys..(b + 1) * keys];
             for i in 0..seq {
-                let qi = offset + i;
                 let row = &mut m[(b * seq + i) * keys..(b * seq + i + 1) * keys];
-                let mut any_open = false;
-                for (j, cell) in row.iter_mut().enumerate() {
-                    let mut blocked = j > qi || !key_valid[j];
-                    if let Some(w) = self.window {
-                        blocked |= qi >= j + w;
-                    }
-                    if let Some(seg) = &self.segments {
-                        // Packing is a training-time layout: no cache, so q and k index the same grid.
-                        blocked |= seg[b * keys + j] != seg[b * keys + qi.min(keys - 1)];
-                    }
-                    *cell = blocked;
-                    any_open |= !blocked;
-                }
-                if !any_open && qi < keys {
-                    row[qi] = false;
-                }
+                self.row_into(b, offset + i, keys, row);
             }
         }
         m
+    }
+
+    /// Keys `0..row.len()` of the mask row (true = blocked) of the query at absolute position `qi` in batch row
+    /// `b`, over `keys` keys per batch row. A query with nothing to attend to (a fully padded row) attends to
+    /// itself: finite, unused. Keys after the query are blocked, so any prefix longer than `qi` is the whole row's
+    /// answer.
+    pub fn row_into(&self, b: usize, qi: usize, keys: usize, row: &mut [bool]) {
+        let key_valid = &self.key_valid[b * keys..(b + 1) * keys];
+        let mut any_open = false;
+        for (j, cell) in row.iter_mut().enumerate() {
+            let mut blocked = j > qi || !key_valid[j];
+            if let Some(w) = self.window {
+                blocked |= qi >= j + w;
+            }
+            if let Some(seg) = &self.segments {
+                // Packing is a training-time layout: no cache, so q and k index the same grid.
+                blocked |= seg[b * keys + j] != seg[b * keys + qi.min(keys - 1)];
+            }
+            *cell = blocked;
+            any_open |= !blocked;
+        }
+        if !any_open && qi < row.len() {
+            row[qi] = false;
+        }
     }
 }
 

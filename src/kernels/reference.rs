@@ -151,7 +151,10 @@ impl<B: Backend> Attention<B> {
         let s = &self.spec;
         self.mask.get_or_init(|| {
             Tensor::<B, 4, Bool>::from_data(
-                TensorData::new(s.mask.as_ref().clone(), [s.batch, 1, s.seq, s.keys]),
+                TensorData::new(
+                    s.masking.dense(s.batch, s.seq, s.keys, s.keys - s.seq),
+                    [s.batch, 1, s.seq, s.keys],
+                ),
                 &self.device,
             )
         })

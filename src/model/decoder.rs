@@ -222,7 +222,6 @@ impl<B: Kernels> CausalLm<B> {
                     segments: batch.segment_ids.clone(),
                     window: layer.window,
                 };
-                let mask = masking.dense(b, s, keys, offset);
                 AttnSpec {
                     batch: b,
                     seq: s,
@@ -233,7 +232,6 @@ impl<B: Kernels> CausalLm<B> {
                     scale: cfg.attn_scale() as f32,
                     softcap: cfg.attn_logit_softcapping,
                     rope: rope.clone(),
-                    mask: Arc::new(mask),
                     masking: Arc::new(masking),
                 }
             });

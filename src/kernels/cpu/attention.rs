@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::gemm::{gemm, MatMut, MatRef};
 use super::simd::{self, simd_fn};
 use super::{flex_f32, Cpu, Rows};
-use crate::kernels::{prof, AttnSpec, Qkv};
+use crate::kernels::{prof, AttnSpec, Masking, Qkv};
 
 /// Query rows per block.
 pub const BLOCK: usize = 64;
@@ -172,7 +172,7 @@ fn block_probs(
     sc: &mut [f32],
     qt: &[f32],
     kt: &[f32],
-    mask: &[bool],
+    (masking, bi): (&Masking, usize),
     (r0, r1): (usize, usize),
     (s, g, hd): (usize, usize, usize),
     scale: f32,
@@ -188,15 +188,18 @@ fn block_probs(
         false,
         false,
     );
+    // One mask row at a time, built on the fly (kb ≥ i + 1 keys: the whole row's answer).
+    let mut mask = vec![false; kb];
     for i in r0..r1 {
+        masking.row_into(bi, i, s, &mut mask);
         for t in 0..g {
             let rr = (i - r0) * g + t;
             let row = &mut sc[rr * kb..(rr + 1) * kb];
             let st = &mut stats[rr];
             if record {
-                *st = softmax_row(row, &mask[i * s..i * s + kb]);
+                *st = softmax_row(row, &mask);
             } else {
-                replay_softmax_row(row, &mask[i * s..i * s + kb], *st);
+                replay_softmax_row(row, &mask, *st);
             }
         }
     }
@@ -250,7 +253,7 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
             let qt = &qr[task * s * gw..(task + 1) * s * gw];
             let kt = &kr[task * s * hd..(task + 1) * s * hd];
             let vt = &vv[task * s * hd..(task + 1) * s * hd];
-            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
+            let masking = (spec.masking.as_ref(), bi);
             ot.par_chunks_mut(BLOCK * gw)
                 .zip(stt.par_chunks_mut(BLOCK * g))
                 .enumerate()
@@ -266,7 +269,17 @@ fn forward_host(q: &Rows, k: &Rows, v: &Rows, spec: &AttnSpec) -> (Vec<f32>, Sav
                             sc.resize(BLOCK * g * s, 0.0);
                         }
                         let sc = &mut sc[..rows * kb];
-                        block_probs(sc, qt, kt, mask, (r0, r1), (s, g, hd), spec.scale, sb, true);
+                        block_probs(
+                            sc,
+                            qt,
+                            kt,
+                            masking,
+                            (r0, r1),
+                            (s, g, hd),
+                            spec.scale,
+                            sb,
+                            true,
+                        );
                         gemm(
                             MatMut::rows(ob, 0, rows, hd, hd),
                             MatRef::rows(sc, 0, rows, kb, kb),
@@ -321,7 +334,7 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
             let vt = &st.v[task * s * hd..(task + 1) * s * hd];
             let qt = &st.qr[task * s * gw..(task + 1) * s * gw];
             let mut stt = st.stats[task * s * g..(task + 1) * s * g].to_vec();
-            let mask = &spec.mask[bi * s * s..(bi + 1) * s * s];
+            let masking = (spec.masking.as_ref(), bi);
             // dO of the group's heads, token-major [s·g, hd].
             let mut d_o = vec![0f32; s * gw];
             for i in 0..s {
@@ -340,7 +353,7 @@ fn backward_host(dout: &Rows, st: &Saved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
                     &mut p,
                     qt,
                     kt,
-                    mask,
+                    masking,
                     (r0, r1),
                     (s, g, hd),
                     spec.scale,
@@ -466,7 +479,12 @@ fn check_spec(spec: &AttnSpec) -> bool {
         && spec.heads.is_multiple_of(spec.kv_heads)
         && 2 * spec.rope.half <= spec.head_dim
         && spec.rope.cos.len() == spec.batch * spec.seq * spec.rope.half
-        && spec.mask.len() == spec.batch * spec.seq * spec.seq
+        && spec.masking.key_valid.len() == spec.batch * spec.seq
+        && spec
+            .masking
+            .segments
+            .as_ref()
+            .is_none_or(|g| g.len() == spec.batch * spec.seq)
 }
 
 /// RoPE + attention for f32 q/k/v (packed side by side, or three tensors); `None` when the inputs are outside
@@ -563,7 +581,6 @@ mod tests {
             segments,
             window,
         };
-        let mask = masking.dense(b, s, s, 0);
         let q = rand_vec(n * nh * hd, 41);
         let k = rand_vec(n * nkv * hd, 42);
         let v = rand_vec(n * nkv * hd, 43);
@@ -581,7 +598,6 @@ mod tests {
                 scale: scale as f32,
                 softcap: None,
                 rope: Arc::new(Rope::new(&inv_freq, &positions)),
-                mask: Arc::new(mask.clone()),
                 masking: Arc::new(masking.clone()),
             };
             let att = Attention::<AD>::new(
@@ -678,7 +694,6 @@ mod tests {
                 scale: 0.25,
                 softcap: None,
                 rope: Arc::new(Rope::new(&[1.0, 0.5], &positions)),
-                mask: Arc::new(masking.dense(1, s, s, 0)),
                 masking: Arc::new(masking),
             };
             let q = flex_f32(rand_vec(n * nh * hd, 1), &[n, nh * hd]);

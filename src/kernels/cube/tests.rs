@@ -80,7 +80,6 @@ fn check(c: Case) {
         scale: 1.0 / (hd as f32).sqrt(),
         softcap: c.softcap,
         rope: Arc::new(Rope::new(&inv_freq, &positions)),
-        mask: Arc::new(masking.dense(b, s, s, 0)),
         masking: Arc::new(masking),
     };
     let width = (nh + 2 * nkv) * hd;
@@ -346,7 +345,6 @@ fn cube_attention_holds_memory_linear_in_the_sequence() {
                 scale: 0.125,
                 softcap: None,
                 rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
-                mask: Arc::new(masking.dense(1, s, s, 0)),
                 masking: Arc::new(masking),
             };
             let width = (nh + 2 * nkv) * hd;
