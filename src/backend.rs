@@ -28,16 +28,20 @@ pub enum Device {
     Cpu,
     /// A CUDA device by index (`cuda` = `cuda:0`).
     Cuda(usize),
+    /// burn's wgpu backend (Vulkan) running the same CubeCL kernels as CUDA: a test device — Mesa's lavapipe runs
+    /// it on any CPU — for dry runs of the GPU scripts without a GPU. Builds with `--features wgpu` only.
+    Wgpu,
 }
 
 impl Device {
-    /// Parse `cpu`, `cuda`, `cuda:N` or `auto`.
+    /// Parse `cpu`, `cuda`, `cuda:N`, `auto` or `wgpu`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "auto" => return Ok(Device::Auto),
             "cpu" => return Ok(Device::Cpu),
             "cuda" | "gpu" => return Ok(Device::Cuda(0)),
+            "wgpu" => return Ok(Device::Wgpu),
             _ => {}
         }
         if let Some(n) = lower.strip_prefix("cuda:") {
@@ -59,6 +63,9 @@ impl Device {
             Device::Cuda(_) if !cfg!(feature = "cuda") => Some(
                 "this loratune binary was built without CUDA; rebuild with `cargo build --release --features cuda`, or use device: cpu / auto",
             ),
+            Device::Wgpu if !cfg!(feature = "wgpu") => Some(
+                "wgpu is a test device (Vulkan, e.g. Mesa lavapipe) in builds with `--features wgpu` only; use device: cpu / cuda / auto",
+            ),
             _ => None,
         }
     }
@@ -71,6 +78,7 @@ impl fmt::Display for Device {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(0) => f.write_str("cuda"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Wgpu => f.write_str("wgpu"),
         }
     }
 }
@@ -221,6 +229,10 @@ impl Placement {
                 let device = burn::backend::cuda::CudaDevice::new(i);
                 job.run::<Autodiff<Cuda>>(device, *self)
             }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu => {
+                job.run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(Default::default(), *self)
+            }
             _ => job.run::<Autodiff<Flex>>(Default::default(), *self),
         }
     }
@@ -233,6 +245,8 @@ impl Placement {
                 type Cuda = burn::backend::Cuda<f32, i32>;
                 job.run::<Cuda>(burn::backend::cuda::CudaDevice::new(i), *self)
             }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu => job.run::<burn::backend::Wgpu<f32, i32>>(Default::default(), *self),
             _ => job.run::<Flex>(Default::default(), *self),
         }
     }
@@ -263,6 +277,11 @@ mod tests {
         assert!(e.contains("did you mean `cuda`?"), "{e}");
         assert!(Device::parse("cuda:x").is_err());
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(Device::parse("wgpu"), Ok(Device::Wgpu));
+        if !cfg!(feature = "wgpu") {
+            let e = Placement::resolve(Device::Wgpu, Bf16::False).unwrap_err();
+            assert!(e.to_string().contains("--features wgpu"), "{e}");
+        }
     }
 
     #[test]

@@ -313,6 +313,10 @@ fn run_on<B: TrainBackend>(
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
     });
+    if let Some(bytes) = crate::heap::peak_bytes() {
+        // Live heap bytes at their peak (the binary counts them): RSS minus what the allocator keeps after frees.
+        v["peak_heap_mb"] = serde_json::json!(bytes as f64 / (1024.0 * 1024.0));
+    }
     if let Some(sampler) = gpu_mem {
         if let Some(mb) = sampler.finish() {
             v["peak_gpu_used_mb"] = serde_json::json!(mb);
@@ -414,6 +418,22 @@ pub fn fixture_tolerance(dtype: DType) -> f32 {
     } else {
         1e-1
     }
+}
+
+/// Every fused kernel against the reference on `at`'s backend and dtype ([`crate::kernels::check::all`]).
+pub fn check_kernels(at: Placement) -> Result<Vec<crate::kernels::check::KernelCheck>> {
+    struct Job;
+    impl crate::backend::TrainJob for Job {
+        type Output = Vec<crate::kernels::check::KernelCheck>;
+        fn run<B: crate::kernels::TrainBackend>(
+            self,
+            device: B::Device,
+            at: Placement,
+        ) -> Result<Self::Output> {
+            Ok(crate::kernels::check::all::<B>(&device, at.dtype))
+        }
+    }
+    at.train(Job)
 }
 
 /// Every parity fixture under `dir` (tests/fixtures/models): its forward on `at`'s backend against the CPU f32

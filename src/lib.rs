@@ -14,6 +14,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod heap;
 pub mod hub;
 pub mod kernels;
 pub mod limits;

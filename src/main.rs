@@ -1,3 +1,7 @@
+/// Counts live heap bytes for `loratune bench` (see `loratune::heap`).
+#[global_allocator]
+static HEAP: loratune::heap::Counting = loratune::heap::Counting;
+
 fn main() {
     loratune::backend::tune_allocator();
     if let Err(e) = loratune::cli::main() {

@@ -9,9 +9,18 @@
 # (default: target/release/loratune). OUT_DIR (default gpu-results/) receives every log and a summary.
 #
 # Environment: PYTHON (default python3) must have torch 2.15, transformers 5.24, peft 0.21 with CUDA for the
-# torch side; BATCH (default 1), SEQ (2048), RANK (16), RUNS (3), STEPS (5), WARMUP (2: the first steps compile kernels and autotune), DEVICE (cuda:0).
+# torch side; BATCH (default 1), SEQ (2048), RANK (16), RUNS (3), STEPS (5), WARMUP (2: the first steps compile
+# kernels and autotune), DEVICE (cuda:0), DTYPE (bf16), SHAPE (llama-3.2-1b), BIG_SHAPE (llama-3.1-8b), BIG_SEQ
+# (4096).
+#
+# Dry run without a GPU: DRY_RUN=1 scripts/bench/gpu.sh BINARY OUT, with BINARY built with `--features wgpu`,
+# runs every part on burn's wgpu backend over Mesa's lavapipe (scripts/test-gpu-kernels.sh installs it) in f32
+# with small shapes (smollm2-135m at 128 / 256 tokens, 1 step): the same commands, kernels and parsing, so a
+# prepared GPU session spends its minutes measuring. Part (b) needs torch; without it the part says so.
 #
 # What it does:
+#   (k) every fused kernel against the reference implementation on the device (`loratune bench
+#       --check-kernels`: values and gradients, all mask variants, head dims 64-256), in f32 and in DTYPE;
 #   (a) runs every parity fixture's forward (tests/fixtures/models/*) on the GPU, f32 then bf16, and compares
 #       the logits with the CPU f32 forward and the stored transformers logits (`loratune bench
 #       --check-fixtures`); f32 must agree with the CPU to 1e-4 of the largest logit, bf16 to 1e-1;
@@ -35,6 +44,21 @@ RUNS=${RUNS:-3}
 STEPS=${STEPS:-5}
 WARMUP=${WARMUP:-2}
 DEVICE=${DEVICE:-cuda:0}
+DTYPE=${DTYPE:-bf16}
+SHAPE=${SHAPE:-llama-3.2-1b}
+BIG_SHAPE=${BIG_SHAPE:-llama-3.1-8b}
+BIG_SEQ=${BIG_SEQ:-4096}
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  DEVICE=wgpu DTYPE=f32 SHAPE=smollm2-135m SEQ=128 BIG_SHAPE=smollm2-135m BIG_SEQ=256 RUNS=1 STEPS=1 WARMUP=1
+  RUN_TIMEOUT=${RUN_TIMEOUT:-900}
+  if [ -z "${VK_ICD_FILENAMES:-}" ]; then
+    VK_ICD_FILENAMES=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json 2>/dev/null | head -n1)
+    export VK_ICD_FILENAMES
+  fi
+  export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
+fi
+DTYPES="f32 $DTYPE"
+[ "$DTYPE" = f32 ] && DTYPES=f32
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
@@ -60,19 +84,36 @@ if [ ! -x "$LORATUNE" ]; then
   echo "no loratune binary at $LORATUNE (build with: CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda)" >&2
   exit 2
 fi
-if ! command -v nvidia-smi >/dev/null; then
-  echo "nvidia-smi not found: this script needs a machine with an NVIDIA GPU and its driver" >&2
+if [ "$DEVICE" != wgpu ] && ! command -v nvidia-smi >/dev/null; then
+  echo "nvidia-smi not found: this script needs a machine with an NVIDIA GPU and its driver (or DRY_RUN=1)" >&2
   exit 2
 fi
 
 : > "$OUT/summary.txt"
 say "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "${DEVICE#cuda:}" 2>/dev/null)"
+if [ "$DEVICE" = wgpu ]; then
+  say "gpu: none (dry run on wgpu, VK_ICD_FILENAMES=${VK_ICD_FILENAMES:-unset})"
+else
+  say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "${DEVICE#cuda:}" 2>/dev/null)"
+fi
 say "loratune: $LORATUNE ($("$LORATUNE" --version 2>/dev/null))"
 say "python: $PYTHON ($("$PYTHON" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tail -1))"
 
+# (k) every fused kernel against the reference on the device
+for dt in $DTYPES; do
+  say "(k) fused kernels vs reference on $DEVICE, $dt"
+  if timeout "${KERNEL_TIMEOUT:-180}" "$LORATUNE" bench --check-kernels --device "$DEVICE" --dtype "$dt" \
+      > "$OUT/kernels-$dt.txt" 2>&1; then
+    tail -n 1 "$OUT/kernels-$dt.txt" | tee -a "$OUT/summary.txt"
+  else
+    status=1
+    grep -E "FAIL|error" "$OUT/kernels-$dt.txt" | head -n 20 | tee -a "$OUT/summary.txt"
+    tail -n 3 "$OUT/kernels-$dt.txt" | tee -a "$OUT/summary.txt"
+  fi
+done
+
 # (a) parity fixtures on the GPU against the CPU
-for dt in f32 bf16; do
+for dt in $DTYPES; do
   say "(a) fixtures forward on $DEVICE, $dt, vs CPU f32 and transformers"
   if timeout "${FIXTURE_TIMEOUT:-120}" "$LORATUNE" bench --check-fixtures "$ROOT/tests/fixtures/models" --device "$DEVICE" --dtype "$dt" \
       > "$OUT/fixtures-$dt.txt" 2>&1; then
@@ -84,12 +125,17 @@ for dt in f32 bf16; do
 done
 
 # (b) Llama-3.2-1B shape, seq 2048, bf16 + LoRA r16 all-linear: loratune vs torch + PEFT, alternating
-say "(b) llama-3.2-1b random weights, batch $BATCH x seq $SEQ, bf16 base, LoRA r=$RANK all-linear, $RUNS runs x $STEPS steps each side"
-"$PYTHON" "$HERE/compare.py" --shape llama-3.2-1b --device "$DEVICE" --dtype bf16 --batch "$BATCH" \
+say "(b) $SHAPE random weights, batch $BATCH x seq $SEQ, $DTYPE base, LoRA r=$RANK all-linear, $RUNS runs x $STEPS steps each side"
+if ! "$PYTHON" -c 'import torch, transformers, peft' 2>/dev/null; then
+  say "(b) skipped: $PYTHON has no torch + transformers + peft"
+  [ "$DEVICE" = wgpu ] || status=1
+else
+"$PYTHON" "$HERE/compare.py" --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" \
     --seq "$SEQ" --rank "$RANK" --targets all-linear --runs "$RUNS" --steps "$STEPS" --warmup "$WARMUP" \
     --peak-flops 989e12 --run-timeout "${RUN_TIMEOUT:-240}" --loratune "$LORATUNE" --python "$PYTHON" --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1 \
   || status=1
 tail -n 4 "$OUT/compare.txt" | tee -a "$OUT/summary.txt"
+fi
 if [ -f "$OUT/compare.json" ]; then
   "$PYTHON" - "$OUT/compare.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
@@ -111,31 +157,34 @@ fi
 say "(c) loratune per-kernel GPU time, profiled steps (same shape)"
 PROF_DIR=$(mktemp -d)
 printf '[profiling]\nlogger = { level = "basic", file = "%s/cubecl-profile.log" }\n' "$PROF_DIR" > "$PROF_DIR/cubecl.toml"
-( cd "$PROF_DIR" && timeout "${RUN_TIMEOUT:-240}" "$(cd "$ROOT" && realpath "$LORATUNE")" bench --shape llama-3.2-1b \
-    --device "$DEVICE" --dtype bf16 --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup 2 \
-    --steps 2 ) > "$OUT/profile-run.txt" 2>&1 || status=1
+( cd "$PROF_DIR" && timeout "${RUN_TIMEOUT:-240}" "$(cd "$ROOT" && realpath "$LORATUNE")" bench --shape "$SHAPE" \
+    --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup "$WARMUP" \
+    --steps "$(( STEPS < 2 ? STEPS : 2 ))" ) > "$OUT/profile-run.txt" 2>&1 || status=1
 if [ -f "$PROF_DIR/cubecl-profile.log" ]; then
   # The log ends with the summary table of the last step's kernels (name, calls, total time, share).
   # (steps 2: the last table written for a whole step is kept even if the final one is cut off at exit)
   awk '/\| *Name *\|/ {cur=""; open=1} open {cur = cur $0 "\n"} /\| *Total *\|/ && open {last=cur; open=0}
        END {printf "%s", last}' "$PROF_DIR/cubecl-profile.log" > "$OUT/profile-kernels.txt"
   grep -c . "$PROF_DIR/cubecl-profile.log" | sed 's/^/lines in the profile log: /' | tee -a "$OUT/summary.txt"
-  head -n 30 "$OUT/profile-kernels.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
-  tail -n 2 "$OUT/profile-kernels.txt" | cut -c1-200 | tee -a "$OUT/summary.txt"
+  # (the table pads every name to the longest one: squeeze the padding, drop the rule lines;
+  # (each row: | name parts ... | duration | calls | share |; names can run to hundreds of parts: keep two)
+  grep -v '⎼' "$OUT/profile-kernels.txt" | tr -s ' ' | awk -F'|' 'NF >= 6 {
+      printf "%-48s %16s %8s %6s\n", substr($2 "|" $3, 1, 48), $(NF-3), $(NF-2), $(NF-1) }' \
+    | head -n 30 | tee -a "$OUT/summary.txt"
 fi
 # (d) the fused CubeCL attention against burn's decomposed attention, same shape, same invocation
 # (LORATUNE_FUSED=0 sends every op to the reference implementation).
-say "(d) Llama-3.2-1B shape: fused attention vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
+say "(d) $SHAPE: fused kernels vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
 for fused in 1 0; do
-  LORATUNE_FUSED=$fused timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape llama-3.2-1b --device "$DEVICE" \
-    --dtype bf16 --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup 2 --steps 3 --json \
+  LORATUNE_FUSED=$fused timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" --device "$DEVICE" \
+    --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup "$WARMUP" --steps "$STEPS" --json \
     > "$OUT/fused-$fused.json" 2> "$OUT/fused-$fused.log" || status=1
   bench_line "fused=$fused" "$OUT/fused-$fused.json"
 done
 # (e) an 8B shape at 4096 tokens with layer recompute: does it fit a 24 GB GPU (target: peak <= 22 GB)?
-say "(e) Llama-3.1-8B shape, 1 x 4096, bf16 base, LoRA r=16 all-linear, gradient_checkpointing true"
-timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape llama-3.1-8b --device "$DEVICE" --dtype bf16 --batch 1 \
-  --seq 4096 --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps 2 --json \
+say "(e) $BIG_SHAPE, 1 x $BIG_SEQ, $DTYPE base, LoRA r=$RANK all-linear, gradient_checkpointing true"
+timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch 1 \
+  --seq "$BIG_SEQ" --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json \
   > "$OUT/8b-recompute.json" 2> "$OUT/8b-recompute.log" || status=1
 bench_line "8B recompute" "$OUT/8b-recompute.json"
 say "logs in $OUT/ (exit status $status)"

@@ -47,19 +47,23 @@ def attn(r, name):
             return k["gflops"], k["seconds_per_step"]
     return float("nan"), float("nan")
 print(f"\nbatch {batch}; medians of the timed steps; attention GFLOP/s from bench --profile")
-print(f"{'binary':<34} {'ckpt':<8} {'seq':>6} {'tok/s':>8} {'peak RSS MB':>12} {'attn fwd GF/s':>14} {'attn bwd GF/s':>14}")
+print(f"{'binary':<34} {'ckpt':<8} {'seq':>6} {'tok/s':>8} {'peak RSS MB':>12} {'peak heap MB':>13} {'attn fwd GF/s':>14} {'attn bwd GF/s':>14}")
 for r in rows:
     f, _ = attn(r, "attention+RoPE fwd"); b, _ = attn(r, "attention+RoPE bwd")
-    print(f"{r['bin']:<34} {r['ckpt']:<8} {r['seq']:>6} {r['tokens_per_second']:>8.1f} {r['peak_rss_mb']:>12.0f} {f:>14.1f} {b:>14.1f}")
+    print(f"{r['bin']:<34} {r['ckpt']:<8} {r['seq']:>6} {r['tokens_per_second']:>8.1f} {r['peak_rss_mb']:>12.0f} {r.get('peak_heap_mb', float('nan')):>13.0f} {f:>14.1f} {b:>14.1f}")
 groups = {}
 for r in rows:
     groups.setdefault((r["bin"], r["ckpt"]), []).append(r)
-print("\nfit peak RSS = a + b·s + c·s² (exact through three lengths)")
+print("\nfit peak = a + b·s + c·s² (exact through three lengths): peak RSS, and the live heap bytes' peak (what the")
+print("program holds; RSS minus it is what the allocator keeps mapped after frees)")
 for (b, ck), g in groups.items():
-    g.sort(key=lambda r: r["seq"])
-    if len(g) < 3:
+  g.sort(key=lambda r: r["seq"])
+  if len(g) < 3:
+      continue
+  for what in ("peak_rss_mb", "peak_heap_mb"):
+    if any(what not in r for r in g[-3:]):
         continue
-    pts = [(r["seq"], r["peak_rss_mb"]) for r in g[-3:]]
+    pts = [(r["seq"], r[what]) for r in g[-3:]]
     (s1, y1), (s2, y2), (s3, y3) = pts
     # Solve the 3x3 Vandermonde system.
     import itertools
@@ -68,6 +72,6 @@ for (b, ck), g in groups.items():
     bb = d1 - c * (s1 + s2)
     a = y1 - bb * s1 - c * s1 * s1
     share = c * s3 * s3 / y3
-    print(f"{b:<34} ckpt {ck:<8} a {a:8.0f} MB  b {bb*1024:8.1f} MB per 1k tokens  c·s² at {s3}: {c*s3*s3:8.0f} MB = {100*share:5.1f} % of {y3:.0f} MB; RSS({s3})/RSS({s1}) = {y3/y1:.2f}")
+    print(f"{b:<34} ckpt {ck:<6} {what[5:9]:<5} a {a:8.0f} MB  b {bb*1024:8.1f} MB per 1k tokens  c·s² at {s3}: {c*s3*s3:8.0f} MB = {100*share:5.1f} % of {y3:.0f} MB; ({s3})/({s1}) = {y3/y1:.2f}")
 PY
 echo "rows: $OUT"

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 use crate::backend::{Bf16, Device, Placement};
-use crate::bench::{check_fixtures, fixture_tolerance, run as run_bench, BenchSpec};
+use crate::bench::{check_fixtures, check_kernels, fixture_tolerance, run as run_bench, BenchSpec};
 use crate::lora::TargetSpec;
 
 #[derive(clap::Args, Debug)]
@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// --device in --dtype and compare with the CPU f32 result and the stored transformers logits.
     #[arg(long, hide = true)]
     pub check_fixtures: Option<PathBuf>,
+    /// Check mode: every fused kernel (attention, RMSNorm, gated activation, loss) against the reference
+    /// implementation on --device in --dtype, values and gradients; fails when one is off beyond tolerance.
+    #[arg(long, conflicts_with = "check_fixtures")]
+    pub check_kernels: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -84,6 +88,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let at = Placement::resolve(a.device, bf16)?;
     if let Some(dir) = &a.check_fixtures {
         return print_fixture_checks(dir, at);
+    }
+    if a.check_kernels {
+        return print_kernel_checks(at);
     }
     let spec = BenchSpec {
         model: a.model.clone(),
@@ -181,6 +188,37 @@ fn print_fixture_checks(dir: &std::path::Path, at: Placement) -> Result<()> {
         .collect();
     if !failed.is_empty() {
         bail!("fixtures off beyond tolerance: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn print_kernel_checks(at: Placement) -> Result<()> {
+    let checks = check_kernels(at)?;
+    println!(
+        "{:<58} {:>10} {:>10} {:>9}",
+        format!("fused vs reference on {} in {:?}", at.device, at.dtype),
+        "output",
+        "gradient",
+        "tolerance"
+    );
+    for c in &checks {
+        println!(
+            "{:<58} {:>10.2e} {:>10.2e} {:>9.0e}  {}",
+            c.case,
+            c.value,
+            c.grad,
+            c.tol,
+            if c.passed() { "ok" } else { "FAIL" }
+        );
+    }
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| c.case.as_str())
+        .collect();
+    println!("{} cases, {} failed", checks.len(), failed.len());
+    if !failed.is_empty() {
+        bail!("kernels off beyond tolerance: {}", failed.join("; "));
     }
     Ok(())
 }

@@ -32,6 +32,7 @@
 //!
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.
 
+pub mod check;
 pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) mod cube;

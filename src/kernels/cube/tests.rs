@@ -8,7 +8,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 
-use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
+use crate::kernels::{check, reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
 
 type W = burn::backend::Wgpu<f32, i32>;
 type AD = Autodiff<W>;
@@ -22,190 +22,32 @@ fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) ->
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Case {
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
-    packed: bool,
-    padded: bool,
-    softcap: Option<f64>,
-    dtype: DType,
-}
-
-/// Max |a − b| relative to max |b|.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
-}
-
-fn check(c: Case) {
-    let dev = Default::default();
-    let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
-    let n = b * s;
-    let half = hd / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
-        .collect();
-    let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
-    let mut key_valid = vec![vec![true; s]; b];
-    if c.padded {
-        for v in key_valid[b - 1][s - s / 5..].iter_mut() {
-            *v = false;
-        }
-    }
-    let segments: Option<Vec<u32>> = c
-        .packed
-        .then(|| (0..n).map(|p| u32::from(p % s >= s / 3)).collect());
-    let masking = Masking {
-        key_valid: key_valid.concat(),
-        segments,
-        window: c.window,
-    };
-    let spec = AttnSpec {
-        batch: b,
-        seq: s,
-        keys: s,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
-        softcap: c.softcap,
-        rope: Arc::new(Rope::new(&inv_freq, &positions)),
-        masking: Arc::new(masking),
-    };
-    let width = (nh + 2 * nkv) * hd;
-    // Scores of a few units: the softmax is neither flat nor one-hot.
-    let x: Vec<f32> = rand_vec(n * width, 7).iter().map(|v| v * 2.0).collect();
-    // The upstream gradient of padding rows is zero, as in a model (padding never reaches the loss): a padding
-    // row with no open key (its window holds only padding) attends to itself in the reference mask and to
-    // nothing in the kernel, a difference no gradient can see.
-    let dy: Vec<f32> = rand_vec(n * nh * hd, 8)
-        .chunks(nh * hd)
-        .enumerate()
-        .flat_map(|(t, r)| {
-            let real = key_valid[t / s][t % s];
-            r.iter().map(move |&v| if real { v } else { 0.0 })
+/// The whole kernel suite ([`check::all`]: every fused kernel against the reference, values and gradients,
+/// every mask variant, head dims 64/80/128/256, ragged sizes) in one dtype on wgpu.
+fn suite(dtype: DType) {
+    let checks = check::all::<AD>(&Default::default(), dtype);
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| {
+            format!(
+                "{}: value {:.2e}, grad {:.2e} (tolerance {:.0e})",
+                c.case, c.value, c.grad, c.tol
+            )
         })
         .collect();
-    let run = |fused: bool| {
-        crate::kernels::with_fused(fused, || {
-            let att = Attention::<AD>::new(
-                spec.clone(),
-                c.dtype,
-                &dev,
-                Attention::<AD>::shared_tables(),
-            );
-            let t =
-                Tensor::<AD, 2>::from_data(TensorData::new(x.clone(), [n, width]), (&dev, c.dtype))
-                    .require_grad();
-            let y = if fused {
-                <AD as Kernels>::rope_attention(Qkv::Packed(t.clone()), &att)
-            } else {
-                reference::attention(Qkv::Packed(t.clone()), &att)
-            };
-            let up = Tensor::<AD, 2>::from_data(
-                TensorData::new(dy.clone(), [n, nh * hd]),
-                (&dev, c.dtype),
-            );
-            let g = (y.clone().cast(DType::F32) * up.cast(DType::F32))
-                .sum()
-                .backward();
-            (to_vec(y), to_vec(t.grad(&g).expect("dqkv")))
-        })
-    };
-    let (yf, gf) = run(true);
-    let (yr, gr) = run(false);
-    // Padded query rows are never used; compare real rows.
-    let real = |v: &[f32], w: usize| -> Vec<f32> {
-        v.chunks(w)
-            .enumerate()
-            .filter(|(t, _)| key_valid[t / s][t % s])
-            .flat_map(|(_, r)| r.to_vec())
-            .collect()
-    };
-    let tol = if c.dtype == DType::F32 { 1e-4 } else { 1e-2 };
-    assert!(
-        yf.iter().chain(&gf).all(|v| v.is_finite()),
-        "{c:?}: non-finite values"
-    );
-    let dy_ = rel_diff(&real(&yf, nh * hd), &real(&yr, nh * hd));
-    let dg = rel_diff(&gf, &gr);
-    assert!(dy_ <= tol, "{c:?}: output differs by {dy_} (relative)");
-    assert!(dg <= tol, "{c:?}: d(q|k|v) differs by {dg} (relative)");
-}
-
-const BASE: Case = Case {
-    batch: 2,
-    seq: 70,
-    heads: 4,
-    kv_heads: 2,
-    head_dim: 64,
-    window: None,
-    packed: false,
-    padded: true,
-    softcap: None,
-    dtype: DType::F32,
-};
-
-#[test]
-fn cube_attention_causal_padded_gqa() {
-    check(BASE);
+    assert!(failed.is_empty(), "{dtype:?}:\n{}", failed.join("\n"));
+    assert_eq!(checks.len(), 15, "the suite's cases");
 }
 
 #[test]
-fn cube_attention_window_packing_softcap() {
-    check(Case {
-        window: Some(17),
-        packed: true,
-        ..BASE
-    });
-    check(Case {
-        softcap: Some(50.0),
-        ..BASE
-    });
-    check(Case {
-        window: Some(9),
-        softcap: Some(20.0),
-        packed: true,
-        kv_heads: 1,
-        ..BASE
-    });
+fn cube_kernels_match_the_reference_f32() {
+    suite(DType::F32);
 }
 
 #[test]
-fn cube_attention_head_dims_and_ragged_lengths() {
-    for (hd, seq) in [(80, 33), (128, 65), (256, 19)] {
-        check(Case {
-            head_dim: hd,
-            seq,
-            heads: 2,
-            kv_heads: 2,
-            ..BASE
-        });
-    }
-}
-
-#[test]
-fn cube_attention_f16() {
-    check(Case {
-        dtype: DType::F16,
-        ..BASE
-    });
-    check(Case {
-        dtype: DType::F16,
-        window: Some(17),
-        packed: true,
-        ..BASE
-    });
+fn cube_kernels_match_the_reference_f16() {
+    suite(DType::F16);
 }
 
 /// One whole training step's loss and LoRA gradients on wgpu (fused attention, reference elsewhere) against the
@@ -305,7 +147,7 @@ fn cube_training_step_equals_the_cpu_step() {
                 "{family} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
             );
             for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-                let d = rel_diff(g, c);
+                let d = check::rel_diff(g, c);
                 assert!(
                     d < 1e-4,
                     "{family} {recompute}: gradient {i} differs by {d} (relative)"
@@ -384,127 +226,10 @@ fn cube_attention_holds_memory_linear_in_the_sequence() {
     );
 }
 
-/// The fused act(gate)·up against the reference on the same backend, for each activation (SiLU, GELU tanh, GELU
-/// erf): values and the packed input's gradient, f32 and f16, a size that is not a multiple of any workgroup.
+/// The fused loss swept 4 rows at a time (six chunks, the last one short) equals the reference: the summed
+/// loss and d(selected rows), with and without the soft-cap.
 #[test]
-fn cube_glu_matches_the_reference() {
-    use crate::kernels::Activation;
-    let dev = Default::default();
-    let (n, i) = (37, 50);
-    let x: Vec<f32> = rand_vec(n * 2 * i, 11).iter().map(|v| v * 4.0).collect();
-    let dy = rand_vec(n * i, 12);
-    for (act, dtype) in [Activation::Silu, Activation::GeluTanh, Activation::Gelu]
-        .into_iter()
-        .flat_map(|a| [(a, DType::F32), (a, DType::F16)])
-    {
-        let run = |fused: bool| {
-            crate::kernels::with_fused(fused, || {
-                let t = Tensor::<AD, 2>::from_data(
-                    TensorData::new(x.clone(), [n, 2 * i]),
-                    (&dev, dtype),
-                )
-                .require_grad();
-                let y = if fused {
-                    <AD as Kernels>::glu(t.clone(), act)
-                } else {
-                    reference::glu(t.clone(), act)
-                };
-                let up =
-                    Tensor::<AD, 2>::from_data(TensorData::new(dy.clone(), [n, i]), (&dev, dtype));
-                let g = (y.clone().cast(DType::F32) * up.cast(DType::F32))
-                    .sum()
-                    .backward();
-                (to_vec(y), to_vec(t.grad(&g).expect("d(gate|up)")))
-            })
-        };
-        let ((yf, gf), (yr, gr)) = (run(true), run(false));
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        assert!(
-            rel_diff(&yf, &yr) <= tol,
-            "{act:?} {dtype:?}: output differs by {}",
-            rel_diff(&yf, &yr)
-        );
-        assert!(
-            rel_diff(&gf, &gr) <= tol,
-            "{act:?} {dtype:?}: gradient differs by {}",
-            rel_diff(&gf, &gr)
-        );
-    }
-}
-
-/// The fused RMSNorm against the reference on the same backend: values and the input's gradient, a plain and a
-/// Gemma-style (1 + w) weight, a hidden size that is not a multiple of the cube, token rows and per-head rows
-/// (q/k norms over head_dim), f32 and f16.
-#[test]
-fn cube_rms_norm_matches_the_reference() {
-    use crate::kernels::NormRef;
-    let dev = Default::default();
-    for (dims, offset, dtype) in [
-        (vec![37usize, 300usize], 0.0f32, DType::F32),
-        (vec![37, 300], 1.0, DType::F32),
-        (vec![2, 5, 3, 64], 0.0, DType::F32),
-        (vec![37, 300], 0.0, DType::F16),
-    ] {
-        let n: usize = dims.iter().product();
-        let h = *dims.last().unwrap();
-        let x: Vec<f32> = rand_vec(n, 21).iter().map(|v| v * 3.0).collect();
-        let w = rand_vec(h, 22);
-        let dy = rand_vec(n, 23);
-        let run = |fused: bool| {
-            crate::kernels::with_fused(fused, || {
-                let weight =
-                    Tensor::<AD, 1>::from_data(TensorData::new(w.clone(), [h]), (&dev, dtype));
-                let norm = NormRef {
-                    weight: &weight,
-                    eps: 1e-6,
-                    offset,
-                };
-                let t = Tensor::<AD, 1>::from_data(TensorData::new(x.clone(), [n]), (&dev, dtype))
-                    .require_grad();
-                let shaped = |t: Tensor<AD, 1>| -> Tensor<AD, 4> {
-                    let d4 = if dims.len() == 4 {
-                        [dims[0], dims[1], dims[2], dims[3]]
-                    } else {
-                        [1, 1, dims[0], dims[1]]
-                    };
-                    t.reshape(d4)
-                };
-                let xin = shaped(t.clone());
-                let y = if fused {
-                    <AD as Kernels>::rms_norm(xin, &norm)
-                } else {
-                    reference::rms_norm(xin, &norm)
-                };
-                let up = shaped(Tensor::<AD, 1>::from_data(
-                    TensorData::new(dy.clone(), [n]),
-                    (&dev, dtype),
-                ));
-                let g = (y.clone().cast(DType::F32) * up.cast(DType::F32))
-                    .sum()
-                    .backward();
-                (to_vec(y), to_vec(t.grad(&g).expect("dx")))
-            })
-        };
-        let ((yf, gf), (yr, gr)) = (run(true), run(false));
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        let (dyv, dg) = (rel_diff(&yf, &yr), rel_diff(&gf, &gr));
-        assert!(
-            dyv <= tol,
-            "{dims:?} offset {offset} {dtype:?}: output differs by {dyv}"
-        );
-        assert!(
-            dg <= tol,
-            "{dims:?} offset {offset} {dtype:?}: gradient differs by {dg}"
-        );
-    }
-}
-
-/// The fused `lm_head` + cross-entropy against the reference on the same backend: the summed loss and the hidden
-/// states' gradient (under an incoming gradient of 0.5, so the backward's scaling is checked), a vocabulary that is
-/// not a multiple of the cube, unselected rows (their gradient must be zero), with and without Gemma 2's final
-/// soft-cap, f32 and f16; and the chunked sweep (4 rows at a time) equal to one chunk.
-#[test]
-fn cube_lm_head_cross_entropy_matches_the_reference() {
+fn cube_lm_head_cross_entropy_in_chunks() {
     use crate::kernels::{LinearRef, Targets};
     let dev = Default::default();
     let (n, d, vocab) = (23, 40, 1001);
@@ -512,64 +237,33 @@ fn cube_lm_head_cross_entropy_matches_the_reference() {
     let targets: Vec<usize> = rows.iter().map(|r| (r * 7919 + 13) % vocab).collect();
     let h: Vec<f32> = rand_vec(n * d, 31).iter().map(|v| v * 2.0).collect();
     let w = rand_vec(vocab * d, 32);
-    for (cap, dtype) in [
-        (None, DType::F32),
-        (Some(3.0), DType::F32),
-        (None, DType::F16),
-        (Some(3.0), DType::F16),
-    ] {
+    for cap in [None, Some(3.0)] {
+        let weight = Tensor::<AD, 2>::from_data(TensorData::new(w.clone(), [vocab, d]), &dev);
+        let head = LinearRef {
+            weight: &weight,
+            bias: None,
+            adapter: None,
+        };
+        let x = Tensor::<AD, 2>::from_data(TensorData::new(h.clone(), [n, d]), &dev).require_grad();
         let t = Targets {
             rows: &rows,
             targets: &targets,
             softcap: cap,
         };
-        let run = |fused: bool| {
-            crate::kernels::with_fused(fused, || {
-                let weight = Tensor::<AD, 2>::from_data(
-                    TensorData::new(w.clone(), [vocab, d]),
-                    (&dev, dtype),
-                );
-                let head = LinearRef {
-                    weight: &weight,
-                    bias: None,
-                    adapter: None,
-                };
-                let x =
-                    Tensor::<AD, 2>::from_data(TensorData::new(h.clone(), [n, d]), (&dev, dtype))
-                        .require_grad();
-                let loss = if fused {
-                    <AD as Kernels>::lm_head_cross_entropy(x.clone(), &head, &t)
-                } else {
-                    reference::lm_head_cross_entropy(x.clone(), &head, &t)
-                };
-                let g = loss.clone().mul_scalar(0.5).backward();
-                (to_vec(loss), to_vec(x.grad(&g).expect("d hidden")))
-            })
-        };
-        let ((lf, gf), (lr, gr)) = (run(true), run(false));
-        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-        let (dl, dg) = (rel_diff(&lf, &lr), rel_diff(&gf, &gr));
-        assert!(dl <= tol, "cap {cap:?} {dtype:?}: loss {lf:?} vs {lr:?}");
-        assert!(dg <= tol, "cap {cap:?} {dtype:?}: gradient differs by {dg}");
-        for r in (0..n).filter(|r| !rows.contains(r)) {
-            assert!(
-                gf[r * d..(r + 1) * d].iter().all(|&v| v == 0.0),
-                "row {r} has no target but got a gradient"
-            );
-        }
-        if dtype == DType::F32 {
-            let hw = Tensor::<W, 2>::from_data(TensorData::new(h.clone(), [n, d]), &dev);
-            let idx = super::row_index::<W>(&rows, &dev);
-            let ww = Tensor::<W, 2>::from_data(TensorData::new(w.clone(), [vocab, d]), &dev);
-            let capf = cap.map_or(0.0, |c| c as f32);
-            let (l4, dh4) = super::lm_xent(hw.select(0, idx), &ww, &targets, capf, true, 4);
-            let dh4 = to_vec(dh4.expect("gradient").mul_scalar(0.5));
-            let want: Vec<f32> = rows
-                .iter()
-                .flat_map(|&r| gf[r * d..(r + 1) * d].to_vec())
-                .collect();
-            assert!(rel_diff(&to_vec(l4), &lf) <= 1e-6, "chunked loss differs");
-            assert!(rel_diff(&dh4, &want) <= 1e-6, "chunked gradient differs");
-        }
+        let loss = reference::lm_head_cross_entropy(x.clone(), &head, &t);
+        let g = x.grad(&loss.clone().backward()).expect("d hidden");
+        let want: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| to_vec(g.clone().slice(r..r + 1)))
+            .collect();
+        let hw = Tensor::<W, 2>::from_data(TensorData::new(h.clone(), [n, d]), &dev);
+        let idx = super::row_index::<W>(&rows, &dev);
+        let ww = Tensor::<W, 2>::from_data(TensorData::new(w.clone(), [vocab, d]), &dev);
+        let capf = cap.map_or(0.0, |c| c as f32);
+        let (l4, dh4) = super::lm_xent(hw.select(0, idx), &ww, &targets, capf, true, 4);
+        let dl = check::rel_diff(&to_vec(l4), &to_vec(loss));
+        let dg = check::rel_diff(&to_vec(dh4.expect("gradient")), &want);
+        assert!(dl <= 1e-5, "cap {cap:?}: chunked loss differs by {dl}");
+        assert!(dg <= 1e-5, "cap {cap:?}: chunked gradient differs by {dg}");
     }
 }

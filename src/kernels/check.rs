@@ -1,0 +1,427 @@
+//! Every fused kernel against the reference implementation on one backend and dtype: values and gradients,
+//! every attention mask variant, ragged sizes, several head dims. The same suite is what the GPU-kernel tests
+//! assert on wgpu over lavapipe (f32, f16) and what `loratune bench --check-kernels` prints on a real device
+//! (bf16, tensor cores), so a kernel is checked the same way everywhere.
+//!
+//! Each case runs the op twice on the same inputs, fused ([`with_fused`]`(true)`) and reference, backpropagates
+//! the same upstream gradient through both, and reports the largest difference relative to the reference's
+//! largest magnitude. On a backend without a fused kernel for a case both runs are the reference: difference 0.
+
+use std::sync::Arc;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+
+use super::{
+    reference, with_fused, Activation, Attention, AttnSpec, LinearRef, Masking, NormRef, Qkv, Rope,
+    Targets, TrainBackend,
+};
+
+/// One case's outcome.
+#[derive(Debug, Clone)]
+pub struct KernelCheck {
+    pub case: String,
+    pub dtype: DType,
+    /// Max |fused − reference| / max |reference| of the output.
+    pub value: f32,
+    /// The same for the input gradient(s).
+    pub grad: f32,
+    pub tol: f32,
+    /// Every fused value and gradient finite.
+    pub finite: bool,
+}
+
+impl KernelCheck {
+    pub fn passed(&self) -> bool {
+        self.finite && self.value <= self.tol && self.grad <= self.tol
+    }
+}
+
+/// The relative tolerance per dtype: f32 1e-4, f16 1e-2; bf16 (7-bit mantissa, both sides rounding their own
+/// intermediates) 4e-2.
+pub fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 1e-2,
+        _ => 4e-2,
+    }
+}
+
+/// Max |a − b| relative to max |b|.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+fn tensor<B: burn::tensor::backend::Backend, const D: usize>(
+    v: &[f32],
+    shape: [usize; D],
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), (device, dtype))
+}
+
+/// `Σ y ∘ up` in f32, the scalar every case backpropagates.
+fn dot<B: burn::tensor::backend::Backend, const D: usize>(
+    y: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    (y.cast(DType::F32) * up.cast(DType::F32)).sum()
+}
+
+fn outcome(
+    case: String,
+    dtype: DType,
+    (yf, gf): (Vec<f32>, Vec<f32>),
+    (yr, gr): (Vec<f32>, Vec<f32>),
+) -> KernelCheck {
+    KernelCheck {
+        value: rel_diff(&yf, &yr),
+        grad: rel_diff(&gf, &gr),
+        finite: yf.iter().chain(&gf).all(|v| v.is_finite()),
+        tol: tolerance(dtype),
+        case,
+        dtype,
+    }
+}
+
+/// An attention case.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnCase {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<usize>,
+    pub packed: bool,
+    pub padded: bool,
+    pub softcap: Option<f64>,
+}
+
+/// Causal, the last row's final fifth padded, grouped heads (2 query heads per kv head), head dim 64, a length
+/// that is not a multiple of any tile.
+pub const ATTN_BASE: AttnCase = AttnCase {
+    batch: 2,
+    seq: 70,
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 64,
+    window: None,
+    packed: false,
+    padded: true,
+    softcap: None,
+};
+
+/// RoPE + attention from packed q|k|v: the output on real rows and d(q|k|v).
+pub fn attention<B: TrainBackend>(device: &B::Device, dtype: DType, c: AttnCase) -> KernelCheck {
+    let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
+    let n = b * s;
+    let half = hd / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+        .collect();
+    let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+    let mut key_valid = vec![vec![true; s]; b];
+    if c.padded {
+        for v in key_valid[b - 1][s - s / 5..].iter_mut() {
+            *v = false;
+        }
+    }
+    let segments: Option<Vec<u32>> = c
+        .packed
+        .then(|| (0..n).map(|p| u32::from(p % s >= s / 3)).collect());
+    let masking = Masking {
+        key_valid: key_valid.concat(),
+        segments,
+        window: c.window,
+    };
+    let spec = AttnSpec {
+        batch: b,
+        seq: s,
+        keys: s,
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: c.softcap,
+        rope: Arc::new(Rope::new(&inv_freq, &positions)),
+        masking: Arc::new(masking),
+    };
+    let width = (nh + 2 * nkv) * hd;
+    // Scores of a few units: the softmax is neither flat nor one-hot.
+    let x: Vec<f32> = rand_vec(n * width, 7).iter().map(|v| v * 2.0).collect();
+    // The upstream gradient of padding rows is zero, as in a model (padding never reaches the loss): a padding
+    // row with no open key (its window holds only padding) attends to itself in the reference mask and to
+    // nothing in the GPU kernel, a difference no gradient can see.
+    let dy: Vec<f32> = rand_vec(n * nh * hd, 8)
+        .chunks(nh * hd)
+        .enumerate()
+        .flat_map(|(t, r)| {
+            let real = key_valid[t / s][t % s];
+            r.iter().map(move |&v| if real { v } else { 0.0 })
+        })
+        .collect();
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let att =
+                Attention::<B>::new(spec.clone(), dtype, device, Attention::<B>::shared_tables());
+            let t = tensor::<B, 2>(&x, [n, width], device, dtype).require_grad();
+            let y = if fused {
+                B::rope_attention(Qkv::Packed(t.clone()), &att)
+            } else {
+                reference::attention(Qkv::Packed(t.clone()), &att)
+            };
+            let g = dot(y.clone(), tensor(&dy, [n, nh * hd], device, dtype)).backward();
+            let real: Vec<f32> = to_vec(y)
+                .chunks(nh * hd)
+                .enumerate()
+                .filter(|(t, _)| key_valid[t / s][t % s])
+                .flat_map(|(_, r)| r.to_vec())
+                .collect();
+            (real, t.grad(&g).map(to_vec).unwrap_or_default())
+        })
+    };
+    let name = format!(
+        "attention b{b} s{s} h{nh}/{nkv} hd{hd}{}{}{}{}",
+        c.window.map_or(String::new(), |w| format!(" window {w}")),
+        if c.packed { " packed" } else { "" },
+        if c.padded { " padded" } else { "" },
+        c.softcap.map_or(String::new(), |x| format!(" softcap {x}")),
+    );
+    outcome(name, dtype, run(true), run(false))
+}
+
+/// `act(gate)·up` on packed rows `[37, 2·50]`: the output and d(gate|up).
+pub fn glu<B: TrainBackend>(device: &B::Device, dtype: DType, act: Activation) -> KernelCheck {
+    let (n, i) = (37, 50);
+    let x: Vec<f32> = rand_vec(n * 2 * i, 11).iter().map(|v| v * 4.0).collect();
+    let dy = rand_vec(n * i, 12);
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let t = tensor::<B, 2>(&x, [n, 2 * i], device, dtype).require_grad();
+            let y = if fused {
+                B::glu(t.clone(), act)
+            } else {
+                reference::glu(t.clone(), act)
+            };
+            let g = dot(y.clone(), tensor(&dy, [n, i], device, dtype)).backward();
+            (to_vec(y), t.grad(&g).map(to_vec).unwrap_or_default())
+        })
+    };
+    outcome(format!("glu {act:?} 37x50"), dtype, run(true), run(false))
+}
+
+/// RMSNorm over the last dim of `dims` (token rows `[n, h]`, or per-head rows `[b, s, heads, hd]` as the q/k
+/// norms use it), the weight plus `offset` (Gemma's `1 + w`): the output and dx.
+pub fn rms_norm<B: TrainBackend>(
+    device: &B::Device,
+    dtype: DType,
+    dims: [usize; 4],
+    offset: f32,
+) -> KernelCheck {
+    let n: usize = dims.iter().product();
+    let h = dims[3];
+    let x: Vec<f32> = rand_vec(n, 21).iter().map(|v| v * 3.0).collect();
+    let w = rand_vec(h, 22);
+    let dy = rand_vec(n, 23);
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let weight = tensor::<B, 1>(&w, [h], device, dtype);
+            let norm = NormRef {
+                weight: &weight,
+                eps: 1e-6,
+                offset,
+            };
+            let t = tensor::<B, 1>(&x, [n], device, dtype).require_grad();
+            let xin = t.clone().reshape(dims);
+            let y = if fused {
+                B::rms_norm(xin, &norm)
+            } else {
+                reference::rms_norm(xin, &norm)
+            };
+            let g = dot(
+                y.clone(),
+                tensor::<B, 1>(&dy, [n], device, dtype).reshape(dims),
+            )
+            .backward();
+            (to_vec(y), t.grad(&g).map(to_vec).unwrap_or_default())
+        })
+    };
+    outcome(
+        format!("rms_norm {dims:?} offset {offset}"),
+        dtype,
+        run(true),
+        run(false),
+    )
+}
+
+/// `lm_head` + cross-entropy: 23 hidden rows of width 40, a vocabulary of 1001 (not a multiple of any cube),
+/// every fifth row without a target (its gradient must be exactly zero), an upstream gradient of 0.5: the summed
+/// loss and d(hidden).
+pub fn lm_head_xent<B: TrainBackend>(
+    device: &B::Device,
+    dtype: DType,
+    softcap: Option<f64>,
+) -> KernelCheck {
+    let (n, d, vocab) = (23, 40, 1001);
+    let rows: Vec<usize> = (0..n).filter(|r| r % 5 != 4).collect();
+    let targets: Vec<usize> = rows.iter().map(|r| (r * 7919 + 13) % vocab).collect();
+    let h: Vec<f32> = rand_vec(n * d, 31).iter().map(|v| v * 2.0).collect();
+    let w = rand_vec(vocab * d, 32);
+    let t = Targets {
+        rows: &rows,
+        targets: &targets,
+        softcap,
+    };
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let weight = tensor::<B, 2>(&w, [vocab, d], device, dtype);
+            let head = LinearRef {
+                weight: &weight,
+                bias: None,
+                adapter: None,
+            };
+            let x = tensor::<B, 2>(&h, [n, d], device, dtype).require_grad();
+            let loss = if fused {
+                B::lm_head_cross_entropy(x.clone(), &head, &t)
+            } else {
+                reference::lm_head_cross_entropy(x.clone(), &head, &t)
+            };
+            let g = loss.clone().mul_scalar(0.5).backward();
+            (to_vec(loss), x.grad(&g).map(to_vec).unwrap_or_default())
+        })
+    };
+    let fused = run(true);
+    let mut check = outcome(
+        format!(
+            "lm_head + xent 23x40 vocab 1001{}",
+            softcap.map_or(String::new(), |c| format!(" softcap {c}"))
+        ),
+        dtype,
+        fused.clone(),
+        run(false),
+    );
+    let leaked = (0..n).filter(|r| !rows.contains(r)).any(|r| {
+        fused
+            .1
+            .get(r * d..(r + 1) * d)
+            .is_none_or(|g| g.iter().any(|&v| v != 0.0))
+    });
+    if leaked {
+        check.grad = f32::INFINITY;
+        check.case += " (rows without a target got a gradient)";
+    }
+    check
+}
+
+/// The whole suite in one dtype.
+pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck> {
+    let base = ATTN_BASE;
+    let mut out = vec![
+        attention::<B>(device, dtype, base),
+        attention::<B>(
+            device,
+            dtype,
+            AttnCase {
+                window: Some(17),
+                packed: true,
+                ..base
+            },
+        ),
+        attention::<B>(
+            device,
+            dtype,
+            AttnCase {
+                softcap: Some(50.0),
+                ..base
+            },
+        ),
+        attention::<B>(
+            device,
+            dtype,
+            AttnCase {
+                window: Some(9),
+                softcap: Some(20.0),
+                packed: true,
+                kv_heads: 1,
+                ..base
+            },
+        ),
+    ];
+    for (hd, seq) in [(80, 33), (128, 65), (256, 19)] {
+        out.push(attention::<B>(
+            device,
+            dtype,
+            AttnCase {
+                head_dim: hd,
+                seq,
+                heads: 2,
+                kv_heads: 2,
+                ..base
+            },
+        ));
+    }
+    for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
+        out.push(glu::<B>(device, dtype, act));
+    }
+    out.push(rms_norm::<B>(device, dtype, [1, 1, 37, 300], 0.0));
+    out.push(rms_norm::<B>(device, dtype, [1, 1, 37, 300], 1.0));
+    out.push(rms_norm::<B>(device, dtype, [2, 5, 3, 64], 0.0));
+    out.push(lm_head_xent::<B>(device, dtype, None));
+    out.push(lm_head_xent::<B>(device, dtype, Some(3.0)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::DType;
+
+    /// The suite on the CPU: the fused CPU kernels (f32) against the reference (cases a CPU kernel does not cover
+    /// run the reference twice and must agree exactly).
+    #[test]
+    fn cpu_kernels_match_the_reference() {
+        let checks = super::all::<Autodiff<Flex>>(&Default::default(), DType::F32);
+        for c in &checks {
+            assert!(c.passed(), "{c:?}");
+        }
+        assert_eq!(checks.len(), 15);
+    }
+
+    /// A broken kernel is caught: a difference beyond tolerance, a non-finite value, a length mismatch.
+    #[test]
+    fn the_comparison_can_fail() {
+        assert!(super::rel_diff(&[1.0, 2.0], &[1.0, 2.001]) > 1e-4);
+        assert_eq!(super::rel_diff(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+        let c = super::KernelCheck {
+            case: "x".into(),
+            dtype: DType::F32,
+            value: 0.0,
+            grad: 0.0,
+            tol: 1e-4,
+            finite: false,
+        };
+        assert!(!c.passed());
+    }
+}
