@@ -437,6 +437,9 @@ fn xent_chunk_rows(vocab: usize) -> usize {
     ((1usize << 26) / vocab.max(1)).max(1)
 }
 
+/// The summed loss `[1]` and, when asked for, ∂loss/∂(selected rows).
+type LossAndGrad<B> = (Tensor<B, 1>, Option<Tensor<B, 2>>);
+
 /// `lm_head` + cross-entropy of the selected rows `h` `[n, d]` against the frozen head `w` `[V, d]`, `chunk` rows at
 /// a time: per chunk one GEMM gives the logits, [`xent::xent_rows`] the rows' losses (and, with `grad`, turns the
 /// logits into their gradient in place), a second GEMM ∂loss/∂h. Returns the summed loss `[1]` (f32) and, with
@@ -448,10 +451,7 @@ fn lm_xent<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     cap: f32,
     grad: bool,
     chunk: usize,
-) -> (
-    Tensor<CubeBackend<R, F, I, BT>, 1>,
-    Option<Tensor<CubeBackend<R, F, I, BT>, 2>>,
-) {
+) -> LossAndGrad<CubeBackend<R, F, I, BT>> {
     let n = h.dims()[0];
     let vocab = w.dims()[0];
     let wt = w.clone().transpose();
