@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
-static INSTALLED: AtomicUsize = AtomicUsize::new(0);
 
 /// The system allocator with live/peak byte counters.
 pub struct Counting;
@@ -17,7 +16,6 @@ pub struct Counting;
 fn grew(by: usize) {
     let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
     PEAK.fetch_max(now, Ordering::Relaxed);
-    INSTALLED.store(1, Ordering::Relaxed);
 }
 
 // SAFETY: every call forwards to `System` with the caller's layout; the counters do not touch the memory.
@@ -53,13 +51,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// The peak of live heap bytes since the start (or the last [`reset_peak`]), when [`Counting`] is the global
+/// The peak of live heap bytes since the start, when [`Counting`] is the global
 /// allocator; `None` otherwise.
 pub fn peak_bytes() -> Option<usize> {
-    (INSTALLED.load(Ordering::Relaxed) == 1).then(|| PEAK.load(Ordering::Relaxed))
-}
-
-/// Restart the peak from the bytes live now.
-pub fn reset_peak() {
-    PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+    // Nothing counted means the counting allocator is not installed (every Rust program allocates at start).
+    Some(PEAK.load(Ordering::Relaxed)).filter(|&p| p > 0)
 }

@@ -60,12 +60,14 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
         / scale
 }
 
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(crate) fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()

@@ -600,9 +600,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             return reference::lm_head_cross_entropy(hidden, head, t);
         }
         let vocab = head.weight.dims()[0];
-        let h = hidden
-            .clone()
-            .select(0, row_index(t.rows, &hidden.device()));
+        let idx = row_index(t.rows, &hidden.device());
+        let h = hidden.select(0, idx);
         let cap = t.softcap.map_or(0.0, |c| c as f32);
         lm_xent(
             h,

@@ -3,31 +3,9 @@
 
 use cubecl::prelude::*;
 
-/// Σ over the cube of each unit's `v`.
+/// Σ (or, with `max`, the maximum) over the cube of each unit's `v`.
 #[cube]
-pub fn cube_sum(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
-    sh[UNIT_POS as usize] = v;
-    sync_cube();
-    let mut stride = CUBE_DIM / 2;
-    loop {
-        if stride == 0 {
-            break;
-        }
-        if UNIT_POS < stride {
-            let a = sh[(UNIT_POS + stride) as usize];
-            sh[UNIT_POS as usize] += a;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = sh[0];
-    sync_cube();
-    total
-}
-
-/// The maximum over the cube of each unit's `v`.
-#[cube]
-pub fn cube_max(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
+fn cube_reduce(v: f32, sh: &mut SharedMemory<f32>, #[comptime] max: bool) -> f32 {
     sh[UNIT_POS as usize] = v;
     sync_cube();
     let mut stride = CUBE_DIM / 2;
@@ -38,12 +16,28 @@ pub fn cube_max(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
         if UNIT_POS < stride {
             let a = sh[(UNIT_POS + stride) as usize];
             let b = sh[UNIT_POS as usize];
-            sh[UNIT_POS as usize] = f32::max(a, b);
+            if comptime!(max) {
+                sh[UNIT_POS as usize] = f32::max(a, b);
+            } else {
+                sh[UNIT_POS as usize] = a + b;
+            }
         }
         sync_cube();
         stride /= 2;
     }
-    let top = sh[0];
+    let total = sh[0];
     sync_cube();
-    top
+    total
+}
+
+/// Σ over the cube of each unit's `v`.
+#[cube]
+pub fn cube_sum(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
+    cube_reduce(v, sh, false)
+}
+
+/// The maximum over the cube of each unit's `v`.
+#[cube]
+pub fn cube_max(v: f32, sh: &mut SharedMemory<f32>) -> f32 {
+    cube_reduce(v, sh, true)
 }

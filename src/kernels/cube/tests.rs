@@ -6,21 +6,12 @@ use std::sync::Arc;
 
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
 
-use crate::kernels::{check, reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
+use crate::kernels::check::{self, rand_vec, to_vec};
+use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
 
 type W = burn::backend::Wgpu<f32, i32>;
 type AD = Autodiff<W>;
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn to_vec<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
 
 /// The whole kernel suite ([`check::all`]: every fused kernel against the reference, values and gradients,
 /// every mask variant, head dims 64/80/128/256, ragged sizes) in one dtype on wgpu.
