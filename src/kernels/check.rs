@@ -337,6 +337,87 @@ pub fn lm_head_xent<B: TrainBackend>(
     check
 }
 
+/// Three linear modules sharing one input `[29, 48]` (outputs 48 / 16 / 16, ranks 8 / 4 / 8, different scales,
+/// one bias — q|k|v with grouped heads), each with a LoRA adapter (f32 factors), with or without dropout masks,
+/// against the members computed one by one with [`reference::linear`]: the outputs side by side, and the
+/// gradients of the input and of every A and B.
+pub fn lora_group<B: TrainBackend>(device: &B::Device, dtype: DType, dropout: bool) -> KernelCheck {
+    let (n, d) = (29, 48);
+    let shapes = [(48usize, 8usize, 2.0f64), (16, 4, 0.5), (16, 8, 1.0)];
+    let x = rand_vec(n * d, 41);
+    let dy_width: usize = shapes.iter().map(|s| s.0).sum();
+    let dy = rand_vec(n * dy_width, 42);
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let xt = tensor::<B, 2>(&x, [n, d], device, dtype).require_grad();
+            let mut params = Vec::new();
+            let mut frozen = Vec::new();
+            for (j, &(out, r, _)) in shapes.iter().enumerate() {
+                let seed = 50 + 10 * j as u64;
+                let w = tensor::<B, 2>(&rand_vec(out * d, seed), [out, d], device, dtype);
+                let bias = (j == 1)
+                    .then(|| tensor::<B, 1>(&rand_vec(out, seed + 1), [out], device, dtype));
+                let a = tensor::<B, 2>(&rand_vec(r * d, seed + 2), [r, d], device, DType::F32)
+                    .require_grad();
+                let b = tensor::<B, 2>(&rand_vec(out * r, seed + 3), [out, r], device, DType::F32)
+                    .require_grad();
+                // Keep masks of 0 and 2 (p = 0.5), one per member.
+                let mask = dropout.then(|| {
+                    let m: Vec<f32> = rand_vec(n * d, seed + 4)
+                        .iter()
+                        .map(|v| if *v > 0.0 { 2.0 } else { 0.0 })
+                        .collect();
+                    tensor::<B, 2>(&m, [n, d], device, DType::F32)
+                });
+                frozen.push((w, bias, mask));
+                params.push((a, b));
+            }
+            let members: Vec<LinearRef<'_, B>> = frozen
+                .iter()
+                .zip(&params)
+                .zip(&shapes)
+                .map(|(((w, bias, mask), (a, b)), &(_, _, scale))| LinearRef {
+                    weight: w,
+                    bias: bias.as_ref(),
+                    adapter: Some(super::AdapterRef {
+                        a,
+                        b,
+                        scale,
+                        mask: mask.clone(),
+                    }),
+                })
+                .collect();
+            let y = if fused {
+                B::lora_linear_group(xt.clone(), &members)
+            } else {
+                Tensor::cat(
+                    members
+                        .iter()
+                        .map(|m| reference::linear(xt.clone(), m))
+                        .collect(),
+                    1,
+                )
+            };
+            let g = dot(y.clone(), tensor(&dy, [n, dy_width], device, dtype)).backward();
+            let mut grads = xt.grad(&g).map(to_vec).unwrap_or_default();
+            for (a, b) in &params {
+                grads.extend(a.grad(&g).map(to_vec).unwrap_or_default());
+                grads.extend(b.grad(&g).map(to_vec).unwrap_or_default());
+            }
+            (to_vec(y), grads)
+        })
+    };
+    outcome(
+        format!(
+            "lora group 29x48 -> 48|16|16, r 8|4|8{}",
+            if dropout { " dropout" } else { "" }
+        ),
+        dtype,
+        run(true),
+        run(false),
+    )
+}
+
 /// The whole suite in one dtype.
 pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck> {
     let base = ATTN_BASE;
@@ -392,6 +473,8 @@ pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck
     out.push(rms_norm::<B>(device, dtype, [2, 5, 3, 64], 0.0));
     out.push(lm_head_xent::<B>(device, dtype, None));
     out.push(lm_head_xent::<B>(device, dtype, Some(3.0)));
+    out.push(lora_group::<B>(device, dtype, false));
+    out.push(lora_group::<B>(device, dtype, true));
     out
 }
 
@@ -408,7 +491,10 @@ mod tests {
         for c in &checks {
             assert!(c.passed(), "{c:?}");
         }
-        assert_eq!(checks.len(), 15);
+        assert_eq!(checks.len(), 17);
+        // bf16 has no CPU kernel: the grouped reference (stacked A factors) against the members one by one.
+        let c = super::lora_group::<Autodiff<Flex>>(&Default::default(), DType::BF16, false);
+        assert!(c.passed(), "{c:?}");
     }
 
     /// A broken kernel is caught: a difference beyond tolerance, a non-finite value, a length mismatch.

@@ -10,7 +10,8 @@
 //!   chunk for the logits, one kernel for the rows' losses that turns the logits into their gradient in place,
 //!   one GEMM for ∂loss/∂hidden; only `[n, hidden]` is kept for the backward, never `[tokens, vocab]` logits.
 //!
-//! RoPE and the projections (frozen GEMMs plus LoRA) run burn's ops: cubek's matmuls, autotuned with `cuda`.
+//! RoPE and the projections run burn's ops (cubek's matmuls, autotuned with `cuda`); the reference's linear group
+//! stacks the adapters' `A` factors of a group into one GEMM when no dropout mask separates their inputs.
 
 /// Launch `$module::$kernel` with the float type chosen from the runtime dtype `$dtype`.
 macro_rules! launch_float {

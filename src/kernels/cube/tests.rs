@@ -28,7 +28,7 @@ fn suite(dtype: DType) {
         })
         .collect();
     assert!(failed.is_empty(), "{dtype:?}:\n{}", failed.join("\n"));
-    assert_eq!(checks.len(), 15, "the suite's cases");
+    assert_eq!(checks.len(), 17, "the suite's cases");
 }
 
 #[test]
