@@ -75,7 +75,7 @@ try:
 except Exception as e:
     print(f"{label}: no report ({e})")
     sys.exit(0)
-print(f"{label}: {r['tokens_per_second']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+print(f"{label}: {r['tokens_per_second']:.1f} tok/s, MFU {100 * r['mfu']:.1f}%, "
       f"peak GPU {r.get('peak_gpu_used_mb', float('nan')):.0f} MB")
 PY
 }
