@@ -186,6 +186,6 @@ say "(e) $BIG_SHAPE, 1 x $BIG_SEQ, $DTYPE base, LoRA r=$RANK all-linear, gradien
 timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch 1 \
   --seq "$BIG_SEQ" --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json \
   > "$OUT/8b-recompute.json" 2> "$OUT/8b-recompute.log" || status=1
-bench_line "8B recompute" "$OUT/8b-recompute.json"
+bench_line "$BIG_SHAPE recompute" "$OUT/8b-recompute.json"
 say "logs in $OUT/ (exit status $status)"
 exit $status
