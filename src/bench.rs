@@ -11,6 +11,7 @@ use burn::tensor::{DType, TensorData};
 
 use crate::backend::{Device, InferJob, Placement, TrainJob};
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::kernels::{prof, Kernels, TrainBackend};
 use crate::lora::adapter::{lora_params, set_trainable};
 use crate::lora::{attach, LoraInit, LoraSettings, TargetSpec};
@@ -18,6 +19,7 @@ use crate::model::weights::f32_to_data;
 use crate::model::{
     self, expected_tensors, CausalLm, ModelConfig, StoredDtype, TensorSource, TokenBatch,
 };
+use crate::quant::{BasePlan, QMatrix, QuantScheme};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::recompute::Checkpointing;
 use crate::train::step::{train_step, StepConfig};
@@ -44,6 +46,37 @@ pub struct BenchSpec {
     pub profile: bool,
     /// Gradient checkpointing (layer recompute).
     pub recompute: Checkpointing,
+    /// How the base is held ([`base_choice`]).
+    pub base: String,
+}
+
+/// `--base`: the load plan, and for random weights the GGUF block type they are made in.
+pub fn base_choice(s: &str) -> Result<(BasePlan, Option<GgmlType>)> {
+    let plan = |quantize| BasePlan {
+        keep_stored: true,
+        quantize,
+    };
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "keep" => (BasePlan::KEEP, None),
+        "dequantize" | "dense" => (BasePlan::DENSE, None),
+        "nf4" => (plan(Some(QuantScheme::Nf4 { double: true })), None),
+        "nf4-nodq" => (plan(Some(QuantScheme::Nf4 { double: false })), None),
+        "int8" => (plan(Some(QuantScheme::Int8)), None),
+        _ => match crate::quant::KEPT_GGML
+            .iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+        {
+            Some(t) => (BasePlan::KEEP, Some(*t)),
+            None => return Err(Error::Config(format!(
+                "--base {s}: expected keep, dequantize, nf4, nf4-nodq, int8 or a GGUF type ({})",
+                crate::quant::KEPT_GGML
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        },
+    })
 }
 
 /// One row of the per-kernel profile (means over the timed steps).
@@ -110,6 +143,9 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
 /// weights 1, biases 0. Deterministic per tensor name.
 pub struct RandomSource {
     pub shapes: Vec<(String, Vec<usize>)>,
+    /// Make the matrices (linear and embedding weights) as random blocks of this GGUF type instead, where their
+    /// rows are a whole number of blocks.
+    pub quant: Option<GgmlType>,
 }
 
 impl TensorSource for RandomSource {
@@ -128,6 +164,21 @@ impl TensorSource for RandomSource {
     fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
         self.shape(name).map(|_| StoredDtype::F32)
     }
+    fn load_quantized(&self, name: &str) -> Result<Option<QMatrix>> {
+        let (Some(ty), Some(shape)) = (self.quant, self.shape(name)) else {
+            return Ok(None);
+        };
+        if shape.len() != 2 || name.ends_with("norm.weight") || shape[1] % ty.block_size() != 0 {
+            return Ok(None);
+        }
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        QMatrix::random_ggml(ty, shape[0], shape[1], 0.02 * 3f32.sqrt(), seed)
+            .map(Some)
+            .map_err(Error::Weights)
+    }
+
     fn load(&self, name: &str, dtype: DType) -> Result<TensorData> {
         let shape = self
             .shape(name)
@@ -179,15 +230,24 @@ fn open_model<B: burn::tensor::backend::Backend>(
 ) -> Result<CausalLm<B>> {
     match (&spec.model, &spec.shape) {
         (Some(path), _) => {
+            let (plan, random) = base_choice(&spec.base)?;
+            if random.is_some() {
+                return Err(Error::Config(format!(
+                    "--base {}: a GGUF type makes random weights; use it with --shape (a model file keeps its own types: --base keep)",
+                    spec.base
+                )));
+            }
             let opened = model::open(path)?;
-            CausalLm::<B>::load(opened.config, opened.source.as_ref(), device, dtype)
+            CausalLm::<B>::load_with(opened.config, opened.source.as_ref(), device, dtype, plan)
         }
         (None, Some(shape)) => {
+            let (plan, quant) = base_choice(&spec.base)?;
             let cfg = shape_config(shape)?;
             let src = RandomSource {
                 shapes: expected_tensors(&cfg),
+                quant,
             };
-            CausalLm::<B>::load(cfg, &src, device, dtype)
+            CausalLm::<B>::load_with(cfg, &src, device, dtype, plan)
         }
         (None, None) => Err(Error::Config(
             "name a model (--model DIR|FILE.gguf) or a shape (--shape NAME)".into(),
@@ -313,6 +373,12 @@ fn run_on<B: TrainBackend>(
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
     });
+    v["memory"] = serde_json::to_value(m.memory(
+        spec.batch * spec.seq,
+        spec.recompute != Checkpointing::Off,
+        at.dtype.size(),
+    ))
+    .unwrap_or_default();
     if let Some(bytes) = crate::heap::peak_bytes() {
         // Live heap bytes at their peak (the binary counts them): RSS minus what the allocator keeps after frees.
         v["peak_heap_mb"] = serde_json::json!(bytes as f64 / (1024.0 * 1024.0));

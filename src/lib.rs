@@ -21,6 +21,7 @@ pub mod limits;
 pub mod lora;
 pub mod model;
 mod names;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
 

@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// Gradient checkpointing: false, true (recompute each layer in the backward) or offload.
     #[arg(long, default_value = "false")]
     pub gradient_checkpointing: crate::train::recompute::Checkpointing,
+    /// How the frozen base is held: `keep` (stored quantized matrices stay so), `dequantize`, `nf4` / `nf4-nodq`
+    /// / `int8` (decoder linears quantized at load), or with `--shape` a GGUF block type (`Q4_K`, `Q4_0`, …) for
+    /// random weights stored in that type.
+    #[arg(long, default_value = "keep")]
+    pub base: String,
     /// Print where each step's time goes (per fused kernel, forward / backward, GFLOP/s).
     #[arg(long)]
     pub profile: bool,
@@ -108,6 +113,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         peak_flops: a.peak_flops,
         profile: a.profile,
         recompute: a.gradient_checkpointing,
+        base: a.base.clone(),
     };
     let json = a.json;
     let v = run_bench(&spec, at, &mut |i, dt, loss| {

@@ -9,6 +9,7 @@ use crate::backend::{Bf16, Device, InferJob, Placement};
 use crate::generate::{encode_prompt, generate, GenerateOptions, StopReason, StreamDecoder};
 use crate::kernels::Kernels;
 use crate::model::{self, CausalLm};
+use crate::quant::{BasePlan, BaseQuantization};
 use crate::tokenizer::{self, LoadedTokenizer};
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +47,10 @@ pub struct GenerateArgs {
     /// cpu, cuda, cuda:N or auto (a GPU when this build has CUDA and one is present).
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// A base stored quantized (GGUF blocks, bitsandbytes NF4): `keep` it so (the adapter runs unmerged on top)
+    /// or `dequantize` it at load.
+    #[arg(long, default_value = "keep")]
+    pub base_quantization: crate::quant::BaseQuantization,
 }
 
 /// The generation, run on the backend the device asks for.
@@ -58,7 +63,17 @@ impl InferJob for Job<'_> {
         let t0 = std::time::Instant::now();
         let opened = model::open(&a.model)?;
         let tok = tokenizer::load_for_model(&a.model)?;
-        let mut m = CausalLm::<B>::load(opened.config, opened.source.as_ref(), &device, at.dtype)?;
+        let plan = match a.base_quantization {
+            BaseQuantization::Keep => BasePlan::KEEP,
+            BaseQuantization::Dequantize => BasePlan::DENSE,
+        };
+        let mut m = CausalLm::<B>::load_with(
+            opened.config,
+            opened.source.as_ref(),
+            &device,
+            at.dtype,
+            plan,
+        )?;
         if let Some(ad) = &a.adapter {
             crate::lora::peft::load_adapter(&mut m, ad)?;
         }

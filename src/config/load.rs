@@ -324,16 +324,6 @@ const AXOLOTL_TOP: &[(&str, Policy, &str)] = &[
         Policy::OnlyIfOff,
         "loratune never runs model code from the Hub",
     ),
-    (
-        "load_in_8bit",
-        Policy::OnlyIfOff,
-        "quantised (8/4-bit) base loading is not supported yet; the base is kept in bf16/f32",
-    ),
-    (
-        "load_in_4bit",
-        Policy::OnlyIfOff,
-        "quantised (8/4-bit) base loading is not supported yet; the base is kept in bf16/f32",
-    ),
     ("gptq", Policy::OnlyIfOff, "GPTQ bases are not supported"),
     (
         "fp16",

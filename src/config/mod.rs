@@ -35,6 +35,7 @@ pub use crate::data::DataFacts;
 pub use crate::data::{DataFormat, FileKind, TrainOnEos, Truncation, ValSplit};
 pub use crate::export::{ByteSize, ExportDtype};
 pub use crate::lora::{LoraInit, TargetSpec};
+pub use crate::quant::{BaseQuantization, Bnb4bitComputeDtype, Bnb4bitQuantType};
 pub use crate::train::recompute::Checkpointing;
 pub use crate::train::schedule::ScheduleKind;
 pub use issues::{LoadOptions, Purpose};
@@ -89,8 +90,23 @@ pub struct TrainConfig {
     pub special_tokens: SpecialTokens,
 
     // ------------------------------------------------------------------------------------------ LoRA
-    /// Adapter kind; only `lora` (`qlora` is refused with an explanation). Default: `lora`.
+    /// Adapter kind: `lora`, or `qlora` (LoRA on a 4-bit NF4 base: implies `load_in_4bit`). Default: `lora`.
     pub adapter: Adapter,
+    /// Quantize the base's decoder linear weights to 4-bit NF4 when loading a dense checkpoint (bitsandbytes'
+    /// format; `lm_head` and embeddings stay dense, as in transformers). Default: `false`.
+    pub load_in_4bit: bool,
+    /// Quantize them to int8 (Q8_0 blocks: 32 weights share one f16 scale) instead. Default: `false`.
+    pub load_in_8bit: bool,
+    /// The 4-bit code: only `nf4` (`fp4` is refused). Default: `nf4`.
+    pub bnb_4bit_quant_type: Bnb4bitQuantType,
+    /// Quantize NF4's per-block absmax values again (8-bit dynamic code, blocks of 256): 0.37 fewer bits per
+    /// weight. Default: `true` (Axolotl's QLoRA setting).
+    pub bnb_4bit_use_double_quant: bool,
+    /// Accepted for Axolotl configs; the compute dtype is the run's (`bf16`), a mismatch is reported. Default: unset.
+    pub bnb_4bit_compute_dtype: Option<Bnb4bitComputeDtype>,
+    /// A base stored quantized (GGUF blocks, a pre-quantized bitsandbytes checkpoint): `keep` it so (kernels
+    /// dequantize a tile at a time) or `dequantize` it at load. Default: `keep`.
+    pub base_quantization: BaseQuantization,
     /// LoRA rank r (≥ 1). Default: `8` (PEFT).
     pub lora_r: usize,
     /// LoRA alpha (> 0); the scale is alpha/r (alpha/√r with rsLoRA). Default: `8` (PEFT).
@@ -215,6 +231,12 @@ impl Default for TrainConfig {
             truncation: data.truncation,
             special_tokens: SpecialTokens::default(),
             adapter: Adapter::Lora,
+            load_in_4bit: false,
+            load_in_8bit: false,
+            bnb_4bit_quant_type: Bnb4bitQuantType::Nf4,
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: None,
+            base_quantization: BaseQuantization::Keep,
             lora_r: 8,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
@@ -258,6 +280,27 @@ impl Default for TrainConfig {
             },
             origin: None,
             warnings: Vec::new(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// How the frozen base is held: stored quantized matrices kept or dequantized (`base_quantization`), dense
+    /// decoder linears quantized to NF4 (`load_in_4bit` / `adapter: qlora`) or int8 (`load_in_8bit`).
+    pub fn base_plan(&self) -> crate::quant::BasePlan {
+        use crate::quant::QuantScheme;
+        let quantize = if self.load_in_4bit || self.adapter == Adapter::Qlora {
+            Some(QuantScheme::Nf4 {
+                double: self.bnb_4bit_use_double_quant,
+            })
+        } else if self.load_in_8bit {
+            Some(QuantScheme::Int8)
+        } else {
+            None
+        };
+        crate::quant::BasePlan {
+            keep_stored: self.base_quantization == BaseQuantization::Keep,
+            quantize,
         }
     }
 }

@@ -13,14 +13,15 @@ use std::fmt;
 use crate::names::named_enum;
 
 named_enum! {
-    /// `adapter`: the kind of adapter to train. Only LoRA (on an unquantised base) exists today.
+    /// `adapter`: the kind of adapter to train.
     pub enum Adapter ("adapter") {
-        /// Low-rank adapters on a bf16/f32 base (PEFT LoRA).
+        /// Low-rank adapters (PEFT LoRA) on the base as loaded.
         Lora = "lora",
+        /// LoRA on a 4-bit NF4 base (QLoRA): `lora` plus `load_in_4bit: true`.
+        Qlora = "qlora",
     }
     reject {
-        "qlora" => "quantised training (QLoRA, a 4-bit base) is not supported yet; use `adapter: lora` (the base stays in bf16/f32)",
-        "llama-adapter" => "only `adapter: lora` is implemented",
+        "llama-adapter" => "only `adapter: lora` and `adapter: qlora` are implemented",
     }
 }
 
@@ -195,7 +196,8 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("adamw_hf"), "{e}");
-        let e = Adapter::parse("qlora").unwrap_err();
-        assert!(e.contains("quantised training"), "{e}");
+        assert_eq!(Adapter::parse("QLoRA"), Ok(Adapter::Qlora));
+        let e = Adapter::parse("llama-adapter").unwrap_err();
+        assert!(e.contains("`adapter: qlora` are implemented"), "{e}");
     }
 }

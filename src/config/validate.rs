@@ -255,6 +255,45 @@ pub(crate) fn resolve_and_validate(
         )),
         _ => {}
     }
+    // ------------------------------------------------------------------------------- quantized base
+    let four_bit = cfg.load_in_4bit || cfg.adapter == crate::config::Adapter::Qlora;
+    if cfg.load_in_8bit && four_bit {
+        issues.push(Issue::key(
+            k("load_in_8bit"),
+            "`load_in_8bit` and a 4-bit base are both asked for",
+            Some(if cfg.adapter == crate::config::Adapter::Qlora {
+                "`adapter: qlora` loads the base in 4-bit NF4; remove `load_in_8bit` (or use `adapter: lora` with it)".into()
+            } else {
+                "keep one of `load_in_4bit` and `load_in_8bit`".into()
+            }),
+        ));
+    }
+    if !four_bit {
+        // A resolved config lists every key with its default: only a changed setting is worth a warning.
+        let d = TrainConfig::default();
+        for (key, changed) in [
+            (
+                "bnb_4bit_quant_type",
+                cfg.bnb_4bit_quant_type != d.bnb_4bit_quant_type,
+            ),
+            (
+                "bnb_4bit_use_double_quant",
+                cfg.bnb_4bit_use_double_quant != d.bnb_4bit_use_double_quant,
+            ),
+            (
+                "bnb_4bit_compute_dtype",
+                cfg.bnb_4bit_compute_dtype.is_some(),
+            ),
+        ] {
+            if present(doc, key) && changed {
+                warnings.push(Issue::key(
+                    k(key),
+                    format!("`{key}` has no effect"),
+                    Some("the base is not loaded in 4-bit (`load_in_4bit: true` or `adapter: qlora`)".into()),
+                ));
+            }
+        }
+    }
     if cfg.max_steps == Some(0) {
         issues.push(Issue::invalid(k("max_steps"), "must be at least 1, got 0"));
     }

@@ -61,7 +61,7 @@ pub fn merged_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<ExportTensor<'_, B
             let name = leaf.tensor_name();
             let (shape, make): (Vec<usize>, Box<dyn Fn() -> Tensor<B, 2> + '_>) = match leaf {
                 Leaf::Embedding(e) => {
-                    (e.weight.dims().to_vec(), Box::new(move || e.weight.clone()))
+                    (e.weight.dims().to_vec(), Box::new(move || e.weight.dense()))
                 }
                 Leaf::Weight(l) => (
                     l.weight.dims().to_vec(),

@@ -12,6 +12,7 @@ use super::types::GgmlType;
 use crate::error::{Error, Result};
 use crate::model::weights::{convert_raw, f32_to_data, StoredDtype, TensorSource};
 use crate::model::ModelConfig;
+use crate::quant::{QMatrix, KEPT_GGML};
 
 /// A GGUF model file: its config (from metadata) and its tensors under HF names.
 pub struct GgufSource {
@@ -144,6 +145,45 @@ impl TensorSource for GgufSource {
         self.file
             .tensor_info(&spec.gguf_name)
             .map(|i| stored(i.ggml_type))
+    }
+
+    fn load_quantized(&self, name: &str) -> Result<Option<QMatrix>> {
+        let spec = self.spec_or_err(name)?;
+        let Some(info) = self.file.tensor_info(&spec.gguf_name) else {
+            return Ok(None);
+        };
+        if !KEPT_GGML.contains(&info.ggml_type) || spec.shape.len() != 2 {
+            return Ok(None);
+        }
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
+        let err = |e: String| {
+            Error::Gguf(format!(
+                "{}: tensor `{}` (`{name}`): {e}",
+                self.origin(),
+                spec.gguf_name
+            ))
+        };
+        let bytes = self.file.tensor_bytes(&spec.gguf_name)?.to_vec();
+        self.file.release(info);
+        let q = QMatrix::ggml(info.ggml_type, rows, cols, bytes).map_err(err)?;
+        let q = match spec.transform {
+            Transform::None => q,
+            // HF row h·d + a·(d/2) + j is stored at h·d + 2j + a (llama.cpp's interleaved RoPE pairs).
+            Transform::UnpermuteRope { n_head } => {
+                let d = rows / n_head.max(1);
+                let half = d / 2;
+                if half == 0 || d * n_head != rows {
+                    return Err(err(format!("{rows} rows do not split into {n_head} heads")));
+                }
+                q.permute_rows(|i| {
+                    let (h, r) = (i / d, i % d);
+                    h * d + 2 * (r % half) + r / half
+                })
+                .map_err(err)?
+            }
+            Transform::GemmaNorm => return Ok(None),
+        };
+        Ok(Some(q))
     }
 
     fn load(&self, name: &str, dtype: DType) -> Result<TensorData> {

@@ -7,6 +7,7 @@
 //! the same upstream gradient through both, and reports the largest difference relative to the reference's
 //! largest magnitude. On a backend without a fused kernel for a case both runs are the reference: difference 0.
 
+use crate::quant::Frozen;
 use std::sync::Arc;
 
 use burn::tensor::{DType, Tensor, TensorData};
@@ -298,7 +299,7 @@ pub fn lm_head_xent<B: TrainBackend>(
     };
     let run = |fused: bool| {
         with_fused(fused, || {
-            let weight = tensor::<B, 2>(&w, [vocab, d], device, dtype);
+            let weight = Frozen::Dense(tensor::<B, 2>(&w, [vocab, d], device, dtype));
             let head = LinearRef {
                 weight: &weight,
                 bias: None,
@@ -354,7 +355,12 @@ pub fn lora_group<B: TrainBackend>(device: &B::Device, dtype: DType, dropout: bo
             let mut frozen = Vec::new();
             for (j, &(out, r, _)) in shapes.iter().enumerate() {
                 let seed = 50 + 10 * j as u64;
-                let w = tensor::<B, 2>(&rand_vec(out * d, seed), [out, d], device, dtype);
+                let w = Frozen::Dense(tensor::<B, 2>(
+                    &rand_vec(out * d, seed),
+                    [out, d],
+                    device,
+                    dtype,
+                ));
                 let bias = (j == 1)
                     .then(|| tensor::<B, 1>(&rand_vec(out, seed + 1), [out], device, dtype));
                 let a = tensor::<B, 2>(&rand_vec(r * d, seed + 2), [r, d], device, DType::F32)

@@ -26,8 +26,9 @@
 //! Why a trait bound rather than a run-time type check: fused GPU kernels (CubeCL, with their own backward)
 //! are written once for every CubeCL runtime — `impl<R: CubeRuntime…> Kernels for CubeBackend<R…>` and its
 //! autodiff wrapper — so the same code runs on CUDA and, in CI, on wgpu over Mesa lavapipe; a type check would
-//! have to list every concrete backend type. Quantized-weight variants depend on the weight's representation,
-//! not on the backend: they will branch inside [`Kernels::lora_linear_group`] on the weight type of [`LinearRef`].
+//! have to list every concrete backend type. Quantized weights depend on the weight's representation, not on the
+//! backend: kernels branch on [`LinearRef::weight`] ([`Frozen::Dense`] or [`Frozen::Quant`]); the CPU kernels
+//! dequantize a tile of rows inside their GEMMs, the reference dequantizes the whole matrix transiently.
 //! The cost is one bound, `B: Kernels`, on code that runs the model ([`TrainBackend`] bundles it for training).
 //!
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.
@@ -48,6 +49,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, DType, Tensor};
 
+use crate::quant::Frozen;
+
 /// The gated MLP activation (`hidden_act` / `hidden_activation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -59,10 +62,10 @@ pub enum Activation {
     Gelu,
 }
 
-/// One linear module of a group: a frozen weight `[out, in]` (torch layout), an optional frozen bias, an
-/// optional unmerged LoRA adapter. All tensors on the same backend.
+/// One linear module of a group: a frozen weight `[out, in]` (torch layout; dense, or quantized on the host), an
+/// optional frozen bias, an optional unmerged LoRA adapter. All tensors on the same backend.
 pub struct LinearRef<'a, B: Backend> {
-    pub weight: &'a Tensor<B, 2>,
+    pub weight: &'a Frozen<B>,
     pub bias: Option<&'a Tensor<B, 1>>,
     pub adapter: Option<AdapterRef<'a, B>>,
 }

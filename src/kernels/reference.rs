@@ -62,9 +62,10 @@ pub fn glu<B: Backend>(gate_up: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
     a * up
 }
 
-/// One module: `x·Wᵀ (+ b) + s·((x ∘ m)·Aᵀ)·Bᵀ`, the adapter in f32 whatever the base dtype.
+/// One module: `x·Wᵀ (+ b) + s·((x ∘ m)·Aᵀ)·Bᵀ`, the adapter in f32 whatever the base dtype. A quantized W is
+/// dequantized whole for the call (a transient the autodiff graph keeps until the backward).
 pub fn linear<B: Backend>(x: Tensor<B, 2>, m: &LinearRef<'_, B>) -> Tensor<B, 2> {
-    let mut y = x.clone().matmul(m.weight.clone().transpose());
+    let mut y = x.clone().matmul(m.weight.dense().transpose());
     if let Some(b) = m.bias {
         y = y + b.clone().unsqueeze_dim::<2>(0);
     }

@@ -8,6 +8,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::error::{Error, Result};
 use crate::kernels::{AdapterRef, Kernels, LinearRef};
+use crate::quant::Frozen;
 
 /// A LoRA adapter's factors, in PEFT's torch layout.
 #[derive(Debug, Clone)]
@@ -34,8 +35,8 @@ impl<B: Backend> LoraAdapter<B> {
 pub struct LoraLinear<B: Backend> {
     /// The module path (`model.layers.0.self_attn.q_proj`, `lm_head`).
     pub path: String,
-    /// `weight`, `[out, in]` (torch layout). Frozen.
-    pub weight: Tensor<B, 2>,
+    /// `weight`, `[out, in]` (torch layout). Frozen; dense or quantized.
+    pub weight: Frozen<B>,
     /// Optional `bias`, `[out]`. Frozen.
     pub bias: Option<Tensor<B, 1>>,
     /// The adapter, when this module is a LoRA target.
@@ -49,6 +50,11 @@ pub struct LoraLinear<B: Backend> {
 impl<B: Backend> LoraLinear<B> {
     /// A plain (adapter-less) linear.
     pub fn new(path: impl Into<String>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self::frozen(path, Frozen::Dense(weight), bias)
+    }
+
+    /// A plain linear over a dense or quantized frozen weight.
+    pub fn frozen(path: impl Into<String>, weight: Frozen<B>, bias: Option<Tensor<B, 1>>) -> Self {
         LoraLinear {
             path: path.into(),
             weight,
@@ -92,9 +98,9 @@ impl<B: Backend> LoraLinear<B> {
         l.b.clone().matmul(l.a.clone()).mul_scalar(l.scale)
     }
 
-    /// W + scale·B·A in f32 (not rounded to W's dtype): what exports encode.
+    /// W + scale·B·A in f32 (not rounded to W's dtype; a quantized W dequantized): what exports encode.
     pub fn merged_weight_f32(&self) -> Tensor<B, 2> {
-        let w = self.weight.clone().cast(DType::F32);
+        let w = self.weight.dense_f32();
         match (&self.lora, self.merged) {
             (Some(l), false) => w + Self::delta(l),
             _ => w,
@@ -106,14 +112,15 @@ impl<B: Backend> LoraLinear<B> {
     pub fn merged_weight(&self) -> Tensor<B, 2> {
         match (&self.lora, self.merged) {
             (Some(_), false) => round_to_dtype(self.merged_weight_f32(), self.weight.dtype()),
-            _ => self.weight.clone(),
+            _ => self.weight.dense(),
         }
     }
 
-    /// Add the adapter into W (keeping the adapter so it can be unmerged).
+    /// Add the adapter into W (keeping the adapter so it can be unmerged). A quantized W becomes dense (the sum
+    /// is not representable in its format); keep the adapter unmerged to stay quantized.
     pub fn merge(&mut self) {
         if self.lora.is_some() && !self.merged {
-            self.weight = self.merged_weight();
+            self.weight = Frozen::Dense(self.merged_weight());
             self.merged = true;
         }
     }
@@ -122,8 +129,10 @@ impl<B: Backend> LoraLinear<B> {
     pub fn unmerge(&mut self) {
         if let (Some(l), true) = (&self.lora, self.merged) {
             let dtype = self.weight.dtype();
-            self.weight =
-                round_to_dtype(self.weight.clone().cast(DType::F32) - Self::delta(l), dtype);
+            self.weight = Frozen::Dense(round_to_dtype(
+                self.weight.dense_f32() - Self::delta(l),
+                dtype,
+            ));
             self.merged = false;
         }
     }

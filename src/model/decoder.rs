@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 
 use super::config::ModelConfig;
 use super::tree::{Embedding, Layer, MapLeaves, RmsNorm, Tree, Weights};
@@ -192,10 +192,7 @@ impl<B: Kernels> CausalLm<B> {
 
     /// The token embeddings of a batch `[b·s, hidden]` (scaled where the family scales them).
     pub(crate) fn embed(&self, batch: &TokenBatch) -> Tensor<B, 2> {
-        let n = batch.batch * batch.seq;
-        let ids: Vec<i32> = batch.input_ids.iter().map(|&x| x as i32).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
-        let x = self.model.embed_tokens.weight.clone().select(0, ids);
+        let x = self.model.embed_tokens.weight.gather_rows(&batch.input_ids);
         match self.config.embedding_scale() {
             Some(scale) => x.mul_scalar(scale),
             None => x,
@@ -381,14 +378,14 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B::InnerBackend>> for Inn
     fn embedding(&mut self, e: &Embedding<B>) -> Embedding<B::InnerBackend> {
         Embedding {
             path: e.path.clone(),
-            weight: e.weight.clone().inner(),
+            weight: e.weight.map(|t| t.inner()),
         }
     }
 
     fn linear(&mut self, l: &LoraLinear<B>) -> LoraLinear<B::InnerBackend> {
         LoraLinear {
             path: l.path.clone(),
-            weight: l.weight.clone().inner(),
+            weight: l.weight.map(|t| t.inner()),
             bias: l.bias.clone().map(|b| b.inner()),
             lora: l.lora.as_ref().map(|a| LoraAdapter {
                 a: a.a.clone().inner(),
@@ -419,7 +416,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
         let e = Inner.embedding(e);
         Embedding {
             path: e.path,
-            weight: Tensor::from_inner(e.weight),
+            weight: e.weight.map(Tensor::from_inner),
         }
     }
 
@@ -427,7 +424,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
         let l = Inner.linear(l);
         LoraLinear {
             path: l.path,
-            weight: Tensor::from_inner(l.weight),
+            weight: l.weight.map(Tensor::from_inner),
             bias: l.bias.map(Tensor::from_inner),
             lora: l.lora.map(|a| LoraAdapter {
                 a: Tensor::from_inner(a.a),

@@ -2,6 +2,7 @@
 //! error listing everything missing, unexpected or mis-shaped.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use burn::tensor::{backend::Backend, DType, Tensor};
 
@@ -11,6 +12,7 @@ use super::tree::{Embedding, Make, RmsNorm, Tree, Weights};
 use super::weights::TensorSource;
 use crate::error::{Error, Result};
 use crate::lora::linear::LoraLinear;
+use crate::quant::{BasePlan, Frozen, QMatrix};
 
 /// Tensors some checkpoints carry that the model does not use (never an error).
 fn ignorable(name: &str) -> bool {
@@ -76,12 +78,45 @@ struct Loader<'a, B: Backend> {
     dtype: DType,
     eps: f64,
     norm_offset: f32,
+    plan: BasePlan,
 }
 
 impl<B: Backend> Loader<'_, B> {
     fn tensor<const D: usize>(&self, name: &str) -> Result<Tensor<B, D>> {
         let data = self.src.load(name, self.dtype)?;
         Ok(Tensor::from_data(data, (self.device, self.dtype)))
+    }
+
+    /// A frozen matrix under the plan: kept as stored when the checkpoint holds it quantized, quantized when it
+    /// is a dense decoder linear and the plan quantizes those, else dense in the compute dtype.
+    fn frozen(&self, name: &str, decoder_linear: bool) -> Result<Frozen<B>> {
+        let quant = |q: QMatrix| Frozen::Quant {
+            q: Arc::new(q),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        if self.plan.keep_stored {
+            if let Some(q) = self.src.load_quantized(name)? {
+                return Ok(quant(q));
+            }
+        }
+        match self.plan.quantize {
+            Some(scheme) if decoder_linear => {
+                let data = self.src.load(name, DType::F32)?;
+                let shape = data.shape.clone();
+                let values = data.to_vec::<f32>().map_err(|e| {
+                    Error::Weights(format!("{}: tensor `{name}`: {e:?}", self.src.origin()))
+                })?;
+                let q = QMatrix::quantize(&values, shape[0], shape[1], scheme).map_err(|e| {
+                    Error::Weights(format!(
+                        "{}: quantizing `{name}` to {scheme}: {e}",
+                        self.src.origin()
+                    ))
+                })?;
+                Ok(quant(q))
+            }
+            _ => Ok(Frozen::Dense(self.tensor(name)?)),
+        }
     }
 }
 
@@ -91,22 +126,22 @@ impl<B: Backend> Make<Weights<B>> for Loader<'_, B> {
     fn embedding(&mut self, path: &str, _: usize, _: usize) -> Result<Embedding<B>> {
         Ok(Embedding {
             path: path.into(),
-            weight: self.tensor(&format!("{path}.weight"))?,
+            weight: self.frozen(&format!("{path}.weight"), false)?,
         })
     }
 
     fn linear(&mut self, path: &str, _: usize, _: usize, bias: bool) -> Result<LoraLinear<B>> {
-        let w = self.tensor(&format!("{path}.weight"))?;
+        let w = self.frozen(&format!("{path}.weight"), path != "lm_head")?;
         let b = if bias {
             Some(self.tensor(&format!("{path}.bias"))?)
         } else {
             None
         };
-        Ok(LoraLinear::new(path, w, b))
+        Ok(LoraLinear::frozen(path, w, b))
     }
 
     fn tied(&mut self, path: &str, e: &Embedding<B>) -> Result<LoraLinear<B>> {
-        let mut l = LoraLinear::new(path, e.weight.clone(), None);
+        let mut l = LoraLinear::frozen(path, e.weight.clone(), None);
         l.tied = true;
         Ok(l)
     }
@@ -122,12 +157,23 @@ impl<B: Backend> Make<Weights<B>> for Loader<'_, B> {
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Load a model from a tensor source in the given compute dtype (F32, BF16 or F16).
+    /// Load a model from a tensor source in the given compute dtype (F32, BF16 or F16), every weight dense.
     pub fn load(
         cfg: ModelConfig,
         src: &dyn TensorSource,
         device: &B::Device,
         dtype: DType,
+    ) -> Result<Self> {
+        Self::load_with(cfg, src, device, dtype, BasePlan::DENSE)
+    }
+
+    /// [`CausalLm::load`] with the frozen base held as `plan` says (quantized matrices kept or made).
+    pub fn load_with(
+        cfg: ModelConfig,
+        src: &dyn TensorSource,
+        device: &B::Device,
+        dtype: DType,
+        plan: BasePlan,
     ) -> Result<Self> {
         cfg.validate()?;
         check_source(&cfg, src)?;
@@ -137,6 +183,7 @@ impl<B: Backend> CausalLm<B> {
             dtype,
             eps: cfg.rms_norm_eps,
             norm_offset: cfg.norm_offset(),
+            plan,
         };
         let model = Tree::build(&cfg, &mut loader)?;
         let inv_freq = cfg.rope_inv_freq();

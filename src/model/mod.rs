@@ -5,6 +5,7 @@ pub mod config;
 pub mod decoder;
 pub mod families;
 pub mod loader;
+pub mod memory;
 pub mod tree;
 pub mod weights;
 

@@ -22,6 +22,7 @@ use burn::tensor::Tensor;
 
 use super::config::ModelConfig;
 use crate::lora::linear::LoraLinear;
+use crate::quant::Frozen;
 
 /// What a tree's leaves are.
 pub trait Leaves: Clone + Debug {
@@ -444,11 +445,11 @@ pub struct RmsNorm<B: Backend> {
     pub offset: f32,
 }
 
-/// The token embedding matrix `[vocab, hidden]`.
+/// The token embedding matrix `[vocab, hidden]` (dense, or quantized: a lookup dequantizes only its rows).
 #[derive(Debug, Clone)]
 pub struct Embedding<B: Backend> {
     pub path: String,
-    pub weight: Tensor<B, 2>,
+    pub weight: Frozen<B>,
 }
 
 impl<B: Backend> Named for RmsNorm<B> {

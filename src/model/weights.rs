@@ -49,6 +49,12 @@ pub trait TensorSource: Send + Sync {
     /// Load one tensor converted to `dtype` (F32, F16 or BF16), torch layout.
     fn load(&self, name: &str, dtype: DType) -> Result<TensorData>;
 
+    /// A matrix the checkpoint stores quantized, as stored (torch layout): `None` for dense tensors and for
+    /// formats a quantized base cannot keep (those load dequantized through [`TensorSource::load`]).
+    fn load_quantized(&self, _name: &str) -> Result<Option<crate::quant::QMatrix>> {
+        Ok(None)
+    }
+
     /// The floating-point dtype most of the tensors are stored in (F32 for quantised GGUF files): what a merge
     /// keeps by default.
     fn dominant_dtype(&self) -> StoredDtype {

@@ -167,7 +167,13 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         // Model and adapter.
         let t_load = Instant::now();
         let mcfg = base.config.clone();
-        let mut model = CausalLm::<B>::load(mcfg.clone(), base.source.as_ref(), &device, at.dtype)?;
+        let mut model = CausalLm::<B>::load_with(
+            mcfg.clone(),
+            base.source.as_ref(),
+            &device,
+            at.dtype,
+            cfg.base_plan(),
+        )?;
         let settings = cfg.lora_settings(mcfg.family);
         let lora = match &resume_dir {
             Some(d) => {
@@ -213,6 +219,15 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             total,
             schedule.warmup
         ));
+        printer.line(
+            &model
+                .memory(
+                    cfg.micro_batch_size * cfg.sequence_len,
+                    cfg.gradient_checkpointing != crate::train::recompute::Checkpointing::Off,
+                    at.dtype.size(),
+                )
+                .to_string(),
+        );
 
         // Optimizer and trainer state, restored exactly when resuming.
         let keys: Vec<String> = lora_params(&model).into_iter().map(|(k, _)| k).collect();
@@ -714,7 +729,13 @@ pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<Eval> {
             let tokenizer = cfg.tokenizer(&model_path)?;
             let data = cfg.data_pipeline(&tokenizer)?;
             let base = model::open(&model_path)?;
-            let mut m = CausalLm::<B>::load(base.config, base.source.as_ref(), &device, at.dtype)?;
+            let mut m = CausalLm::<B>::load_with(
+                base.config,
+                base.source.as_ref(),
+                &device,
+                at.dtype,
+                cfg.base_plan(),
+            )?;
             if let Some(a) = &adapter {
                 load_adapter(&mut m, a)?;
             }

@@ -182,7 +182,7 @@ num_epochs: 1
 lr_scheduler: cosine_with_restarts
 optimizer: adamw_bnb_8bit
 chat_template: chatlm
-adapter: qlora
+adapter: llama-adapter
 device: gpu:1
 ";
     let errs = errors(d.path(), yaml, &[]);
@@ -208,7 +208,7 @@ device: gpu:1
     );
     assert_has(
         &errs,
-        "invalid `adapter` at line 10 column 10; adapter `qlora` is not supported: quantised training (QLoRA, a 4-bit base) is not supported yet; use `adapter: lora` (the base stays in bf16/f32)",
+        "invalid `adapter` at line 10 column 10; adapter `llama-adapter` is not supported: only `adapter: lora` and `adapter: qlora` are implemented",
     );
     assert_contains(
         &errs,
@@ -540,7 +540,7 @@ datasets:
 fn axolotl_keys_loratune_does_not_implement() {
     let d = data_dir();
     let yaml = format!(
-        "{GOOD}load_in_8bit: false\nstrict: false\nwandb_project: demo\nflash_attention: true\nrevision_of_model: v1.0\npeft_layers_to_transform: [0, 1]\n"
+        "{GOOD}gptq: false\nstrict: false\nwandb_project: demo\nflash_attention: true\nrevision_of_model: v1.0\npeft_layers_to_transform: [0, 1]\n"
     );
     let c = load_in(d.path(), &yaml, &[]).unwrap();
     assert_eq!(c.base_model_revision.as_deref(), Some("v1.0"));
@@ -548,7 +548,7 @@ fn axolotl_keys_loratune_does_not_implement() {
     let w: Vec<String> = c.warnings().iter().map(|w| w.to_string()).collect();
     assert_contains(
         &w,
-        &["Axolotl key `load_in_8bit` is ignored (it is off) at line 7 column 1"],
+        &["Axolotl key `gptq` is ignored (it is off) at line 7 column 1"],
     );
     assert_contains(
         &w,
@@ -563,14 +563,13 @@ fn axolotl_keys_loratune_does_not_implement() {
     );
     assert_contains(&w, &["`base_model_revision` is ignored", "local path"]);
 
-    let yaml =
-        format!("{GOOD}load_in_4bit: true\nfp16: true\nlora_modules_to_save: [embed_tokens]\n");
+    let yaml = format!("{GOOD}gptq: true\nfp16: true\nlora_modules_to_save: [embed_tokens]\n");
     let errs = errors(d.path(), &yaml, &[]);
     assert_contains(
         &errs,
         &[
-            "unsupported key `load_in_4bit` at line 7 column 1",
-            "quantised",
+            "unsupported key `gptq` at line 7 column 1",
+            "GPTQ",
             "remove it",
         ],
     );
@@ -1074,5 +1073,69 @@ fn gradient_checkpointing_values() {
             "gradient_checkpointing",
             "expected true, false or offload, found `sometimes`",
         ],
+    );
+}
+
+/// QLoRA keys: `adapter: qlora` and `load_in_4bit` give an NF4 base (double quantization by default, as
+/// Axolotl's QLoRA), `load_in_8bit` int8 blocks, `base_quantization: dequantize` drops stored quantization;
+/// contradictions and FP4 are errors naming the key.
+#[test]
+fn quantized_base_keys_resolve_to_a_load_plan() {
+    use loratune::quant::{BasePlan, QuantScheme};
+    let d = data_dir();
+    let c = load_in(d.path(), GOOD, &[]).unwrap();
+    assert_eq!(c.base_plan(), BasePlan::KEEP);
+    let c = load_in(d.path(), &format!("{GOOD}adapter: qlora\n"), &[]).unwrap();
+    let nf4 = |double| BasePlan {
+        keep_stored: true,
+        quantize: Some(QuantScheme::Nf4 { double }),
+    };
+    assert_eq!(c.base_plan(), nf4(true));
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}load_in_4bit: true\nbnb_4bit_use_double_quant: false\nbnb_4bit_compute_dtype: bfloat16\nbnb_4bit_quant_type: nf4\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.base_plan(), nf4(false));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}load_in_8bit: true\nbase_quantization: dequantize\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        c.base_plan(),
+        BasePlan {
+            keep_stored: false,
+            quantize: Some(QuantScheme::Int8)
+        }
+    );
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}bnb_4bit_use_double_quant: false\n"),
+        &[],
+    )
+    .unwrap();
+    let w: Vec<String> = c.warnings().iter().map(|w| w.to_string()).collect();
+    assert_contains(
+        &w,
+        &[
+            "`bnb_4bit_use_double_quant` has no effect",
+            "not loaded in 4-bit",
+        ],
+    );
+
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}adapter: qlora\nload_in_8bit: true\nbnb_4bit_quant_type: fp4\nbase_quantization: squash\n"),
+        &[],
+    );
+    assert_contains(&errs, &["`load_in_8bit`", "remove `load_in_8bit`"]);
+    assert_contains(&errs, &["`bnb_4bit_quant_type`", "FP4 is not implemented"]);
+    assert_contains(
+        &errs,
+        &["`base_quantization`", "supported: keep, dequantize"],
     );
 }

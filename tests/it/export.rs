@@ -7,6 +7,7 @@
 //! and (2) compare loratune's logits with PEFT's / transformers' logits on the same files.
 //! Regenerate with `LORATUNE_REGEN_EXPORT_FIXTURES=1 cargo test --release --test it export::` then rerun the script.
 
+use loratune::quant::Frozen;
 use std::path::Path;
 
 use loratune::export::hf::{save_merged, MergedExportOptions};
@@ -254,9 +255,9 @@ fn sharded_bf16_merged_export_reloads() {
     let f = burn::tensor::DType::F32;
     let r2 = |t: burn::tensor::Tensor<B, 2>| round_to_dtype(t, bf).cast(f);
     let r1 = |t: burn::tensor::Tensor<B, 1>| round_to_dtype(t, bf).cast(f);
-    m.model.embed_tokens.weight = r2(m.model.embed_tokens.weight.clone());
+    m.model.embed_tokens.weight = Frozen::Dense(r2(m.model.embed_tokens.weight.dense()));
     for (_, l) in m.linears_mut() {
-        l.weight = r2(l.weight.clone());
+        l.weight = Frozen::Dense(r2(l.weight.dense()));
         l.bias = l.bias.clone().map(r1);
     }
     for layer in &mut m.model.layers {
@@ -281,7 +282,7 @@ fn merge_then_unmerge_restores_weights() {
     let before: Vec<Vec<f32>> = m
         .linears()
         .iter()
-        .map(|(_, l)| to_vec(l.weight.clone()))
+        .map(|(_, l)| to_vec(l.weight.dense()))
         .collect();
     for (_, l) in m.linears_mut() {
         l.merge();
@@ -293,7 +294,7 @@ fn merge_then_unmerge_restores_weights() {
     let after: Vec<Vec<f32>> = m
         .linears()
         .iter()
-        .map(|(_, l)| to_vec(l.weight.clone()))
+        .map(|(_, l)| to_vec(l.weight.dense()))
         .collect();
     let d = before
         .iter()

@@ -11,5 +11,6 @@ mod gguf_export;
 mod hub;
 mod lora;
 mod parity;
+mod quant;
 mod train;
 mod weights;

@@ -16,11 +16,15 @@ use burn::backend::Flex;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use super::gemm::{gemm_cols_new, gemm_sum_new, MatRef, Term};
+use std::sync::Arc;
+
+use super::gemm::{gemm, gemm_cols_new, gemm_sum_new, MatMut, MatRef, Term};
+use super::qgemm::{dyw_acc, xwt_into};
 use super::simd::{self, simd_fn};
 use super::{flex_f32, Cpu, Rows};
 use crate::kernels::prof::{self, Cat};
 use crate::kernels::LinearRef;
+use crate::quant::{Frozen, QMatrix};
 
 fn rows_ref(r: &Rows) -> MatRef<'_> {
     MatRef::rows(r.data(), r.off, r.rows, r.cols, r.rs)
@@ -250,11 +254,18 @@ struct Adapter {
     low: Vec<f32>,
 }
 
+/// A member's frozen W, `[out_j, in]`.
+#[derive(Debug, Clone)]
+enum FrozenW {
+    Dense(FlexTensor),
+    /// Decoded a tile of rows at a time inside the GEMMs ([`super::qgemm`]).
+    Quant(Arc<QMatrix>),
+}
+
 /// One member of a group.
 #[derive(Debug, Clone)]
 struct Member {
-    /// Frozen W, `[out_j, in]`.
-    w: FlexTensor,
+    w: FrozenW,
     /// First output column.
     col0: usize,
     out: usize,
@@ -400,18 +411,30 @@ impl<const N: usize> Backward<Flex, N> for GroupBackward {
         if x_parent.is_some() {
             let flops: usize = st.members.iter().map(|m| 2 * n * m.out * inp).sum();
             let _t = prof::time(Cat::LinearBwd, flops as f64);
-            let ws: Vec<Rows> = st.members.iter().map(|m| Rows::of(&m.w)).collect();
-            let terms: Vec<Term> = st
+            let dy_of = |m: &Member| MatRef::rows(dy.data(), dy.off + m.col0, n, m.out, dy.rs);
+            let dense: Vec<(&Member, Rows)> = st
                 .members
                 .iter()
-                .zip(&ws)
+                .filter_map(|m| match &m.w {
+                    FrozenW::Dense(w) => Some((m, Rows::of(w))),
+                    FrozenW::Quant(_) => None,
+                })
+                .collect();
+            let terms: Vec<Term> = dense
+                .iter()
                 .map(|(m, w)| Term {
-                    a: MatRef::rows(dy.data(), dy.off + m.col0, n, m.out, dy.rs),
+                    a: dy_of(m),
                     b: rows_ref(w),
                     beta: 1.0,
                 })
                 .collect();
-            dx = Some(gemm_sum_new(n, inp, &terms, true));
+            let mut d = gemm_sum_new(n, inp, &terms, true);
+            for m in &st.members {
+                if let FrozenW::Quant(q) = &m.w {
+                    dyw_acc(&mut d, dy_of(m), q);
+                }
+            }
+            dx = Some(d);
         }
         // Pass 2 over x (and dx): dx += Σ_j (u_j·A_j) ∘ m_j, dA_j = u_jᵀ·(x ∘ m_j).
         let t_x = prof::time(Cat::LoraBwd, 4.0 * (n * rsum * inp) as f64);
@@ -564,16 +587,21 @@ pub fn linear_group<B: Cpu>(
     let mut parents = vec![xi];
     let mut col0 = 0;
     for m in members {
-        let wi = B::input(m.weight);
-        let wf = B::flex(&wi).clone();
-        if B::tracked(&wi) || !super::all_f32(&[&wf]) {
+        let w = match m.weight {
+            Frozen::Dense(t) => {
+                let wi = B::input(t);
+                let wf = B::flex(&wi).clone();
+                if B::tracked(&wi) || !super::all_f32(&[&wf]) {
+                    return None;
+                }
+                FrozenW::Dense(wf)
+            }
+            Frozen::Quant { q, .. } => FrozenW::Quant(q.clone()),
+        };
+        let [out, w_in] = m.weight.dims();
+        if w_in != inp {
             return None;
         }
-        let w = Rows::of(&wf);
-        if w.cols != inp {
-            return None;
-        }
-        let out = w.rows;
         if let Some(b) = m.bias {
             let bi = B::input(b);
             let bf = B::flex(&bi);
@@ -622,7 +650,7 @@ pub fn linear_group<B: Cpu>(
             }
         };
         mems.push(Member {
-            w: wf,
+            w,
             col0,
             out,
             adapter,
@@ -634,30 +662,58 @@ pub fn linear_group<B: Cpu>(
     let t_lin = prof::time(Cat::LinearFwd, flops as f64);
     // Batches of training size read Wᵀ from a cached `[in, out]` copy (the GEMM runs ~14% faster on a
     // row-major right-hand side than on W read transposed); small ones (generation) read W directly.
-    let wts: Vec<Option<FlexTensor>> = mems
+    // A quantized W is never transposed or cached: it is decoded a tile at a time inside its GEMM.
+    let mut y = match mems
         .iter()
-        .map(|m| (n >= TRANSPOSE_MIN_ROWS).then(|| transposed_weight(&m.w)))
-        .collect();
-    let ws: Vec<Rows> = mems
-        .iter()
-        .zip(&wts)
-        .map(|(m, t)| Rows::of(t.as_ref().unwrap_or(&m.w)))
-        .collect();
-    let terms: Vec<Term> = ws
-        .iter()
-        .zip(&wts)
-        .map(|(w, t)| Term {
-            a: rows_ref(&xr),
-            b: if t.is_some() {
-                rows_ref(w)
-            } else {
-                rows_ref(w).t()
-            },
-            beta: 1.0,
+        .map(|m| match &m.w {
+            FrozenW::Dense(w) => Some(w),
+            FrozenW::Quant(_) => None,
         })
-        .collect();
-    let mut y = gemm_cols_new(n, &terms, true);
-    drop(terms);
+        .collect::<Option<Vec<&FlexTensor>>>()
+    {
+        Some(dense) => {
+            let wts: Vec<Option<FlexTensor>> = dense
+                .iter()
+                .map(|w| (n >= TRANSPOSE_MIN_ROWS).then(|| transposed_weight(w)))
+                .collect();
+            let ws: Vec<Rows> = dense
+                .iter()
+                .zip(&wts)
+                .map(|(w, t)| Rows::of(t.as_ref().unwrap_or(w)))
+                .collect();
+            let terms: Vec<Term> = ws
+                .iter()
+                .zip(&wts)
+                .map(|(w, t)| Term {
+                    a: rows_ref(&xr),
+                    b: if t.is_some() {
+                        rows_ref(w)
+                    } else {
+                        rows_ref(w).t()
+                    },
+                    beta: 1.0,
+                })
+                .collect();
+            gemm_cols_new(n, &terms, true)
+        }
+        None => {
+            let mut y = vec![0f32; n * cols];
+            for m in &mems {
+                match &m.w {
+                    FrozenW::Dense(w) => gemm(
+                        MatMut::rows(&mut y, m.col0, n, m.out, cols),
+                        rows_ref(&xr),
+                        rows_ref(&Rows::of(w)).t(),
+                        1.0,
+                        false,
+                        true,
+                    ),
+                    FrozenW::Quant(q) => xwt_into(&mut y, m.col0, cols, rows_ref(&xr), q),
+                }
+            }
+            y
+        }
+    };
     for (c0, bv) in &biases {
         y.par_chunks_mut(cols.max(1)).for_each(|row| {
             for (o, b) in row[*c0..*c0 + bv.len()].iter_mut().zip(bv.iter()) {

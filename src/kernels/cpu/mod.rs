@@ -19,6 +19,7 @@
 pub mod act;
 pub mod attention;
 mod gemm;
+mod qgemm;
 pub mod lora;
 pub mod norm;
 mod simd;

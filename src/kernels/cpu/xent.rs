@@ -19,9 +19,11 @@ use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, MatMut, MatRef};
+use super::qgemm::WeightRows;
 use super::simd::{self, simd_fn};
 use super::{flex_f32, Cpu, Rows};
 use crate::kernels::prof;
+use crate::quant::Frozen;
 
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name)
@@ -63,14 +65,14 @@ simd_fn! {
 /// Loss sum and, with `grad`, ∂loss/∂hidden `[n_all, d]` (zero on unselected rows).
 pub(crate) fn forward_host(
     h: &Rows,
-    w: &Rows,
+    w: &WeightRows<'_>,
     rows: &[usize],
     targets: &[usize],
     grad: bool,
     chunk: usize,
     tile: Option<usize>,
 ) -> (f64, Option<Vec<f32>>) {
-    let (d, vocab) = (h.cols, w.rows);
+    let (d, vocab) = (h.cols, w.rows());
     let n_chunks = rows.len().div_ceil(chunk.max(1)).max(1);
     let c = rows.len().div_ceil(n_chunks).max(1);
     let tw = tile
@@ -82,7 +84,8 @@ pub(crate) fn forward_host(
     let mut acc = vec![0f32; c * d];
     let mut dh = grad.then(|| vec![0f32; h.rows * d]);
     let mut total = 0f64;
-    let wref = MatRef::rows(w.data(), w.off, w.rows, w.cols, w.rs);
+    let mut wbuf = Vec::new();
+    let mut trow = Vec::new();
     for (ch, tg) in rows.chunks(c).zip(targets.chunks(c)) {
         let cn = ch.len();
         for (k, &r) in ch.iter().enumerate() {
@@ -99,7 +102,7 @@ pub(crate) fn forward_host(
             let v1 = (v0 + tw).min(vocab);
             let tn = v1 - v0;
             let lt = &mut logits[..cn * tn];
-            let w_tile = wref.row_range(v0, v1);
+            let w_tile = w.tile(v0, v1, &mut wbuf);
             gemm(MatMut::packed(lt, cn, tn), hm, w_tile.t(), 1.0, false, true);
             lt.par_chunks_mut(tn)
                 .zip(m.par_iter_mut())
@@ -139,7 +142,8 @@ pub(crate) fn forward_host(
         if let Some(dh) = dh.as_mut() {
             for (k, (&r, &t)) in ch.iter().zip(tg).enumerate() {
                 let inv = 1.0 / s[k];
-                let wt = w.row(t);
+                let wm = w.tile(t, t + 1, &mut trow);
+                let wt = &wm.data[wm.off..wm.off + d];
                 for ((o, &a), &wv) in dh[r * d..(r + 1) * d]
                     .iter_mut()
                     .zip(&acc[k * d..(k + 1) * d])
@@ -183,7 +187,7 @@ impl Backward<Flex, 1> for XentBackward {
 /// be `< V`).
 pub fn lm_xent<B: Cpu>(
     hidden: &Tensor<B, 2>,
-    weight: &Tensor<B, 2>,
+    weight: &Frozen<B>,
     rows: &[usize],
     targets: &[usize],
 ) -> Option<Tensor<B, 1>> {
@@ -192,24 +196,44 @@ pub fn lm_xent<B: Cpu>(
 
 fn lm_xent_chunked<B: Cpu>(
     hidden: &Tensor<B, 2>,
-    weight: &Tensor<B, 2>,
+    weight: &Frozen<B>,
     rows: &[usize],
     targets: &[usize],
     chunk: usize,
     tile: Option<usize>,
 ) -> Option<Tensor<B, 1>> {
-    let (wi, hi) = (B::input(weight), B::input(hidden));
-    let (wf, hf) = (B::flex(&wi), B::flex(&hi));
-    if B::tracked(&wi) || !super::all_f32(&[wf, hf]) || rows.len() != targets.len() {
+    let hi = B::input(hidden);
+    let hf = B::flex(&hi);
+    if !super::all_f32(&[hf]) || rows.len() != targets.len() {
         return None;
     }
-    let (h, w) = (Rows::of(hf), Rows::of(wf));
-    if w.cols != h.cols || rows.iter().any(|&r| r >= h.rows) || targets.iter().any(|&t| t >= w.rows)
+    let h = Rows::of(hf);
+    let dense;
+    let w = match weight {
+        Frozen::Dense(t) => {
+            let wi = B::input(t);
+            if B::tracked(&wi) || !super::all_f32(&[B::flex(&wi)]) {
+                return None;
+            }
+            dense = Rows::of(B::flex(&wi));
+            WeightRows::Dense(MatRef::rows(
+                dense.data(),
+                dense.off,
+                dense.rows,
+                dense.cols,
+                dense.rs,
+            ))
+        }
+        Frozen::Quant { q, .. } => WeightRows::Quant(q),
+    };
+    if w.cols() != h.cols
+        || rows.iter().any(|&r| r >= h.rows)
+        || targets.iter().any(|&t| t >= w.rows())
     {
         return None;
     }
     let want_grad = B::AUTODIFF && B::tracked(&hi);
-    let flops = 2.0 * (rows.len() * h.cols * w.rows) as f64 * if want_grad { 2.0 } else { 1.0 };
+    let flops = 2.0 * (rows.len() * h.cols * w.rows()) as f64 * if want_grad { 2.0 } else { 1.0 };
     let timer = prof::time(prof::Cat::XentFwd, flops);
     let (loss, dh) = forward_host(&h, &w, rows, targets, want_grad, chunk, tile);
     drop(timer);
@@ -237,13 +261,13 @@ mod tests {
         let run = |fused: Option<(usize, Option<usize>)>| {
             let dev = Default::default();
             let ht = ad_param::<2>(&h, [n, d], &dev);
-            let wt = plain::<2>(&w, [v, d], &dev);
+            let wt = Frozen::Dense(plain::<2>(&w, [v, d], &dev));
             let loss = if let Some((chunk, tile)) = fused {
                 lm_xent_chunked(&ht, &wt, &rows, &targets, chunk, tile).expect("fused")
             } else {
                 let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
                 let idx = Tensor::<AD, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &dev);
-                let logits = ht.clone().select(0, idx).matmul(wt.clone().transpose());
+                let logits = ht.clone().select(0, idx).matmul(wt.dense().transpose());
                 let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
                 let tg =
                     Tensor::<AD, 2, Int>::from_data(TensorData::new(tg, [rows.len(), 1]), &dev);
