@@ -7,11 +7,13 @@
 //! the same upstream gradient through both, and reports the largest difference relative to the reference's
 //! largest magnitude. On a backend without a fused kernel for a case both runs are the reference: difference 0.
 
-use crate::quant::Frozen;
 use std::sync::Arc;
 
 use burn::tensor::{DType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
+
+use crate::gguf::GgmlType;
+use crate::quant::{Frozen, QMatrix};
 
 use super::{
     reference, with_fused, Activation, Attention, AttnSpec, LinearRef, Masking, NormRef, Qkv, Rope,
@@ -424,6 +426,160 @@ pub fn lora_group<B: TrainBackend>(device: &B::Device, dtype: DType, dropout: bo
     )
 }
 
+/// The GGUF block types a quantized base keeps, checked one by one.
+pub const QUANT_CASES: &[GgmlType] = crate::quant::KEPT_GGML;
+
+/// A linear group over a quantized base: a member whose W is `ty` blocks (with an adapter and a bias) beside a
+/// dense one (with an adapter), against the reference on the same weights dequantized — outputs and the gradients
+/// of x, A and B. The fused path decodes W where its GEMMs read it; the values must not change.
+pub fn quant_group<B: TrainBackend>(device: &B::Device, dtype: DType, ty: GgmlType) -> KernelCheck {
+    let (n, d, r) = (29, 256, 4);
+    let outs = [64usize, 32];
+    let x = rand_vec(n * d, 71);
+    let width: usize = outs.iter().sum();
+    let dy = rand_vec(n * width, 72);
+    let q = match QMatrix::random_ggml(ty, outs[0], d, 0.5, 73) {
+        Ok(q) => Arc::new(q),
+        Err(e) => unreachable!("random {ty} blocks: {e}"),
+    };
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let xt = tensor::<B, 2>(&x, [n, d], device, dtype).require_grad();
+            let quant = Frozen::Quant {
+                q: q.clone(),
+                dtype,
+                device: device.clone(),
+            };
+            // The reference reads the dequantized copy of the same blocks.
+            let w0 = if fused {
+                quant
+            } else {
+                Frozen::Dense(quant.dense())
+            };
+            let w1 = Frozen::Dense(tensor::<B, 2>(
+                &rand_vec(outs[1] * d, 74),
+                [outs[1], d],
+                device,
+                dtype,
+            ));
+            let bias = tensor::<B, 1>(&rand_vec(outs[0], 75), [outs[0]], device, dtype);
+            let params: Vec<(Tensor<B, 2>, Tensor<B, 2>)> = outs
+                .iter()
+                .enumerate()
+                .map(|(j, &out)| {
+                    let s = 76 + 2 * j as u64;
+                    (
+                        tensor::<B, 2>(&rand_vec(r * d, s), [r, d], device, DType::F32)
+                            .require_grad(),
+                        tensor::<B, 2>(&rand_vec(out * r, s + 1), [out, r], device, DType::F32)
+                            .require_grad(),
+                    )
+                })
+                .collect();
+            let members = [
+                LinearRef {
+                    weight: &w0,
+                    bias: Some(&bias),
+                    adapter: Some(super::AdapterRef {
+                        a: &params[0].0,
+                        b: &params[0].1,
+                        scale: 2.0,
+                        mask: None,
+                    }),
+                },
+                LinearRef {
+                    weight: &w1,
+                    bias: None,
+                    adapter: Some(super::AdapterRef {
+                        a: &params[1].0,
+                        b: &params[1].1,
+                        scale: 0.5,
+                        mask: None,
+                    }),
+                },
+            ];
+            let y = if fused {
+                B::lora_linear_group(xt.clone(), &members)
+            } else {
+                Tensor::cat(
+                    members
+                        .iter()
+                        .map(|m| reference::linear(xt.clone(), m))
+                        .collect(),
+                    1,
+                )
+            };
+            let g = dot(y.clone(), tensor(&dy, [n, width], device, dtype)).backward();
+            let mut grads = xt.grad(&g).map(to_vec).unwrap_or_default();
+            for (a, b) in &params {
+                grads.extend(a.grad(&g).map(to_vec).unwrap_or_default());
+                grads.extend(b.grad(&g).map(to_vec).unwrap_or_default());
+            }
+            (to_vec(y), grads)
+        })
+    };
+    outcome(
+        format!("quantized group {ty} 29x256 -> 64|32 (dense), r 4"),
+        dtype,
+        run(true),
+        run(false),
+    )
+}
+
+/// `lm_head` + cross-entropy with the head in `ty` blocks against the reference on the dequantized head.
+pub fn quant_head_xent<B: TrainBackend>(
+    device: &B::Device,
+    dtype: DType,
+    ty: GgmlType,
+) -> KernelCheck {
+    let (n, d, vocab) = (21, 256, 300);
+    let rows: Vec<usize> = (0..n).filter(|r| r % 4 != 3).collect();
+    let targets: Vec<usize> = rows.iter().map(|r| (r * 7919 + 5) % vocab).collect();
+    let h: Vec<f32> = rand_vec(n * d, 81);
+    let q = match QMatrix::random_ggml(ty, vocab, d, 0.5, 82) {
+        Ok(q) => Arc::new(q),
+        Err(e) => unreachable!("random {ty} blocks: {e}"),
+    };
+    let t = Targets {
+        rows: &rows,
+        targets: &targets,
+        softcap: None,
+    };
+    let run = |fused: bool| {
+        with_fused(fused, || {
+            let quant = Frozen::Quant {
+                q: q.clone(),
+                dtype,
+                device: device.clone(),
+            };
+            let weight = if fused {
+                quant
+            } else {
+                Frozen::Dense(quant.dense())
+            };
+            let head = LinearRef {
+                weight: &weight,
+                bias: None,
+                adapter: None,
+            };
+            let x = tensor::<B, 2>(&h, [n, d], device, dtype).require_grad();
+            let loss = if fused {
+                B::lm_head_cross_entropy(x.clone(), &head, &t)
+            } else {
+                reference::lm_head_cross_entropy(x.clone(), &head, &t)
+            };
+            let g = loss.clone().backward();
+            (to_vec(loss), x.grad(&g).map(to_vec).unwrap_or_default())
+        })
+    };
+    outcome(
+        format!("quantized lm_head {ty} + xent 21x256 -> 300"),
+        dtype,
+        run(true),
+        run(false),
+    )
+}
+
 /// The whole suite in one dtype.
 pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck> {
     let base = ATTN_BASE;
@@ -481,6 +637,10 @@ pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck
     out.push(lm_head_xent::<B>(device, dtype, Some(3.0)));
     out.push(lora_group::<B>(device, dtype, false));
     out.push(lora_group::<B>(device, dtype, true));
+    for &ty in QUANT_CASES {
+        out.push(quant_group::<B>(device, dtype, ty));
+        out.push(quant_head_xent::<B>(device, dtype, ty));
+    }
     out
 }
 
@@ -497,7 +657,7 @@ mod tests {
         for c in &checks {
             assert!(c.passed(), "{c:?}");
         }
-        assert_eq!(checks.len(), 17);
+        assert_eq!(checks.len(), 17 + 2 * super::QUANT_CASES.len());
         // bf16 has no CPU kernel: the grouped reference (stacked A factors) against the members one by one.
         let c = super::lora_group::<Autodiff<Flex>>(&Default::default(), DType::BF16, false);
         assert!(c.passed(), "{c:?}");

@@ -175,12 +175,26 @@ struct StEntry {
     end: usize,
 }
 
-/// Memory-mapped safetensors checkpoint, single file or sharded.
+/// Memory-mapped safetensors checkpoint, single file or sharded. A pre-quantized bitsandbytes 4-bit checkpoint's
+/// weights (`W` packed, plus `W.absmax`, `W.quant_map`, `W.nested_*`, `W.quant_state.bitsandbytes__nf4`) appear
+/// as one tensor `W` of the original shape: kept as NF4 ([`TensorSource::load_quantized`]) or dequantized.
 pub struct SafetensorsSource {
     dir: PathBuf,
     shards: Vec<(PathBuf, Mmap)>,
     entries: BTreeMap<String, StEntry>,
+    /// bitsandbytes NF4 weights: name → original shape (from their quant state).
+    bnb: BTreeMap<String, Vec<usize>>,
 }
+
+/// The suffixes of a bitsandbytes 4-bit weight's companion tensors.
+const BNB_SUFFIXES: &[&str] = &[
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+];
+const BNB_STATE: &str = ".quant_state.bitsandbytes__nf4";
 
 impl SafetensorsSource {
     /// Open `dir/model.safetensors` or `dir/model.safetensors.index.json` (or a single `.safetensors` file).
@@ -288,10 +302,72 @@ impl SafetensorsSource {
             }
             shards.push((p, mmap));
         }
-        Ok(SafetensorsSource {
+        let mut src = SafetensorsSource {
             dir,
             shards,
             entries,
+            bnb: BTreeMap::new(),
+        };
+        let states: Vec<String> = src
+            .entries
+            .keys()
+            .filter(|k| k.ends_with(BNB_STATE))
+            .cloned()
+            .collect();
+        for state in states {
+            let w = state.trim_end_matches(BNB_STATE).to_string();
+            let shape = src.bnb_shape(&state)?;
+            src.bnb.insert(w, shape);
+        }
+        Ok(src)
+    }
+
+    fn bytes_of(&self, name: &str) -> Option<(&str, &[u8])> {
+        let e = self.entries.get(name)?;
+        let dtype = match e.dtype {
+            StoredDtype::F32 => "F32",
+            StoredDtype::F16 => "F16",
+            StoredDtype::BF16 => "BF16",
+            StoredDtype::Other(t) => t,
+        };
+        Some((dtype, &self.shards[e.shard].1[e.start..e.end]))
+    }
+
+    /// The original shape recorded in a bitsandbytes quant state (JSON bytes).
+    fn bnb_shape(&self, state: &str) -> Result<Vec<usize>> {
+        let bad = |why: String| {
+            Error::Weights(format!(
+                "{}: bitsandbytes quant state `{state}`: {why}",
+                self.origin()
+            ))
+        };
+        let (_, bytes) = self.bytes_of(state).ok_or_else(|| bad("missing".into()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        v.get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| bad("no `shape` list".into()))
+    }
+
+    /// A bitsandbytes NF4 weight read from its tensors.
+    fn bnb_nf4(&self, name: &str) -> Result<(crate::quant::nf4::Nf4, Vec<usize>)> {
+        crate::quant::nf4::Nf4::from_bnb(name, |k| {
+            self.bytes_of(k)
+                .map(|(dtype, data)| crate::quant::nf4::RawTensor { dtype, data })
+        })
+        .map_err(|e| Error::Weights(format!("{}: {e}", self.origin())))
+    }
+
+    /// True for a bitsandbytes companion tensor (absmax, maps, quant state) of a 4-bit weight.
+    fn is_bnb_companion(&self, name: &str) -> bool {
+        BNB_SUFFIXES.iter().any(|s| {
+            name.strip_suffix(s)
+                .is_some_and(|w| self.bnb.contains_key(w))
         })
     }
 
@@ -458,18 +534,53 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn names(&self) -> Vec<String> {
-        self.entries.keys().cloned().collect()
+        self.entries
+            .keys()
+            .filter(|k| !self.is_bnb_companion(k))
+            .cloned()
+            .collect()
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some(s) = self.bnb.get(name) {
+            return Some(s.clone());
+        }
         self.entries.get(name).map(|e| e.shape.clone())
     }
 
     fn stored_dtype(&self, name: &str) -> Option<StoredDtype> {
+        if self.bnb.contains_key(name) {
+            return Some(StoredDtype::Other("NF4"));
+        }
         self.entries.get(name).map(|e| e.dtype)
     }
 
+    fn load_quantized(&self, name: &str) -> Result<Option<crate::quant::QMatrix>> {
+        if !self.bnb.contains_key(name) {
+            return Ok(None);
+        }
+        let (q, shape) = self.bnb_nf4(name)?;
+        let (rows, cols) = match shape[..] {
+            [r, c] => (r, c),
+            _ => {
+                return Err(Error::Weights(format!(
+                    "{}: bitsandbytes weight `{name}` has shape {shape:?}, expected a matrix",
+                    self.origin()
+                )))
+            }
+        };
+        crate::quant::QMatrix::nf4(rows, cols, q)
+            .map(Some)
+            .map_err(|e| Error::Weights(format!("{}: `{name}`: {e}", self.origin())))
+    }
+
     fn load(&self, name: &str, dtype: DType) -> Result<TensorData> {
+        if self.bnb.contains_key(name) {
+            let (q, shape) = self.bnb_nf4(name)?;
+            let mut v = vec![0f32; q.numel];
+            q.dequant_range(0, &mut v);
+            return f32_to_data(v, shape, dtype, name);
+        }
         let e = self.entries.get(name).ok_or_else(|| {
             Error::Weights(format!("tensor `{name}` not found in {}", self.origin()))
         })?;
