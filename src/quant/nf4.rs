@@ -12,17 +12,19 @@
 //! | scale | full blocks: `x · (1 / max(absmax, 1e-38))`; the partial last block: `x / max(absmax, 1e-38)`; then `clamp(−1, 1)` | same |
 //! | code | `bucketize(scaled, (c[i] + c[i+1]) / 2)`: the number of midpoints below the value (a tie takes the lower code) | same |
 //! | packing | element `2i` in the high nibble of byte `i`, `2i + 1` in the low one; an odd count pads a zero (code 7) | same |
-//! | DQ offset | `absmax.mean()`: torch's f32 cascade sum (AVX2 lanes, single-threaded order), then `/ n` | [`torch_mean_f32`] |
+//! | DQ offset | `absmax.mean()`: torch's f32 cascade sum (AVX2 lanes, single-threaded order), then `/ n` | `torch_mean_f32` |
 //! | DQ codes | `quantize_blockwise(absmax − offset, 256)` with the signed dynamic map: per-256 absmax, then a 65536-entry lookup table indexed by `(int) fma((v + 1) / 2, 65535, 0.5)` | same |
 //! | dequant | `NF4[nibble] · absmax[block]`, absmax = `code[q] · nested_absmax[block / 256] + offset` (two roundings) | [`Nf4::dequant_range`] |
 //!
 //! What is platform-specific in bitsandbytes itself (and pinned here to what an x86-64 AVX2 host does):
 //! - The DQ offset is torch's `mean`, whose summation order depends on torch's CPU capability (8 lanes with AVX2,
-//!   16 with AVX-512) and, from 32768 blocks on, on torch's thread count. Only a quantization's *offset* can
-//!   differ (by an ulp); a checkpoint stores its offset, so [`Nf4::from_bnb`] is exact whatever made it.
+//!   16 with AVX-512 kernels) and, from 32768 blocks on, on torch's thread count (this port is the
+//!   single-threaded order). A fresh quantization's offset, and through it rarely an absmax code, can differ by an
+//!   ulp elsewhere; a checkpoint stores its offset, so [`Nf4::from_bnb`] is exact whatever made it.
 //! - The dynamic map comes from `torch.linspace`, which (FMA-contracted) is reproduced by [`dynamic_map`];
 //!   checkpoints carry their own map (`nested_quant_map`), which [`Nf4::from_bnb`] keeps.
-//! - On ARM the native blockwise quantizer rounds `(v + 1) · 32767.5 + 0.5` unfused; x86 fuses it (this port).
+//! - The native blockwise quantizer computes its table index unfused on ARM and fused on x86 (this port); over
+//!   every f32 in [−1, 1] the two give the same index.
 
 use std::sync::OnceLock;
 
@@ -433,7 +435,7 @@ fn nf4_bounds() -> [f32; 15] {
 /// (and NaN, which torch's binary search sends past every bound, code 15).
 #[inline]
 fn nf4_code(bounds: &[f32; 15], v: f32) -> u8 {
-    bounds.iter().map(|&b| u8::from(!(b >= v))).sum()
+    bounds.iter().map(|&b| u8::from(b < v || v.is_nan())).sum()
 }
 
 /// torch's `max` reduction: NaN wins.
@@ -509,16 +511,12 @@ fn quantize_blockwise_dynamic(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>
 }
 
 /// bitsandbytes' `norm_to_lut_index`: `(uint16_t)((clamp(v, −1, 1) + 1) · 0.5 · 65535 + 0.5)`, the last multiply
-/// and add fused (GCC contracts them on x86; NaN maps to 0 as `cvttss2si`'s low 16 bits do).
+/// and add fused as GCC compiles it on x86 (an exhaustive search found no f32 input whose index the fusing changes;
+/// it is kept for fidelity). NaN maps to 0, as `cvttss2si`'s low 16 bits do.
 #[inline]
 fn lut_index(v: f32) -> usize {
-    let v = if v < -1.0 {
-        -1.0
-    } else if v > 1.0 {
-        1.0
-    } else {
-        v
-    };
+    // f32::clamp keeps NaN.
+    let v = v.clamp(-1.0, 1.0);
     usize::from(((v + 1.0) * 0.5).mul_add((LUT_SIZE - 1) as f32, 0.5) as u16)
 }
 
@@ -549,7 +547,7 @@ fn dynamic_lut() -> &'static [u8] {
 /// (`row_sum` with `ilp_factor` 4) into `multi_row_sum`'s four levels of accumulators (a level is flushed into the
 /// next every `2^level_power` rows); leftover vectors go into the first partial sum, the four partials are added,
 /// then the scalar tail and finally the eight lanes in order. Fewer than 8 values take the same path on scalars.
-pub fn torch_mean_f32(xs: &[f32]) -> f32 {
+fn torch_mean_f32(xs: &[f32]) -> f32 {
     torch_sum_f32(xs) / xs.len() as f32
 }
 
@@ -620,9 +618,10 @@ fn multi_row_sum<T: Acc, const N: usize>(size: usize, load: impl Fn(usize, usize
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..N {
-                acc[j][k] = acc[j][k].add(acc[j - 1][k]);
-                acc[j - 1][k] = T::ZERO;
+            let (lower, upper) = acc.split_at_mut(j);
+            for (a, b) in upper[0].iter_mut().zip(&mut lower[j - 1]) {
+                *a = a.add(*b);
+                *b = T::ZERO;
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -634,12 +633,13 @@ fn multi_row_sum<T: Acc, const N: usize>(size: usize, load: impl Fn(usize, usize
             *a = a.add(load(r, k));
         }
     }
-    for j in 1..LEVELS {
-        for k in 0..N {
-            acc[0][k] = acc[0][k].add(acc[j][k]);
+    let [mut sum, upper @ ..] = acc;
+    for level in upper {
+        for (a, b) in sum.iter_mut().zip(level) {
+            *a = a.add(b);
         }
     }
-    acc[0]
+    sum
 }
 
 #[cfg(test)]
