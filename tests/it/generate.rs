@@ -6,6 +6,7 @@ use burn::tensor::DType;
 use loratune::export::hf::MergedExportOptions;
 use loratune::generate::{generate, GenerateOptions};
 use loratune::model::{self, CausalLm, TokenBatch};
+use loratune::quant::BasePlan;
 use loratune::tokenizer::{load_for_model, Message};
 
 use crate::common::*;
@@ -15,9 +16,27 @@ fn smollm2_greedy_chat_equals_transformers() {
     let path = smollm2_gguf();
     let opened = model::open(&path).unwrap();
     let device = Default::default();
-    let m =
-        CausalLm::<B>::load(opened.config, opened.source.as_ref(), &device, DType::F32).unwrap();
-    let tok = load_for_model(&path).unwrap();
+    // Dequantized at load, and kept in its Q4_1 / Q8_0 blocks (decoded tile by tile in every product).
+    for plan in [BasePlan::DENSE, BasePlan::KEEP] {
+        let m = CausalLm::<B>::load_with(
+            opened.config.clone(),
+            opened.source.as_ref(),
+            &device,
+            DType::F32,
+            plan,
+        )
+        .unwrap();
+        assert_eq!(
+            m.linears()[0].1.weight.quant().is_some(),
+            plan.keep_stored,
+            "{plan:?}"
+        );
+        greedy_cases(&m, &path);
+    }
+}
+
+fn greedy_cases(m: &CausalLm<B>, path: &std::path::Path) {
+    let tok = load_for_model(path).unwrap();
     let template = tok.chat_template().unwrap();
     let fx: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("generate/smollm2_greedy.json")).unwrap(),
@@ -40,7 +59,7 @@ fn smollm2_greedy_chat_equals_transformers() {
             stop_ids: tok.generation_stop_ids(),
             ..Default::default()
         };
-        let (got, _) = generate(&m, &ids, &opts, &mut |_| {}).unwrap();
+        let (got, _) = generate(m, &ids, &opts, &mut |_| {}).unwrap();
         assert_eq!(
             got,
             want_gen,
