@@ -20,15 +20,16 @@
 //!   burn's autodiff graph, and fall back to the reference inside the method for inputs a kernel does not cover
 //!   (a dtype other than f32, a tracked frozen weight, soft-capping, a KV cache).
 //! - CubeCL backends (`CubeBackend<R, …>` for every runtime R: CUDA, and wgpu in tests) and their autodiff wrapper
-//!   run the fused GPU kernels ([`cube`]: attention, RMSNorm, the gated activation, the loss) and the reference
-//!   for the rest.
+//!   run the fused GPU kernels ([`cube`]: attention, RMSNorm, the gated activation, the loss, and the products of
+//!   GGUF-quantized weights, decoded on the device tile by tile) and the reference for the rest.
 //!
 //! Why a trait bound rather than a run-time type check: fused GPU kernels (CubeCL, with their own backward)
 //! are written once for every CubeCL runtime — `impl<R: CubeRuntime…> Kernels for CubeBackend<R…>` and its
 //! autodiff wrapper — so the same code runs on CUDA and, in CI, on wgpu over Mesa lavapipe; a type check would
 //! have to list every concrete backend type. Quantized weights depend on the weight's representation, not on the
-//! backend: kernels branch on [`LinearRef::weight`] ([`Frozen::Dense`] or [`Frozen::Quant`]); the CPU kernels
-//! dequantize a tile of rows inside their GEMMs, the reference dequantizes the whole matrix transiently.
+//! backend: kernels branch on [`LinearRef::weight`] ([`Frozen::Dense`] or [`Frozen::Quant`]); the CPU and CubeCL
+//! kernels dequantize a tile of rows where their GEMMs read it (nothing dense is kept for the backward), the
+//! reference dequantizes the whole matrix on the host for the call (NF4 on a GPU, bf16 on the CPU).
 //! The cost is one bound, `B: Kernels`, on code that runs the model ([`TrainBackend`] bundles it for training).
 //!
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.

@@ -8,7 +8,11 @@
 //!   KV heads), FlashAttention-style in memory linear in the sequence length, forward and backward;
 //! - [`xent`] — `lm_head` + cross-entropy (Gemma 2's final soft-cap included) swept in row chunks: one GEMM per
 //!   chunk for the logits, one kernel for the rows' losses that turns the logits into their gradient in place,
-//!   one GEMM for ∂loss/∂hidden; only `[n, hidden]` is kept for the backward, never `[tokens, vocab]` logits.
+//!   one GEMM for ∂loss/∂hidden; only `[n, hidden]` is kept for the backward, never `[tokens, vocab]` logits;
+//! - [`quant`] — GGUF-quantized frozen weights (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`) resident on the
+//!   device in their blocks (uploaded once per matrix) and dequantized there tile by tile where a product reads
+//!   them: the frozen product `x·Wᵀ` of a linear group is one autodiff node saving only the quantized handle, and a
+//!   quantized head is dequantized on the device for the fused loss. NF4 takes the reference path.
 //!
 //! RoPE and the projections run burn's ops (cubek's matmuls, autotuned with `cuda`); the reference's linear group
 //! stacks the adapters' `A` factors of a group into one GEMM when no dropout mask separates their inputs.
@@ -27,7 +31,9 @@ macro_rules! launch_float {
 
 pub mod act;
 pub mod attention;
+pub mod dequant;
 pub mod norm;
+pub mod quant;
 mod reduce;
 pub mod xent;
 
@@ -499,11 +505,16 @@ fn xent_covered<B: burn::tensor::backend::Backend>(
     t: &Targets<'_>,
 ) -> bool {
     let [n, d] = hidden.dims();
+    // A quantized head is dequantized on the device for the call (GGUF blocks); NF4 runs the reference.
+    let plain_weight = match head.weight.as_dense() {
+        Some(w) => !w.is_require_grad(),
+        None => quant::is_device_quant(head.weight),
+    };
     let [vocab, wd] = head.weight.dims();
     super::enabled()
         && head.adapter.is_none()
         && head.bias.is_none()
-        && !head.weight.is_require_grad()
+        && plain_weight
         && is_float(hidden.dtype())
         && head.weight.dtype() == hidden.dtype()
         && wd == d
@@ -592,6 +603,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         rows(Tensor::from_primitive(TensorPrimitive::Float(o)))
     }
 
+    fn lora_linear_group(x: Tensor<Self, 2>, members: &[LinearRef<'_, Self>]) -> Tensor<Self, 2> {
+        if !quant::group_covered(&x, members) {
+            return reference::linear_group(x, members);
+        }
+        quant::linear_group(x, members, quant::frozen_product::<R, F, I, BT>)
+    }
+
     fn lm_head_cross_entropy(
         hidden: Tensor<Self, 2>,
         head: &LinearRef<'_, Self>,
@@ -604,15 +622,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         let idx = row_index(t.rows, &hidden.device());
         let h = hidden.select(0, idx);
         let cap = t.softcap.map_or(0.0, |c| c as f32);
-        lm_xent(
-            h,
-            head.weight,
-            t.targets,
-            cap,
-            false,
-            xent_chunk_rows(vocab),
-        )
-        .0
+        // Dense: the stored head; quantized: dequantized on the device for this call (a transient).
+        let w = quant::dense_on_device(head.weight);
+        lm_xent(h, &w, t.targets, cap, false, xent_chunk_rows(vocab)).0
     }
 }
 
@@ -694,6 +706,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         rows(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    fn lora_linear_group(x: Tensor<Self, 2>, members: &[LinearRef<'_, Self>]) -> Tensor<Self, 2> {
+        if !quant::group_covered(&x, members) {
+            return reference::linear_group(x, members);
+        }
+        quant::linear_group(x, members, quant::frozen_product_ad::<R, F, I, BT>)
+    }
+
     fn lm_head_cross_entropy(
         hidden: Tensor<Self, 2>,
         head: &LinearRef<'_, Self>,
@@ -712,7 +731,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
         ));
         let idx = row_index::<Inner<R, F, I, BT>>(t.rows, &h.device());
         let h = h.select(0, idx.clone());
-        let w = head.weight.clone().inner();
+        // Dense: the stored head; quantized: dequantized on the device for this call (a transient the loss does not
+        // keep: its backward holds only ∂loss/∂rows).
+        let w = quant::dense_on_device(&head.weight.map(|w| w.inner()));
         let chunk = xent_chunk_rows(vocab);
         let out = match XentBackward
             .prepare::<NoCheckpointing>([x.node.clone()])
