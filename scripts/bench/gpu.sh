@@ -31,7 +31,11 @@
 #       (nvidia-smi, both sides alike) and the ratio;
 #   (c) the per-kernel profile of loratune's step;
 #   (d) the same step with the fused CubeCL attention and with burn's decomposed attention (LORATUNE_FUSED=0);
-#   (e) a Llama-3.1-8B-shaped step at 1 x 4096 with gradient_checkpointing: true (peak GPU memory).
+#   (e) a Llama-3.1-8B-shaped step at 1 x 4096 with gradient_checkpointing: true (peak GPU memory);
+#   (q) a quantized frozen base (QLoRA): SHAPE with its matrices in QBASE blocks (default Q4_K) against the same
+#       shape dense (tokens/s, peak GPU memory), and BIG_SHAPE at 1 x 1024 in QBASE with recompute (peak GPU
+#       memory: the 8B-on-a-24-GB-GPU case). Part (k) already checks the quantized products (a quantized linear
+#       group and a quantized lm_head loss per kept GGUF type) against the reference on the device.
 set -uo pipefail
 
 LORATUNE=${1:-target/release/loratune}
@@ -48,8 +52,10 @@ DTYPE=${DTYPE:-bf16}
 SHAPE=${SHAPE:-llama-3.2-1b}
 BIG_SHAPE=${BIG_SHAPE:-llama-3.1-8b}
 BIG_SEQ=${BIG_SEQ:-4096}
+QBASE=${QBASE:-Q4_K}
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  DEVICE=wgpu DTYPE=f32 SHAPE=smollm2-135m SEQ=128 BIG_SHAPE=smollm2-135m BIG_SEQ=256 RUNS=1 STEPS=1 WARMUP=1
+  # SmolLM2's 576-wide rows are not whole 256-element K blocks: Q4_0 there.
+  DEVICE=wgpu DTYPE=f32 SHAPE=smollm2-135m SEQ=128 BIG_SHAPE=smollm2-135m BIG_SEQ=256 RUNS=1 STEPS=1 WARMUP=1 QBASE=Q4_0
   RUN_TIMEOUT=${RUN_TIMEOUT:-900}
   if [ -z "${VK_ICD_FILENAMES:-}" ]; then
     VK_ICD_FILENAMES=$(ls /usr/share/vulkan/icd.d/lvp_icd*.json 2>/dev/null | head -n1)
@@ -187,5 +193,18 @@ timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$
   --seq "$BIG_SEQ" --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json \
   > "$OUT/8b-recompute.json" 2> "$OUT/8b-recompute.log" || status=1
 bench_line "$BIG_SHAPE recompute" "$OUT/8b-recompute.json"
+# (q) a quantized frozen base: QBASE blocks decoded on the device where the products read them.
+say "(q) $SHAPE: base in $QBASE blocks vs dense $DTYPE (tokens/s, peak GPU memory)"
+for base in "$QBASE" dequantize; do
+  timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --base "$base" \
+    --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup "$WARMUP" --steps "$STEPS" --json \
+    > "$OUT/quant-$base.json" 2> "$OUT/quant-$base.log" || status=1
+  bench_line "base $base" "$OUT/quant-$base.json"
+done
+say "(q) $BIG_SHAPE, 1 x 1024, base in $QBASE blocks, LoRA r=$RANK all-linear, gradient_checkpointing true"
+timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --base "$QBASE" \
+  --batch 1 --seq "$(( BIG_SEQ < 1024 ? BIG_SEQ : 1024 ))" --rank "$RANK" --targets all-linear --gradient-checkpointing true \
+  --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json > "$OUT/8b-quant.json" 2> "$OUT/8b-quant.log" || status=1
+bench_line "$BIG_SHAPE $QBASE recompute" "$OUT/8b-quant.json"
 say "logs in $OUT/ (exit status $status)"
 exit $status
