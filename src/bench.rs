@@ -67,14 +67,16 @@ pub fn base_choice(s: &str) -> Result<(BasePlan, Option<GgmlType>)> {
             .find(|t| t.name().eq_ignore_ascii_case(s))
         {
             Some(t) => (BasePlan::KEEP, Some(*t)),
-            None => return Err(Error::Config(format!(
+            None => {
+                return Err(Error::Config(format!(
                 "--base {s}: expected keep, dequantize, nf4, nf4-nodq, int8 or a GGUF type ({})",
                 crate::quant::KEPT_GGML
                     .iter()
                     .map(|t| t.name())
                     .collect::<Vec<_>>()
                     .join(", ")
-            ))),
+            )))
+            }
         },
     })
 }

@@ -121,10 +121,7 @@ fn bnb_4bit_checkpoint_missing_an_absmax_fails_naming_it() {
     let missing = "model.layers.1.mlp.up_proj.weight.absmax";
     let bytes = std::fs::read(dir().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert!(
-        st.names().iter().any(|n| *n == missing),
-        "fixture lacks {missing}"
-    );
+    assert!(st.names().contains(&missing), "fixture lacks {missing}");
     let views: Vec<(String, safetensors::tensor::TensorView)> = st
         .tensors()
         .into_iter()

@@ -98,7 +98,14 @@ fn check_grads_and_step(adapter: &str) {
             "{path}.weight received a gradient"
         );
     }
-    assert!(model.model.embed_tokens.weight.as_dense().expect("dense").grad(&grads).is_none());
+    assert!(model
+        .model
+        .embed_tokens
+        .weight
+        .as_dense()
+        .expect("dense")
+        .grad(&grads)
+        .is_none());
 
     let params = lora_params(&model);
     let mut gs = Vec::new();

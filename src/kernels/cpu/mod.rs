@@ -19,9 +19,9 @@
 pub mod act;
 pub mod attention;
 mod gemm;
-mod qgemm;
 pub mod lora;
 pub mod norm;
+mod qgemm;
 mod simd;
 pub mod xent;
 
