@@ -221,9 +221,10 @@ impl Nf4 {
         }
     }
 
-    /// The absmax of block `b`, resolved from the double quantization where there is one.
+    /// The absmax of block `b`, resolved from the double quantization where there is one (what `dequant_range`
+    /// scales the block by; a device copy uploads it once per block).
     #[inline]
-    fn block_absmax(&self, b: usize) -> f32 {
+    pub fn block_absmax(&self, b: usize) -> f32 {
         match &self.absmax {
             Absmax::Plain(a) => a[b],
             // bitsandbytes: `dequantize_blockwise` (code · nested absmax), then `absmax += offset`.

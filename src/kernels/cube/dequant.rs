@@ -5,6 +5,10 @@
 //! widened exactly from their bits ([`f16_at`]), then the same products and sums, so the f32 result equals
 //! `QMatrix::dequant_rows` bit for bit; the store into f16 / bf16 is one rounding cast.
 //!
+//! NF4 (bitsandbytes, [`dequant_nf4`]): the packed codes as the same `u32` buffer, and a second, f32 buffer holding
+//! the 16 code values followed by each block's absmax (resolved on the host at upload); the value is the single
+//! f32 product `NF4_CODE[code] · absmax[block]`, exactly the host's `c · scale`.
+//!
 //! FMA contraction: NVRTC contracts `a·b + c` into a fused multiply-add by default, which rounds once where the
 //! host rounds twice. Products that are then added to pass through [`opaque`] (an integer OR with a run-time zero
 //! that no compiler can see through), so each is rounded on its own as on the host.
@@ -161,4 +165,31 @@ pub fn dequant_rows<F: Float>(
     }
     let base = (block0 as usize + p / block) * bytes;
     out[p] = F::cast_from(decode(words, base, p % block, zero, ty));
+}
+
+/// The entries before the per-block absmax values in an NF4 matrix's f32 buffer: the 16 code values.
+pub const NF4_TABLE: usize = 16;
+
+/// NF4: `out[p]` = element `start + p` of the flattened matrix (any start: rows need not begin on a block or a
+/// byte). `packed` holds two 4-bit codes per byte, element `2i` in the high nibble of byte `i`; `table` holds the
+/// 16 code values (`NF4_CODE`), then the absmax of each block of `block` elements. The value is
+/// `NF4_CODE[code] · absmax[block]`, one f32 rounding as on the host, then one rounding cast to `F`.
+#[cube(launch)]
+pub fn dequant_nf4<F: Float>(
+    packed: &Tensor<u32>,
+    table: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    start: u32,
+    #[comptime] block: usize,
+) {
+    let p = ABSOLUTE_POS;
+    if p >= out.len() {
+        terminate!();
+    }
+    let e = start as usize + p;
+    // Even elements in the high nibble (half 1), odd ones in the low nibble (half 0).
+    let code = nibble(byte_at(packed, e / 2), 1 - e % 2);
+    let c = table[code as usize];
+    let scale = table[16 + e / block]; // NF4_TABLE + block
+    out[p] = F::cast_from(c * scale);
 }

@@ -1,17 +1,19 @@
-//! Quantized frozen weights on CubeCL runtimes: a GGUF-quantized matrix ([`QMatrix`] with `Q4_0`, `Q4_1`, `Q8_0`,
-//! `Q4_K`, `Q5_K` or `Q6_K` blocks) lives on the device in its storage format and is dequantized there, a tile of
-//! rows at a time, where a product reads it.
+//! Quantized frozen weights on CubeCL runtimes: a quantized matrix ([`QMatrix`] with GGUF `Q4_0`, `Q4_1`, `Q8_0`,
+//! `Q4_K`, `Q5_K` or `Q6_K` blocks, or bitsandbytes NF4) lives on the device in its storage format and is
+//! dequantized there, a tile of rows at a time, where a product reads it.
 //!
 //! - **Device copy**: per `Arc<QMatrix>` and device, its blocks uploaded once as a `u32` buffer (byte length padded
-//!   to a multiple of 4), cached by the `Arc`'s address with a `Weak` proving identity ([`device_blocks`]).
+//!   to a multiple of 4), cached by the `Arc`'s address with a `Weak` proving identity ([`device_blocks`]). An NF4
+//!   matrix uploads its packed codes so, plus an f32 buffer: the 16 code values, then each block's absmax resolved
+//!   on the host once at upload (`Nf4::block_absmax`). With double quantization that costs 0.5 bit per weight on
+//!   the device (one f32 per 64 weights) where the host keeps 0.127 — a small price for a kernel that does one
+//!   product per element.
 //! - **Dequantization** ([`dequant`]): rows `r0..r1` into a dense tensor of the compute dtype by the kernels of
 //!   [`super::dequant`], bit-exact with the host reference (`QMatrix::dequant_rows`) in f32.
 //! - **The frozen product** `y = x·Wᵀ` ([`frozen_matmul`]), W dequantized into a transient tile of at most
 //!   [`TILE_ELEMENTS`] elements at a time, one GEMM per tile; under autodiff a custom op ([`frozen_product_ad`])
 //!   whose only parent is x and whose saved state is the quantized matrix's handle (the resident blocks), never a
 //!   dense W: the backward dequantizes again, tile by tile, for `dx = dy·W`.
-//!
-//! NF4 matrices are not covered here (they take the reference path, dequantized on the host).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -27,46 +29,105 @@ use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use super::dequant::{dequant_rows, type_code};
+use super::dequant::{dequant_nf4, dequant_rows, type_code, NF4_TABLE};
 use super::{empty_like, float, grid, is_float};
 use crate::kernels::LinearRef;
+use crate::quant::nf4::NF4_CODE;
 use crate::quant::{Frozen, QMatrix};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The device copy.
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A quantized matrix's GGUF blocks resident on one device (`words`, a `u32` buffer), with the matrix's handle:
-/// what a frozen product reads, and all its backward keeps.
+/// A quantized matrix resident on one device — its GGUF blocks or NF4 packed codes (`words`, a `u32` buffer) and,
+/// for NF4, its f32 `table` (the 16 code values, then one absmax per block) — with the matrix's handle: what a
+/// frozen product reads, and all its backward keeps.
 #[derive(Debug, Clone)]
 pub struct DeviceQ<R: CubeRuntime> {
     pub q: Arc<QMatrix>,
     pub words: CubeTensor<R>,
-    code: u32,
-    block: usize,
-    bytes: usize,
+    pub table: Option<CubeTensor<R>>,
+    layout: Layout,
 }
+
+/// How the kernels read a device copy.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// GGUF blocks: the kernel's type code, elements and bytes per block.
+    Ggml {
+        code: u32,
+        block: usize,
+        bytes: usize,
+    },
+    /// NF4: elements per block.
+    Nf4 { block: usize },
+}
+
+/// One device's copy in the cache: the device, `words`, the NF4 table.
+type DeviceCopy<R> = (
+    <R as cubecl::Runtime>::Device,
+    CubeTensor<R>,
+    Option<CubeTensor<R>>,
+);
 
 /// The device copies, keyed by the `QMatrix` allocation's address: the `Weak` proves the key still names the
 /// same matrix (an `Arc` cannot be reallocated at an address a `Weak` still holds), and each entry holds one
-/// `(R::Device, CubeTensor<R>)` per device and runtime it was uploaded to — never the matrix itself, which would
+/// [`DeviceCopy`] per device and runtime it was uploaded to — never the matrix itself, which would
 /// keep it alive. Entries whose matrix is gone are dropped, freeing their device buffers, on the next upload.
 #[allow(clippy::type_complexity)]
 static DEVICE_COPIES: Mutex<Option<HashMap<usize, (Weak<QMatrix>, Vec<Box<dyn Any + Send>>)>>> =
     Mutex::new(None);
 
-/// Whether a frozen weight is GGUF-quantized in a type the device kernels decode.
+/// Whether a frozen weight is quantized in a format the device kernels decode (NF4, or a GGUF type with a kernel).
 pub fn is_device_quant<B: Backend>(w: &Frozen<B>) -> bool {
-    w.quant()
-        .and_then(|q| q.ggml_blocks())
-        .is_some_and(|(ty, _)| type_code(ty).is_some())
+    w.quant().is_some_and(|q| device_layout(q))
 }
 
-/// The blocks of `q` on `device`, uploaded on first use. `None` for a matrix the kernels do not decode (NF4, a type
+fn device_layout(q: &QMatrix) -> bool {
+    q.nf4_data().is_some()
+        || q.ggml_blocks()
+            .is_some_and(|(ty, _)| type_code(ty).is_some())
+}
+
+/// A `u32` buffer of `bytes` (zero-padded to a multiple of 4).
+fn upload_words<R: CubeRuntime>(bytes: &[u8], device: &R::Device) -> CubeTensor<R> {
+    let client = R::client(device);
+    let handle = if bytes.len().is_multiple_of(4) {
+        client.create_from_slice(bytes)
+    } else {
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4), 0);
+        client.create_from_slice(&padded)
+    };
+    CubeTensor::new_contiguous(
+        client,
+        device.clone(),
+        Shape::new([bytes.len().div_ceil(4)]),
+        handle,
+        DType::U32,
+    )
+}
+
+/// The data of `q` on `device`, uploaded on first use. `None` for a matrix the kernels do not decode (a GGUF type
 /// without a kernel).
 pub fn device_blocks<R: CubeRuntime>(q: &Arc<QMatrix>, device: &R::Device) -> Option<DeviceQ<R>> {
-    let (ty, blocks) = q.ggml_blocks()?;
-    let code = type_code(ty)?;
+    let (layout, bytes) = match (q.ggml_blocks(), q.nf4_data()) {
+        (Some((ty, blocks)), _) => (
+            Layout::Ggml {
+                code: type_code(ty)?,
+                block: ty.block_size(),
+                bytes: ty.type_size(),
+            },
+            blocks,
+        ),
+        (None, Some(nf4)) => (
+            Layout::Nf4 {
+                block: nf4.blocksize,
+            },
+            &nf4.packed[..],
+        ),
+        (None, None) => return None,
+    };
     let key = Arc::as_ptr(q) as usize;
     let mut guard = match DEVICE_COPIES.lock() {
         Ok(g) => g,
@@ -76,14 +137,13 @@ pub fn device_blocks<R: CubeRuntime>(q: &Arc<QMatrix>, device: &R::Device) -> Op
     if let Some((weak, copies)) = map.get(&key) {
         if weak.upgrade().is_some_and(|a| Arc::ptr_eq(&a, q)) {
             for c in copies {
-                if let Some((dev, words)) = c.downcast_ref::<(R::Device, CubeTensor<R>)>() {
+                if let Some((dev, words, table)) = c.downcast_ref::<DeviceCopy<R>>() {
                     if dev == device {
                         return Some(DeviceQ {
                             q: q.clone(),
                             words: words.clone(),
-                            code,
-                            block: ty.block_size(),
-                            bytes: ty.type_size(),
+                            table: table.clone(),
+                            layout,
                         });
                     }
                 }
@@ -91,27 +151,28 @@ pub fn device_blocks<R: CubeRuntime>(q: &Arc<QMatrix>, device: &R::Device) -> Op
         }
     }
     map.retain(|_, (weak, _)| weak.strong_count() > 0);
-    let client = R::client(device);
-    let handle = if blocks.len().is_multiple_of(4) {
-        client.create_from_slice(blocks)
-    } else {
-        let mut padded = blocks.to_vec();
-        padded.resize(blocks.len().next_multiple_of(4), 0);
-        client.create_from_slice(&padded)
-    };
-    let words = CubeTensor::new_contiguous(
-        client,
-        device.clone(),
-        Shape::new([blocks.len().div_ceil(4)]),
-        handle,
-        DType::U32,
-    );
+    let words = upload_words::<R>(bytes, device);
+    let table = q.nf4_data().map(|nf4| {
+        // The code values, then every block's absmax resolved once (double quantization included).
+        let blocks = nf4.numel.div_ceil(nf4.blocksize);
+        let mut t = Vec::with_capacity(NF4_TABLE + blocks);
+        t.extend_from_slice(&NF4_CODE);
+        t.extend((0..blocks).map(|b| nf4.block_absmax(b)));
+        let client = R::client(device);
+        let handle = client.create_from_slice(bytemuck::cast_slice(&t));
+        CubeTensor::new_contiguous(
+            client,
+            device.clone(),
+            Shape::new([t.len()]),
+            handle,
+            DType::F32,
+        )
+    });
     let dq = DeviceQ {
         q: q.clone(),
         words,
-        code,
-        block: ty.block_size(),
-        bytes: ty.type_size(),
+        table,
+        layout,
     };
     let entry = map
         .entry(key)
@@ -119,7 +180,8 @@ pub fn device_blocks<R: CubeRuntime>(q: &Arc<QMatrix>, device: &R::Device) -> Op
     if !entry.0.upgrade().is_some_and(|a| Arc::ptr_eq(&a, q)) {
         *entry = (Arc::downgrade(q), Vec::new());
     }
-    entry.1.push(Box::new((device.clone(), dq.words.clone())));
+    let copy: DeviceCopy<R> = (device.clone(), dq.words.clone(), dq.table.clone());
+    entry.1.push(Box::new(copy));
     Some(dq)
 }
 
@@ -165,14 +227,37 @@ pub fn dequant<R: CubeRuntime>(
     if units == 0 {
         return out;
     }
-    let block0 = u32::try_from(r0 * cols / dq.block).expect("block index fits in u32");
     let (count, dim) = grid(&out, units);
     let (words, o) = (
         dq.words.clone().into_tensor_arg(),
         out.clone().into_tensor_arg(),
     );
-    let (code, block, bytes) = (dq.code, dq.block, dq.bytes);
     let client = &dq.words.client;
+    let (code, block, bytes) = match dq.layout {
+        Layout::Ggml { code, block, bytes } => (code, block, bytes),
+        Layout::Nf4 { block } => {
+            let start = u32::try_from(r0 * cols).expect("element index fits in u32");
+            let table = dq
+                .table
+                .clone()
+                .expect("an NF4 device copy has its table")
+                .into_tensor_arg();
+            match dtype {
+                DType::F32 => {
+                    dequant_nf4::launch::<f32, R>(client, count, dim, words, table, o, start, block)
+                }
+                DType::F16 => dequant_nf4::launch::<half::f16, R>(
+                    client, count, dim, words, table, o, start, block,
+                ),
+                DType::BF16 => dequant_nf4::launch::<half::bf16, R>(
+                    client, count, dim, words, table, o, start, block,
+                ),
+                d => unreachable!("dequant to {d:?} (checked above)"),
+            };
+            return out;
+        }
+    };
+    let block0 = u32::try_from(r0 * cols / block).expect("block index fits in u32");
     match dtype {
         DType::F32 => dequant_rows::launch::<f32, R>(
             client, count, dim, words, o, block0, 0, code, block, bytes,
@@ -298,7 +383,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Backward<C
     }
 }
 
-/// `x·Wᵀ` for a GGUF-quantized frozen W on a CubeCL backend.
+/// `x·Wᵀ` for a quantized frozen W on a CubeCL backend.
 pub fn frozen_product<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     x: Tensor<Cube<R, F, I, BT>, 2>,
     w: &Frozen<Cube<R, F, I, BT>>,
@@ -315,7 +400,7 @@ pub fn frozen_product<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     }
 }
 
-/// `x·Wᵀ` for a GGUF-quantized frozen W under autodiff: one node whose parent is x, saving only the quantized
+/// `x·Wᵀ` for a quantized frozen W under autodiff: one node whose parent is x, saving only the quantized
 /// matrix's handle for its backward.
 pub fn frozen_product_ad<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     x: Tensor<Autodiff<Cube<R, F, I, BT>>, 2>,
@@ -342,7 +427,7 @@ pub fn frozen_product_ad<R: CubeRuntime, F: FloatElement, I: IntElement, BT: Boo
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// A GGUF-quantized head dequantized on the device whole, `[vocab, hidden]` in its compute dtype (the fused loss
+/// A quantized head dequantized on the device whole, `[vocab, hidden]` in its compute dtype (the fused loss
 /// reads it row chunk by row chunk and keeps nothing of it for its backward).
 pub fn dense_on_device<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     w: &Frozen<Cube<R, F, I, BT>>,

@@ -372,16 +372,118 @@ fn cube_dequantizes_every_gguf_type_bit_exactly() {
     );
 }
 
+/// A `[rows, cols]` NF4 matrix (bitsandbytes, block 64, with or without double quantization) of random weights,
+/// the first block all zeros (absmax 0: signed zeros on both sides).
+fn nf4_matrix(rows: usize, cols: usize, seed: u64, double: bool) -> crate::quant::QMatrix {
+    use crate::quant::{QMatrix, QuantScheme};
+    let mut v: Vec<f32> = rand_vec(rows * cols, seed)
+        .iter()
+        .map(|x| x * 0.05)
+        .collect();
+    v[..64.min(rows * cols)].fill(0.0);
+    QMatrix::quantize(&v, rows, cols, QuantScheme::Nf4 { double }).expect("NF4 matrix")
+}
+
+/// NF4 (plain and double-quantized absmax) dequantized on the device equals the host reference bit for bit in
+/// f32 — whole matrices and row ranges starting off a block, off a byte (odd cols) — and within f16 rounding in
+/// f16. The codes and the resolved absmax values are uploaded once per matrix and device.
+#[test]
+fn cube_dequantizes_nf4_bit_exactly() {
+    use super::quant::{cached_copies, dequant, device_blocks, is_device_quant};
+    use crate::quant::Frozen;
+    use burn::backend::wgpu::WgpuRuntime;
+    let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
+    for double in [false, true] {
+        for (rows, cols) in [(6, 512), (7, 200), (9, 77)] {
+            let q = Arc::new(nf4_matrix(rows, cols, 61 + cols as u64, double));
+            let label = format!("NF4 double {double} [{rows}, {cols}]");
+            let w = Frozen::<W>::Quant {
+                q: q.clone(),
+                dtype: DType::F32,
+                device: dev.clone(),
+            };
+            assert!(is_device_quant(&w), "{label}: device-decodable");
+            let dq = device_blocks::<WgpuRuntime>(&q, &dev).expect("uploaded");
+            let again = device_blocks::<WgpuRuntime>(&q, &dev).expect("cached");
+            assert_eq!(cached_copies(&q), 1, "{label}: uploaded once");
+            let nf4 = q.nf4_data().expect("nf4");
+            assert_eq!(
+                again.words.meta.shape().num_elements(),
+                nf4.packed.len().div_ceil(4),
+                "{label}: words"
+            );
+            assert_eq!(
+                again.table.as_ref().map(|t| t.meta.shape().num_elements()),
+                Some(16 + (rows * cols).div_ceil(64)),
+                "{label}: table"
+            );
+            let host = q.to_f32();
+            let dev_vals = |r0: usize, r1: usize, dtype: DType| -> Vec<f32> {
+                to_vec(Tensor::<W, 2>::from_primitive(
+                    burn::tensor::TensorPrimitive::Float(dequant(&dq, r0, r1, dtype)),
+                ))
+            };
+            for (r0, r1) in [(0, rows), (3, 5), (1, 2), (rows - 1, rows), (2, 2)] {
+                let got = dev_vals(r0, r1, DType::F32);
+                let mut want = vec![0f32; (r1 - r0) * cols];
+                q.dequant_rows(r0, r1, &mut want);
+                assert_eq!(&want[..], &host[r0 * cols..r1 * cols]);
+                let bad: Vec<(usize, f32, f32)> = got
+                    .iter()
+                    .zip(&want)
+                    .enumerate()
+                    .filter(|(_, (g, w))| g.to_bits() != w.to_bits())
+                    .map(|(i, (g, w))| (i, *g, *w))
+                    .take(5)
+                    .collect();
+                assert!(
+                    got.len() == want.len() && bad.is_empty(),
+                    "{label} rows {r0}..{r1}: {} values, first differences (index, device, host) {bad:?}",
+                    got.len()
+                );
+            }
+            let h16 = dev_vals(0, rows, DType::F16);
+            let want16: Vec<f32> = host
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            let d = check::rel_diff(&h16, &want16);
+            assert!(d <= 1e-3, "{label} in f16: {d}");
+        }
+    }
+}
+
+/// The matrices the quantized-path tests run on: every kept GGUF type `[rows, 256]`, and NF4 with and without
+/// double quantization `[rows, 200]` (cols not a multiple of the block: rows and tiles start mid-block).
+fn quant_cases(rows: usize, seed: u64) -> Vec<(String, Arc<crate::quant::QMatrix>)> {
+    use crate::quant::KEPT_GGML;
+    let mut v: Vec<(String, Arc<crate::quant::QMatrix>)> = KEPT_GGML
+        .iter()
+        .map(|&ty| {
+            (
+                ty.to_string(),
+                Arc::new(quant_matrix(ty, rows, 256, seed, false)),
+            )
+        })
+        .collect();
+    for double in [false, true] {
+        let q = nf4_matrix(rows, 200, seed, double);
+        v.push((q.format(), Arc::new(q)));
+    }
+    v
+}
+
 /// `Σ y ∘ up` in f32.
 fn dot2<B: burn::tensor::backend::Backend>(y: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 1> {
     (y.cast(DType::F32) * up.cast(DType::F32)).sum()
 }
 
-/// A linear group of two members — a quantized W (`out 40`, in 256) with a LoRA adapter, a dense W with a bias —
+/// A linear group of two members — a quantized W `q` (`[40, d]`) with a LoRA adapter, a dense W with a bias —
 /// through the fused path (device dequantization, the frozen-product op) and the reference (host dequantization):
 /// (max relative difference of the output, of the gradients of x, A and B).
 fn quant_group_case(
-    ty: crate::gguf::GgmlType,
+    ty: &str,
+    q: &Arc<crate::quant::QMatrix>,
     dtype: DType,
     dropout: bool,
     tile: Option<usize>,
@@ -389,8 +491,7 @@ fn quant_group_case(
     use crate::kernels::{with_fused, AdapterRef, LinearRef};
     use crate::quant::Frozen;
     let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
-    let (n, d, out0, out1, r) = (7, 256, 40, 24, 4);
-    let q = Arc::new(quant_matrix(ty, out0, d, 21, false));
+    let (n, d, out0, out1, r) = (7, q.cols(), q.rows(), 24, 4);
     let xv = rand_vec(n * d, 22);
     let w1 = rand_vec(out1 * d, 23);
     let bias = rand_vec(out1, 24);
@@ -462,19 +563,19 @@ fn quant_group_case(
 }
 
 /// The quantized linear group (device dequantization + the frozen-product op) equals the reference on the
-/// host-dequantized weights for every kept GGUF type: output and the gradients of x, A and B, within 1e-5 in f32
-/// and the suite's tolerance in f16; with dropout and with W split into three row tiles (the last one short).
+/// host-dequantized weights for every kept GGUF type and NF4 (with and without double quantization): output and
+/// the gradients of x, A and B, within 1e-5 in f32 and the suite's tolerance in f16; with dropout and with W split
+/// into row tiles (the last one short; NF4 tiles start mid-block).
 #[test]
 fn cube_quantized_linear_group_equals_the_reference() {
-    use crate::quant::KEPT_GGML;
     let mut report = Vec::new();
-    for &ty in KEPT_GGML {
+    for (ty, q) in quant_cases(40, 21) {
         for (dtype, tol) in [
             (DType::F32, 1e-5),
             (DType::F16, check::tolerance(DType::F16)),
         ] {
             for (dropout, tile) in [(false, None), (true, Some(16 * 256))] {
-                let (v, g) = quant_group_case(ty, dtype, dropout, tile);
+                let (v, g) = quant_group_case(&ty, &q, dtype, dropout, tile);
                 report.push(format!(
                     "{ty} {dtype:?} dropout {dropout} tiles {tile:?}: value {v:.2e}, grad {g:.2e}"
                 ));
@@ -492,11 +593,11 @@ fn cube_quantized_linear_group_equals_the_reference() {
 #[test]
 fn cube_quantized_linear_group_forward_without_autodiff() {
     use crate::kernels::{with_fused, LinearRef};
-    use crate::quant::{Frozen, KEPT_GGML};
+    use crate::quant::Frozen;
     let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
-    let (n, d, out) = (5, 256, 33);
-    for &ty in KEPT_GGML {
-        let q = Arc::new(quant_matrix(ty, out, d, 31, false));
+    let (n, out) = (5, 33);
+    for (ty, q) in quant_cases(out, 31) {
+        let d = q.cols();
         let w = Frozen::<W>::Quant {
             q,
             dtype: DType::F32,
@@ -508,7 +609,7 @@ fn cube_quantized_linear_group_forward_without_autodiff() {
             bias: None,
             adapter: None,
         }];
-        let fused = super::quant::with_tile_elements(10 * 256, || {
+        let fused = super::quant::with_tile_elements(10 * d, || {
             with_fused(true, || <W as Kernels>::lora_linear_group(x.clone(), &m))
         });
         let want = reference::linear_group(x, &m);
@@ -518,19 +619,19 @@ fn cube_quantized_linear_group_forward_without_autodiff() {
 }
 
 /// A quantized lm_head through the fused loss (head dequantized on the device) equals the reference (host
-/// dequantization, log-softmax): the summed loss and d(hidden), every kept type, f32 and f16, with and without the
-/// soft-cap.
+/// dequantization, log-softmax): the summed loss and d(hidden), every kept GGUF type and NF4, f32 and f16, with and
+/// without the soft-cap.
 #[test]
 fn cube_quantized_lm_head_loss_equals_the_reference() {
     use crate::kernels::{with_fused, LinearRef, Targets};
-    use crate::quant::{Frozen, KEPT_GGML};
+    use crate::quant::Frozen;
     let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
-    let (n, d, vocab) = (13, 256, 301);
+    let (n, vocab) = (13, 301);
     let rows: Vec<usize> = (0..n).filter(|r| r % 4 != 3).collect();
     let targets: Vec<usize> = rows.iter().map(|r| (r * 7919 + 13) % vocab).collect();
-    let h: Vec<f32> = rand_vec(n * d, 41).iter().map(|v| v * 4.0).collect();
-    for &ty in KEPT_GGML {
-        let q = Arc::new(quant_matrix(ty, vocab, d, 42, false));
+    for (ty, q) in quant_cases(vocab, 42) {
+        let d = q.cols();
+        let h: Vec<f32> = rand_vec(n * d, 41).iter().map(|v| v * 4.0).collect();
         for (dtype, tol) in [
             (DType::F32, 1e-5),
             (DType::F16, check::tolerance(DType::F16)),
