@@ -29,7 +29,7 @@
 //! have to list every concrete backend type. Quantized weights depend on the weight's representation, not on the
 //! backend: kernels branch on [`LinearRef::weight`] ([`Frozen::Dense`] or [`Frozen::Quant`]); the CPU and CubeCL
 //! kernels dequantize a tile of rows where their GEMMs read it (nothing dense is kept for the backward), the
-//! reference dequantizes the whole matrix on the host for the call (NF4 on a GPU, bf16 on the CPU).
+//! reference dequantizes the whole matrix on the host for the call (bf16 compute on the CPU).
 //! The cost is one bound, `B: Kernels`, on code that runs the model ([`TrainBackend`] bundles it for training).
 //!
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.

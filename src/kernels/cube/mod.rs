@@ -12,7 +12,7 @@
 //! - [`quant`] — GGUF-quantized frozen weights (`Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`) resident on the
 //!   device in their blocks (uploaded once per matrix) and dequantized there tile by tile where a product reads
 //!   them: the frozen product `x·Wᵀ` of a linear group is one autodiff node saving only the quantized handle, and a
-//!   quantized head is dequantized on the device for the fused loss. NF4 takes the reference path.
+//!   quantized head is dequantized on the device for the fused loss. NF4 too (codes + per-block absmax).
 //!
 //! RoPE and the projections run burn's ops (cubek's matmuls, autotuned with `cuda`); the reference's linear group
 //! stacks the adapters' `A` factors of a group into one GEMM when no dropout mask separates their inputs.
@@ -505,7 +505,7 @@ fn xent_covered<B: burn::tensor::backend::Backend>(
     t: &Targets<'_>,
 ) -> bool {
     let [n, d] = hidden.dims();
-    // A quantized head is dequantized on the device for the call (GGUF blocks); NF4 runs the reference.
+    // A quantized head (GGUF blocks or NF4) is dequantized on the device for the call.
     let plain_weight = match head.weight.as_dense() {
         Some(w) => !w.is_require_grad(),
         None => quant::is_device_quant(head.weight),
