@@ -141,6 +141,13 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
     ModelConfig::from_json(&v)
 }
 
+/// A tensor's random seed: FNV-1a of its name.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Random weights for a config: N(0, 0.02)-like linear/embedding weights (uniform with the same spread), norm
 /// weights 1, biases 0. Deterministic per tensor name.
 pub struct RandomSource {
@@ -173,10 +180,7 @@ impl TensorSource for RandomSource {
         if shape.len() != 2 || name.ends_with("norm.weight") || shape[1] % ty.block_size() != 0 {
             return Ok(None);
         }
-        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        QMatrix::random_ggml(ty, shape[0], shape[1], 0.02 * 3f32.sqrt(), seed)
+        QMatrix::random_ggml(ty, shape[0], shape[1], 0.02 * 3f32.sqrt(), name_seed(name))
             .map(Some)
             .map_err(Error::Weights)
     }
@@ -192,9 +196,7 @@ impl TensorSource for RandomSource {
             vec![0.0f32; n]
         } else {
             // splitmix64 keyed by the name; uniform in ±0.02·√3 (std 0.02).
-            let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-            });
+            let mut state = name_seed(name);
             let amp = 0.02f32 * 3f32.sqrt();
             (0..n)
                 .map(|_| {

@@ -340,6 +340,35 @@ pub fn lm_head_xent<B: TrainBackend>(
     check
 }
 
+/// A linear group's outputs side by side — fused, or member by member with [`reference::linear`] — and, under the
+/// upstream gradient `dy`, the gradients of x and of every adapter's A and B.
+fn group_run<B: TrainBackend>(
+    fused: bool,
+    xt: &Tensor<B, 2>,
+    members: &[LinearRef<'_, B>],
+    params: &[(Tensor<B, 2>, Tensor<B, 2>)],
+    dy: Tensor<B, 2>,
+) -> (Vec<f32>, Vec<f32>) {
+    let y = if fused {
+        B::lora_linear_group(xt.clone(), members)
+    } else {
+        Tensor::cat(
+            members
+                .iter()
+                .map(|m| reference::linear(xt.clone(), m))
+                .collect(),
+            1,
+        )
+    };
+    let g = dot(y.clone(), dy).backward();
+    let mut grads = xt.grad(&g).map(to_vec).unwrap_or_default();
+    for (a, b) in params {
+        grads.extend(a.grad(&g).map(to_vec).unwrap_or_default());
+        grads.extend(b.grad(&g).map(to_vec).unwrap_or_default());
+    }
+    (to_vec(y), grads)
+}
+
 /// Three linear modules sharing one input `[29, 48]` (outputs 48 / 16 / 16, ranks 8 / 4 / 8, different scales,
 /// one bias — q|k|v with grouped heads), each with a LoRA adapter (f32 factors), with or without dropout masks,
 /// against the members computed one by one with [`reference::linear`]: the outputs side by side, and the
@@ -395,24 +424,8 @@ pub fn lora_group<B: TrainBackend>(device: &B::Device, dtype: DType, dropout: bo
                     }),
                 })
                 .collect();
-            let y = if fused {
-                B::lora_linear_group(xt.clone(), &members)
-            } else {
-                Tensor::cat(
-                    members
-                        .iter()
-                        .map(|m| reference::linear(xt.clone(), m))
-                        .collect(),
-                    1,
-                )
-            };
-            let g = dot(y.clone(), tensor(&dy, [n, dy_width], device, dtype)).backward();
-            let mut grads = xt.grad(&g).map(to_vec).unwrap_or_default();
-            for (a, b) in &params {
-                grads.extend(a.grad(&g).map(to_vec).unwrap_or_default());
-                grads.extend(b.grad(&g).map(to_vec).unwrap_or_default());
-            }
-            (to_vec(y), grads)
+            let dy = tensor(&dy, [n, dy_width], device, dtype);
+            group_run(fused, &xt, &members, &params, dy)
         })
     };
     outcome(
@@ -498,24 +511,8 @@ pub fn quant_group<B: TrainBackend>(device: &B::Device, dtype: DType, ty: GgmlTy
                     }),
                 },
             ];
-            let y = if fused {
-                B::lora_linear_group(xt.clone(), &members)
-            } else {
-                Tensor::cat(
-                    members
-                        .iter()
-                        .map(|m| reference::linear(xt.clone(), m))
-                        .collect(),
-                    1,
-                )
-            };
-            let g = dot(y.clone(), tensor(&dy, [n, width], device, dtype)).backward();
-            let mut grads = xt.grad(&g).map(to_vec).unwrap_or_default();
-            for (a, b) in &params {
-                grads.extend(a.grad(&g).map(to_vec).unwrap_or_default());
-                grads.extend(b.grad(&g).map(to_vec).unwrap_or_default());
-            }
-            (to_vec(y), grads)
+            let dy = tensor(&dy, [n, width], device, dtype);
+            group_run(fused, &xt, &members, &params, dy)
         })
     };
     outcome(

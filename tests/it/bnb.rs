@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use burn::tensor::DType;
-use loratune::model::{open, CausalLm, TokenBatch};
+use loratune::model::{open, CausalLm};
 use loratune::quant::BasePlan;
 
 use crate::common::*;
-use crate::parity::{hf_loss, reference_batch};
+use crate::parity::check_logits;
 
 fn dir() -> std::path::PathBuf {
     fixture("models/llama-bnb4bit")
@@ -25,37 +25,6 @@ fn load(dir: &Path, plan: BasePlan) -> loratune::error::Result<CausalLm<B>> {
         DType::F32,
         plan,
     )
-}
-
-/// Logits on the reference batch against transformers': max |Δ| over real positions, loss, the unpadded row.
-fn check_logits(what: &str, model: &CausalLm<B>) -> Vec<f32> {
-    let reference = dir().join("reference.safetensors");
-    let (batch, labels) = reference_batch(&reference);
-    let logits = to_vec(model.forward(&batch));
-    let (_, expected) = read_ref(&reference, "logits");
-    let v = model.config.vocab_size;
-    let d = (0..batch.batch * batch.seq)
-        .filter(|&p| batch.attention_mask[p])
-        .map(|p| max_abs_diff(&logits[p * v..(p + 1) * v], &expected[p * v..(p + 1) * v]))
-        .fold(0.0f32, f32::max);
-    let loss = hf_loss(&logits, &labels, batch.batch, batch.seq, v);
-    let (_, exp_loss) = read_ref(&reference, "loss");
-    println!(
-        "{what}: max |Δlogit| = {d:.3e}, loss {loss:.6} vs {:.6}",
-        exp_loss[0]
-    );
-    assert!(d <= 1e-4, "{what}: max |Δlogit| = {d}");
-    assert!(
-        (loss - exp_loss[0] as f64).abs() <= 1e-5,
-        "{what}: loss {loss} vs {}",
-        exp_loss[0]
-    );
-    let (shape, single) = read_ref(&reference, "logits_single");
-    let row: Vec<u32> = batch.input_ids[batch.seq..batch.seq + shape[1]].to_vec();
-    let alone = to_vec(model.forward(&TokenBatch::from_rows(&[row], None)));
-    let d1 = max_abs_diff(&alone, &single);
-    assert!(d1 <= 1e-4, "{what}: unpadded row max |Δlogit| = {d1}");
-    logits
 }
 
 #[test]
@@ -84,7 +53,11 @@ fn transformers_bnb_4bit_checkpoint_loads_kept_as_nf4_and_dequantized_with_its_l
         kept.model.embed_tokens.weight.quant().is_none(),
         "embeddings must be dense"
     );
-    let logits_kept = check_logits("bnb-4bit kept as NF4", &kept);
+    let logits_kept = check_logits(
+        "bnb-4bit kept as NF4",
+        &kept,
+        &dir().join("reference.safetensors"),
+    );
 
     let dense = load(&dir(), BasePlan::DENSE).unwrap();
     for (path, l) in dense.linears() {
@@ -93,7 +66,11 @@ fn transformers_bnb_4bit_checkpoint_loads_kept_as_nf4_and_dequantized_with_its_l
             "{path}: DENSE kept a quantized weight"
         );
     }
-    let logits_dense = check_logits("bnb-4bit dequantized", &dense);
+    let logits_dense = check_logits(
+        "bnb-4bit dequantized",
+        &dense,
+        &dir().join("reference.safetensors"),
+    );
 
     // The two paths hold the same weights: the NF4 matrix dequantized equals the dense copy bit for bit.
     for ((path, k), (_, d)) in kept.linears().iter().zip(dense.linears()) {

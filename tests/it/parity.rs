@@ -1,7 +1,10 @@
 //! Forward parity with transformers on the tiny per-architecture fixtures (tests/fixtures/models/*),
 //! produced by scripts/reference/make_fixtures.py: max |Δlogit| ≤ 1e-4 and loss within 1e-5.
 
-use loratune::model::TokenBatch;
+use std::path::Path;
+
+use loratune::kernels::Kernels;
+use loratune::model::{CausalLm, TokenBatch};
 
 use crate::common::*;
 
@@ -47,12 +50,16 @@ pub fn hf_loss(logits: &[f32], labels: &[i64], b: usize, s: usize, v: usize) -> 
 
 fn check_arch(arch: &str) {
     let dir = fixture(&format!("models/{arch}"));
-    let reference = dir.join("reference.safetensors");
-    let device = Default::default();
-    let model = load_fixture_model::<B>(&dir, &device);
-    let (batch, labels) = reference_batch(&reference);
+    let model = load_fixture_model::<B>(&dir, &Default::default());
+    check_logits(arch, &model, &dir.join("reference.safetensors"));
+}
+
+/// The model's logits on a fixture's reference batch against transformers': every real position within 1e-4,
+/// the loss within 1e-5, and the padded row alone (unpadded) within 1e-4. Returns the batch's logits.
+pub fn check_logits<Bk: Kernels>(what: &str, model: &CausalLm<Bk>, reference: &Path) -> Vec<f32> {
+    let (batch, labels) = reference_batch(reference);
     let logits = to_vec(model.forward(&batch));
-    let (_, expected) = read_ref(&reference, "logits");
+    let (_, expected) = read_ref(reference, "logits");
     let v = model.config.vocab_size;
     // Compare real positions only: at padded query positions transformers' values depend on how it fills
     // fully-masked rows (it attends uniformly), which no caller uses.
@@ -61,25 +68,26 @@ fn check_arch(arch: &str) {
         .map(|p| max_abs_diff(&logits[p * v..(p + 1) * v], &expected[p * v..(p + 1) * v]))
         .fold(0.0f32, f32::max);
     let loss = hf_loss(&logits, &labels, batch.batch, batch.seq, v);
-    let (_, exp_loss) = read_ref(&reference, "loss");
+    let (_, exp_loss) = read_ref(reference, "loss");
     println!(
-        "{arch}: max |Δlogit| = {d:.3e}, loss {loss:.6} vs {:.6}",
+        "{what}: max |Δlogit| = {d:.3e}, loss {loss:.6} vs {:.6}",
         exp_loss[0]
     );
-    assert!(d <= 1e-4, "{arch}: max |Δlogit| = {d}");
+    assert!(d <= 1e-4, "{what}: max |Δlogit| = {d}");
     assert!(
         (loss - exp_loss[0] as f64).abs() <= 1e-5,
-        "{arch}: loss {loss} vs {}",
+        "{what}: loss {loss} vs {}",
         exp_loss[0]
     );
 
     // The padded row alone, unpadded, gives the same logits at its real positions.
-    let (shape, single) = read_ref(&reference, "logits_single");
+    let (shape, single) = read_ref(reference, "logits_single");
     let len = shape[1];
     let row: Vec<u32> = batch.input_ids[batch.seq..batch.seq + len].to_vec();
     let alone = to_vec(model.forward(&TokenBatch::from_rows(&[row], None)));
     let d1 = max_abs_diff(&alone, &single);
-    assert!(d1 <= 1e-4, "{arch}: unpadded row max |Δlogit| = {d1}");
+    assert!(d1 <= 1e-4, "{what}: unpadded row max |Δlogit| = {d1}");
+    logits
 }
 
 macro_rules! parity_tests {

@@ -13,11 +13,9 @@ pub(crate) fn tile_rows(cols: usize) -> usize {
     ((1usize << 20) / cols.max(1)).max(16) / 16 * 16
 }
 
-/// `dst[r, c0 + j] = Σ_k x[r, k]·W[j, k]` for every row r of `x` `[n, in]` and every row j of W, into a row-major
-/// destination of row stride `rs` (W's output block sits at columns `c0..c0 + out`).
-pub(crate) fn xwt_into(dst: &mut [f32], c0: usize, rs: usize, x: MatRef<'_>, w: &QMatrix) {
-    let (out, inp, n) = (w.rows(), w.cols(), x.rows);
-    assert_eq!(x.cols, inp, "xwt_into: inner dimensions");
+/// Every tile of W's rows, decoded: `f(j0, j1, tile)` with `tile` = rows `j0..j1` as packed f32 `[j1 − j0, in]`.
+fn for_each_tile(w: &QMatrix, mut f: impl FnMut(usize, usize, &[f32])) {
+    let (out, inp) = (w.rows(), w.cols());
     let t = tile_rows(inp).min(out.max(1));
     let mut buf = vec![0f32; t * inp];
     let mut j0 = 0;
@@ -25,44 +23,45 @@ pub(crate) fn xwt_into(dst: &mut [f32], c0: usize, rs: usize, x: MatRef<'_>, w: 
         let j1 = (j0 + t).min(out);
         let tile = &mut buf[..(j1 - j0) * inp];
         w.dequant_rows(j0, j1, tile);
-        gemm(
-            MatMut::rows(dst, c0 + j0, n, j1 - j0, rs),
-            x,
-            MatRef::packed(tile, j1 - j0, inp).t(),
-            1.0,
-            false,
-            true,
-        );
+        f(j0, j1, tile);
         j0 = j1;
     }
 }
 
+/// `dst[r, c0 + j] = Σ_k x[r, k]·W[j, k]` for every row r of `x` `[n, in]` and every row j of W, into a row-major
+/// destination of row stride `rs` (W's output block sits at columns `c0..c0 + out`).
+pub(crate) fn xwt_into(dst: &mut [f32], c0: usize, rs: usize, x: MatRef<'_>, w: &QMatrix) {
+    assert_eq!(x.cols, w.cols(), "xwt_into: inner dimensions");
+    for_each_tile(w, |j0, j1, tile| {
+        gemm(
+            MatMut::rows(dst, c0 + j0, x.rows, j1 - j0, rs),
+            x,
+            MatRef::packed(tile, j1 - j0, w.cols()).t(),
+            1.0,
+            false,
+            true,
+        )
+    });
+}
+
 /// `dst += dy·W` for `dy` `[n, out]` (a column block of the upstream gradient) into a packed `[n, in]` buffer.
 pub(crate) fn dyw_acc(dst: &mut [f32], dy: MatRef<'_>, w: &QMatrix) {
-    let (out, inp, n) = (w.rows(), w.cols(), dy.rows);
-    assert_eq!(dy.cols, out, "dyw_acc: inner dimensions");
-    let t = tile_rows(inp).min(out.max(1));
-    let mut buf = vec![0f32; t * inp];
-    let mut j0 = 0;
-    while j0 < out {
-        let j1 = (j0 + t).min(out);
-        let tile = &mut buf[..(j1 - j0) * inp];
-        w.dequant_rows(j0, j1, tile);
+    assert_eq!(dy.cols, w.rows(), "dyw_acc: inner dimensions");
+    for_each_tile(w, |j0, j1, tile| {
         let dyt = MatRef {
             off: (dy.off as isize + j0 as isize * dy.cs) as usize,
             cols: j1 - j0,
             ..dy
         };
         gemm(
-            MatMut::packed(dst, n, inp),
+            MatMut::packed(dst, dy.rows, w.cols()),
             dyt,
-            MatRef::packed(tile, j1 - j0, inp),
+            MatRef::packed(tile, j1 - j0, w.cols()),
             1.0,
             true,
             true,
-        );
-        j0 = j1;
-    }
+        )
+    });
 }
 
 /// The matrix a kernel reads W from: a dense view, or a quantized matrix decoded per tile.
