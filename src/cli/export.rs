@@ -1,5 +1,7 @@
 //! `loratune export`: a merged GGUF (`--format gguf`), a GGUF LoRA adapter (`--format gguf-adapter`) or an
-//! Ollama folder (`--format ollama`: GGUF + Modelfile, and the `ollama create` command to run).
+//! Ollama folder (`--format ollama`: GGUF + Modelfile, and the `ollama create` command to run). For a base in the
+//! Ollama store (`--model ollama://NAME:TAG`) the Ollama folder holds the adapter only, with a Modelfile
+//! `FROM NAME:TAG` + `ADAPTER` that keeps the source's template, parameters and system prompt.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +10,10 @@ use anyhow::{bail, Context, Result};
 use crate::export::gguf::{
     export_gguf_adapter, export_gguf_from, GgufExportOptions, GgufExportReport, GgufType,
 };
-use crate::export::ollama::{create_command, write_ollama_folder, TemplateFamily};
+use crate::export::ollama::{
+    create_command, write_ollama_adapter_folder, write_ollama_folder, TemplateFamily,
+};
+use crate::hub::ollama::OllamaOptions;
 use crate::lora::peft::{read_adapter, PeftAdapter};
 use crate::model;
 use crate::tokenizer::load_for_model;
@@ -26,7 +31,8 @@ pub enum ExportFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// The base model: a Hugging Face folder or a .gguf file.
+    /// The base model: a Hugging Face folder, a .gguf file or ollama://NAME[:TAG] (a model in the local Ollama
+    /// store; with --format ollama the folder then holds the adapter and a Modelfile `FROM NAME:TAG`).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -94,7 +100,11 @@ fn ensure_parent(p: &Path) -> Result<()> {
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    if a.out.exists() && a.out.canonicalize().ok() == a.model.canonicalize().ok() {
+    let (model_path, ollama) = crate::hub::resolve_model_arg(&a.model, &OllamaOptions::from_env())?;
+    for n in ollama.iter().flat_map(|m| m.notes()) {
+        eprintln!("note: {n}");
+    }
+    if a.out.exists() && a.out.canonicalize().ok() == model_path.canonicalize().ok() {
         bail!("--out must differ from the base model location");
     }
     let default_type = if a.format == ExportFormat::GgufAdapter {
@@ -106,7 +116,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     if a.format != ExportFormat::Ollama && (a.template.is_some() || a.separate_adapter) {
         bail!("--template and --separate-adapter apply to --format ollama only");
     }
-    let base = model::open(&a.model)?;
+    let base = model::open(&model_path)?;
     let adapter = load_adapter(&a.adapter)?;
     let opts = GgufExportOptions {
         out_type,
@@ -115,7 +125,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     match a.format {
         ExportFormat::Gguf => {
             ensure_parent(&a.out)?;
-            let r = export_gguf_from(&a.model, &base, adapter.as_ref(), &a.out, &opts)?;
+            let r = export_gguf_from(&model_path, &base, adapter.as_ref(), &a.out, &opts)?;
             print_report(&a.out, &r);
         }
         ExportFormat::GgufAdapter => {
@@ -135,20 +145,41 @@ pub fn run(a: ExportArgs) -> Result<()> {
             if a.separate_adapter && adapter.is_none() {
                 bail!("--separate-adapter needs --adapter DIR");
             }
-            let tok = load_for_model(&a.model)
+            let tok = load_for_model(&model_path)
                 .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;
             let adapter_type = GgufType::parse(a.out_type.as_deref().unwrap_or("f32"))?;
-            let folder = write_ollama_folder(
-                &a.model,
-                &base,
-                adapter.as_ref(),
-                &tok,
-                &a.out,
-                &opts,
-                adapter_type,
-                family,
-                a.separate_adapter,
-            )?;
+            let folder = match (&ollama, adapter.as_ref()) {
+                (Some(src), Some(ad)) => write_ollama_adapter_folder(
+                    &base,
+                    ad,
+                    &tok,
+                    src,
+                    &a.out,
+                    &GgufExportOptions {
+                        out_type: adapter_type,
+                        name: a.name.clone(),
+                    },
+                    family,
+                )?,
+                (Some(src), None) => bail!(
+                    "{} is already in Ollama (as {}): give --adapter DIR to export a fine-tune of it \
+                     (a Modelfile FROM {} + ADAPTER)",
+                    a.model.display(),
+                    src.name.short(),
+                    src.name.short()
+                ),
+                (None, _) => write_ollama_folder(
+                    &model_path,
+                    &base,
+                    adapter.as_ref(),
+                    &tok,
+                    &a.out,
+                    &opts,
+                    adapter_type,
+                    family,
+                    a.separate_adapter,
+                )?,
+            };
             for (path, r) in &folder.gguf {
                 print_report(path, r);
             }
@@ -160,14 +191,28 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     .unwrap_or_else(|| "loratune-model".into())
             });
             eprintln!(
-                "wrote {} (Modelfile: {} template, {} stop token(s){})",
+                "wrote {} (Modelfile: FROM {}{}, {} template, {} stop token(s){}{})",
                 a.out.display(),
-                mf.family.name(),
-                mf.stops.len(),
-                if mf.system.is_some() {
-                    ", default system prompt"
+                mf.from,
+                if mf.adapter.is_some() {
+                    " + ADAPTER"
                 } else {
                     ""
+                },
+                match (mf.family, &ollama) {
+                    (Some(f), _) => f.name().to_string(),
+                    (None, Some(src)) => format!("{}'s own", src.name.short()),
+                    (None, None) => "the source's".to_string(),
+                },
+                mf.stops.len(),
+                match mf.parameters.len() {
+                    0 => String::new(),
+                    n => format!(", {n} other parameter(s)"),
+                },
+                match (&mf.system, ollama.as_ref().and_then(|s| s.system.as_ref())) {
+                    (Some(_), Some(_)) => ", the source's system prompt",
+                    (Some(_), None) => ", default system prompt",
+                    (None, _) => "",
                 }
             );
             println!("{}", create_command(&name, &a.out.join("Modelfile")));

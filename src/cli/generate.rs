@@ -14,7 +14,7 @@ use crate::tokenizer::{self, LoadedTokenizer};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A Hugging Face model folder or a .gguf file.
+    /// A Hugging Face model folder, a .gguf file, or ollama://NAME[:TAG] (a model in the local Ollama store).
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter folder to apply on top of the model.
@@ -82,7 +82,7 @@ impl InferJob for Job<'_> {
     }
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(mut a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
@@ -95,9 +95,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.system.is_some() && !a.chat {
         bail!("--system needs --chat");
     }
+    let shown = a.model.display().to_string();
+    let (path, ollama) =
+        crate::hub::resolve_model_arg(&a.model, &crate::hub::ollama::OllamaOptions::from_env())?;
+    for n in ollama.iter().flat_map(|m| m.notes()) {
+        eprintln!("note: {n}");
+    }
+    a.model = path;
     Placement::resolve(a.device, Bf16::Auto)?
         .infer(Job(&a))
-        .with_context(|| format!("loading {}", a.model.display()))?
+        .with_context(|| format!("loading {shown}"))?
 }
 
 /// Encode the prompt, stream the completion, print it (or the JSON report).

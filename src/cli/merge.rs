@@ -14,7 +14,7 @@ use crate::tokenizer::load_for_model;
 
 #[derive(clap::Args, Debug)]
 pub struct MergeArgs {
-    /// The base model: a Hugging Face folder or a .gguf file.
+    /// The base model: a Hugging Face folder, a .gguf file or ollama://NAME[:TAG].
     #[arg(long)]
     pub model: PathBuf,
     /// The PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
@@ -53,6 +53,9 @@ fn write(
     shard: Option<&ByteSize>,
 ) -> Result<()> {
     let t0 = std::time::Instant::now();
+    let (base_path, _) =
+        crate::hub::resolve_model_arg(base_path, &crate::hub::ollama::OllamaOptions::from_env())?;
+    let base_path = base_path.as_path();
     if out.exists() && out.canonicalize().ok() == base_path.canonicalize().ok() {
         bail!("--out must differ from the base model location");
     }

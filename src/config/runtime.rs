@@ -16,22 +16,24 @@ use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Schedule;
 
 impl TrainConfig {
-    /// The base model as a local path (an HF folder or a `.gguf`), downloading a Hub repo id into the HF cache.
+    /// The base model as a local path (an HF folder or a `.gguf`), downloading a Hub repo id into the HF cache
+    /// and finding an `ollama://` model's verified GGUF in the Ollama store.
     pub fn base_model_path(&self) -> Result<PathBuf> {
         let mut hub = crate::hub::HubOptions::from_env()?;
         hub.progress = std::io::stderr().is_terminal();
         // Relative paths are relative to the working directory, as in Axolotl.
-        Ok(
-            match crate::hub::resolve_base_model_in(
-                &self.base_model,
-                Some(self.revision()),
-                None::<&Path>,
-                &hub,
-            )? {
-                crate::hub::ResolvedModel::Folder(f) => f.dir,
-                crate::hub::ResolvedModel::Gguf(p) => p,
-            },
-        )
+        let resolved = crate::hub::resolve_base_model_in(
+            &self.base_model,
+            Some(self.revision()),
+            None::<&Path>,
+            &hub,
+        )?;
+        if let crate::hub::ResolvedModel::Ollama(m) = &resolved {
+            for n in m.notes() {
+                eprintln!("warning: {n}");
+            }
+        }
+        Ok(resolved.path().to_path_buf())
     }
 
     /// The base model's tokenizer with the config's `special_tokens` applied (token texts must already be in the

@@ -17,6 +17,10 @@
 //! The model's own end-of-turn / end-of-sequence tokens are added to the stop list. A default system prompt
 //! (the text the Jinja template inserts when the conversation has no system message, e.g. SmolLM2's "You are a
 //! helpful AI assistant named SmolLM, …") becomes `SYSTEM`, so Ollama's prompt equals the Jinja rendering.
+//!
+//! A base that is already in Ollama (`ollama://NAME:TAG`) is not copied: the folder holds the GGUF LoRA adapter
+//! and a Modelfile `FROM NAME:TAG` + `ADAPTER ./adapter.gguf` that keeps the source's own TEMPLATE, PARAMETERs and
+//! SYSTEM ([`modelfile_for_ollama_base`]).
 
 use std::path::Path;
 
@@ -197,7 +201,7 @@ pub fn default_system_prompt(
 /// A Modelfile's content.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Modelfile {
-    /// `FROM`: a path relative to the Modelfile (`./model.gguf`).
+    /// `FROM`: a path relative to the Modelfile (`./model.gguf`), or a model in Ollama (`llama3.2:1b`).
     pub from: String,
     /// `ADAPTER`: a GGUF LoRA adapter relative to the Modelfile.
     pub adapter: Option<String>,
@@ -205,10 +209,12 @@ pub struct Modelfile {
     pub template: String,
     /// `PARAMETER stop` values.
     pub stops: Vec<String>,
+    /// Other `PARAMETER`s (`temperature`, `num_ctx`, ...): a string, number or boolean each.
+    pub parameters: Vec<(String, serde_json::Value)>,
     /// `SYSTEM`.
     pub system: Option<String>,
-    /// The family the template was chosen for.
-    pub family: TemplateFamily,
+    /// The family the template was chosen for; `None` when TEMPLATE is the Ollama source model's own.
+    pub family: Option<TemplateFamily>,
 }
 
 fn triple_quoted(what: &str, text: &str) -> Result<String> {
@@ -221,12 +227,27 @@ fn triple_quoted(what: &str, text: &str) -> Result<String> {
 }
 
 fn quoted(what: &str, text: &str) -> Result<String> {
-    if text.contains('"') || text.contains('\n') || text.is_empty() {
+    if text.is_empty() {
         return Err(Error::Export(format!(
             "the {what} {text:?} cannot be written as a quoted Modelfile value"
         )));
     }
+    if text.contains('"') || text.contains('\n') {
+        return triple_quoted(what, text);
+    }
     Ok(format!("\"{text}\""))
+}
+
+/// A `PARAMETER` value: a string quoted, a number or boolean as it is.
+fn parameter_value(name: &str, v: &serde_json::Value) -> Result<String> {
+    match v {
+        serde_json::Value::String(s) => quoted(&format!("parameter `{name}`"), s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Bool(b) => Ok(b.to_string()),
+        other => Err(Error::Export(format!(
+            "the parameter `{name}` = {other} cannot be written as a Modelfile PARAMETER"
+        ))),
+    }
 }
 
 impl Modelfile {
@@ -251,6 +272,9 @@ impl Modelfile {
         out.push('\n');
         for s in &self.stops {
             out.push_str(&format!("PARAMETER stop {}\n", quoted("stop token", s)?));
+        }
+        for (k, v) in &self.parameters {
+            out.push_str(&format!("PARAMETER {k} {}\n", parameter_value(k, v)?));
         }
         Ok(out)
     }
@@ -305,9 +329,62 @@ pub fn modelfile_for(
         adapter: adapter.map(str::to_string),
         template: family.go_template().to_string(),
         stops,
+        parameters: Vec::new(),
         system,
-        family,
+        family: Some(family),
     })
+}
+
+/// The Modelfile of a fine-tune of `source`, a model in the Ollama store: `FROM <name:tag>`, `ADAPTER adapter`,
+/// and the source's own layers kept verbatim — TEMPLATE from its template layer, a PARAMETER line per value of
+/// its params layer (each `stop` entry on its own line), SYSTEM from its system layer. Without a template layer
+/// (or with `family` forced by `--template`) the TEMPLATE, stops and default system prompt are derived from
+/// the tokenizer as [`modelfile_for`] does, and the source's params and system layer are added on top.
+pub fn modelfile_for_ollama_base(
+    tok: &LoadedTokenizer,
+    source: &crate::hub::ollama::OllamaModel,
+    family: Option<TemplateFamily>,
+    adapter: Option<&str>,
+) -> Result<Modelfile> {
+    let from = source.name.short();
+    let mut mf = match (&source.template, family) {
+        (Some(t), None) => Modelfile {
+            from,
+            adapter: adapter.map(str::to_string),
+            template: t.clone(),
+            stops: Vec::new(),
+            parameters: Vec::new(),
+            system: None,
+            family: None,
+        },
+        _ => modelfile_for(tok, family, &from, adapter)?,
+    };
+    if let Some(s) = &source.system {
+        mf.system = Some(s.clone());
+    }
+    for (k, v) in source.params.iter().flatten() {
+        let values = match v {
+            serde_json::Value::Array(a) => a.clone(),
+            one => vec![one.clone()],
+        };
+        for v in values {
+            if k == "stop" {
+                let s = v.as_str().ok_or_else(|| {
+                    Error::Export(format!(
+                        "the params layer of ollama://{} has a stop value that is not a string: {v}",
+                        source.name
+                    ))
+                })?;
+                if !mf.stops.iter().any(|x| x == s) {
+                    mf.stops.push(s.to_string());
+                }
+            } else {
+                parameter_value(k, &v)?;
+                mf.parameters.push((k.clone(), v));
+            }
+        }
+    }
+    Ok(mf)
 }
 
 /// Write `Modelfile` into `dir`.
@@ -369,6 +446,33 @@ pub fn write_ollama_folder(
     write_modelfile(&dir, &modelfile)?;
     staging.commit()?;
     Ok(OllamaFolder { gguf, modelfile })
+}
+
+/// An Ollama folder at `out` (replaced atomically) for a fine-tune of `source`, a model already in the Ollama
+/// store: the GGUF LoRA adapter (`adapter.gguf`, in `opts.out_type`) and the Modelfile of
+/// [`modelfile_for_ollama_base`] (`FROM <name:tag>`, `ADAPTER ./adapter.gguf`, the source's template, params and
+/// system). The base is not copied: Ollama already has it.
+pub fn write_ollama_adapter_folder(
+    base: &crate::model::OpenedModel,
+    adapter: &crate::lora::peft::PeftAdapter,
+    tokenizer: &LoadedTokenizer,
+    source: &crate::hub::ollama::OllamaModel,
+    out: &Path,
+    opts: &super::gguf::GgufExportOptions,
+    template: Option<TemplateFamily>,
+) -> Result<OllamaFolder> {
+    let staging = super::atomic::AtomicDir::create(out)?;
+    let dir = staging.path().to_path_buf();
+    let modelfile = modelfile_for_ollama_base(tokenizer, source, template, Some("./adapter.gguf"))?;
+    // Refuse what the Modelfile cannot quote before the adapter is written.
+    modelfile.render()?;
+    let r = super::gguf::export_gguf_adapter(base, adapter, &dir.join("adapter.gguf"), opts)?;
+    write_modelfile(&dir, &modelfile)?;
+    staging.commit()?;
+    Ok(OllamaFolder {
+        gguf: vec![(out.join("adapter.gguf"), r)],
+        modelfile,
+    })
 }
 
 /// The command that imports the folder into Ollama.
@@ -463,8 +567,9 @@ mod tests {
             adapter: Some("./adapter.gguf".into()),
             template: CHATML.into(),
             stops: vec!["<|im_start|>".into(), "<|im_end|>".into()],
+            parameters: Vec::new(),
             system: Some("Be brief.".into()),
-            family: TemplateFamily::ChatMl,
+            family: Some(TemplateFamily::ChatMl),
         };
         let text = mf.render().unwrap();
         assert!(text.starts_with(

@@ -27,3 +27,22 @@ pub use source::GgufSource;
 pub use types::GgmlType;
 pub use value::MetaValue;
 pub use writer::{GgufWriter, TensorPayload};
+
+/// Whether `path` is a GGUF file: a `.gguf` name, or a file that starts with the GGUF magic (an Ollama blob,
+/// `blobs/sha256-…`, has no extension). The one test every loader uses.
+pub fn is_gguf_file(path: &std::path::Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == reader::GGUF_MAGIC
+}

@@ -1,5 +1,5 @@
-//! Resolving `base_model`: a local Hugging Face folder, a `.gguf` file, or a Hub repo id downloaded into the
-//! standard Hugging Face cache.
+//! Resolving `base_model`: a local Hugging Face folder, a `.gguf` file, a Hub repo id downloaded into the
+//! standard Hugging Face cache, or `ollama://NAME[:TAG]`, a model in the local Ollama store ([`ollama`]).
 //!
 //! Environment (read by [`HubOptions::from_env`], the same variables as `huggingface_hub`):
 //! - `HF_HUB_CACHE` (or the legacy `HUGGINGFACE_HUB_CACHE`), else `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
@@ -8,7 +8,10 @@
 //! - `HF_TOKEN` (or the legacy `HUGGING_FACE_HUB_TOKEN`), else the token file (`HF_TOKEN_PATH`, else
 //!   `HF_HOME/token`) written by `huggingface-cli login`;
 //! - `HF_HUB_OFFLINE=1`: never touch the network, resolve from the cache only;
-//! - `HF_ENDPOINT`: another hub (a mirror, or the loopback fake hub in the tests).
+//! - `HF_ENDPOINT`: another hub (a mirror, or the loopback fake hub in the tests);
+//! - `OLLAMA_MODELS` (else `~/.ollama/models`, else `/usr/share/ollama/.ollama/models`): the Ollama store that
+//!   `ollama://` names are looked up in, with loratune's own notes on it under `$XDG_CACHE_HOME/loratune/ollama`
+//!   (else `~/.cache/loratune/ollama`) ([`ollama::OllamaOptions`]).
 //!
 //! Only the files needed to train are downloaded: `config.json`, `generation_config.json`, the tokenizer files,
 //! `chat_template.jinja`, and `model.safetensors` or `model.safetensors.index.json` plus the shards it lists.
@@ -24,6 +27,7 @@
 
 mod cache;
 mod http;
+pub mod ollama;
 
 pub use http::redact;
 
@@ -32,6 +36,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use cache::{is_commit_id, is_repo_path, RepoCache};
 use http::{Answer, Client, FetchError};
+use ollama::{OllamaModel, OllamaName, OllamaOptions};
 
 /// Default Hub endpoint.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -57,6 +62,8 @@ pub enum BaseModelRef {
         /// The repo id.
         repo_id: String,
     },
+    /// `ollama://NAME[:TAG]`: a model in the local Ollama store.
+    Ollama(OllamaName),
 }
 
 /// Whether `s` is a syntactically valid Hub repo id (`name` or `org/name`; letters, digits, `-`, `_`, `.`).
@@ -79,14 +86,18 @@ pub fn is_repo_id(s: &str) -> bool {
 
 impl BaseModelRef {
     /// Decide what `base_model` is. A path that exists is local; a `.gguf` name must exist; anything else
-    /// must look like a repo id. With `check_files` off, a missing local-looking path is still accepted as
-    /// local (for checking configs on machines without the model). The error is a complete sentence.
+    /// must look like a repo id; `ollama://…` must be a valid Ollama name (the store is not read here). With
+    /// `check_files` off, a missing local-looking path is still accepted as local (for checking configs on
+    /// machines without the model). The error is a complete sentence.
     pub fn classify(
         base_model: &str,
         base_dir: Option<&Path>,
         check_files: bool,
     ) -> std::result::Result<Self, String> {
         let raw = base_model.trim();
+        if ollama::strip_scheme(raw).is_some() {
+            return OllamaName::parse(raw).map(BaseModelRef::Ollama);
+        }
         let path = match base_dir {
             Some(b) if Path::new(raw).is_relative() => b.join(raw),
             _ => PathBuf::from(raw),
@@ -127,7 +138,8 @@ impl BaseModelRef {
     }
 }
 
-/// How to reach the Hub and where the cache is. `Debug` shows neither the token nor endpoint credentials.
+/// How to reach the Hub and where the caches are (and where the Ollama store is). `Debug` shows neither the
+/// token nor endpoint credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HubOptions {
     /// Base URL, without a trailing slash.
@@ -140,6 +152,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Draw download progress bars (on stderr).
     pub progress: bool,
+    /// Where `ollama://` models are looked up.
+    pub ollama: OllamaOptions,
 }
 
 impl std::fmt::Debug for HubOptions {
@@ -150,6 +164,7 @@ impl std::fmt::Debug for HubOptions {
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("offline", &self.offline)
             .field("progress", &self.progress)
+            .field("ollama", &self.ollama)
             .finish()
     }
 }
@@ -167,8 +182,10 @@ impl HubOptions {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// Options from any variable lookup (testable without touching the process environment).
+    /// Options from any variable lookup (testable without touching the process environment); the Ollama part
+    /// as [`OllamaOptions::from_lookup`].
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let ollama = OllamaOptions::from_lookup(&get);
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let home_cache = || -> Result<PathBuf> {
             if let Some(x) = get("XDG_CACHE_HOME") {
@@ -211,6 +228,7 @@ impl HubOptions {
             token: token.map(|t| t.trim().to_string()),
             offline: get("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)),
             progress: false,
+            ollama,
         })
     }
 }
@@ -248,6 +266,34 @@ pub enum ResolvedModel {
     Folder(ModelFiles),
     /// A GGUF file.
     Gguf(PathBuf),
+    /// A model in the Ollama store (its GGUF is [`OllamaModel::gguf`]).
+    Ollama(OllamaModel),
+}
+
+impl ResolvedModel {
+    /// The local path the model loaders open: the folder, or the GGUF file.
+    pub fn path(&self) -> &Path {
+        match self {
+            ResolvedModel::Folder(f) => &f.dir,
+            ResolvedModel::Gguf(p) => p,
+            ResolvedModel::Ollama(m) => &m.blob,
+        }
+    }
+}
+
+/// A command's `--model MODEL`: a local folder or `.gguf` file as given (the loaders report a missing one), or
+/// `ollama://NAME[:TAG]` resolved in the Ollama store to its verified GGUF (returned too, for what the store says
+/// about it).
+pub fn resolve_model_arg(
+    model: &Path,
+    opts: &OllamaOptions,
+) -> Result<(PathBuf, Option<OllamaModel>)> {
+    let Some(s) = model.to_str().filter(|s| ollama::strip_scheme(s).is_some()) else {
+        return Ok((model.to_path_buf(), None));
+    };
+    let name = OllamaName::parse(s).map_err(Error::Hub)?;
+    let m = ollama::resolve(&name, opts)?;
+    Ok((m.blob.clone(), Some(m)))
 }
 
 /// Resolve `base_model` (+ revision for Hub ids) to local files, downloading when needed.
@@ -276,6 +322,9 @@ pub fn resolve_base_model_in(
             revision.unwrap_or("main"),
             opts,
         )?)),
+        BaseModelRef::Ollama(name) => {
+            Ok(ResolvedModel::Ollama(ollama::resolve(&name, &opts.ollama)?))
+        }
     }
 }
 
@@ -756,6 +805,17 @@ mod tests {
             "{e}"
         );
         assert!(BaseModelRef::classify("missing.gguf", None, false).is_ok());
+        // Ollama names are parsed, never looked up here (with or without check_files).
+        for check in [true, false] {
+            assert_eq!(
+                BaseModelRef::classify(" ollama://llama3.2:1b ", None, check),
+                Ok(BaseModelRef::Ollama(
+                    OllamaName::parse("llama3.2:1b").unwrap()
+                ))
+            );
+            let e = BaseModelRef::classify("ollama://bad name", None, check).unwrap_err();
+            assert!(e.contains("not an Ollama model name"), "{e}");
+        }
     }
 
     #[test]

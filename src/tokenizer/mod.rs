@@ -504,11 +504,7 @@ mod tests;
 /// The tokenizer that belongs to a model location: `tokenizer.json` & co. in an HF folder, or the
 /// `tokenizer.ggml.*` metadata of a `.gguf` file.
 pub fn load_for_model(path: &Path) -> Result<LoadedTokenizer> {
-    if path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    if crate::gguf::is_gguf_file(path) {
         let f = crate::gguf::GgufFile::open(path)?;
         return tokenizer_from_gguf_metadata(f.metadata())
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())));

@@ -384,6 +384,7 @@ fn opts(hub: &str, cache: &Path) -> HubOptions {
         token: None,
         offline: false,
         progress: false,
+        ollama: Default::default(),
     }
 }
 

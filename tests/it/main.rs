@@ -11,6 +11,7 @@ mod generate;
 mod gguf_export;
 mod hub;
 mod lora;
+mod ollama;
 mod parity;
 mod quant;
 mod train;
