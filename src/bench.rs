@@ -104,6 +104,15 @@ fn peak_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// The named shapes `--shape` knows.
+pub const SHAPES: &[&str] = &[
+    "llama-3.2-1b",
+    "llama-3.1-8b",
+    "smollm2-135m",
+    "mixtral-8x7b",
+    "smollm2-moe-8x2",
+];
+
 /// `config.json` of the named shapes (random weights).
 pub fn shape_config(name: &str) -> Result<ModelConfig> {
     let v = match name {
@@ -132,9 +141,29 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
             "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
             "hidden_act": "silu", "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
         }),
+        // Mixtral 8x7B as published (46.7 B parameters, 12.9 B active per token).
+        "mixtral-8x7b" => serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_local_experts": 8, "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+            "hidden_act": "silu", "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+        }),
+        // SmolLM2-135M with its MLP split into 8 experts of half the width, 2 per token: the same active
+        // parameters per token as smollm2-135m (plus the router), to measure what the sparse block costs.
+        "smollm2-moe-8x2" => serde_json::json!({
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 768,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+            "num_local_experts": 8, "num_experts_per_tok": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+            "hidden_act": "silu", "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2
+        }),
         other => {
             return Err(Error::Config(format!(
-                "unknown shape `{other}`; known: llama-3.2-1b, llama-3.1-8b, smollm2-135m"
+                "unknown shape `{other}`; known: {}",
+                SHAPES.join(", ")
             )))
         }
     };
@@ -318,6 +347,7 @@ fn run_on<B: TrainBackend>(
             &mut opt,
             &[(&batch, &labels)],
             StepConfig {
+                router_aux_loss_coef: 0.0,
                 lr: 1e-4,
                 max_grad_norm: 1.0,
                 seed: 0,
@@ -703,13 +733,26 @@ mod shape_tests {
             );
             let kv = c.num_key_value_heads * c.head_dim;
             let q = c.num_attention_heads * c.head_dim;
-            let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+            let (experts, active) = c.moe.map_or((1, 1), |m| (m.experts, m.top_k));
+            let router = if c.moe.is_some() { h * experts } else { 0 };
+            let attn = h * q + 2 * h * kv + q * h + 2 * h;
+            let layer = attn + 3 * h * i * experts + router;
+            let active_layer = attn + 3 * h * i * active + router;
             let heads = if c.tie_word_embeddings { 1 } else { 2 };
-            l * layer + heads * v * h + h
+            (
+                l * layer + heads * v * h + h,
+                l * active_layer + heads * v * h + h,
+            )
         };
-        assert_eq!(params("llama-3.1-8b"), 8_030_261_248);
-        assert_eq!(params("llama-3.2-1b"), 1_235_814_400);
-        assert_eq!(params("smollm2-135m"), 134_515_008);
+        assert_eq!(params("llama-3.1-8b").0, 8_030_261_248);
+        assert_eq!(params("llama-3.2-1b").0, 1_235_814_400);
+        assert_eq!(params("smollm2-135m").0, 134_515_008);
+        // Mixtral's model card: 46.7 B parameters, 12.9 B used per token.
+        assert_eq!(params("mixtral-8x7b").0, 46_702_792_704);
+        assert_eq!(params("mixtral-8x7b").1, 12_879_925_248);
+        // the same active parameters as smollm2-135m, plus the routers
+        let (_, active) = params("smollm2-moe-8x2");
+        assert_eq!(active, params("smollm2-135m").0 + 30 * 8 * 576);
         assert!(shape_config("llama-9")
             .unwrap_err()
             .to_string()

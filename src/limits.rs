@@ -80,6 +80,11 @@ pub const MODEL: &[Bound] = &[
         max: 1 << 24,
         why: "16 M positions",
     },
+    Bound {
+        field: "num_local_experts",
+        max: 512,
+        why: "llama.cpp's LLAMA_MAX_EXPERTS",
+    },
 ];
 
 /// Largest LoRA rank (`lora_r`, or `r` in a PEFT `adapter_config.json`).

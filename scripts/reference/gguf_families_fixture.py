@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.join(LCPP, "gguf-py"))
 import conversion  # noqa: E402  (llama.cpp's converter package)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-    Qwen3Config,
+    AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+    Qwen2Config, Qwen3Config,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,6 +69,10 @@ VARIANTS = {
     "gemma2": Gemma2Config(**{**COMMON, "num_hidden_layers": 2}, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
                            query_pre_attn_scalar=16, attn_logit_softcapping=40.0, final_logit_softcapping=25.0,
                            sliding_window=128),
+    # Sparse mixture of experts (last, so the variants above keep their random draws): llama.cpp writes it as
+    # `llama` with expert_count / expert_used_count and stacked ffn_{gate,up,down}_exps tensors.
+    "mixtral": MixtralConfig(**COMMON, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False,
+                             num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
 }
 
 
@@ -104,6 +108,11 @@ def main():
         gguf_path = os.path.join(OUT, f"{name}.gguf")
         convert(tmp, gguf_path)
         sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        if name == "mixtral":
+            # the checkpoint layout (per-expert w1/w2/w3, as save_pretrained wrote it), not transformers 5's fused
+            # in-memory experts
+            from safetensors.torch import load_file
+            sd = load_file(os.path.join(tmp, "model.safetensors"))
         if model.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         # Forward reference: logits of the HF model for a fixed sequence (keys starting with "__" are not weights).

@@ -2,7 +2,7 @@
 """GGUF LoRA adapters made by llama.cpp's own converter, for `tests/it/gguf_export.rs`.
 
 Runs llama.cpp's `convert_lora_to_gguf.py` (vendored in the llama-cpp-python 0.3.36 sdist; its gguf-py is 0.19.0)
-on the PEFT fixture adapters tests/fixtures/adapters/{llama,llama-rslora,qwen2,phi3,gemma2} with their fixture
+on the PEFT fixture adapters tests/fixtures/adapters/{llama,llama-rslora,qwen2,phi3,gemma2,mixtral-experts} with their fixture
 bases tests/fixtures/models/<arch> (`--base`, config only) and `--outtype f32`, writing
 tests/fixtures/gguf/lora/<name>.gguf (a few KB each). loratune's `export_gguf_adapter` must reproduce every
 tensor bit for bit and the `general.architecture` / `general.type` / `adapter.*` keys — except
@@ -23,7 +23,9 @@ if not LCPP or not os.path.exists(os.path.join(LCPP, "convert_lora_to_gguf.py"))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "fixtures", "gguf", "lora")
 
-ADAPTERS = {"llama": "llama", "llama-rslora": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma2": "gemma2"}
+ADAPTERS = {"llama": "llama", "llama-rslora": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma2": "gemma2",
+            # Mixtral: attention, the router and every expert (stacked: lora_a [experts, r, in], lora_b [experts, out, r])
+            "mixtral-experts": "mixtral"}
 
 
 def main():

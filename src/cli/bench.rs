@@ -11,10 +11,11 @@ use crate::lora::TargetSpec;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A model folder or .gguf (weights are used as they are).
+    /// A model folder, .gguf or ollama://NAME[:TAG] (weights are used as they are).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// A random-weight model of a named shape instead: llama-3.2-1b, smollm2-135m.
+    /// A random-weight model of a named shape instead: llama-3.2-1b, llama-3.1-8b, smollm2-135m, mixtral-8x7b,
+    /// smollm2-moe-8x2 (SmolLM2-135M with 8 experts of half width, 2 per token: its active parameters).
     #[arg(long)]
     pub shape: Option<String>,
     #[arg(long, default_value_t = 4)]
@@ -98,7 +99,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return print_kernel_checks(at);
     }
     let spec = BenchSpec {
-        model: a.model.clone(),
+        model: a
+            .model
+            .as_ref()
+            .map(|m| {
+                crate::hub::resolve_model_arg(m, &crate::hub::ollama::OllamaOptions::from_env())
+                    .map(|(p, _)| p)
+            })
+            .transpose()?,
         shape: a.shape.clone(),
         batch: a.batch,
         seq: a.seq,

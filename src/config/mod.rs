@@ -156,6 +156,11 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Gradient-norm clipping threshold (≥ 0; 0 disables clipping). Default: `1.0` (transformers).
     pub max_grad_norm: f64,
+    /// Mixture-of-experts models (Mixtral): weight of the routers' load-balancing loss added to the training loss,
+    /// as transformers adds `router_aux_loss_coef · aux_loss` with `output_router_logits` (≥ 0; Mixtral's
+    /// config.json says 0.001). Default: unset (off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_aux_loss_coef: Option<f64>,
     /// `adamw_torch` (aliases `adamw`, `adamw_hf`, `adamw_torch_fused`). Default: `adamw_torch`.
     pub optimizer: Optimizer,
     /// AdamW β1 in [0, 1). Default: `0.9`.
@@ -256,6 +261,7 @@ impl Default for TrainConfig {
             cosine_min_lr_ratio: None,
             weight_decay: adamw.weight_decay,
             max_grad_norm: 1.0,
+            router_aux_loss_coef: None,
             optimizer: Optimizer::AdamW,
             adam_beta1: adamw.beta1,
             adam_beta2: adamw.beta2,

@@ -55,7 +55,7 @@ pub(crate) fn resolve_and_validate(
     if !present(doc, "base_model") || cfg.base_model.trim().is_empty() {
         issues.push(Issue::missing(
             k("base_model"),
-            "set it to a Hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local model folder or a .gguf file",
+            "set it to a Hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local model folder, a .gguf file or an Ollama model (ollama://llama3.2:1b)",
         ));
     } else {
         match crate::hub::BaseModelRef::classify(
@@ -64,13 +64,18 @@ pub(crate) fn resolve_and_validate(
             opts.check_files,
         ) {
             Ok(r) => {
-                if !matches!(r, crate::hub::BaseModelRef::Hub { .. })
-                    && cfg.base_model_revision.is_some()
-                {
+                let why = match r {
+                    crate::hub::BaseModelRef::Hub { .. } => None,
+                    crate::hub::BaseModelRef::Ollama(_) => {
+                        Some("base_model is an Ollama model; its tag picks the version")
+                    }
+                    _ => Some("base_model is a local path, not a Hub repo id"),
+                };
+                if let (Some(why), true) = (why, cfg.base_model_revision.is_some()) {
                     warnings.push(Issue::key(
                         k("base_model_revision"),
                         "`base_model_revision` is ignored",
-                        Some("base_model is a local path, not a Hub repo id".into()),
+                        Some(why.into()),
                     ));
                 }
             }
@@ -387,6 +392,14 @@ pub(crate) fn resolve_and_validate(
                 cfg.max_grad_norm
             ),
         ));
+    }
+    if let Some(c) = cfg.router_aux_loss_coef {
+        if !(c >= 0.0 && finite(c)) {
+            issues.push(Issue::invalid(
+                k("router_aux_loss_coef"),
+                format!("must be ≥ 0 (0 turns the balancing loss off), got {c}"),
+            ));
+        }
     }
     for (key, b) in [
         ("adam_beta1", cfg.adam_beta1),

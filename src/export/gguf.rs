@@ -26,7 +26,9 @@ use sha2::{Digest, Sha256};
 use super::hf::{merged_tensors, HostTensor};
 use super::merge::{check_adapter_fits, delta, merged_host_tensors};
 use crate::error::{Error, Result};
-use crate::gguf::tensors::{gguf_architecture, gguf_name, hf_name, permute_rope_rows};
+use crate::gguf::tensors::{
+    expert_of, gguf_architecture, gguf_name, hf_name, permute_rope_rows, stacked_expert_names,
+};
 use crate::gguf::writer::WriteSummary;
 use crate::gguf::{GgmlType, GgufFile, GgufWriter, MetaValue, TensorPayload};
 use crate::lora::peft::PeftAdapter;
@@ -694,9 +696,7 @@ pub fn tokenizer_metadata(
 }
 
 fn is_gguf(p: &Path) -> bool {
-    p.is_file()
-        && p.extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    crate::gguf::is_gguf_file(p)
 }
 
 fn default_name(path: &Path) -> String {
@@ -778,12 +778,26 @@ fn write_from_hf(
     let mut w = GgufWriter::new();
     general_header(&mut w, arch, "model", name)?;
     let rope_freqs = llama3_rope_freqs(cfg);
+    let tensors = stack_experts(cfg, tensors)?;
     let n_params: u64 = tensors
         .iter()
         .map(|t| t.shape.iter().product::<usize>() as u64)
         .sum::<u64>()
         + rope_freqs.as_ref().map_or(0, |r| r.len() as u64);
-    w.set("general.size_label", s(&size_label(n_params)))?;
+    // gguf-py labels a mixture of experts "<experts>x<shared + one expert's parameters>".
+    let label = match cfg.moe {
+        Some(moe) => {
+            let expert: u64 = tensors
+                .iter()
+                .filter(|t| expert_of(&t.name).is_some())
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum();
+            let one = n_params - expert + expert / moe.experts as u64;
+            format!("{}x{}", moe.experts, size_label(one))
+        }
+        None => size_label(n_params),
+    };
+    w.set("general.size_label", s(&label))?;
     for (k, v) in hyperparameters(cfg, opts.out_type.file_type())? {
         w.set(k, v)?;
     }
@@ -825,6 +839,137 @@ fn write_from_hf(
     }
     let summary = w.write(dest)?;
     Ok(GgufExportReport { summary, notes })
+}
+
+/// Split an adapter's modules (in model order) into the ones written pair by pair and the experts' pairs, grouped
+/// by the stacked GGUF tensor they adapt (in model order). llama.cpp's LoRA converter can only stack a layer's
+/// experts when every expert's w1, w2 and w3 carries an adapter of one rank; anything else is refused here.
+#[allow(clippy::type_complexity)]
+fn expert_adapter_stacks(
+    cfg: &ModelConfig,
+    adapter: &PeftAdapter,
+    order: Vec<String>,
+) -> Result<(Vec<String>, Vec<(String, Vec<String>)>)> {
+    let Some(moe) = cfg.moe else {
+        return Ok((order, Vec::new()));
+    };
+    let mut plain = Vec::new();
+    let mut stacks: Vec<(String, Vec<String>)> = Vec::new();
+    let mut layers = std::collections::BTreeSet::new();
+    for m in order {
+        match expert_of(&format!("{m}.weight")) {
+            None => plain.push(m),
+            Some((layer, _, _)) => {
+                layers.insert(layer);
+            }
+        }
+    }
+    for layer in layers {
+        let mut ranks = std::collections::BTreeSet::new();
+        for module in ["w1", "w3", "w2"] {
+            let names: Vec<String> = (0..moe.experts)
+                .map(|e| format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{module}"))
+                .collect();
+            let missing: Vec<&String> = names
+                .iter()
+                .filter(|n| !adapter.modules.contains_key(*n))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::Lora(format!(
+                    "llama.cpp's GGUF LoRA adapters hold a layer's experts stacked, so every expert's w1, w2 and w3 must be adapted, but `{}` is not; \
+                     target all of w1, w2, w3 (or none), or export a merged model (`--format gguf`)",
+                    missing[0]
+                )));
+            }
+            ranks.extend(names.iter().map(|n| adapter.modules[n].0[0]));
+            let g = gguf_name(cfg.family, &format!("{}.weight", names[0]))
+                .ok_or_else(|| export_err(format!("`{}` has no llama.cpp name", names[0])))?;
+            stacks.push((g, names));
+        }
+        if ranks.len() > 1 {
+            return Err(Error::Lora(format!(
+                "layer {layer}'s experts use LoRA ranks {ranks:?}: llama.cpp stacks them into one tensor, which needs one rank; \
+                 export a merged model (`--format gguf`) instead"
+            )));
+        }
+    }
+    Ok((plain, stacks))
+}
+
+/// Mixtral's experts as llama.cpp's converter writes them: per layer and projection one `[experts, out, in]`
+/// tensor (named after expert 0's weight, which [`gguf_name`] maps to the stacked name), in place of the first
+/// expert's; every other tensor as it comes.
+fn stack_experts<'a>(
+    cfg: &ModelConfig,
+    tensors: Vec<HostTensor<'a>>,
+) -> Result<Vec<HostTensor<'a>>> {
+    let Some(moe) = cfg.moe else {
+        return Ok(tensors);
+    };
+    let mut out: Vec<HostTensor<'a>> = Vec::new();
+    let mut groups: BTreeMap<(usize, &'static str), Vec<Option<HostTensor<'a>>>> = BTreeMap::new();
+    let mut slot: BTreeMap<(usize, &'static str), usize> = BTreeMap::new();
+    for t in tensors {
+        let Some((layer, e, base)) = expert_of(&t.name) else {
+            out.push(t);
+            continue;
+        };
+        let key = (layer, base);
+        if let std::collections::btree_map::Entry::Vacant(v) = slot.entry(key) {
+            v.insert(out.len());
+            out.push(HostTensor {
+                name: String::new(),
+                shape: Vec::new(),
+                make: Box::new(|| Ok(Vec::new())),
+            });
+        }
+        let group = groups
+            .entry(key)
+            .or_insert_with(|| (0..moe.experts).map(|_| None).collect());
+        if e >= moe.experts {
+            return Err(export_err(format!(
+                "tensor `{}`: expert {e} of a model with {} experts",
+                t.name, moe.experts
+            )));
+        }
+        group[e] = Some(t);
+    }
+    for (key, group) in groups {
+        let experts: Vec<HostTensor<'a>> = group
+            .into_iter()
+            .enumerate()
+            .map(|(e, t)| {
+                t.ok_or_else(|| {
+                    export_err(format!(
+                        "layer {}: expert {e}'s `{}` weight is missing",
+                        key.0, key.1
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let inner = experts[0].shape.clone();
+        if let Some(t) = experts.iter().find(|t| t.shape != inner) {
+            return Err(export_err(format!(
+                "tensor `{}` has shape {:?}, expert 0's {inner:?}: experts must match to be stacked",
+                t.name, t.shape
+            )));
+        }
+        let name = experts[0].name.clone();
+        let mut shape = vec![moe.experts];
+        shape.extend(&inner);
+        out[slot[&key]] = HostTensor {
+            name,
+            shape,
+            make: Box::new(move || {
+                let mut all = Vec::new();
+                for t in &experts {
+                    all.extend((t.make)()?);
+                }
+                Ok(all)
+            }),
+        };
+    }
+    Ok(out)
 }
 
 fn fallback_note(t: GgufType, names: &[String]) -> String {
@@ -933,7 +1078,37 @@ fn export_from_gguf(
             .and_then(|h| h.strip_suffix(".weight"))
             .and_then(|m| modules.and_then(|ms| ms.get(m)));
         let file_ref = &file;
+        // A stacked expert tensor: the adapted experts' deltas go into their rows.
+        let expert_deltas: Vec<(usize, String, _)> = stacked_expert_names(cfg, &g)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(e, hf)| {
+                let m = modules?.get(hf.strip_suffix(".weight")?)?;
+                Some((e, hf, m))
+            })
+            .collect();
         let payload = match entry {
+            None if !expert_deltas.is_empty() => {
+                let g2 = g.clone();
+                TensorPayload::F32(Box::new(move || {
+                    let mut v = file_ref.dequantize(&g2)?;
+                    let per = v.len() / cfg.moe.map_or(1, |m| m.experts);
+                    for (e, hf, entry) in &expert_deltas {
+                        let d = gguf_delta(cfg, hf, entry)?;
+                        if d.len() != per {
+                            return Err(export_err(format!(
+                                "tensor `{g2}`: the adapter delta of expert {e} has {} values for {per}",
+                                d.len()
+                            )));
+                        }
+                        for (x, y) in v[e * per..(e + 1) * per].iter_mut().zip(d) {
+                            *x += y;
+                        }
+                    }
+                    Ok(v)
+                }))
+            }
             None if info.ggml_type == ty => {
                 copied += 1;
                 TensorPayload::Raw(Box::new(move || Ok(file_ref.tensor_bytes(&g)?.to_vec())))
@@ -1057,6 +1232,37 @@ pub fn export_gguf_adapter(
     )?;
     let mut folded = Vec::new();
     let mut fallbacks = Vec::new();
+    let (order, stacks) = expert_adapter_stacks(cfg, adapter, order)?;
+    for (g, experts) in stacks {
+        // llama.cpp's convert_lora_to_gguf.py stacks the experts' pairs: lora_a [experts, r, in], lora_b
+        // [experts, out, r]; each expert's own scale ratio is folded into its B.
+        let (ash, _, bsh, _, _) = &adapter.modules[&experts[0]];
+        let (r, (ins, outs)) = (ash[0], (ash[1], bsh[0]));
+        let mut a_all = Vec::with_capacity(experts.len() * r * ins);
+        let mut b_all = Vec::with_capacity(experts.len() * outs * r);
+        for m in &experts {
+            let (_, av, _, bv, scale) = &adapter.modules[m];
+            let ratio = scale * r as f64 / alpha;
+            if (ratio - 1.0).abs() > 1e-12 {
+                folded.push(m.clone());
+            }
+            a_all.extend_from_slice(av);
+            b_all.extend(bv.iter().map(|x| (*x as f64 * ratio) as f32));
+        }
+        let (na, nb) = (format!("{g}.lora_a"), format!("{g}.lora_b"));
+        let (sa, sb) = (vec![experts.len(), r, ins], vec![experts.len(), outs, r]);
+        let (ta, tb) = (
+            tensor_type(opts.out_type, &na, &sa),
+            tensor_type(opts.out_type, &nb, &sb),
+        );
+        for (n, t) in [(&na, ta), (&nb, tb)] {
+            if t != opts.out_type.ggml() && t == GgmlType::F16 {
+                fallbacks.push(n.clone());
+            }
+        }
+        w.add_tensor(na, &sa, ta, TensorPayload::F32(Box::new(move || Ok(a_all))))?;
+        w.add_tensor(nb, &sb, tb, TensorPayload::F32(Box::new(move || Ok(b_all))))?;
+    }
     for m in &order {
         let Some((ash, av, bsh, bv, scale)) = adapter.modules.get(m) else {
             continue;

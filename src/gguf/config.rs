@@ -142,17 +142,34 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
             origin: Some(file.path().to_path_buf()),
             supported: Family::supported_gguf_architectures(),
         })?;
-    let rules = family.rules();
     let m = Meta { file, arch };
     let path = file.path().display();
 
-    if let Some(n) = m.opt_usize("expert_count")? {
-        if n > 0 {
-            return Err(m.err(format!(
-                "`{arch}.expert_count` = {n}: mixture-of-experts models are not supported"
-            )));
+    // llama.cpp writes Mixtral as its `llama` architecture with `expert_count` / `expert_used_count`.
+    let experts = m.opt_usize("expert_count")?.filter(|&n| n > 0);
+    let (family, moe) = match experts {
+        None => (family, None),
+        Some(n) if family == Family::Llama => {
+            let k = m.opt_usize("expert_used_count")?.ok_or_else(|| {
+                m.err(format!(
+                    "`{arch}.expert_count` = {n} but `{arch}.expert_used_count` (experts per token) is missing"
+                ))
+            })?;
+            (
+                Family::Mixtral,
+                Some(crate::model::MoeConfig {
+                    experts: n,
+                    top_k: k,
+                }),
+            )
         }
-    }
+        Some(n) => {
+            return Err(m.err(format!(
+                "`{arch}.expert_count` = {n}: mixture-of-experts models of the {arch} architecture are not supported (Mixtral, as llama.cpp's `llama` architecture, is)"
+            )))
+        }
+    };
+    let rules = family.rules();
 
     let num_hidden_layers = m.req_usize("block_count")?;
     let hidden_size = m.req_usize("embedding_length")?;
@@ -284,6 +301,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         attn_logit_softcapping,
         final_logit_softcapping,
         query_pre_attn_scalar,
+        moe,
         bos_token_id,
         eos_token_ids,
         pad_token_id,

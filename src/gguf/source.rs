@@ -84,7 +84,8 @@ impl GgufSource {
                 spec.gguf_name
             ))
         })?;
-        let data = self.file.dequantize_rows(info, 0, info.n_rows())?;
+        let (start, n) = spec_rows(spec, info);
+        let data = self.file.dequantize_rows(info, start, start + n)?;
         self.file.release(info);
         let data = apply_transform(data, &spec.shape, spec.transform).map_err(|e| {
             Error::Gguf(format!(
@@ -95,6 +96,25 @@ impl GgufSource {
         })?;
         Ok((data, spec.shape.clone()))
     }
+}
+
+/// The rows of a GGUF tensor an HF tensor is: `(first, count)`.
+fn spec_rows(spec: &HfTensorSpec, info: &super::reader::TensorInfo) -> (usize, usize) {
+    match spec.rows {
+        Some(start) => (start, spec.shape.first().copied().unwrap_or(1)),
+        None => (0, info.n_rows()),
+    }
+}
+
+/// The bytes of an HF tensor within its GGUF tensor's bytes.
+fn spec_bytes<'a>(
+    spec: &HfTensorSpec,
+    info: &super::reader::TensorInfo,
+    bytes: &'a [u8],
+) -> &'a [u8] {
+    let (start, n) = spec_rows(spec, info);
+    let row = info.row_bytes();
+    &bytes[start * row..(start + n) * row]
 }
 
 fn apply_transform(
@@ -163,7 +183,7 @@ impl TensorSource for GgufSource {
                 spec.gguf_name
             ))
         };
-        let bytes = self.file.tensor_bytes(&spec.gguf_name)?.to_vec();
+        let bytes = spec_bytes(spec, info, self.file.tensor_bytes(&spec.gguf_name)?).to_vec();
         self.file.release(info);
         let q = QMatrix::ggml(info.ggml_type, rows, cols, bytes).map_err(err)?;
         let q = match spec.transform {
@@ -194,7 +214,7 @@ impl TensorSource for GgufSource {
                 if let st @ (StoredDtype::F32 | StoredDtype::F16 | StoredDtype::BF16) =
                     stored(info.ggml_type)
                 {
-                    let bytes = self.file.tensor_bytes(&spec.gguf_name)?;
+                    let bytes = spec_bytes(spec, info, self.file.tensor_bytes(&spec.gguf_name)?);
                     let data = convert_raw(bytes, st, spec.shape.clone(), dtype, name)
                         .map_err(|e| Error::Weights(format!("{}: {e}", self.origin())))?;
                     self.file.release(info);

@@ -17,6 +17,9 @@
 //! | `blk.N.ffn_norm` | gemma2: `pre_feedforward_layernorm`; others: `post_attention_layernorm` |
 //! | `blk.N.post_attention_norm` (gemma2) | `post_attention_layernorm` |
 //! | `blk.N.post_ffw_norm` (gemma2) | `post_feedforward_layernorm` |
+//! | `blk.N.ffn_gate_inp` (Mixtral) | `block_sparse_moe.gate` (the router) |
+//! | `blk.N.ffn_gate_exps` / `ffn_up_exps` / `ffn_down_exps` (Mixtral: `[experts, out, in]`, stacked) | `block_sparse_moe.experts.{e}.w1` / `w3` / `w2` |
+//! | `blk.N.ffn_gate.E` / `ffn_up.E` / `ffn_down.E` (2023 Mixtral files, read only) | `block_sparse_moe.experts.E.w1` / `w3` / `w2` |
 //!
 //! Layout fix-ups applied on import (and their inverses, for the GGUF writer):
 //! - `llama` architecture (Llama, Mistral, SmolLM): the converter permutes the rows of q_proj / k_proj
@@ -67,8 +70,62 @@ fn split_layer(s: &str) -> Option<(&str, &str)> {
     canonical.then_some((layer, rest))
 }
 
-/// HF name of a GGUF tensor, `None` for a name this family does not use.
+/// llama.cpp's expert projections (base names without `_exps`) and Mixtral's module names.
+const EXPERT_TENSORS: &[(&str, &str)] = &[("ffn_gate", "w1"), ("ffn_up", "w3"), ("ffn_down", "w2")];
+
+/// An expert's weight `model.layers.N.block_sparse_moe.experts.E.{w1,w2,w3}.weight` → (N, E, llama.cpp base name).
+pub fn expert_of(hf_name: &str) -> Option<(usize, usize, &'static str)> {
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, rest) = split_layer(rest)?;
+    let rest = rest.strip_prefix("block_sparse_moe.experts.")?;
+    let (e, rest) = split_layer(rest)?;
+    let module = rest.strip_suffix(".weight")?;
+    let (base, _) = EXPERT_TENSORS.iter().find(|(_, m)| *m == module)?;
+    Some((layer.parse().ok()?, e.parse().ok()?, base))
+}
+
+/// A stacked expert tensor `blk.N.ffn_gate_exps.weight` → (N, the Mixtral module name).
+fn stacked_experts(gguf_name: &str) -> Option<(&str, &'static str)> {
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = split_layer(rest)?;
+    let base = rest.strip_suffix("_exps.weight")?;
+    let (_, module) = EXPERT_TENSORS.iter().find(|(g, _)| *g == base)?;
+    Some((layer, module))
+}
+
+/// The HF weight names, expert by expert, of a stacked expert tensor (`None` for any other tensor).
+pub fn stacked_expert_names(cfg: &ModelConfig, gguf_name: &str) -> Option<Vec<String>> {
+    let moe = cfg.moe?;
+    let (layer, module) = stacked_experts(gguf_name)?;
+    Some(
+        (0..moe.experts)
+            .map(|e| expert_path(layer, e, module))
+            .collect(),
+    )
+}
+
+fn expert_path(layer: &str, e: impl std::fmt::Display, module: &str) -> String {
+    format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{module}.weight")
+}
+
+/// HF name of a GGUF tensor, `None` for a name this family does not use (a stacked expert tensor is several HF
+/// tensors: see [`plan`]).
 pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
+    if family.rules().moe {
+        // the 2023 per-expert layout: blk.N.ffn_gate.E.weight
+        let per_expert = gguf_name
+            .strip_prefix("blk.")
+            .and_then(split_layer)
+            .and_then(|(layer, rest)| {
+                let (base, rest) = rest.split_once('.')?;
+                let (e, suffix) = split_layer(rest)?;
+                let (_, module) = EXPERT_TENSORS.iter().find(|(g, _)| *g == base)?;
+                (suffix == "weight").then(|| expert_path(layer, e, module))
+            });
+        if per_expert.is_some() {
+            return per_expert;
+        }
+    }
     if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == gguf_name) {
         return Some(hf.to_string());
     }
@@ -79,10 +136,16 @@ pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{module}.{suffix}"))
 }
 
-/// GGUF name of an HF tensor (the inverse of [`hf_name`]).
+/// GGUF name of an HF tensor (the inverse of [`hf_name`]); an expert's weight names the stacked tensor that
+/// holds it (llama.cpp's converter writes the experts stacked).
 pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
     if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == hf_name) {
         return Some(g.to_string());
+    }
+    if family.rules().moe {
+        if let Some((layer, _, base)) = expert_of(hf_name) {
+            return Some(format!("blk.{layer}.{base}_exps.weight"));
+        }
     }
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, rest) = split_layer(rest)?;
@@ -111,6 +174,9 @@ pub struct HfTensorSpec {
     pub transform: Transform,
     /// Torch-layout shape of the result.
     pub shape: Vec<usize>,
+    /// The rows `[start, start + shape[0])` of the GGUF tensor seen as a matrix of its innermost dimension (one
+    /// expert of a stacked expert tensor); `None` for the whole tensor.
+    pub rows: Option<usize>,
 }
 
 fn layer_base(gguf_name: &str) -> Option<(&str, &str)> {
@@ -164,6 +230,26 @@ pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTen
         if CONFIG_TENSORS.contains(&name) {
             continue;
         }
+        if let (Some(moe), Some((layer, module))) = (cfg.moe, stacked_experts(name)) {
+            let shape = info.shape();
+            if shape.len() != 3 || shape[0] != moe.experts {
+                return Err(Error::Gguf(format!(
+                    "{}: `{name}` has shape {shape:?}, expected [{}, rows, cols] (one matrix per expert)",
+                    file.path().display(),
+                    moe.experts
+                )));
+            }
+            for e in 0..moe.experts {
+                insert(HfTensorSpec {
+                    hf_name: expert_path(layer, e, module),
+                    gguf_name: name.to_string(),
+                    transform: Transform::None,
+                    shape: shape[1..].to_vec(),
+                    rows: Some(e * shape[1]),
+                })?;
+            }
+            continue;
+        }
         if let Some(hf) = hf_name(cfg.family, name) {
             let transform = transform_for(cfg, name, &hf);
             insert(HfTensorSpec {
@@ -171,6 +257,7 @@ pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTen
                 gguf_name: name.to_string(),
                 transform,
                 shape: info.shape(),
+                rows: None,
             })?;
             continue;
         }
@@ -325,6 +412,32 @@ mod tests {
         assert_eq!(hf_name(Family::Llama, "blk.x.attn_q.weight"), None);
         assert_eq!(hf_name(Family::Llama, "blk.01.attn_q.weight"), None);
         assert_eq!(hf_name(Family::Llama, "blk.0.attn_q.scale"), None);
+    }
+
+    /// Mixtral: the router maps both ways; an expert's weight is written into its layer's stacked tensor; the
+    /// 2023 per-expert names read back as the expert's weight; other families never see expert names.
+    #[test]
+    fn mixtral_expert_names() {
+        let f = Family::Mixtral;
+        let router = "model.layers.3.block_sparse_moe.gate.weight";
+        assert_eq!(
+            hf_name(f, "blk.3.ffn_gate_inp.weight").as_deref(),
+            Some(router)
+        );
+        assert_eq!(
+            gguf_name(f, router).as_deref(),
+            Some("blk.3.ffn_gate_inp.weight")
+        );
+        for (module, base) in [("w1", "ffn_gate"), ("w3", "ffn_up"), ("w2", "ffn_down")] {
+            let hf = format!("model.layers.3.block_sparse_moe.experts.7.{module}.weight");
+            assert_eq!(expert_of(&hf), Some((3, 7, base)));
+            assert_eq!(gguf_name(f, &hf), Some(format!("blk.3.{base}_exps.weight")));
+            assert_eq!(hf_name(f, &format!("blk.3.{base}.7.weight")), Some(hf));
+        }
+        assert_eq!(hf_name(f, "blk.3.ffn_gate_exps.weight"), None); // several HF tensors: see plan()
+        assert_eq!(hf_name(Family::Llama, "blk.3.ffn_gate.7.weight"), None);
+        assert_eq!(hf_name(f, "blk.3.ffn_gate.07.weight"), None);
+        assert_eq!(expert_of("model.layers.3.mlp.gate_proj.weight"), None);
     }
 
     /// Hand-computed: 2 heads of size 4 (half = 2), one column. Stored rows per head are

@@ -133,8 +133,25 @@ pub fn save_adapter<B: Backend>(
     dir: &Path,
 ) -> Result<()> {
     let staging = AtomicDir::create(dir)?;
-    write_adapter_files(staging.path(), model, s, base_model)?;
-    let readme = model_card(model, s, base_model);
+    // PEFT (>= 0.21) loads adapters on a mixture of experts' router or experts onto transformers 5's fused expert
+    // tensors through its ParamWrapper, which refuses any lora_dropout but 0. Dropout plays no part once trained,
+    // so the exported adapter says 0 (checkpoints keep the training value: resuming replays it).
+    let moe_adapted = model.linears().iter().any(|(p, l)| {
+        l.lora.is_some() && p.contains(&format!(".{}.", crate::model::tree::MOE_BLOCK))
+    });
+    let export_settings = LoraSettings {
+        dropout: if moe_adapted { 0.0 } else { s.dropout },
+        ..s.clone()
+    };
+    write_adapter_files(staging.path(), model, &export_settings, base_model)?;
+    let mut readme = model_card(model, s, base_model);
+    if moe_adapted && s.dropout != 0.0 {
+        readme.push_str(&format!(
+            "\nTrained with lora_dropout = {}; adapter_config.json says 0 because PEFT loads router and expert \
+             adapters onto transformers 5's fused experts only with lora_dropout 0 (dropout has no effect at inference).\n",
+            s.dropout
+        ));
+    }
     write_atomic(&staging.path().join("README.md"), readme.as_bytes())?;
     staging.commit()
 }

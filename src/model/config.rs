@@ -99,6 +99,8 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f64>,
     /// Attention scale = 1/√query_pre_attn_scalar (Gemma2), else 1/√head_dim.
     pub query_pre_attn_scalar: Option<f64>,
+    /// A sparse mixture-of-experts MLP in every layer (Mixtral); `intermediate_size` is one expert's.
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -106,6 +108,15 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
     /// The original config.json, kept so merged exports preserve fields we do not interpret.
     pub raw: Option<Map<String, Value>>,
+}
+
+/// A sparse mixture-of-experts MLP: `experts` SwiGLU experts per layer, `top_k` of them run per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// config.json `num_local_experts`.
+    pub experts: usize,
+    /// config.json `num_experts_per_tok`.
+    pub top_k: usize,
 }
 
 impl ModelConfig {
@@ -210,6 +221,15 @@ impl ModelConfig {
             None
         };
 
+        let moe = if rules.moe {
+            Some(MoeConfig {
+                experts: c.req_usize("num_local_experts")?,
+                top_k: c.opt_usize("num_experts_per_tok")?.unwrap_or(2),
+            })
+        } else {
+            None
+        };
+
         let torch_dtype = c
             .opt_str("torch_dtype")?
             .or(c.opt_str("dtype")?)
@@ -236,6 +256,7 @@ impl ModelConfig {
             attn_logit_softcapping,
             final_logit_softcapping,
             query_pre_attn_scalar,
+            moe,
             bos_token_id: c.opt_u32("bos_token_id")?,
             eos_token_ids: c.id_list("eos_token_id")?,
             pad_token_id: c.opt_u32("pad_token_id")?,
@@ -280,6 +301,16 @@ impl ModelConfig {
                 self.layer_windows.len(),
                 self.num_hidden_layers
             )));
+        }
+        if let Some(m) = self.moe {
+            if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+                return Err(Error::Config(format!(
+                    "num_experts_per_tok = {} must be between 1 and num_local_experts = {}",
+                    m.top_k, m.experts
+                )));
+            }
+            crate::limits::check_model_field("num_local_experts", m.experts as u64)
+                .map_err(Error::Config)?;
         }
         if !(self.rope.theta.is_finite() && self.rope.theta > 0.0) {
             return Err(Error::Config(format!(

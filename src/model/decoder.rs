@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{activation, DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
-use super::tree::{Embedding, Layer, MapLeaves, RmsNorm, Tree, Weights};
+use super::tree::{Embedding, Ffn, Layer, MapLeaves, Mlp, RmsNorm, Tree, Weights};
 use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, Masking, NormRef, Qkv, Rope};
 use crate::lora::linear::{LoraAdapter, LoraLinear};
 
@@ -98,7 +98,8 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Source of LoRA-dropout masks during training (None in eval / inference).
+/// What a training forward draws or reports along the way: LoRA-dropout masks (None in eval / inference), and the
+/// routers' choices of a mixture of experts (for its load-balancing loss).
 pub trait DropoutSource<B: Backend> {
     /// A keep mask scaled by 1/(1-p), `[n, features]`, or None when p == 0.
     fn mask(
@@ -108,6 +109,10 @@ pub trait DropoutSource<B: Backend> {
         p: f64,
         device: &B::Device,
     ) -> Option<Tensor<B, 2>>;
+
+    /// A MoE layer's router gave these probabilities (`[n, experts]`, f32, part of the graph) and chose these
+    /// experts (`[n·top_k]`, best first). Ignored unless a balancing loss is wanted.
+    fn routing(&mut self, _probs: &Tensor<B, 2>, _chosen: &[i32]) {}
 }
 
 /// No dropout (evaluation, inference, parity tests).
@@ -148,6 +153,35 @@ fn norm<B: Kernels, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B
         offset: n.offset,
     };
     B::rms_norm(x, &norm)
+}
+
+/// Which experts each row is routed to.
+struct Routes {
+    /// `[n·top_k]`: row r's experts, best first.
+    chosen: Vec<i32>,
+    /// Per expert: the rows routed to it (ascending) and, for each, its slot `r·top_k + j` in `chosen`.
+    per_expert: Vec<(Vec<i32>, Vec<i32>)>,
+}
+
+/// The `top_k` largest of each row of `probs` (`[n, experts]`), ties to the lower index (as `torch.topk` on
+/// distinct values; a tie is a coin flip in torch too).
+fn top_k_routes(probs: &[f32], experts: usize, top_k: usize) -> Routes {
+    let n = probs.len() / experts.max(1);
+    let mut chosen = Vec::with_capacity(n * top_k);
+    let mut per_expert = vec![(Vec::new(), Vec::new()); experts];
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for r in 0..n {
+        let p = &probs[r * experts..(r + 1) * experts];
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        for (j, &e) in order[..top_k].iter().enumerate() {
+            chosen.push(e as i32);
+            per_expert[e].0.push(r as i32);
+            per_expert[e].1.push((r * top_k + j) as i32);
+        }
+    }
+    Routes { chosen, per_expert }
 }
 
 /// The attention settings of one forward pass, one per sliding window, on the host (no backend): what a pass
@@ -294,14 +328,88 @@ impl<B: Kernels> CausalLm<B> {
             None => h,
         };
         let x = x + h;
-        let gate_up = group(&layer.gate_up, norm(&layer.mlp_in_norm, x.clone()), drop);
-        let h = B::glu(gate_up, self.config.hidden_act);
-        let h = group(std::slice::from_ref(&layer.down_proj), h, drop);
+        let h = norm(&layer.mlp_in_norm, x.clone());
+        let h = match &layer.mlp {
+            Mlp::Dense(ffn) => self.ffn(ffn, h, drop),
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+            } => self.moe(router, experts, *top_k, h, drop),
+        };
         let h = match &layer.mlp_out_norm {
             Some(n) => norm(n, h),
             None => h,
         };
         x + h
+    }
+
+    /// A gated MLP: gate|up, the activation times up, down.
+    fn ffn(
+        &self,
+        ffn: &Ffn<Weights<B>>,
+        x: Tensor<B, 2>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let gate_up = group(&ffn.gate_up, x, drop);
+        let h = B::glu(gate_up, self.config.hidden_act);
+        group(std::slice::from_ref(&ffn.down), h, drop)
+    }
+
+    /// A sparse mixture of experts, as transformers' `MixtralSparseMoeBlock`: router logits `[n, experts]`, their
+    /// softmax in f32, the `top_k` largest per token (ties to the lower expert index) renormalised to sum to one;
+    /// each expert runs on the rows routed to it only, its output scaled by the row's weight (in f32) and added
+    /// into the result. The choice of experts is not differentiable; the weights are (through the router).
+    fn moe(
+        &self,
+        router: &LoraLinear<B>,
+        experts: &[Ffn<Weights<B>>],
+        top_k: usize,
+        x: Tensor<B, 2>,
+        drop: &mut dyn DropoutSource<B>,
+    ) -> Tensor<B, 2> {
+        let [n, hidden] = x.dims();
+        let dtype = x.dtype();
+        let device = x.device();
+        let logits = group(std::slice::from_ref(router), x.clone(), drop);
+        let probs = activation::softmax(logits.cast(DType::F32), 1);
+        let host = crate::model::weights::host_f32(probs.clone())
+            .expect("reading the router's probabilities back from the device");
+        let routes = top_k_routes(&host, experts.len(), top_k);
+        drop.routing(&probs, &routes.chosen);
+        let chosen = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(routes.chosen.clone(), [n, top_k]),
+            &device,
+        );
+        let weights = probs.gather(1, chosen);
+        let weights = weights.clone().div(weights.sum_dim(1)).reshape([n * top_k]);
+        // Each expert on the rows routed to it (gathered), the outputs stacked in expert order and added into the
+        // result by one scatter-add (a row's experts in expert order, as transformers' index_add_ loop adds them).
+        let index = |v: &[i32]| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
+        };
+        let mut ys = Vec::with_capacity(experts.len());
+        for (expert, (routed, _)) in experts.iter().zip(&routes.per_expert) {
+            if !routed.is_empty() {
+                let xe = x.clone().select(0, index(routed));
+                ys.push(self.ffn(expert, xe, drop));
+            }
+        }
+        let (rows, slots): (Vec<i32>, Vec<i32>) = routes
+            .per_expert
+            .iter()
+            .flat_map(|(r, s)| r.iter().copied().zip(s.iter().copied()))
+            .unzip();
+        let m = rows.len();
+        let rows = index(&rows);
+        let w = weights.select(0, index(&slots)).reshape([m, 1]);
+        let y = (Tensor::cat(ys, 0).cast(DType::F32) * w).cast(dtype);
+        Tensor::<B, 2>::zeros([n, hidden], (&device, dtype)).select_assign(
+            0,
+            rows,
+            y,
+            IndexingUpdateOp::Add,
+        )
     }
 
     /// Attention from q|k|v `[b·s, (nh + 2·nkv)·hd]`: per-head q/k norms when the family has them, RoPE, the
@@ -469,5 +577,23 @@ impl<B: AutodiffBackend> CausalLm<B> {
             inv_freq: self.inv_freq.clone(),
             device: self.device.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k_routes;
+
+    /// Hand-routed: 2 rows over 4 experts, top 2; a tie goes to the lower expert index; each expert lists its rows
+    /// in order with their slots in the flattened `[n, k]` choice.
+    #[test]
+    fn top_k_routes_by_hand() {
+        let probs = [0.1, 0.4, 0.3, 0.2, 0.25, 0.25, 0.4, 0.1];
+        let r = top_k_routes(&probs, 4, 2);
+        assert_eq!(r.chosen, vec![1, 2, 2, 0]);
+        assert_eq!(r.per_expert[0], (vec![1], vec![3]));
+        assert_eq!(r.per_expert[1], (vec![0], vec![0]));
+        assert_eq!(r.per_expert[2], (vec![0, 1], vec![1, 2]));
+        assert_eq!(r.per_expert[3], (vec![], vec![]));
     }
 }

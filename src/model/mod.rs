@@ -11,7 +11,7 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Activation, Family, ModelConfig, RopeConfig, RopeScaling};
+pub use config::{Activation, Family, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 pub use decoder::{CausalLm, KvCache, NoDropout, TokenBatch};
 pub use tree::expected_tensors;
 pub use weights::{SafetensorsSource, StoredDtype, TensorSource};
@@ -43,11 +43,7 @@ pub fn open(path: &Path) -> Result<OpenedModel> {
             source: Box::new(source),
         });
     }
-    if path.is_file()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    if crate::gguf::is_gguf_file(path) {
         let source = crate::gguf::GgufSource::open(path)?;
         return Ok(OpenedModel {
             path: path.to_path_buf(),

@@ -68,22 +68,119 @@ pub struct Layer<L: Leaves> {
     pub attn_out_norm: Option<L::Norm>,
     /// Before the MLP (`post_attention_layernorm`; Gemma 2's `pre_feedforward_layernorm`).
     pub mlp_in_norm: L::Norm,
-    /// `gate_proj`, `up_proj` — or one fused `gate_up_proj`; their outputs side by side are gate|up.
-    pub gate_up: Vec<L::Linear>,
-    pub down_proj: L::Linear,
+    /// The gated MLP: one, or a router over experts.
+    pub mlp: Mlp<L>,
     /// After the MLP (Gemma 2's `post_feedforward_layernorm`).
     pub mlp_out_norm: Option<L::Norm>,
     /// Sliding-window size of this layer (`None` = full causal).
     pub window: Option<usize>,
 }
 
+/// The module name of Mixtral's sparse MoE block (`model.layers.N.block_sparse_moe`, as on the Hub).
+pub const MOE_BLOCK: &str = "block_sparse_moe";
+
+/// A gated MLP: `gate_proj`, `up_proj` — or one fused `gate_up_proj` — whose outputs side by side are gate|up, then
+/// `down_proj` (a Mixtral expert: `w1`, `w3`, then `w2`).
+#[derive(Debug, Clone)]
+pub struct Ffn<L: Leaves> {
+    pub gate_up: Vec<L::Linear>,
+    pub down: L::Linear,
+}
+
+impl<L: Leaves> Ffn<L> {
+    fn linears(&self) -> impl Iterator<Item = &L::Linear> {
+        self.gate_up.iter().chain(std::iter::once(&self.down))
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut L::Linear> {
+        self.gate_up
+            .iter_mut()
+            .chain(std::iter::once(&mut self.down))
+    }
+
+    fn map<M: Leaves>(&self, f: &mut impl MapLeaves<L, M>) -> Ffn<M> {
+        Ffn {
+            gate_up: self.gate_up.iter().map(|x| f.linear(x)).collect(),
+            down: f.linear(&self.down),
+        }
+    }
+}
+
+/// A layer's MLP.
+#[derive(Debug, Clone)]
+pub enum Mlp<L: Leaves> {
+    Dense(Ffn<L>),
+    /// A sparse mixture of experts (Mixtral's `block_sparse_moe`): the router (`gate`, `[experts, hidden]`) scores
+    /// every expert per token; the `top_k` best run, weighted by the softmax renormalised over them.
+    Moe {
+        router: L::Linear,
+        experts: Vec<Ffn<L>>,
+        top_k: usize,
+    },
+}
+
+impl<L: Leaves> Mlp<L> {
+    /// Its linear modules in forward order (gate/up, down; or the router, then each expert's gate/up, down).
+    pub fn linears(&self) -> Vec<&L::Linear> {
+        match self {
+            Mlp::Dense(f) => f.linears().collect(),
+            Mlp::Moe {
+                router, experts, ..
+            } => std::iter::once(router)
+                .chain(experts.iter().flat_map(Ffn::linears))
+                .collect(),
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut L::Linear> {
+        match self {
+            Mlp::Dense(f) => f.linears_mut().collect(),
+            Mlp::Moe {
+                router, experts, ..
+            } => std::iter::once(router)
+                .chain(experts.iter_mut().flat_map(Ffn::linears_mut))
+                .collect(),
+        }
+    }
+
+    /// Groups of linears whose checkpoint tensors are listed together (weights, then biases).
+    fn tensor_groups(&self) -> Vec<&[L::Linear]> {
+        match self {
+            Mlp::Dense(f) => vec![&f.gate_up[..], std::slice::from_ref(&f.down)],
+            Mlp::Moe {
+                router, experts, ..
+            } => std::iter::once(std::slice::from_ref(router))
+                .chain(
+                    experts
+                        .iter()
+                        .flat_map(|e| [&e.gate_up[..], std::slice::from_ref(&e.down)]),
+                )
+                .collect(),
+        }
+    }
+
+    fn map<M: Leaves>(&self, f: &mut impl MapLeaves<L, M>) -> Mlp<M> {
+        match self {
+            Mlp::Dense(x) => Mlp::Dense(x.map(f)),
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+            } => Mlp::Moe {
+                router: f.linear(router),
+                experts: experts.iter().map(|e| e.map(f)).collect(),
+                top_k: *top_k,
+            },
+        }
+    }
+}
+
 impl<L: Leaves> Layer<L> {
-    /// The layer's linear modules in forward order (q/k/v, o, gate/up, down): [`Tree::linears`]'s order.
+    /// The layer's linear modules in forward order (q/k/v, o, then the MLP's): [`Tree::linears`]'s order.
     pub fn linears(&self) -> Vec<&L::Linear> {
         let mut out: Vec<_> = self.qkv.iter().collect();
         out.push(&self.o_proj);
-        out.extend(&self.gate_up);
-        out.push(&self.down_proj);
+        out.extend(self.mlp.linears());
         out
     }
 }
@@ -152,26 +249,49 @@ impl<L: Leaves> Tree<L> {
             let attn = |name: &str| format!("{p}.self_attn.{name}");
             let mlp = |name: &str| format!("{p}.mlp.{name}");
             let norm = |name: &str| format!("{p}.{name}");
-            let (qkv, gate_up) = if cfg.fused_projections() {
-                (
-                    vec![m.linear(&attn("qkv_proj"), qo + 2 * kvo, h, false)?],
-                    vec![m.linear(&mlp("gate_up_proj"), 2 * i, h, false)?],
-                )
+            let qkv = if cfg.fused_projections() {
+                vec![m.linear(&attn("qkv_proj"), qo + 2 * kvo, h, false)?]
             } else {
-                (
-                    vec![
-                        m.linear(&attn("q_proj"), qo, h, cfg.qkv_bias)?,
-                        m.linear(&attn("k_proj"), kvo, h, cfg.qkv_bias)?,
-                        m.linear(&attn("v_proj"), kvo, h, cfg.qkv_bias)?,
-                    ],
-                    vec![
+                vec![
+                    m.linear(&attn("q_proj"), qo, h, cfg.qkv_bias)?,
+                    m.linear(&attn("k_proj"), kvo, h, cfg.qkv_bias)?,
+                    m.linear(&attn("v_proj"), kvo, h, cfg.qkv_bias)?,
+                ]
+            };
+            let o_proj = m.linear(&attn("o_proj"), h, qo, cfg.o_bias)?;
+            let mlp = match cfg.moe {
+                Some(moe) => {
+                    let sparse = |name: &str| format!("{p}.{MOE_BLOCK}.{name}");
+                    let router = m.linear(&sparse("gate"), moe.experts, h, false)?;
+                    let mut experts = Vec::with_capacity(moe.experts);
+                    for e in 0..moe.experts {
+                        let w = |name: &str| sparse(&format!("experts.{e}.{name}"));
+                        experts.push(Ffn {
+                            gate_up: vec![
+                                m.linear(&w("w1"), i, h, false)?,
+                                m.linear(&w("w3"), i, h, false)?,
+                            ],
+                            down: m.linear(&w("w2"), h, i, false)?,
+                        });
+                    }
+                    Mlp::Moe {
+                        router,
+                        experts,
+                        top_k: moe.top_k,
+                    }
+                }
+                None if cfg.fused_projections() => Mlp::Dense(Ffn {
+                    gate_up: vec![m.linear(&mlp("gate_up_proj"), 2 * i, h, false)?],
+                    down: m.linear(&mlp("down_proj"), h, i, false)?,
+                }),
+                None => Mlp::Dense(Ffn {
+                    gate_up: vec![
                         m.linear(&mlp("gate_proj"), i, h, cfg.mlp_bias)?,
                         m.linear(&mlp("up_proj"), i, h, cfg.mlp_bias)?,
                     ],
-                )
+                    down: m.linear(&mlp("down_proj"), h, i, cfg.mlp_bias)?,
+                }),
             };
-            let o_proj = m.linear(&attn("o_proj"), h, qo, cfg.o_bias)?;
-            let down_proj = m.linear(&mlp("down_proj"), h, i, cfg.mlp_bias)?;
             let (q_norm, k_norm) = if cfg.qk_norm() {
                 (
                     Some(m.norm(&attn("q_norm"), cfg.head_dim)?),
@@ -198,8 +318,7 @@ impl<L: Leaves> Tree<L> {
                 o_proj,
                 attn_out_norm,
                 mlp_in_norm,
-                gate_up,
-                down_proj,
+                mlp,
                 mlp_out_norm,
                 window,
             });
@@ -219,17 +338,15 @@ impl<L: Leaves> Tree<L> {
     }
 
     /// Every checkpoint tensor in checkpoint order: the embeddings; per layer the attention input projections'
-    /// weights then their biases, the same for the MLP input projections, o_proj, down_proj, then the norms; the
-    /// final norm; an untied head.
+    /// weights then their biases, the same for the MLP input projections (or the router), o_proj, down_proj (or
+    /// each expert's projections), then the norms; the final norm; an untied head.
     pub fn leaves(&self) -> Vec<Leaf<'_, L>> {
         let mut out = vec![Leaf::Embedding(&self.embed_tokens)];
         for layer in &self.layers {
-            for g in [
-                &layer.qkv[..],
-                &layer.gate_up[..],
-                std::slice::from_ref(&layer.o_proj),
-                std::slice::from_ref(&layer.down_proj),
-            ] {
+            let mlp = layer.mlp.tensor_groups();
+            let (mlp_in, mlp_rest) = mlp.split_first().expect("an MLP has linears");
+            let groups = [&layer.qkv[..], mlp_in, std::slice::from_ref(&layer.o_proj)];
+            for g in groups.into_iter().chain(mlp_rest.iter().copied()) {
                 out.extend(g.iter().map(Leaf::Weight));
                 out.extend(g.iter().filter(|l| l.has_bias()).map(Leaf::Bias));
             }
@@ -264,8 +381,7 @@ impl<L: Leaves> Tree<L> {
         for l in &mut self.layers {
             out.extend(&mut l.qkv);
             out.push(&mut l.o_proj);
-            out.extend(&mut l.gate_up);
-            out.push(&mut l.down_proj);
+            out.extend(l.mlp.linears_mut());
         }
         out.push(&mut self.lm_head);
         out
@@ -285,8 +401,7 @@ impl<L: Leaves> Tree<L> {
                 o_proj: f.linear(&l.o_proj),
                 attn_out_norm: opt(&mut |n| f.norm(n), &l.attn_out_norm),
                 mlp_in_norm: f.norm(&l.mlp_in_norm),
-                gate_up: l.gate_up.iter().map(|x| f.linear(x)).collect(),
-                down_proj: f.linear(&l.down_proj),
+                mlp: l.mlp.map(f),
                 mlp_out_norm: opt(&mut |n| f.norm(n), &l.mlp_out_norm),
                 window: l.window,
             })

@@ -90,7 +90,7 @@ pub fn save<B: burn::tensor::backend::AutodiffBackend>(
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut moments = Vec::new();
     for (key, m) in keys.iter().zip(&opt.moments) {
-        if let Some(Moments { m, v }) = m {
+        if let Some(Moments { m, v, step }) = m {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let shape = t.dims().to_vec();
                 let vals = host_f32(t.clone())?;
@@ -101,6 +101,13 @@ pub fn save<B: burn::tensor::backend::AutodiffBackend>(
                     bytes: encode(&vals, OutDtype::F32),
                 });
             }
+            // the parameter's own update count (below 2^24, so exact in f32)
+            moments.push(TensorEntry {
+                name: format!("step.{key}"),
+                dtype: OutDtype::F32,
+                shape: vec![1],
+                bytes: encode(&[*step as f32], OutDtype::F32),
+            });
         }
     }
     write_safetensors(&p.join("optimizer.safetensors"), &moments, &pt_metadata())?;
@@ -178,6 +185,7 @@ pub fn load_optimizer<B: Backend>(
             "optimizer state does not match the adapter layout".into(),
         ));
     }
+    let per_param_steps = map.keys().any(|k| k.starts_with("step."));
     for (i, key) in keys.iter().enumerate() {
         let get = |prefix: &str| -> Result<Tensor<B, 2>> {
             let (shape, v) = map.get(&format!("{prefix}.{key}")).ok_or_else(|| {
@@ -197,12 +205,21 @@ pub fn load_optimizer<B: Backend>(
                 (device, DType::F32),
             ))
         };
-        opt.moments[i] = if adam_step == 0 {
+        // Checkpoints record each parameter's update count (`step.<key>`; a parameter never updated — an
+        // expert no token reached — has no entry); earlier ones only the optimizer's.
+        let own_step = map.get(&format!("step.{key}")).map(|(_, v)| v[0] as u64);
+        let step = match own_step {
+            Some(s) => s,
+            None if per_param_steps => 0,
+            None => adam_step,
+        };
+        opt.moments[i] = if step == 0 {
             None
         } else {
             Some(Moments {
                 m: get("exp_avg")?,
                 v: get("exp_avg_sq")?,
+                step,
             })
         };
     }

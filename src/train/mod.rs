@@ -1,5 +1,6 @@
 //! Training: loss, optimizer, schedules, the loop, checkpoints.
 
+pub mod balance;
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;

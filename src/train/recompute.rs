@@ -23,6 +23,7 @@ use std::fmt;
 use burn::tensor::{DType, ElementConversion, Tensor, TensorData};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
+use super::balance::{Balance, Routing};
 use super::loss::{loss_from_hidden, shift_labels};
 use super::step::SeededDropout;
 use crate::error::{Error, Result};
@@ -124,9 +125,11 @@ impl<B: burn::tensor::backend::Backend> Kept<B> {
     }
 }
 
-/// The gradients of one micro-batch's loss (its token-loss sum divided by `total`) with respect to the LoRA
-/// factors, added into `acc` (in [`crate::lora::adapter::lora_params`] order), by layer recompute. Returns the
-/// micro-batch's loss sum. `drop` is the micro-batch's dropout stream, as the plain step would use it.
+/// The gradients of one micro-batch's loss (its token-loss sum divided by `total`, plus `aux_coef` times the
+/// mixture of experts' balancing loss when `aux_coef > 0`) with respect to the LoRA factors, added into `acc` (in
+/// [`crate::lora::adapter::lora_params`] order), by layer recompute. Returns the micro-batch's loss sum and its
+/// balancing loss (0 when off). `drop` is the micro-batch's dropout stream, as the plain step would use it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn accumulate<B: TrainBackend>(
     model: &CausalLm<B>,
     tokens: &TokenBatch,
@@ -134,8 +137,9 @@ pub(crate) fn accumulate<B: TrainBackend>(
     total: usize,
     mut stream: SeededDropout,
     offload: bool,
+    aux_coef: f64,
     acc: &mut [Option<Tensor<B::InnerBackend, 2>>],
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let params = crate::lora::adapter::lora_params(model);
     let n_layers = model.model.layers.len();
     // Where each layer's factors sit in `params`; the head's come last.
@@ -160,12 +164,32 @@ pub(crate) fn accumulate<B: TrainBackend>(
     let mut x = frozen.embed(tokens);
     let settings = model.attention_settings(&specs, x.dtype());
     let mut kept = Vec::with_capacity(n_layers - lowest);
+    // The routers' choices over the whole pass fix the balancing loss's weights (see `super::balance`).
+    let mut routed = Vec::new();
     for li in 0..n_layers {
         if li >= lowest {
             kept.push((Kept::keep(x.clone().inner(), offload), stream.clone()));
         }
-        x = frozen.layer_at(li, x, &settings, &mut stream);
+        if aux_coef > 0.0 {
+            let mut routing = Routing::new(&mut stream);
+            x = frozen.layer_at(li, x, &settings, &mut routing);
+            routed.extend(routing.layers);
+        } else {
+            x = frozen.layer_at(li, x, &settings, &mut stream);
+        }
     }
+    let balance = (aux_coef > 0.0).then(|| Balance::new(model, &routed, &tokens.attention_mask));
+    let aux_value = match &balance {
+        Some(w) => routed
+            .iter()
+            .map(|(p, _)| {
+                let v: f32 = w.term(p.clone()).into_scalar().elem();
+                v as f64
+            })
+            .sum(),
+        None => 0.0,
+    };
+    drop(routed);
 
     // 2. Final norm, head and loss from the last layer's output.
     let want_dx = lowest < n_layers;
@@ -191,9 +215,16 @@ pub(crate) fn accumulate<B: TrainBackend>(
         let (x_l, mut layer_stream) = kept.pop().expect("one kept input per recomputed layer");
         let x_l = Tensor::<B, 2>::from_inner(x_l.take(&model.device));
         let x_l = if li > lowest { x_l.require_grad() } else { x_l };
-        let y = model.layer_at(li, x_l.clone(), &settings, &mut layer_stream);
+        let mut routing = Routing::new(&mut layer_stream);
+        let y = model.layer_at(li, x_l.clone(), &settings, &mut routing);
         let dy_l = Tensor::from_inner(dy.take().expect("dy of the layer above"));
-        let grads = (y * dy_l).sum().backward();
+        let mut objective = (y * dy_l).sum();
+        if let Some(w) = &balance {
+            for (probs, _) in routing.layers {
+                objective = objective + w.term(probs).mul_scalar(aux_coef);
+            }
+        }
+        let grads = objective.backward();
         collect(&params, ranges[li].clone(), &grads, acc)?;
         if li > lowest {
             dy = Some(x_l.grad(&grads).ok_or_else(|| {
@@ -203,7 +234,7 @@ pub(crate) fn accumulate<B: TrainBackend>(
             })?);
         }
     }
-    Ok(value as f64 * total as f64)
+    Ok((value as f64 * total as f64, aux_value))
 }
 
 /// Add the gradients of `params[range]` into `acc`.
@@ -215,13 +246,7 @@ fn collect<B: TrainBackend>(
 ) -> Result<()> {
     for i in range {
         let (key, p) = &params[i];
-        let g = p
-            .grad(grads)
-            .ok_or_else(|| Error::Train(format!("no gradient reached {key}")))?;
-        acc[i] = Some(match acc[i].take() {
-            Some(a) => a + g,
-            None => g,
-        });
+        super::step::add_gradient(&mut acc[i], key, p.grad(grads))?;
     }
     Ok(())
 }

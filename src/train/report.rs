@@ -17,6 +17,10 @@ pub struct MetricLine {
     pub lr: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
+    /// The routers' load-balancing loss of the logged step (mixture-of-experts models with
+    /// `router_aux_loss_coef`), before its coefficient; `loss` is the language-modelling loss alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -205,6 +209,7 @@ mod tests {
                 loss: Some(3.0 - i as f64 * 0.1),
                 lr: None,
                 grad_norm: None,
+                aux_loss: None,
                 tokens_per_second: None,
                 eval_loss: if i % 5 == 0 { Some(2.5) } else { None },
                 eval_perplexity: None,

@@ -175,6 +175,12 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             cfg.base_plan(),
         )?;
         let settings = cfg.lora_settings(mcfg.family);
+        if cfg.router_aux_loss_coef.is_some_and(|c| c > 0.0) && mcfg.moe.is_none() {
+            return Err(Error::Config(format!(
+                "router_aux_loss_coef: {} is not a mixture of experts (it has no router to balance); remove the key",
+                mcfg.architecture()
+            )));
+        }
         let lora = match &resume_dir {
             Some(d) => {
                 let a = read_adapter(d)?;
@@ -373,6 +379,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             seed: self.cfg.seed,
             step: self.state.global_step,
             recompute: self.cfg.gradient_checkpointing,
+            router_aux_loss_coef: self.cfg.router_aux_loss_coef.unwrap_or(0.0),
         };
         train_step(&mut self.model, &mut self.opt, &pairs, settings).map_err(|e| match e {
             Error::NonFinite {
@@ -421,6 +428,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             loss: Some(loss),
             lr: Some(lr),
             grad_norm: Some(stats.grad_norm),
+            aux_loss: stats.aux_loss,
             tokens_per_second: Some(tps),
             epoch: Some(epoch),
             ..MetricLine::default()

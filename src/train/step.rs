@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, DType, ElementConversion, Tensor, TensorDat
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::balance::Routing;
 use super::loss::{lm_loss_sum, shift_labels, IGNORE_INDEX};
 use super::optim::{clip_grad_norm, AdamW};
 use super::recompute::{self, Checkpointing};
@@ -78,6 +79,8 @@ pub struct StepStats {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The load-balancing loss (see [`StepGradients::aux_loss`]).
+    pub aux_loss: Option<f64>,
     /// Trained tokens in the step.
     pub trained_tokens: usize,
     /// Real (non-padding) tokens processed.
@@ -94,6 +97,8 @@ pub struct StepConfig {
     pub step: u64,
     /// Gradient checkpointing: recompute each layer in the backward.
     pub recompute: Checkpointing,
+    /// Weight of a mixture of experts' load-balancing loss (0 = off; see [`super::balance`]).
+    pub router_aux_loss_coef: f64,
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -105,9 +110,13 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 /// step's trained-token count, differentiated with respect to the LoRA factors (in
 /// [`crate::lora::adapter::lora_params`] order).
 pub struct StepGradients<B: TrainBackend> {
-    /// Mean loss per trained token over the micro-batches.
+    /// Mean loss per trained token over the micro-batches (the language-modelling loss alone).
     pub loss: f64,
-    pub grads: Vec<Tensor<B::InnerBackend, 2>>,
+    /// The load-balancing loss (before its coefficient), the micro-batches' values weighted by their real tokens;
+    /// `None` when off.
+    pub aux_loss: Option<f64>,
+    /// Per LoRA parameter (in [`lora_params`] order); `None` for an expert's adapter no token was routed to.
+    pub grads: Vec<Option<Tensor<B::InnerBackend, 2>>>,
     /// Trained tokens in the step.
     pub trained_tokens: usize,
     /// Real (non-padding) tokens processed.
@@ -141,34 +150,77 @@ pub fn step_gradients<B: TrainBackend>(
     }
     let mut acc: Vec<Option<Tensor<B::InnerBackend, 2>>> = vec![None; params.len()];
     let mut loss_sum = 0.0f64;
+    let mut aux_sum = 0.0f64;
+    let balance = cfg.router_aux_loss_coef > 0.0 && model.config.moe.is_some();
     for (mi, (tokens, labels)) in micro.iter().enumerate() {
         let mut drop = SeededDropout::new(cfg.seed, cfg.step, mi as u64);
         if cfg.recompute.is_on() {
             let offload = cfg.recompute == Checkpointing::Offload;
-            loss_sum +=
-                recompute::accumulate(model, tokens, labels, total, drop, offload, &mut acc)?;
+            let aux_coef = if balance {
+                cfg.router_aux_loss_coef * micro_share(tokens, real)
+            } else {
+                0.0
+            };
+            let (l, aux) = recompute::accumulate(
+                model, tokens, labels, total, drop, offload, aux_coef, &mut acc,
+            )?;
+            loss_sum += l;
+            aux_sum += aux * micro_share(tokens, real);
             continue;
         }
-        let (sum, _) = lm_loss_sum(model, tokens, labels, &mut drop);
-        let loss = sum.div_scalar(total as f64);
+        let (loss, aux) = if balance {
+            let mut routing = Routing::new(&mut drop);
+            let (sum, _) = lm_loss_sum(model, tokens, labels, &mut routing);
+            let aux = routing.balancing_loss(model, tokens);
+            (sum, Some(aux))
+        } else {
+            (lm_loss_sum(model, tokens, labels, &mut drop).0, None)
+        };
+        let mut loss = loss.div_scalar(total as f64);
         loss_sum += scalar(loss.clone().inner()) * total as f64;
+        if let Some(aux) = aux {
+            let share = micro_share(tokens, real);
+            aux_sum += scalar(aux.clone().inner()) * share;
+            loss = loss + aux.mul_scalar(cfg.router_aux_loss_coef * share);
+        }
         let grads = loss.backward();
         for (slot, (key, p)) in acc.iter_mut().zip(&params) {
-            let g = p
-                .grad(&grads)
-                .ok_or_else(|| Error::Train(format!("no gradient reached {key}")))?;
-            *slot = Some(match slot.take() {
-                Some(a) => a + g,
-                None => g,
-            });
+            add_gradient(slot, key, p.grad(&grads))?;
         }
     }
     Ok(StepGradients {
         loss: loss_sum / total as f64,
-        grads: acc.into_iter().flatten().collect(),
+        aux_loss: balance.then_some(aux_sum),
+        grads: acc,
         trained_tokens: total,
         real_tokens: real,
     })
+}
+
+/// A micro-batch's share of the step's real (non-padding) tokens: the weight of its load-balancing loss, so
+/// that a step split into micro-batches weighs each token's routing as one batch would.
+fn micro_share(tokens: &TokenBatch, real: usize) -> f64 {
+    tokens.attention_mask.iter().filter(|&&m| m).count() as f64 / real.max(1) as f64
+}
+
+/// Add a parameter's gradient from one backward pass into its accumulator. Only an expert's adapter may have
+/// none (no token of the pass was routed to the expert); anywhere else a missing gradient is a broken graph.
+pub(crate) fn add_gradient<B: Backend>(
+    slot: &mut Option<Tensor<B, 2>>,
+    key: &str,
+    g: Option<Tensor<B, 2>>,
+) -> Result<()> {
+    match g {
+        Some(g) => {
+            *slot = Some(match slot.take() {
+                Some(a) => a + g,
+                None => g,
+            });
+            Ok(())
+        }
+        None if key.contains(&format!(".{}.experts.", crate::model::tree::MOE_BLOCK)) => Ok(()),
+        None => Err(Error::Train(format!("no gradient reached {key}"))),
+    }
 }
 
 /// Run forward/backward over the micro-batches and update the adapters in place.
@@ -181,6 +233,7 @@ pub fn train_step<B: TrainBackend>(
 ) -> Result<StepStats> {
     let StepGradients {
         loss,
+        aux_loss,
         mut grads,
         trained_tokens,
         real_tokens,
@@ -215,6 +268,7 @@ pub fn train_step<B: TrainBackend>(
     Ok(StepStats {
         loss,
         grad_norm,
+        aux_loss,
         trained_tokens,
         real_tokens,
     })

@@ -198,6 +198,13 @@ fn export_phi3_adapter_and_merged_load_in_peft_and_transformers() {
     check("phi3");
 }
 
+/// Mixtral with adapters on every linear (attention, the router, every expert's w1/w2/w3): the adapter in the
+/// per-expert layout (PEFT on transformers 4, vLLM; PEFT 0.21 converts it onto transformers 5's fused experts).
+#[test]
+fn export_mixtral_adapter_and_merged_load_in_peft_and_transformers() {
+    check("mixtral");
+}
+
 /// Sharded bf16 export: index + shards reload; logits within bf16 rounding of the f32 merge.
 #[test]
 fn sharded_bf16_merged_export_reloads() {

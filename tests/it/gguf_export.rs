@@ -25,7 +25,7 @@ use loratune::tokenizer::{tokenizer_from_gguf_metadata, LoadedTokenizer, Message
 use crate::common::*;
 
 const VARIANTS: &[&str] = &[
-    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral",
 ];
 const TYPES: &[GgufType] = &[
     GgufType::F32,
@@ -358,6 +358,7 @@ fn adapter_gguf_matches_llamacpp_converter() {
         ("qwen2", "qwen2"),
         ("phi3", "phi3"),
         ("gemma2", "gemma2"),
+        ("mixtral-experts", "mixtral"),
     ] {
         let b = model::open(&fixture(&format!("models/{base}"))).unwrap();
         let ad = read_adapter(&fixture(&format!("adapters/{name}"))).unwrap();
@@ -663,7 +664,7 @@ fn smollm2_tokenizer_hf_conversion_matches_llamacpp() {
 fn smollm2_modelfile() {
     let tok = loratune::tokenizer::load_for_model(&smollm2_gguf()).unwrap();
     let mf = modelfile_for(&tok, None, "./model.gguf", None).unwrap();
-    assert_eq!(mf.family, TemplateFamily::ChatMl);
+    assert_eq!(mf.family, Some(TemplateFamily::ChatMl));
     let system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
     assert_eq!(mf.system.as_deref(), Some(system));
     let expect = "FROM ./model.gguf\n\nTEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n\"\"\"\n\nSYSTEM \"\"\"You are a helpful AI assistant named SmolLM, trained by Hugging Face\"\"\"\n\nPARAMETER stop \"<|im_start|>\"\nPARAMETER stop \"<|im_end|>\"\n";
@@ -848,4 +849,104 @@ fn a_write_error_mid_export_is_reported_and_cleaned_up() {
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{format}: left behind {left:?}");
     }
+}
+
+/// Mixtral through GGUF both ways with an adapter on the router and every expert: the HF fixture → a GGUF
+/// (experts stacked, as llama.cpp's converter writes them) → that GGUF + the PEFT adapter merged into a new GGUF
+/// (each expert's delta added to its rows of the stacked tensors) → loaded back: PEFT's merged logits. llama.cpp's
+/// `llama` architecture has no sliding window, so only the positions the fixture's window (5) does not cut are
+/// compared.
+#[test]
+fn mixtral_gguf_with_expert_adapter_merged_equals_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = export_to(
+        &fixture("models/mixtral"),
+        None,
+        GgufType::F32,
+        dir.path(),
+        "base.gguf",
+    );
+    let f = GgufFile::open(&base).unwrap();
+    let info = f.tensor_info("blk.1.ffn_down_exps.weight").unwrap();
+    assert_eq!(info.shape(), vec![4, 64, 64]);
+    assert_eq!(f.get("llama.expert_count"), Some(&MetaValue::U32(4)));
+    let ad = fixture("adapters/mixtral-experts");
+    let merged = export_to(&base, Some(&ad), GgufType::F32, dir.path(), "merged.gguf");
+    let reference = ad.join("reference.safetensors");
+    let (batch, _) = crate::parity::reference_batch(&reference);
+    let m = model::open(&merged).unwrap();
+    let lm =
+        CausalLm::<B>::load(m.config, m.source.as_ref(), &Default::default(), DType::F32).unwrap();
+    let got = to_vec(lm.forward(&batch));
+    let (_, want) = read_ref(&reference, "merged_logits");
+    let v = lm.config.vocab_size;
+    let window = 5;
+    let d = (0..batch.batch * batch.seq)
+        .filter(|&p| batch.attention_mask[p] && p % batch.seq < window)
+        .map(|p| max_abs_diff(&got[p * v..(p + 1) * v], &want[p * v..(p + 1) * v]))
+        .fold(0f32, f32::max);
+    eprintln!("mixtral GGUF + expert adapter merged vs PEFT merged: max |Δlogit| = {d:.2e}");
+    assert!(d <= 1e-4, "{d}");
+}
+
+/// 2023-era Mixtral GGUFs hold one tensor per expert (`blk.N.ffn_gate.E.weight`); llama.cpp still loads them and
+/// so does loratune: the llama.cpp-converted fixture rewritten in that layout gives the same logits.
+#[test]
+fn mixtral_gguf_per_expert_layout_reads_like_the_stacked_one() {
+    use loratune::gguf::{GgufWriter, TensorPayload};
+    let stacked = GgufFile::open(&family_gguf("mixtral")).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in stacked.metadata() {
+        if k != "general.alignment" {
+            w.set(k.clone(), v.clone()).unwrap();
+        }
+    }
+    let mut split = 0;
+    for info in stacked.tensor_infos() {
+        let shape = info.shape();
+        let values = stacked.dequantize(&info.name).unwrap();
+        match info.name.strip_suffix("_exps.weight") {
+            Some(base) => {
+                let per: usize = shape[1..].iter().product();
+                for e in 0..shape[0] {
+                    let part = values[e * per..(e + 1) * per].to_vec();
+                    w.add_tensor(
+                        format!("{base}.{e}.weight"),
+                        &shape[1..],
+                        loratune::gguf::GgmlType::F32,
+                        TensorPayload::F32(Box::new(move || Ok(part))),
+                    )
+                    .unwrap();
+                    split += 1;
+                }
+            }
+            None => w
+                .add_tensor(
+                    info.name.clone(),
+                    &shape,
+                    loratune::gguf::GgmlType::F32,
+                    TensorPayload::F32(Box::new(move || Ok(values))),
+                )
+                .unwrap(),
+        }
+    }
+    assert_eq!(split, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("per-expert.gguf");
+    w.write(&old).unwrap();
+    let ids = [1, 5, 9, 2, 33, 60, 7, 0, 63, 17];
+    let (a, b) = (logits(&family_gguf("mixtral"), &ids), logits(&old, &ids));
+    assert_eq!(a, b);
+    // and both are the HF model's (transformers' logits stored beside the fixture)
+    let bytes = std::fs::read(fixture("gguf/families/mixtral.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<f32> = st
+        .tensor("__logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let d = max_abs_diff(&a, &want);
+    assert!(d <= 1e-4, "mixtral GGUF vs transformers: {d}");
 }

@@ -78,6 +78,14 @@ fn peft_forward_phi3_fused() {
 fn peft_forward_gemma2() {
     check_forward("gemma2");
 }
+#[test]
+fn peft_forward_mixtral_attention() {
+    check_forward("mixtral");
+}
+#[test]
+fn peft_forward_mixtral_router_and_experts() {
+    check_forward("mixtral-experts");
+}
 
 fn check_grads_and_step(adapter: &str) {
     let dir = fixture(&format!("adapters/{adapter}"));
@@ -138,7 +146,7 @@ fn check_grads_and_step(adapter: &str) {
             params.len(),
         );
         let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
-        let updated = opt.step(1e-3, inner, gs.clone());
+        let updated = opt.step(1e-3, inner, gs.iter().cloned().map(Some).collect());
         let mut worst = 0f32;
         for ((key, _), u) in params.iter().zip(&updated) {
             let (_, expected) = read_ref(&reference, &format!("{prefix}.{key}"));
@@ -160,8 +168,9 @@ fn check_grads_and_step(adapter: &str) {
     );
 
     // clip_grad_norm_(max_norm=0.5).
-    let mut clipped = gs.clone();
+    let mut clipped: Vec<_> = gs.iter().cloned().map(Some).collect();
     let total = clip_grad_norm(&mut clipped, 0.5);
+    let clipped: Vec<_> = clipped.into_iter().flatten().collect();
     let (_, exp_total) = read_ref(&reference, "clip_total_norm");
     assert!(
         ((total - exp_total[0] as f64) / exp_total[0] as f64).abs() < 1e-5,
@@ -195,6 +204,14 @@ fn peft_grads_and_adamw_phi3() {
 fn peft_grads_and_adamw_gemma2() {
     check_grads_and_step("gemma2");
 }
+#[test]
+fn peft_grads_and_adamw_mixtral_attention() {
+    check_grads_and_step("mixtral");
+}
+#[test]
+fn peft_grads_and_adamw_mixtral_router_and_experts() {
+    check_grads_and_step("mixtral-experts");
+}
 
 /// Several optimizer steps leave every base tensor bit-identical.
 #[test]
@@ -225,7 +242,7 @@ fn base_weights_stay_bit_identical_after_training_steps() {
             .map(|(_, p)| p.grad(&grads).unwrap())
             .collect();
         let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
-        let updated = opt.step(1e-2, inner, gs);
+        let updated = opt.step(1e-2, inner, gs.into_iter().map(Some).collect());
         set_lora_params(
             &mut model,
             updated
@@ -241,4 +258,53 @@ fn base_weights_stay_bit_identical_after_training_steps() {
         .collect();
     assert_eq!(before, after, "a frozen base weight changed");
     assert!(losses[2] < losses[0], "loss did not decrease: {losses:?}");
+}
+
+/// Mixtral's router load-balancing loss (`router_aux_loss_coef`) against transformers' `load_balancing_loss_func`
+/// (MixtralForCausalLM with `output_router_logits`, coefficient 0.5, the padded reference batch): the balancing
+/// loss, and every LoRA gradient of `CE + 0.5·aux` — with the plain step and with layer recompute (which adds each
+/// layer's share of the loss while it rebuilds the layer).
+#[test]
+fn mixtral_router_balancing_loss_equals_transformers() {
+    use loratune::train::recompute::Checkpointing;
+    use loratune::train::step::{step_gradients, StepConfig};
+    let dir = fixture("adapters/mixtral");
+    let reference = dir.join("reference.safetensors");
+    let mut model = load_fixture_model::<AD>(&base_dir("mixtral"), &Default::default());
+    load_adapter(&mut model, &dir).unwrap();
+    set_trainable(&mut model);
+    let (batch, labels) = reference_batch(&reference);
+    let coef = read_ref(&reference, "aux.coef").1[0] as f64;
+    let (_, want_aux) = read_ref(&reference, "aux.aux_loss");
+    let (_, want_ce) = read_ref(&reference, "loss");
+    for recompute in [Checkpointing::Off, Checkpointing::Layers] {
+        let cfg = StepConfig {
+            router_aux_loss_coef: coef,
+            lr: 0.0,
+            max_grad_norm: 0.0,
+            seed: 0,
+            step: 0,
+            recompute,
+        };
+        let g = step_gradients(&model, &[(&batch, &labels)], cfg).unwrap();
+        let aux = g.aux_loss.expect("aux loss on");
+        assert!(
+            (aux - want_aux[0] as f64).abs() <= 1e-5,
+            "{recompute}: aux {aux} vs {}",
+            want_aux[0]
+        );
+        assert!(
+            (g.loss - want_ce[0] as f64).abs() <= 1e-5,
+            "{recompute}: loss {}",
+            g.loss
+        );
+        let mut worst = 0f32;
+        for ((key, _), grad) in lora_params(&model).iter().zip(&g.grads) {
+            let (_, expected) = read_ref(&reference, &format!("aux.grad.{key}"));
+            let e = rel_err(&to_vec(grad.clone().expect("a gradient")), &expected);
+            worst = worst.max(e);
+            assert!(e <= 1e-4, "{recompute} {key}: grad relative error {e}");
+        }
+        println!("mixtral aux {aux:.6} ({recompute}): worst grad relative error {worst:.3e}");
+    }
 }

@@ -104,5 +104,31 @@ parity_tests! {
     parity_phi3 => "phi3",
     parity_gemma => "gemma",
     parity_gemma2 => "gemma2",
+    parity_mixtral => "mixtral",
     parity_llama_bf16_weights_loaded_as_f32 => "llama-bf16",
+}
+
+/// Mixtral's greedy continuation (KV-cached decoding across its sliding window of 5, routing per new token)
+/// equals transformers' argmax steps over full forwards (scripts/reference/moe_fixture.py).
+#[test]
+fn mixtral_greedy_ids_equal_transformers() {
+    use loratune::generate::{generate, GenerateOptions};
+    let dir = fixture("models/mixtral");
+    let reference = dir.join("reference.safetensors");
+    let model = load_fixture_model::<B>(&dir, &Default::default());
+    let ids = |name| -> Vec<u32> {
+        read_ref(&reference, name)
+            .1
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    };
+    let (prompt, want) = (ids("greedy_prompt"), ids("greedy_ids"));
+    let opts = GenerateOptions {
+        max_new_tokens: want.len(),
+        stop_ids: Vec::new(),
+        ..Default::default()
+    };
+    let (got, _) = generate(&model, &prompt, &opts, &mut |_| {}).unwrap();
+    assert_eq!(got, want);
 }

@@ -50,6 +50,7 @@ fn step(m: &CausalLm<AD>, recompute: Checkpointing) -> (f64, Vec<Vec<f32>>) {
         m,
         &[(&batch, &labels)],
         StepConfig {
+            router_aux_loss_coef: 0.0,
             lr: 1e-4,
             max_grad_norm: 1.0,
             seed: 0,
@@ -58,7 +59,7 @@ fn step(m: &CausalLm<AD>, recompute: Checkpointing) -> (f64, Vec<Vec<f32>>) {
         },
     )
     .unwrap();
-    (g.loss, g.grads.into_iter().map(to_vec).collect())
+    (g.loss, g.grads.into_iter().flatten().map(to_vec).collect())
 }
 
 /// Load under `plan` (random weights, GGUF blocks of `random` when given), attach an all-linear adapter with

@@ -11,6 +11,7 @@ mod gemma;
 mod gemma2;
 mod llama;
 mod mistral;
+mod mixtral;
 mod phi3;
 mod qwen2;
 mod qwen3;
@@ -26,6 +27,7 @@ use super::config::{ModelConfig, RopeScaling};
 pub enum Family {
     Llama,
     Mistral,
+    Mixtral,
     Qwen2,
     Qwen3,
     Phi3,
@@ -35,9 +37,10 @@ pub enum Family {
 
 impl Family {
     /// Every family, in the order the documentation lists them.
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 8] = [
         Family::Llama,
         Family::Mistral,
+        Family::Mixtral,
         Family::Qwen2,
         Family::Qwen3,
         Family::Phi3,
@@ -50,6 +53,7 @@ impl Family {
         match self {
             Family::Llama => &llama::RULES,
             Family::Mistral => &mistral::RULES,
+            Family::Mixtral => &mixtral::RULES,
             Family::Qwen2 => &qwen2::RULES,
             Family::Qwen3 => &qwen3::RULES,
             Family::Phi3 => &phi3::RULES,
@@ -176,6 +180,9 @@ pub struct Rules {
     pub sandwich_norms: bool,
     /// `qkv_proj` and `gate_up_proj` fused in the checkpoint (Phi-3); kept fused.
     pub fused_projections: bool,
+    /// A sparse mixture-of-experts MLP (config.json `num_local_experts`, `num_experts_per_tok`,
+    /// `router_aux_loss_coef`; Mixtral's module names).
+    pub moe: bool,
     /// PEFT's default `target_modules` for this family.
     pub default_lora_targets: &'static [&'static str],
 
@@ -228,6 +235,7 @@ impl Rules {
             gemma_norms: false,
             sandwich_norms: false,
             fused_projections: false,
+            moe: false,
             default_lora_targets: &["q_proj", "v_proj"],
             gguf_architecture,
             reads_gguf: true,
@@ -379,6 +387,10 @@ fn llama_gguf_hyperparameters(cfg: &ModelConfig, h: &mut Hparams) -> Result<()> 
     h.rope_scaling(cfg);
     h.f32("rope.freq_base", cfg.rope.theta);
     h.eps(cfg);
+    if let Some(moe) = cfg.moe {
+        h.u32("expert_count", moe.experts, "num_local_experts")?;
+        h.u32("expert_used_count", moe.top_k, "num_experts_per_tok")?;
+    }
     let head_dim_in_config = cfg.raw_get("head_dim").is_some()
         || cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size;
     if head_dim_in_config {
@@ -423,6 +435,8 @@ pub const GGUF_MLP: GgufNames = &[
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
 ];
+/// Mixtral's router (its experts are stacked tensors: see `gguf::tensors`).
+pub const GGUF_ROUTER: GgufNames = &[("ffn_gate_inp", "block_sparse_moe.gate")];
 /// The Llama module layout.
 pub const LLAMA_GGUF_TENSORS: &[GgufNames] =
     &[GGUF_INPUT_NORM, GGUF_ATTENTION, GGUF_MLP_NORM, GGUF_MLP];
