@@ -15,9 +15,9 @@ What it does, on SmolLM2-135M-Instruct (models/SmolLM2-135M-Instruct.Q4_1.gguf):
      loratune's base + PEFT adapter; also checks that llama.cpp tokenizes the rendered prompt into the same ids
      and applies the GGUF's chat template into the same text;
   4. reads every metadata key and tensor of every exported GGUF with the `gguf` package's GGUFReader.
-  5. Mixtral (tests/fixtures/models/mixtral + adapters/mixtral-experts): greedy ids of llama.cpp and loratune on
-     loratune's f32 GGUF exports (base; merged with the router + every-expert adapter; base + the stacked expert GGUF
-     adapter). `CHECKS=mixtral` runs only this part.
+  5. Mixtral (tests/fixtures/models/mixtral + adapters/mixtral-experts) and Falcon (models/falcon +
+     adapters/falcon): greedy ids of llama.cpp and loratune on loratune's f32 GGUF exports (base; merged with the
+     adapter), and llama.cpp's base + GGUF adapter against its merged file. `CHECKS=families` runs only this part.
 Prints a table and exits non-zero when a required comparison fails. Required: identical greedy ids for every
 f32/f16/bf16 file and for base + GGUF adapter (f32); byte-identical Q8_0/Q4_0 tensors vs llama.cpp's own
 quantiser; llama.cpp's tokenization and chat template. Informative only ([info]): greedy ids on Q8_0/Q4_0 files
@@ -127,47 +127,48 @@ def gguf_read_all(path):
     return n, len(r.tensors), r.fields["general.architecture"].contents()
 
 
-MIXTRAL = os.path.join(ROOT, "tests", "fixtures", "models", "mixtral")
-MIXTRAL_ADAPTER = os.path.join(ROOT, "tests", "fixtures", "adapters", "mixtral-experts")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+# (label, fixture model, fixture adapter): Mixtral with the router + every-expert adapter (stacked ffn_*_exps), and
+# Falcon-7B's layout (llama.cpp's `falcon`, query_key_value regrouped) with an all-linear adapter.
+FAMILIES = [("mixtral", "mixtral", "mixtral-experts"), ("falcon", "falcon", "falcon")]
 
 
-def check_mixtral():
-    """Mixtral (the tiny fixture: 2 layers, 4 experts, top-2; llama.cpp's `llama` has no sliding window, so both
-    sides run the GGUF without one). Required: llama.cpp's greedy ids equal loratune's on loratune's f32 exports of
-    the base and of the base merged with the router + every-expert adapter (stacked ffn_*_exps). And llama.cpp's
-    base + the stacked expert GGUF adapter against llama.cpp on the merged file, as logits over 13 positions: this
-    random tiny model has near-tied logits and llama.cpp's adapter path (W·x + s·B·A·x) rounds differently from its
-    merged weights (the attention-only adapter shows the same ~1e-2), so greedy ids are not a fair test there; the
-    difference must be ≤ 0.05 while the adapter moves the logits by ≥ 1 (so an ignored expert adapter fails).
-    Returns (ok, rows)."""
+def check_family(label, model, adapter):
+    """A tiny fixture family (2 layers; Mixtral: 4 experts, top-2, and llama.cpp's `llama` has no sliding window, so
+    both sides run the GGUF without one). Required: llama.cpp's greedy ids equal loratune's on loratune's f32 exports
+    of the base and of the base merged with the adapter. And llama.cpp's base + the GGUF adapter against llama.cpp on
+    the merged file, as logits over 13 positions: these random tiny models have near-tied logits and llama.cpp's
+    adapter path (W·x + s·B·A·x) rounds differently from its merged weights (~1e-2 here, for attention-only
+    adapters too), so greedy ids are not a fair test there; the difference must be ≤ 0.05 while the adapter moves
+    the logits by ≥ 1 (so an ignored adapter tensor fails). Returns (ok, rows)."""
     import numpy as np
 
-    work = tempfile.mkdtemp(prefix="loratune-llamacpp-mixtral-")
+    model, adapter = os.path.join(FIXTURES, "models", model), os.path.join(FIXTURES, "adapters", adapter)
+    work = tempfile.mkdtemp(prefix=f"loratune-llamacpp-{label}-")
     out = {}
-    for name, args in [("base", []), ("merged", ["--adapter", MIXTRAL_ADAPTER]),
-                       ("adapter", ["--adapter", MIXTRAL_ADAPTER])]:
+    for name, args in [("base", []), ("merged", ["--adapter", adapter]), ("adapter", ["--adapter", adapter])]:
         fmt = "gguf-adapter" if name == "adapter" else "gguf"
         out[name] = os.path.join(work, f"{name}.gguf")
-        run([LORATUNE, "export", "--model", MIXTRAL, *args, "--format", fmt, "--out", out[name]])
+        run([LORATUNE, "export", "--model", model, *args, "--format", fmt, "--out", out[name]])
     rows, ok = [], True
     base = loratune_generate(out["base"])
     merged = loratune_generate(out["merged"])
-    for label, lt, model in [("mixtral base f32", base, out["base"]),
-                             ("mixtral merged (router + experts adapter) f32", merged, out["merged"])]:
-        ids, text = llama_generate(model, lt["prompt_ids"], set(lt.get("stop_ids", [])) | {2})
+    for case, lt, path in [(f"{label} base f32", base, out["base"]),
+                           (f"{label} merged f32 ({os.path.basename(adapter)} adapter)", merged, out["merged"])]:
+        ids, text = llama_generate(path, lt["prompt_ids"], set(lt.get("stop_ids", [])) | {2})
         if lt.get("stop_reason") == "context":
             # loratune stops at the model's 128 positions; llama.cpp's context here is longer
             ids = ids[: len(lt["generated_ids"])]
         same = ids == lt["generated_ids"]
         ok &= same
-        rows.append((label, same, lt["text"], text))
+        rows.append((case, same, lt["text"], text))
 
     from llama_cpp import Llama
 
     seq = [1, 5, 9, 2, 33, 60, 7, 100, 63, 17, 200, 301, 44]
 
-    def logits(model, lora=None):
-        kw = dict(model_path=model, n_ctx=128, n_threads=os.cpu_count() or 2, verbose=False, logits_all=True,
+    def logits(path, lora=None):
+        kw = dict(model_path=path, n_ctx=128, n_threads=os.cpu_count() or 2, verbose=False, logits_all=True,
                   seed=0)
         if lora:
             kw["lora_path"] = lora
@@ -180,14 +181,18 @@ def check_mixtral():
     effect, diff = float(np.abs(m - b).max()), float(np.abs(a - m).max())
     good = diff <= 0.05 and effect >= 1.0
     ok &= good
-    print(f"mixtral in llama.cpp: base + stacked expert GGUF adapter vs merged file: max |Δlogit| {diff:.4f} "
+    print(f"{label} in llama.cpp: base + GGUF adapter vs merged file: max |Δlogit| {diff:.4f} "
           f"(the adapter itself moves the logits by {effect:.3f}): {good}")
     return ok, rows
 
 
 def main():
-    if os.environ.get("CHECKS") == "mixtral":
-        ok, rows = check_mixtral()
+    if os.environ.get("CHECKS") == "families":
+        ok, rows = True, []
+        for fam in FAMILIES:
+            fam_ok, fam_rows = check_family(*fam)
+            ok &= fam_ok
+            rows += fam_rows
         for label, same, a, b in rows:
             print(f"{label:70s} {str(same):6s} {a!r} | {b!r}")
         print("\nALL MATCH" if ok else "\nMISMATCH")
@@ -307,9 +312,10 @@ def main():
     ok &= chat_same
     print(f"llama.cpp create_chat_completion on export f32 (GGUF chat template): {chat_text!r} == loratune: {chat_same}")
 
-    mixtral_ok, mixtral_rows = check_mixtral()
-    ok &= mixtral_ok
-    rows += mixtral_rows
+    for fam in FAMILIES:
+        fam_ok, fam_rows = check_family(*fam)
+        ok &= fam_ok
+        rows += fam_rows
 
     print()
     print(f"{'case':62s} {'same ids':8s}  loratune | llama.cpp")

@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.join(LCPP, "gguf-py"))
 import conversion  # noqa: E402  (llama.cpp's converter package)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
-    Qwen2Config, Qwen3Config,
+    AutoModelForCausalLM, FalconConfig, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig,
+    Phi3Config, Qwen2Config, Qwen3Config,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,6 +73,15 @@ VARIANTS = {
     # `llama` with expert_count / expert_used_count and stacked ffn_{gate,up,down}_exps tensors.
     "mixtral": MixtralConfig(**COMMON, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False,
                              num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    # Falcon (llama.cpp's `falcon`, query_key_value regrouped q|k|v by the converter): Falcon-7B's layout
+    # (multi-query, one shared LayerNorm, tied head) and the new decoder architecture (2 key/value heads, ln_attn +
+    # ln_mlp). llama.cpp's falcon has no linear biases and an MLP of 4·hidden, so neither has others.
+    "falcon": FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           max_position_embeddings=512, multi_query=True, new_decoder_architecture=False,
+                           parallel_attn=True, bias=False, alibi=False, tie_word_embeddings=True),
+    "falcon-new": FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               num_kv_heads=2, max_position_embeddings=512, new_decoder_architecture=True,
+                               parallel_attn=True, bias=False, alibi=False, tie_word_embeddings=False),
 }
 
 
@@ -105,6 +114,14 @@ def main():
                 p.normal_(0.0, 0.5)
         tmp = tempfile.mkdtemp()
         model.save_pretrained(tmp)
+        if name == "falcon":
+            # multi_query means one key/value head, but transformers 5 fills `num_kv_heads` with its default (=
+            # num_attention_heads, also when tiiuae/falcon-7b's config.json lacks the key), and llama.cpp's converter
+            # (which reads configs through AutoConfig) would regroup query_key_value into 4 groups and fail. Say 1.
+            cpath = os.path.join(tmp, "config.json")
+            c = json.load(open(cpath))
+            c["num_kv_heads"] = 1
+            json.dump(c, open(cpath, "w"), indent=2)
         gguf_path = os.path.join(OUT, f"{name}.gguf")
         convert(tmp, gguf_path)
         sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

@@ -134,7 +134,7 @@ def margin_of(logits: torch.Tensor) -> float:
 
 
 def recorded_margin() -> float:
-    m = min(margin_of(r) for r in RECORD)
+    m = min((margin_of(r) for r in RECORD), default=float("inf"))
     RECORD.clear()
     return m
 
@@ -162,6 +162,33 @@ def init_weights(model, seed: int):
             p.copy_(1.0 + torch.randn(p.shape, generator=g) * 0.1)
         else:
             raise RuntimeError(f"mixtral: no init rule for parameter {name} {tuple(p.shape)}")
+
+
+def save_reference(out: Path, m, ids, mask, logits, loss, single):
+    """`out/reference.safetensors`: make_fixtures.py's tensors plus `greedy_prompt` (the first 6 ids of row 0) and
+    `greedy_ids` (10 argmax steps, each a full forward: no cache, no stop token). Returns the greedy ids."""
+    prompt = ids[0:1, :6]
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = m(input_ids=seq).logits[0, -1].argmax().reshape(1, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+    RECORD.clear()
+    greedy = seq[0, prompt.shape[1]:].clone()
+    save_file(
+        {
+            "input_ids": ids.contiguous(),
+            "attention_mask": mask.contiguous(),
+            "logits": logits.contiguous(),
+            "loss": loss.contiguous(),
+            "logits_single": single.contiguous(),
+            "greedy_prompt": prompt[0].clone().contiguous(),
+            "greedy_ids": greedy.contiguous(),
+        },
+        str(out / "reference.safetensors"),
+        metadata=mf.st_metadata(),
+    )
+    return greedy
 
 
 def forward(model, ids, mask, labels):
@@ -229,33 +256,15 @@ def build_base(tok_dir: Path, vocab: int):
     mf.log(f"switch effects (max |logit diff| when off): {effects}")
     assert all(v > 1e-3 for v in effects.values()), effects
 
-    # greedy continuation of a prompt: 10 argmax steps, each a full forward (no cache, no stop token)
-    prompt = ids[0:1, :6]
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(10):
-            nxt = m(input_ids=seq).logits[0, -1].argmax().reshape(1, 1)
-            seq = torch.cat([seq, nxt], dim=1)
-    RECORD.clear()
-    greedy = seq[0, prompt.shape[1]:]
-    save_file(
-        {
-            "input_ids": ids.contiguous(),
-            "attention_mask": mask.contiguous(),
-            "logits": logits.contiguous(),
-            "loss": loss.contiguous(),
-            "logits_single": single.contiguous(),
-            "greedy_prompt": prompt[0].clone().contiguous(),
-            "greedy_ids": greedy.contiguous(),
-        },
-        str(out / "reference.safetensors"),
-        metadata=mf.st_metadata(),
-    )
+    greedy = save_reference(out, m, ids, mask, logits, loss, single)
     mf.log(f"mixtral: loss {loss.item():.6f}, greedy {greedy.tolist()}")
     return cfg
 
 
-def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool):
+def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool, arch: str = "mixtral"):
+    """A PEFT adapter on tests/fixtures/models/<arch> with make_fixtures.py's reference tensors (grads, AdamW
+    steps, clipping, merged logits); for Mixtral also the routing margin, and the balancing loss when not
+    per_expert."""
     ids, mask, labels = mf.reference_batch(vocab)
     out = FIX / "adapters" / name
     for attempt in range(100):
@@ -263,7 +272,7 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool):
             shutil.rmtree(out)
         seed = mf.SEEDS["adapter"] + len(name) + 1000 * attempt
         torch.manual_seed(seed)
-        base = mf.load_model(Path("tests/fixtures/models") / "mixtral")
+        base = mf.load_model(Path("tests/fixtures/models") / arch)
         if per_expert:
             base = to_per_expert(base, cfg)
             # PEFT >= 0.21 rewrites Mixtral expert targets onto transformers 5's fused tensors when it sees
@@ -278,7 +287,7 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool):
         with torch.no_grad():
             for _, p in named:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        hooks = [] if per_expert else record_router(pm.base_model.model)
+        hooks = [] if per_expert or arch != "mixtral" else record_router(pm.base_model.model)
         RECORD.clear()
         for p in pm.parameters():
             p.grad = None
@@ -327,7 +336,7 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool):
         opt.step()
         return [p.detach().clone() for p in params]
 
-    if not per_expert:
+    if not per_expert and arch == "mixtral":
         # the router's load-balancing loss (transformers' load_balancing_loss_func, as MixtralForCausalLM adds it
         # with output_router_logits): loss = CE + coef · aux, aux over both layers' routers, padding excluded
         for p in params:
@@ -388,7 +397,7 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool):
         dfused = (fl[v] - logits[v]).abs().max().item()
         mf.log(f"adapter {name}: loaded by PEFT onto transformers' fused experts, max |logit diff| {dfused:.3g}")
         assert dfused < 1e-4, dfused
-    base_ref = load_file(str(FIX / "models" / "mixtral" / "reference.safetensors"))
+    base_ref = load_file(str(FIX / "models" / arch / "reference.safetensors"))
     dbase = (logits[v] - base_ref["logits"][v]).abs().max().item()
     assert dbase > 0.1, f"{name}: adapter barely changes logits ({dbase})"
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "reference.safetensors"),

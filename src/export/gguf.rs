@@ -301,6 +301,13 @@ fn to_gguf_layout(
             *x += 1.0;
         }
     }
+    if hf.contains(".query_key_value.") {
+        if let Some(order) = cfg.fused_qkv_order() {
+            let cols = shape.iter().skip(1).product::<usize>();
+            v = crate::gguf::tensors::falcon_qkv_rows(&v, cols, &order, true)
+                .map_err(|e| export_err(format!("tensor `{hf}`: {e}")))?;
+        }
+    }
     Ok(v)
 }
 

@@ -69,6 +69,7 @@ pub fn merged_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<ExportTensor<'_, B
                 ),
                 Leaf::Bias(l) => vector(l.bias.as_ref()?),
                 Leaf::Norm(n) => vector(&n.weight),
+                Leaf::NormBias(n) => vector(n.bias.as_ref()?),
             };
             Some(ExportTensor { name, shape, make })
         })

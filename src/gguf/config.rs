@@ -171,6 +171,12 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
     };
     let rules = family.rules();
 
+    // llama.cpp's falcon: always parallel; `attn_norm_2` means ln_attn + ln_mlp (new_decoder_architecture).
+    let falcon = rules.falcon.then(|| crate::model::FalconLayout {
+        parallel: true,
+        shared_norm: file.tensor_info("blk.0.attn_norm_2.weight").is_none(),
+        bias: file.tensor_info("blk.0.attn_qkv.bias").is_some(),
+    });
     let num_hidden_layers = m.req_usize("block_count")?;
     let hidden_size = m.req_usize("embedding_length")?;
     let intermediate_size = m.req_usize("feed_forward_length")?;
@@ -179,13 +185,14 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         .opt_usize("attention.head_count_kv")?
         .unwrap_or(num_attention_heads);
     let max_position_embeddings = m.req_usize("context_length")?;
+    let eps_key = if falcon.is_some() {
+        "attention.layer_norm_epsilon"
+    } else {
+        "attention.layer_norm_rms_epsilon"
+    };
     let rms_norm_eps = m
-        .opt_f64("attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| {
-            m.err(format!(
-                "missing required metadata key `{arch}.attention.layer_norm_rms_epsilon`"
-            ))
-        })?;
+        .opt_f64(eps_key)?
+        .ok_or_else(|| m.err(format!("missing required metadata key `{arch}.{eps_key}`")))?;
     if num_attention_heads == 0 || num_key_value_heads == 0 {
         return Err(m.err(format!(
             "`{arch}.attention.head_count` ({num_attention_heads}) and `head_count_kv` ({num_key_value_heads}) must be positive"
@@ -302,6 +309,7 @@ pub fn model_config(file: &GgufFile) -> Result<ModelConfig> {
         final_logit_softcapping,
         query_pre_attn_scalar,
         moe,
+        falcon,
         bos_token_id,
         eos_token_ids,
         pad_token_id,

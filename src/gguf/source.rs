@@ -87,13 +87,14 @@ impl GgufSource {
         let (start, n) = spec_rows(spec, info);
         let data = self.file.dequantize_rows(info, start, start + n)?;
         self.file.release(info);
-        let data = apply_transform(data, &spec.shape, spec.transform).map_err(|e| {
-            Error::Gguf(format!(
-                "{}: tensor `{}` (`{name}`): {e}",
-                self.origin(),
-                spec.gguf_name
-            ))
-        })?;
+        let data =
+            apply_transform(&self.config, data, &spec.shape, spec.transform).map_err(|e| {
+                Error::Gguf(format!(
+                    "{}: tensor `{}` (`{name}`): {e}",
+                    self.origin(),
+                    spec.gguf_name
+                ))
+            })?;
         Ok((data, spec.shape.clone()))
     }
 }
@@ -118,11 +119,17 @@ fn spec_bytes<'a>(
 }
 
 fn apply_transform(
+    cfg: &ModelConfig,
     mut data: Vec<f32>,
     shape: &[usize],
     t: Transform,
 ) -> std::result::Result<Vec<f32>, String> {
     match t {
+        Transform::FalconQkv => {
+            let order = cfg.fused_qkv_order().unwrap_or_default();
+            let cols = shape.iter().skip(1).product::<usize>();
+            super::tensors::falcon_qkv_rows(&data, cols, &order, false)
+        }
         Transform::None => Ok(data),
         Transform::GemmaNorm => {
             for v in &mut data {
@@ -200,6 +207,14 @@ impl TensorSource for GgufSource {
                     h * d + 2 * (r % half) + r / half
                 })
                 .map_err(err)?
+            }
+            Transform::FalconQkv => {
+                let order = self.config.fused_qkv_order().unwrap_or_default();
+                let mut hf_to_gguf = vec![0usize; order.len()];
+                for (c, &h) in order.iter().enumerate() {
+                    hf_to_gguf[h as usize] = c;
+                }
+                q.permute_rows(|i| hf_to_gguf[i]).map_err(err)?
             }
             Transform::GemmaNorm => return Ok(None),
         };

@@ -41,13 +41,6 @@ pub fn gguf_architecture(family: Family) -> &'static str {
     family.rules().gguf_architecture
 }
 
-/// Model-level (not per-layer) names.
-const GLOBAL: &[(&str, &str)] = &[
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-];
-
 /// GGUF tensors that carry hyperparameters rather than weights; the config reader interprets them.
 pub const CONFIG_TENSORS: &[&str] = &[
     "rope_freqs.weight",
@@ -109,8 +102,24 @@ fn expert_path(layer: &str, e: impl std::fmt::Display, module: &str) -> String {
 }
 
 /// HF name of a GGUF tensor, `None` for a name this family does not use (a stacked expert tensor is several HF
-/// tensors: see [`plan`]).
+/// tensors: see [`plan`]). Where the family maps a GGUF name to two modules (Falcon's `attn_norm`: one shared
+/// LayerNorm or `ln_attn`), the first; [`hf_names`] gives all.
 pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
+    hf_names(family, gguf_name).into_iter().next()
+}
+
+/// Every HF name a GGUF tensor can be for this family (one, or Falcon's two layouts of `attn_norm`).
+pub fn hf_names(family: Family, gguf_name: &str) -> Vec<String> {
+    let rules = family.rules();
+    if let Some((base, suffix)) = split_suffix(gguf_name) {
+        if let Some((_, hf)) = rules.gguf_globals.iter().find(|(g, _)| *g == base) {
+            return vec![format!("{hf}.{suffix}")];
+        }
+    }
+    hf_layer_name(family, gguf_name)
+}
+
+fn hf_layer_name(family: Family, gguf_name: &str) -> Vec<String> {
     if family.rules().moe {
         // the 2023 per-expert layout: blk.N.ffn_gate.E.weight
         let per_expert = gguf_name
@@ -122,35 +131,42 @@ pub fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
                 let (_, module) = EXPERT_TENSORS.iter().find(|(g, _)| *g == base)?;
                 (suffix == "weight").then(|| expert_path(layer, e, module))
             });
-        if per_expert.is_some() {
-            return per_expert;
+        if let Some(p) = per_expert {
+            return vec![p];
         }
     }
-    if let Some((_, hf)) = GLOBAL.iter().find(|(g, _)| *g == gguf_name) {
-        return Some(hf.to_string());
-    }
-    let rest = gguf_name.strip_prefix("blk.")?;
-    let (layer, rest) = split_layer(rest)?;
-    let (base, suffix) = split_suffix(rest)?;
-    let (_, module) = family.rules().gguf_names().find(|(g, _)| *g == base)?;
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    let Some((layer, rest)) = gguf_name.strip_prefix("blk.").and_then(split_layer) else {
+        return Vec::new();
+    };
+    let Some((base, suffix)) = split_suffix(rest) else {
+        return Vec::new();
+    };
+    let prefix = family.rules().layer_prefix;
+    family
+        .rules()
+        .gguf_names()
+        .filter(|(g, _)| *g == base)
+        .map(|(_, module)| format!("{prefix}{layer}.{module}.{suffix}"))
+        .collect()
 }
 
 /// GGUF name of an HF tensor (the inverse of [`hf_name`]); an expert's weight names the stacked tensor that
 /// holds it (llama.cpp's converter writes the experts stacked).
 pub fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
-    if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == hf_name) {
-        return Some(g.to_string());
+    let rules = family.rules();
+    let (module, suffix) = split_suffix(hf_name)?;
+    if let Some((g, _)) = rules.gguf_globals.iter().find(|(_, h)| *h == module) {
+        return Some(format!("{g}.{suffix}"));
     }
     if family.rules().moe {
         if let Some((layer, _, base)) = expert_of(hf_name) {
             return Some(format!("blk.{layer}.{base}_exps.weight"));
         }
     }
-    let rest = hf_name.strip_prefix("model.layers.")?;
+    let rest = hf_name.strip_prefix(rules.layer_prefix)?;
     let (layer, rest) = split_layer(rest)?;
     let (module, suffix) = split_suffix(rest)?;
-    let (base, _) = family.rules().gguf_names().find(|(_, m)| *m == module)?;
+    let (base, _) = rules.gguf_names().find(|(_, m)| *m == module)?;
     Some(format!("blk.{layer}.{base}.{suffix}"))
 }
 
@@ -164,6 +180,9 @@ pub enum Transform {
     },
     /// Subtract 1 (Gemma norms stored as `w + 1`).
     GemmaNorm,
+    /// Falcon's `query_key_value` rows: llama.cpp's converter regroups them q|k|v ("jploski" layout); HF groups
+    /// them per key/value head ([`ModelConfig::fused_qkv_order`]).
+    FalconQkv,
 }
 
 /// How one HF tensor is produced from the GGUF file.
@@ -206,12 +225,18 @@ fn transform_for(cfg: &ModelConfig, gguf_name: &str, hf: &str) -> Transform {
     if rules.gemma_norms && hf.ends_with("norm.weight") {
         return Transform::GemmaNorm;
     }
+    if hf.contains(".query_key_value.") && cfg.fused_qkv_order().is_some() {
+        return Transform::FalconQkv;
+    }
     Transform::None
 }
 
 /// Map every tensor of `file` to its HF tensor(s). Unknown tensors are an error naming them (we never drop
 /// weights silently).
 pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTensorSpec>> {
+    let expected_names = crate::model::tree::expected_tensors(cfg);
+    let expected: std::collections::BTreeSet<&str> =
+        expected_names.iter().map(|(n, _)| n.as_str()).collect();
     let mut out = BTreeMap::new();
     let mut unknown = Vec::new();
     let mut insert = |spec: HfTensorSpec| -> Result<()> {
@@ -250,7 +275,14 @@ pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTen
             }
             continue;
         }
-        if let Some(hf) = hf_name(cfg.family, name) {
+        let candidates = hf_names(cfg.family, name);
+        let hf = match candidates.len() {
+            0 | 1 => candidates.into_iter().next(),
+            _ => candidates
+                .into_iter()
+                .find(|c| expected.contains(c.as_str())),
+        };
+        if let Some(hf) = hf {
             let transform = transform_for(cfg, name, &hf);
             insert(HfTensorSpec {
                 hf_name: hf,
@@ -274,6 +306,27 @@ pub fn plan(file: &GgufFile, cfg: &ModelConfig) -> Result<BTreeMap<String, HfTen
             if unknown.len() > 8 { ", ..." } else { "" },
             gguf_architecture(cfg.family),
         )));
+    }
+    Ok(out)
+}
+
+/// Falcon's `query_key_value` rows between HF's grouping (per key/value head) and llama.cpp's q|k|v: row c of the
+/// GGUF tensor is HF row `order[c]`. `data` is `rows × cols`.
+pub fn falcon_qkv_rows(
+    data: &[f32],
+    cols: usize,
+    order: &[i32],
+    to_gguf: bool,
+) -> std::result::Result<Vec<f32>, String> {
+    let rows = order.len();
+    if data.len() != rows * cols {
+        return Err(format!("{} values for {rows}×{cols}", data.len()));
+    }
+    let mut out = vec![0f32; data.len()];
+    for (c, &h) in order.iter().enumerate() {
+        let h = h as usize;
+        let (src, dst) = if to_gguf { (h, c) } else { (c, h) };
+        out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
     }
     Ok(out)
 }

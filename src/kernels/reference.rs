@@ -39,13 +39,37 @@ pub fn rms_norm<B: Backend, const D: usize>(
     to_dtype(normed * w.reshape(shape), dtype)
 }
 
+/// LayerNorm over the last dimension in f32 (mean-centred, `x̂·w + b`), as torch's `nn.LayerNorm`.
+pub fn layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    bias: &Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let xf = to_f32(x);
+    let centred = xf.clone() - xf.mean_dim(D - 1);
+    let var = centred.clone().square().mean_dim(D - 1);
+    let normed = centred * var.add_scalar(eps).sqrt().recip();
+    let mut shape = [1usize; D];
+    shape[D - 1] = weight.dims()[0];
+    let w = weight.clone().cast(DType::F32).reshape(shape);
+    let b = bias.clone().cast(DType::F32).reshape(shape);
+    to_dtype(normed * w + b, dtype)
+}
+
 /// `act(gate)·up` from gate|up side by side.
 pub fn glu<B: Backend>(gate_up: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
     let [n, two_i] = gate_up.dims();
     let i = two_i / 2;
     let gate = gate_up.clone().slice([0..n, 0..i]);
     let up = gate_up.slice([0..n, i..two_i]);
-    let a = match act {
+    activation_of(gate, act) * up
+}
+
+/// The activation alone (a non-gated MLP: Falcon's `dense_h_to_4h` → GELU).
+pub fn activation_of<B: Backend>(gate: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
+    match act {
         Activation::Silu => activation::silu(gate),
         Activation::GeluTanh => activation::gelu_approximate(gate),
         // `x·(1 + erf(x/√2))/2` composed, not `activation::gelu`: burn 0.21's `gelu_backward` is the derivative of
@@ -58,8 +82,7 @@ pub fn glu<B: Backend>(gate_up: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
                     .add_scalar(1.0),
             )
             .mul_scalar(0.5),
-    };
-    a * up
+    }
 }
 
 /// One module: `x·Wᵀ (+ b) + s·((x ∘ m)·Aᵀ)·Bᵀ`, the adapter in f32 whatever the base dtype. A quantized W is

@@ -24,9 +24,11 @@ pub struct TargetMatcher {
     layers: Option<Vec<usize>>,
 }
 
-/// The layer index of a module path `model.layers.N....`.
+/// The layer index of a module path `model.layers.N....` (Falcon: `transformer.h.N....`).
 pub fn layer_index(path: &str) -> Option<usize> {
-    let rest = path.strip_prefix("model.layers.")?;
+    let rest = crate::model::Family::ALL
+        .iter()
+        .find_map(|f| path.strip_prefix(f.rules().layer_prefix))?;
     rest.split('.').next()?.parse().ok()
 }
 

@@ -101,6 +101,8 @@ pub struct ModelConfig {
     pub query_pre_attn_scalar: Option<f64>,
     /// A sparse mixture-of-experts MLP in every layer (Mixtral); `intermediate_size` is one expert's.
     pub moe: Option<MoeConfig>,
+    /// The Falcon block (LayerNorms with bias, grouped fused q/k/v, non-gated MLP, parallel residual).
+    pub falcon: Option<FalconLayout>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -117,6 +119,20 @@ pub struct MoeConfig {
     pub experts: usize,
     /// config.json `num_experts_per_tok`.
     pub top_k: usize,
+}
+
+/// How a Falcon layer is laid out (config.json `new_decoder_architecture`, `parallel_attn`,
+/// `num_ln_in_parallel_attn`, `bias`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FalconLayout {
+    /// Attention and MLP both read the layer input and are added to it together (`parallel_attn`, always with
+    /// `new_decoder_architecture`); otherwise the MLP follows the attention (Llama's order).
+    pub parallel: bool,
+    /// Parallel with one LayerNorm (`input_layernorm`) read by both; else `ln_attn` + `ln_mlp` (parallel) or
+    /// `input_layernorm` + `post_attention_layernorm` (sequential).
+    pub shared_norm: bool,
+    /// Every linear (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) has a bias (`bias`).
+    pub bias: bool,
 }
 
 impl ModelConfig {
@@ -153,9 +169,17 @@ impl ModelConfig {
 
         let hidden_size = c.req_usize("hidden_size")?;
         let num_attention_heads = c.req_usize("num_attention_heads")?;
-        let num_key_value_heads = c
-            .opt_usize("num_key_value_heads")?
-            .unwrap_or(num_attention_heads);
+        let falcon = if family.rules().falcon {
+            Some(falcon_layout(&c)?)
+        } else {
+            None
+        };
+        let num_key_value_heads = match &falcon {
+            Some(_) => falcon_kv_heads(&c, num_attention_heads)?,
+            None => c
+                .opt_usize("num_key_value_heads")?
+                .unwrap_or(num_attention_heads),
+        };
         let head_dim = match c.opt_usize("head_dim")? {
             Some(d) => d,
             None => {
@@ -203,7 +227,12 @@ impl ModelConfig {
 
         let rope = parse_rope(obj)?;
         let layer_windows = parse_windows(&c, rules, num_hidden_layers)?;
-        let rms_norm_eps = c.opt_f64("rms_norm_eps")?.unwrap_or(rules.rms_norm_eps);
+        let eps_key = if falcon.is_some() {
+            "layer_norm_epsilon"
+        } else {
+            "rms_norm_eps"
+        };
+        let rms_norm_eps = c.opt_f64(eps_key)?.unwrap_or(rules.rms_norm_eps);
 
         let (attn_logit_softcapping, final_logit_softcapping) = match rules.softcapping {
             Some(_) => (
@@ -239,7 +268,10 @@ impl ModelConfig {
             family,
             vocab_size: c.req_usize("vocab_size")?,
             hidden_size,
-            intermediate_size: c.req_usize("intermediate_size")?,
+            intermediate_size: match falcon {
+                Some(_) => c.opt_usize("ffn_hidden_size")?.unwrap_or(4 * hidden_size),
+                None => c.req_usize("intermediate_size")?,
+            },
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
@@ -257,6 +289,7 @@ impl ModelConfig {
             final_logit_softcapping,
             query_pre_attn_scalar,
             moe,
+            falcon,
             bos_token_id: c.opt_u32("bos_token_id")?,
             eos_token_ids: c.id_list("eos_token_id")?,
             pad_token_id: c.opt_u32("pad_token_id")?,
@@ -386,6 +419,28 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
 
+    /// Falcon's fused `query_key_value` output is grouped per key/value head (each group: its query heads, its key,
+    /// its value). The columns that make it q|k|v, or `None` when it already is (one group: multi-query Falcon-7B;
+    /// or not Falcon). Applied to the linear's output, so the weights and adapters stay in the checkpoint's layout.
+    pub fn fused_qkv_order(&self) -> Option<Vec<i32>> {
+        self.falcon?;
+        let (nh, nkv, hd) = (
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        );
+        if nkv <= 1 {
+            return None;
+        }
+        let per = nh / nkv;
+        let group = (per + 2) * hd;
+        let cols = |g: usize, head: usize| (0..hd).map(move |d| (g * group + head * hd + d) as i32);
+        let q = (0..nkv).flat_map(|g| (0..per).flat_map(move |j| cols(g, j)));
+        let k = (0..nkv).flat_map(|g| cols(g, per));
+        let v = (0..nkv).flat_map(|g| cols(g, per + 1));
+        Some(q.chain(k).chain(v).collect())
+    }
+
     /// Inverse RoPE frequencies for the rotated half, computed as transformers does (in f32).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.rotary_dim();
@@ -430,30 +485,10 @@ impl ModelConfig {
 
     /// Total parameter count of the base model (tied lm_head counted once).
     pub fn num_parameters(&self) -> usize {
-        let h = self.hidden_size;
-        let embed = self.vocab_size * h;
-        let attn = h * self.q_out()
-            + 2 * h * self.kv_out()
-            + self.q_out() * h
-            + if self.qkv_bias {
-                self.q_out() + 2 * self.kv_out()
-            } else {
-                0
-            }
-            + if self.o_bias { h } else { 0 }
-            + if self.qk_norm() { 2 * self.head_dim } else { 0 };
-        let mlp = 3 * h * self.intermediate_size
-            + if self.mlp_bias {
-                2 * self.intermediate_size + h
-            } else {
-                0
-            };
-        let norms = if self.sandwich_norms() { 4 * h } else { 2 * h };
-        let layer = attn + mlp + norms;
-        embed
-            + self.num_hidden_layers * layer
-            + h
-            + if self.tie_word_embeddings { 0 } else { embed }
+        super::tree::expected_tensors(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
     }
 
     /// A config.json for this model: the original one (if any) with dtype fields updated, or one synthesised
@@ -578,6 +613,44 @@ impl ModelConfig {
         }
         o
     }
+}
+
+/// Falcon's layout keys; ALiBi variants refused.
+fn falcon_layout(c: &Reader) -> Result<FalconLayout> {
+    if c.opt_bool("alibi")?.unwrap_or(false) {
+        return Err(Error::Config(
+            "`alibi: true`: Falcon models with ALiBi position biases (Falcon-RW) are not supported; the rotary Falcon \
+             models (Falcon-7B/40B/180B) are"
+                .into(),
+        ));
+    }
+    let new_arch = c.opt_bool("new_decoder_architecture")?.unwrap_or(false);
+    let parallel_attn = c.opt_bool("parallel_attn")?.unwrap_or(true);
+    if new_arch && !parallel_attn {
+        return Err(Error::Config(
+            "`new_decoder_architecture: true` with `parallel_attn: false` is not a layout transformers can run"
+                .into(),
+        ));
+    }
+    let two_norms = new_arch && c.opt_usize("num_ln_in_parallel_attn")?.unwrap_or(2) == 2;
+    Ok(FalconLayout {
+        parallel: new_arch || parallel_attn,
+        shared_norm: (new_arch || parallel_attn) && !two_norms,
+        bias: c.opt_bool("bias")?.unwrap_or(false),
+    })
+}
+
+/// Falcon's key/value heads: `num_kv_heads` with the new architecture, one with `multi_query` (the default), else
+/// one per attention head.
+fn falcon_kv_heads(c: &Reader, heads: usize) -> Result<usize> {
+    if c.opt_bool("new_decoder_architecture")?.unwrap_or(false) {
+        return Ok(c.opt_usize("num_kv_heads")?.unwrap_or(heads));
+    }
+    Ok(if c.opt_bool("multi_query")?.unwrap_or(true) {
+        1
+    } else {
+        heads
+    })
 }
 
 fn detect_family(obj: &Map<String, Value>) -> Result<Family> {
@@ -856,6 +929,81 @@ mod tests {
         })
     }
 
+    /// tiiuae/falcon-7b's config.json (RW-era keys as transformers 5 reads them): multi-query, parallel attention,
+    /// no biases, tied head; 6,921,720,704 parameters as transformers reports them.
+    #[test]
+    fn falcon_7b_config() {
+        let c = ModelConfig::from_json(&json!({
+            "architectures": ["FalconForCausalLM"], "model_type": "falcon", "vocab_size": 65024,
+            "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "multi_query": true,
+            "new_decoder_architecture": false, "parallel_attn": true, "bias": false, "alibi": false,
+            "layer_norm_epsilon": 1e-5, "bos_token_id": 11, "eos_token_id": 11
+        }))
+        .unwrap();
+        assert_eq!(c.family, Family::Falcon);
+        assert_eq!(
+            (c.num_key_value_heads, c.head_dim, c.intermediate_size),
+            (1, 64, 18176)
+        );
+        assert_eq!(c.num_parameters(), 6_921_720_704);
+        assert_eq!(c.fused_qkv_order(), None);
+        let f = c.falcon.unwrap();
+        assert!(f.parallel && f.shared_norm && !f.bias);
+        assert!(c.tie_word_embeddings);
+        // ALiBi Falcons are refused by name
+        let e = ModelConfig::from_json(&json!({
+            "architectures": ["FalconForCausalLM"], "vocab_size": 65024, "hidden_size": 2048,
+            "num_hidden_layers": 24, "num_attention_heads": 32, "alibi": true
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("alibi") && e.contains("Falcon-RW"), "{e}");
+    }
+
+    /// Falcon-40B's new decoder architecture: 8 key/value groups of 16 query heads; query_key_value's output columns
+    /// regrouped to q|k|v (hand-checked on the first and last columns of each part).
+    #[test]
+    fn falcon_40b_grouped_qkv() {
+        let c = ModelConfig::from_json(&json!({
+            "architectures": ["FalconForCausalLM"], "model_type": "falcon", "vocab_size": 65024,
+            "hidden_size": 8192, "num_hidden_layers": 60, "num_attention_heads": 128, "num_kv_heads": 8,
+            "new_decoder_architecture": true, "parallel_attn": true, "bias": false, "alibi": false
+        }))
+        .unwrap();
+        let f = c.falcon.unwrap();
+        assert!(f.parallel && !f.shared_norm);
+        let o: Vec<usize> = c
+            .fused_qkv_order()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as usize)
+            .collect();
+        let (hd, group) = (64, (16 + 2) * 64);
+        assert_eq!(o.len(), (128 + 16) * 64);
+        assert_eq!(o[0], 0); // q head 0 of group 0
+        assert_eq!(o[16 * hd], group); // q head 16 = group 1's first
+        assert_eq!(o[128 * hd], 16 * hd); // k of group 0
+        assert_eq!(o[128 * hd + hd], group + 16 * hd); // k of group 1
+        assert_eq!(o[136 * hd], 17 * hd); // v of group 0
+        assert_eq!(*o.last().unwrap(), 8 * group - 1); // v of group 7, last dim
+    }
+
+    /// Falcon3 is a Llama architecture (tiiuae/Falcon3-7B-Instruct's config.json): it loads as Llama.
+    #[test]
+    fn falcon3_is_llama() {
+        let c = ModelConfig::from_json(&json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 131072,
+            "hidden_size": 3072, "intermediate_size": 23040, "num_hidden_layers": 28, "num_attention_heads": 12,
+            "num_key_value_heads": 4, "head_dim": 256, "rope_theta": 1000042, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 32768, "tie_word_embeddings": false, "attention_bias": false,
+            "mlp_bias": false, "hidden_act": "silu"
+        }))
+        .unwrap();
+        assert_eq!(c.family, Family::Llama);
+        assert!(c.falcon.is_none());
+        assert_eq!((c.head_dim, c.num_key_value_heads), (256, 4));
+    }
+
     #[test]
     fn smollm2_rope_theta_is_read_not_defaulted() {
         let c = ModelConfig::from_json(&llama()).unwrap();
@@ -881,15 +1029,15 @@ mod tests {
     #[test]
     fn unknown_architecture_lists_supported() {
         let mut v = llama();
-        v["architectures"] = json!(["FalconForCausalLM"]);
+        v["architectures"] = json!(["GPTNeoXForCausalLM"]);
         let e = ModelConfig::from_json(&v).unwrap_err();
         assert!(
-            matches!(&e, Error::UnsupportedArchitecture { what: "architecture", name, .. } if name == "FalconForCausalLM"),
+            matches!(&e, Error::UnsupportedArchitecture { what: "architecture", name, .. } if name == "GPTNeoXForCausalLM"),
             "{e:?}"
         );
         let e = e.to_string();
         assert!(
-            e.contains("FalconForCausalLM") && e.contains("Qwen3ForCausalLM"),
+            e.contains("GPTNeoXForCausalLM") && e.contains("Qwen3ForCausalLM"),
             "{e}"
         );
     }

@@ -147,6 +147,9 @@ fn group<B: Kernels>(
 }
 
 fn norm<B: Kernels, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    if let Some(bias) = &n.bias {
+        return crate::kernels::reference::layer_norm(x, &n.weight, bias, n.eps);
+    }
     let norm = NormRef {
         weight: &n.weight,
         eps: n.eps,
@@ -311,7 +314,8 @@ impl<B: Kernels> CausalLm<B> {
         norm(&self.model.norm, x)
     }
 
-    /// One layer: attention and the gated MLP, each between its norms and added to the residual stream.
+    /// One layer: attention and the MLP, each between its norms and added to the residual stream — one after the
+    /// other, or (a parallel Falcon layer) both from the layer input, `x + (mlp + attention)` as transformers adds.
     fn layer(
         &self,
         layer: &Layer<Weights<B>>,
@@ -320,31 +324,60 @@ impl<B: Kernels> CausalLm<B> {
         cache: Option<&mut KvSlot<B>>,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
-        let qkv = group(&layer.qkv, norm(&layer.input_norm, x.clone()), drop);
+        let normed = norm(&layer.input_norm, x.clone());
+        let qkv = group(&layer.qkv, normed.clone(), drop);
+        let qkv = match self.config.fused_qkv_order() {
+            Some(order) => {
+                let n = order.len();
+                qkv.select(
+                    1,
+                    Tensor::from_data(TensorData::new(order, [n]), &self.device),
+                )
+            }
+            None => qkv,
+        };
         let h = self.attend(layer, qkv, att, cache);
         let h = group(std::slice::from_ref(&layer.o_proj), h, drop);
-        let h = match &layer.attn_out_norm {
+        let attn = match &layer.attn_out_norm {
             Some(n) => norm(n, h),
             None => h,
         };
-        let x = x + h;
-        let h = norm(&layer.mlp_in_norm, x.clone());
+        let parallel = self.config.falcon.is_some_and(|f| f.parallel);
+        let (x, mlp_in) = if parallel {
+            let mlp_in = match &layer.mlp_in_norm {
+                Some(n) => norm(n, x.clone()),
+                None => normed,
+            };
+            (x, mlp_in)
+        } else {
+            let x = x + attn.clone();
+            let n = layer
+                .mlp_in_norm
+                .as_ref()
+                .expect("a sequential layer has an MLP norm");
+            let mlp_in = norm(n, x.clone());
+            (x, mlp_in)
+        };
         let h = match &layer.mlp {
-            Mlp::Dense(ffn) => self.ffn(ffn, h, drop),
+            Mlp::Dense(ffn) => self.ffn(ffn, mlp_in, drop),
             Mlp::Moe {
                 router,
                 experts,
                 top_k,
-            } => self.moe(router, experts, *top_k, h, drop),
+            } => self.moe(router, experts, *top_k, mlp_in, drop),
         };
         let h = match &layer.mlp_out_norm {
             Some(n) => norm(n, h),
             None => h,
         };
-        x + h
+        if parallel {
+            x + (h + attn)
+        } else {
+            x + h
+        }
     }
 
-    /// A gated MLP: gate|up, the activation times up, down.
+    /// The MLP: gate|up, the activation of gate times up, down (Falcon's is not gated: up, its activation, down).
     fn ffn(
         &self,
         ffn: &Ffn<Weights<B>>,
@@ -352,7 +385,11 @@ impl<B: Kernels> CausalLm<B> {
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
         let gate_up = group(&ffn.gate_up, x, drop);
-        let h = B::glu(gate_up, self.config.hidden_act);
+        let h = if self.config.falcon.is_some() {
+            crate::kernels::reference::activation_of(gate_up, self.config.hidden_act)
+        } else {
+            B::glu(gate_up, self.config.hidden_act)
+        };
         group(std::slice::from_ref(&ffn.down), h, drop)
     }
 
@@ -510,6 +547,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B::InnerBackend>> for Inn
         RmsNorm {
             path: n.path.clone(),
             weight: n.weight.clone().inner(),
+            bias: n.bias.clone().map(|b| b.inner()),
             eps: n.eps,
             offset: n.offset,
         }
@@ -550,6 +588,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
         RmsNorm {
             path: n.path,
             weight: Tensor::from_inner(n.weight),
+            bias: n.bias.map(Tensor::from_inner),
             eps: n.eps,
             offset: n.offset,
         }

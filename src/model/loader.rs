@@ -146,10 +146,15 @@ impl<B: Backend> Make<Weights<B>> for Loader<'_, B> {
         Ok(l)
     }
 
-    fn norm(&mut self, path: &str, _: usize) -> Result<RmsNorm<B>> {
+    fn norm(&mut self, path: &str, _: usize, bias: bool) -> Result<RmsNorm<B>> {
         Ok(RmsNorm {
             path: path.into(),
             weight: self.tensor(&format!("{path}.weight"))?,
+            bias: if bias {
+                Some(self.tensor(&format!("{path}.bias"))?)
+            } else {
+                None
+            },
             eps: self.eps,
             offset: self.norm_offset,
         })

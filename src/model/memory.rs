@@ -96,6 +96,12 @@ impl<B: Backend> CausalLm<B> {
                     let k = n.weight.shape().num_elements();
                     add(dense_name(n.weight.dtype()), k * n.weight.dtype().size(), k);
                 }
+                Leaf::NormBias(n) => {
+                    if let Some(b) = &n.bias {
+                        let k = b.shape().num_elements();
+                        add(dense_name(b.dtype()), k * b.dtype().size(), k);
+                    }
+                }
             }
         }
         let c = &self.config;

@@ -11,7 +11,9 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Activation, Family, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
+pub use config::{
+    Activation, FalconLayout, Family, ModelConfig, MoeConfig, RopeConfig, RopeScaling,
+};
 pub use decoder::{CausalLm, KvCache, NoDropout, TokenBatch};
 pub use tree::expected_tensors;
 pub use weights::{SafetensorsSource, StoredDtype, TensorSource};

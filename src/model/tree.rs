@@ -27,13 +27,19 @@ use crate::quant::Frozen;
 /// What a tree's leaves are.
 pub trait Leaves: Clone + Debug {
     type Linear: LinearLeaf;
-    type Norm: Clone + Debug + Named;
+    type Norm: Clone + Debug + NormLeaf;
     type Embedding: Clone + Debug + Named;
 }
 
 /// A leaf's full module path (`model.layers.0.self_attn.q_proj`).
 pub trait Named {
     fn path(&self) -> &str;
+}
+
+/// What the walks need to know of a norm leaf.
+pub trait NormLeaf: Named {
+    /// It carries a bias tensor (a LayerNorm: Falcon).
+    fn has_bias(&self) -> bool;
 }
 
 /// What the walks need to know of a linear leaf.
@@ -66,8 +72,9 @@ pub struct Layer<L: Leaves> {
     pub o_proj: L::Linear,
     /// After attention (Gemma 2's `post_attention_layernorm`).
     pub attn_out_norm: Option<L::Norm>,
-    /// Before the MLP (`post_attention_layernorm`; Gemma 2's `pre_feedforward_layernorm`).
-    pub mlp_in_norm: L::Norm,
+    /// Before the MLP (`post_attention_layernorm`; Gemma 2's `pre_feedforward_layernorm`; Falcon's `ln_mlp`); `None`
+    /// when the MLP reads the attention's normed input (a parallel Falcon layer with one LayerNorm).
+    pub mlp_in_norm: Option<L::Norm>,
     /// The gated MLP: one, or a router over experts.
     pub mlp: Mlp<L>,
     /// After the MLP (Gemma 2's `post_feedforward_layernorm`).
@@ -204,7 +211,8 @@ pub trait Make<L: Leaves> {
     ) -> Result<L::Linear, Self::Error>;
     /// A head that reads the embedding matrix.
     fn tied(&mut self, path: &str, embedding: &L::Embedding) -> Result<L::Linear, Self::Error>;
-    fn norm(&mut self, path: &str, dim: usize) -> Result<L::Norm, Self::Error>;
+    /// An RMSNorm `weight [dim]`, or with `bias` a LayerNorm (`weight`, `bias`).
+    fn norm(&mut self, path: &str, dim: usize, bias: bool) -> Result<L::Norm, Self::Error>;
 }
 
 /// Converts every leaf of a tree ([`Tree::map`]).
@@ -223,6 +231,8 @@ pub enum Leaf<'a, L: Leaves> {
     /// A linear's `bias`.
     Bias(&'a L::Linear),
     Norm(&'a L::Norm),
+    /// A LayerNorm's `bias`.
+    NormBias(&'a L::Norm),
 }
 
 impl<L: Leaves> Leaf<'_, L> {
@@ -233,6 +243,7 @@ impl<L: Leaves> Leaf<'_, L> {
             Leaf::Weight(l) => format!("{}.weight", l.path()),
             Leaf::Bias(l) => format!("{}.bias", l.path()),
             Leaf::Norm(n) => format!("{}.weight", n.path()),
+            Leaf::NormBias(n) => format!("{}.bias", n.path()),
         }
     }
 }
@@ -240,12 +251,15 @@ impl<L: Leaves> Leaf<'_, L> {
 impl<L: Leaves> Tree<L> {
     /// The tree a config describes, its leaves made by `m`.
     pub fn build<M: Make<L>>(cfg: &ModelConfig, m: &mut M) -> Result<Self, M::Error> {
+        if let Some(layout) = cfg.falcon {
+            return Self::build_falcon(cfg, layout, m);
+        }
         let h = cfg.hidden_size;
         let (qo, kvo, i) = (cfg.q_out(), cfg.kv_out(), cfg.intermediate_size);
         let embed_tokens = m.embedding("model.embed_tokens", cfg.vocab_size, h)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (l, &window) in cfg.layer_windows.iter().enumerate() {
-            let p = format!("model.layers.{l}");
+            let p = format!("{}{l}", cfg.family.rules().layer_prefix);
             let attn = |name: &str| format!("{p}.self_attn.{name}");
             let mlp = |name: &str| format!("{p}.mlp.{name}");
             let norm = |name: &str| format!("{p}.{name}");
@@ -294,21 +308,25 @@ impl<L: Leaves> Tree<L> {
             };
             let (q_norm, k_norm) = if cfg.qk_norm() {
                 (
-                    Some(m.norm(&attn("q_norm"), cfg.head_dim)?),
-                    Some(m.norm(&attn("k_norm"), cfg.head_dim)?),
+                    Some(m.norm(&attn("q_norm"), cfg.head_dim, false)?),
+                    Some(m.norm(&attn("k_norm"), cfg.head_dim, false)?),
                 )
             } else {
                 (None, None)
             };
-            let input_norm = m.norm(&norm("input_layernorm"), h)?;
+            let input_norm = m.norm(&norm("input_layernorm"), h, false)?;
             let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if cfg.sandwich_norms() {
                 (
-                    Some(m.norm(&norm("post_attention_layernorm"), h)?),
-                    m.norm(&norm("pre_feedforward_layernorm"), h)?,
-                    Some(m.norm(&norm("post_feedforward_layernorm"), h)?),
+                    Some(m.norm(&norm("post_attention_layernorm"), h, false)?),
+                    m.norm(&norm("pre_feedforward_layernorm"), h, false)?,
+                    Some(m.norm(&norm("post_feedforward_layernorm"), h, false)?),
                 )
             } else {
-                (None, m.norm(&norm("post_attention_layernorm"), h)?, None)
+                (
+                    None,
+                    m.norm(&norm("post_attention_layernorm"), h, false)?,
+                    None,
+                )
             };
             layers.push(Layer {
                 input_norm,
@@ -317,17 +335,28 @@ impl<L: Leaves> Tree<L> {
                 k_norm,
                 o_proj,
                 attn_out_norm,
-                mlp_in_norm,
+                mlp_in_norm: Some(mlp_in_norm),
                 mlp,
                 mlp_out_norm,
                 window,
             });
         }
-        let norm = m.norm("model.norm", h)?;
+        let norm = m.norm("model.norm", h, false)?;
+        Self::with_head(cfg, m, embed_tokens, layers, norm)
+    }
+
+    /// The tree with its head: tied to the embeddings, or `lm_head`.
+    fn with_head<M: Make<L>>(
+        cfg: &ModelConfig,
+        m: &mut M,
+        embed_tokens: L::Embedding,
+        layers: Vec<Layer<L>>,
+        norm: L::Norm,
+    ) -> Result<Self, M::Error> {
         let lm_head = if cfg.tie_word_embeddings {
             m.tied("lm_head", &embed_tokens)?
         } else {
-            m.linear("lm_head", cfg.vocab_size, h, false)?
+            m.linear("lm_head", cfg.vocab_size, cfg.hidden_size, false)?
         };
         Ok(Tree {
             embed_tokens,
@@ -335,6 +364,54 @@ impl<L: Leaves> Tree<L> {
             norm,
             lm_head,
         })
+    }
+
+    /// Falcon's tree (`transformer.word_embeddings`, `transformer.h.N`, `transformer.ln_f`): LayerNorms with bias,
+    /// one fused `query_key_value` (its output grouped per key/value head), `dense`, a non-gated
+    /// `dense_h_to_4h` → `dense_4h_to_h` MLP.
+    fn build_falcon<M: Make<L>>(
+        cfg: &ModelConfig,
+        layout: crate::model::config::FalconLayout,
+        m: &mut M,
+    ) -> Result<Self, M::Error> {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, layout.bias);
+        let qkv_out = cfg.q_out() + 2 * cfg.kv_out();
+        let embed_tokens = m.embedding("transformer.word_embeddings", cfg.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (l, &window) in cfg.layer_windows.iter().enumerate() {
+            let p = format!("{}{l}", cfg.family.rules().layer_prefix);
+            let sub = |name: &str| format!("{p}.{name}");
+            let (input_norm, mlp_in_norm) = if layout.shared_norm {
+                (m.norm(&sub("input_layernorm"), h, true)?, None)
+            } else if layout.parallel {
+                (
+                    m.norm(&sub("ln_attn"), h, true)?,
+                    Some(m.norm(&sub("ln_mlp"), h, true)?),
+                )
+            } else {
+                (
+                    m.norm(&sub("input_layernorm"), h, true)?,
+                    Some(m.norm(&sub("post_attention_layernorm"), h, true)?),
+                )
+            };
+            layers.push(Layer {
+                input_norm,
+                qkv: vec![m.linear(&sub("self_attention.query_key_value"), qkv_out, h, b)?],
+                q_norm: None,
+                k_norm: None,
+                o_proj: m.linear(&sub("self_attention.dense"), h, cfg.q_out(), b)?,
+                attn_out_norm: None,
+                mlp_in_norm,
+                mlp: Mlp::Dense(Ffn {
+                    gate_up: vec![m.linear(&sub("mlp.dense_h_to_4h"), i, h, b)?],
+                    down: m.linear(&sub("mlp.dense_4h_to_h"), h, i, b)?,
+                }),
+                mlp_out_norm: None,
+                window,
+            });
+        }
+        let norm = m.norm("transformer.ln_f", h, true)?;
+        Self::with_head(cfg, m, embed_tokens, layers, norm)
     }
 
     /// Every checkpoint tensor in checkpoint order: the embeddings; per layer the attention input projections'
@@ -355,12 +432,20 @@ impl<L: Leaves> Tree<L> {
                 layer.k_norm.as_ref(),
                 Some(&layer.input_norm),
                 layer.attn_out_norm.as_ref(),
-                Some(&layer.mlp_in_norm),
+                layer.mlp_in_norm.as_ref(),
                 layer.mlp_out_norm.as_ref(),
             ];
-            out.extend(norms.into_iter().flatten().map(Leaf::Norm));
+            for n in norms.into_iter().flatten() {
+                out.push(Leaf::Norm(n));
+                if n.has_bias() {
+                    out.push(Leaf::NormBias(n));
+                }
+            }
         }
         out.push(Leaf::Norm(&self.norm));
+        if self.norm.has_bias() {
+            out.push(Leaf::NormBias(&self.norm));
+        }
         if !self.lm_head.is_tied() {
             out.push(Leaf::Weight(&self.lm_head));
         }
@@ -400,7 +485,7 @@ impl<L: Leaves> Tree<L> {
                 k_norm: opt(&mut |n| f.norm(n), &l.k_norm),
                 o_proj: f.linear(&l.o_proj),
                 attn_out_norm: opt(&mut |n| f.norm(n), &l.attn_out_norm),
-                mlp_in_norm: f.norm(&l.mlp_in_norm),
+                mlp_in_norm: opt(&mut |n| f.norm(n), &l.mlp_in_norm),
                 mlp: l.mlp.map(f),
                 mlp_out_norm: opt(&mut |n| f.norm(n), &l.mlp_out_norm),
                 window: l.window,
@@ -436,6 +521,8 @@ pub struct LinearShape {
 pub struct VectorShape {
     pub path: String,
     pub dims: Vec<usize>,
+    /// A norm with a bias of the same shape.
+    pub bias: bool,
 }
 
 impl Named for LinearShape {
@@ -459,6 +546,12 @@ impl Named for VectorShape {
     }
 }
 
+impl NormLeaf for VectorShape {
+    fn has_bias(&self) -> bool {
+        self.bias
+    }
+}
+
 impl Leaves for Shapes {
     type Linear = LinearShape;
     type Norm = VectorShape;
@@ -478,6 +571,7 @@ impl Make<Shapes> for ShapeMaker {
         Ok(VectorShape {
             path: path.into(),
             dims: vec![vocab, dim],
+            bias: false,
         })
     }
     fn linear(
@@ -504,10 +598,11 @@ impl Make<Shapes> for ShapeMaker {
             tied: true,
         })
     }
-    fn norm(&mut self, path: &str, dim: usize) -> Result<VectorShape, Self::Error> {
+    fn norm(&mut self, path: &str, dim: usize, bias: bool) -> Result<VectorShape, Self::Error> {
         Ok(VectorShape {
             path: path.into(),
             dims: vec![dim],
+            bias,
         })
     }
 }
@@ -527,7 +622,7 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         .into_iter()
         .map(|leaf| {
             let shape = match &leaf {
-                Leaf::Embedding(e) | Leaf::Norm(e) => e.dims.clone(),
+                Leaf::Embedding(e) | Leaf::Norm(e) | Leaf::NormBias(e) => e.dims.clone(),
                 Leaf::Weight(l) => vec![l.out, l.inp],
                 Leaf::Bias(l) => vec![l.out],
             };
@@ -551,11 +646,13 @@ pub fn linear_paths(cfg: &ModelConfig) -> Vec<String> {
 #[derive(Debug, Clone)]
 pub struct Weights<B: Backend>(PhantomData<B>);
 
-/// RMSNorm, computed in f32: `x̂·(w + offset)` (offset 1 for Gemma).
+/// RMSNorm, computed in f32: `x̂·(w + offset)` (offset 1 for Gemma); with a `bias`, LayerNorm (mean-centred,
+/// `x̂·w + b`: Falcon).
 #[derive(Debug, Clone)]
 pub struct RmsNorm<B: Backend> {
     pub path: String,
     pub weight: Tensor<B, 1>,
+    pub bias: Option<Tensor<B, 1>>,
     pub eps: f64,
     pub offset: f32,
 }
@@ -570,6 +667,12 @@ pub struct Embedding<B: Backend> {
 impl<B: Backend> Named for RmsNorm<B> {
     fn path(&self) -> &str {
         &self.path
+    }
+}
+
+impl<B: Backend> NormLeaf for RmsNorm<B> {
+    fn has_bias(&self) -> bool {
+        self.bias.is_some()
     }
 }
 

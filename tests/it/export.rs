@@ -198,6 +198,13 @@ fn export_phi3_adapter_and_merged_load_in_peft_and_transformers() {
     check("phi3");
 }
 
+/// Falcon's new decoder architecture (grouped query_key_value, biases, ln_attn + ln_mlp) with adapters on every
+/// linear.
+#[test]
+fn export_falcon_adapter_and_merged_load_in_peft_and_transformers() {
+    check("falcon-new");
+}
+
 /// Mixtral with adapters on every linear (attention, the router, every expert's w1/w2/w3): the adapter in the
 /// per-expert layout (PEFT on transformers 4, vLLM; PEFT 0.21 converts it onto transformers 5's fused experts).
 #[test]
@@ -269,7 +276,9 @@ fn sharded_bf16_merged_export_reloads() {
     }
     for layer in &mut m.model.layers {
         layer.input_norm.weight = r1(layer.input_norm.weight.clone());
-        layer.mlp_in_norm.weight = r1(layer.mlp_in_norm.weight.clone());
+        if let Some(n) = &mut layer.mlp_in_norm {
+            n.weight = r1(n.weight.clone());
+        }
     }
     m.model.norm.weight = r1(m.model.norm.weight.clone());
     let rounded = to_vec(m.forward(&batch));

@@ -25,7 +25,17 @@ use loratune::tokenizer::{tokenizer_from_gguf_metadata, LoadedTokenizer, Message
 use crate::common::*;
 
 const VARIANTS: &[&str] = &[
-    "llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "mixtral",
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "mixtral",
+    "falcon",
+    "falcon-new",
 ];
 const TYPES: &[GgufType] = &[
     GgufType::F32,

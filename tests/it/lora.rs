@@ -11,9 +11,13 @@ use loratune::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::common::*;
 use crate::parity::reference_batch;
 
+/// The fixture base an adapter was made on (its adapter_config.json's `base_model_name_or_path`).
 fn base_dir(adapter: &str) -> std::path::PathBuf {
-    let arch = adapter.split('-').next().unwrap();
-    fixture(&format!("models/{arch}"))
+    let cfg = fixture(&format!("adapters/{adapter}/adapter_config.json"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
+    let base = v["base_model_name_or_path"].as_str().unwrap();
+    fixture(base.strip_prefix("tests/fixtures/").unwrap())
 }
 
 fn real_positions_diff(a: &[f32], b: &[f32], mask: &[bool], v: usize) -> f32 {
@@ -77,6 +81,11 @@ fn peft_forward_phi3_fused() {
 #[test]
 fn peft_forward_gemma2() {
     check_forward("gemma2");
+}
+#[test]
+fn peft_forward_falcon_all_linear() {
+    check_forward("falcon");
+    check_forward("falcon-new");
 }
 #[test]
 fn peft_forward_mixtral_attention() {
@@ -203,6 +212,14 @@ fn peft_grads_and_adamw_phi3() {
 #[test]
 fn peft_grads_and_adamw_gemma2() {
     check_grads_and_step("gemma2");
+}
+#[test]
+fn peft_grads_and_adamw_falcon() {
+    check_grads_and_step("falcon");
+}
+#[test]
+fn peft_grads_and_adamw_falcon_new_decoder_architecture() {
+    check_grads_and_step("falcon-new");
 }
 #[test]
 fn peft_grads_and_adamw_mixtral_attention() {

@@ -105,30 +105,36 @@ parity_tests! {
     parity_gemma => "gemma",
     parity_gemma2 => "gemma2",
     parity_mixtral => "mixtral",
+    parity_falcon_7b_layout => "falcon",
+    parity_falcon_new_decoder_architecture => "falcon-new",
+    parity_falcon_sequential => "falcon-seq",
     parity_llama_bf16_weights_loaded_as_f32 => "llama-bf16",
 }
 
-/// Mixtral's greedy continuation (KV-cached decoding across its sliding window of 5, routing per new token)
-/// equals transformers' argmax steps over full forwards (scripts/reference/moe_fixture.py).
+/// Greedy continuations (KV-cached decoding) equal transformers' argmax steps over full forwards
+/// (scripts/reference/moe_fixture.py, falcon_fixture.py): Mixtral across its sliding window of 5 with routing per
+/// new token, and the three Falcon layouts.
 #[test]
-fn mixtral_greedy_ids_equal_transformers() {
+fn greedy_ids_equal_transformers() {
     use loratune::generate::{generate, GenerateOptions};
-    let dir = fixture("models/mixtral");
-    let reference = dir.join("reference.safetensors");
-    let model = load_fixture_model::<B>(&dir, &Default::default());
-    let ids = |name| -> Vec<u32> {
-        read_ref(&reference, name)
-            .1
-            .iter()
-            .map(|&x| x as u32)
-            .collect()
-    };
-    let (prompt, want) = (ids("greedy_prompt"), ids("greedy_ids"));
-    let opts = GenerateOptions {
-        max_new_tokens: want.len(),
-        stop_ids: Vec::new(),
-        ..Default::default()
-    };
-    let (got, _) = generate(&model, &prompt, &opts, &mut |_| {}).unwrap();
-    assert_eq!(got, want);
+    for arch in ["mixtral", "falcon", "falcon-new", "falcon-seq"] {
+        let dir = fixture(&format!("models/{arch}"));
+        let reference = dir.join("reference.safetensors");
+        let model = load_fixture_model::<B>(&dir, &Default::default());
+        let ids = |name| -> Vec<u32> {
+            read_ref(&reference, name)
+                .1
+                .iter()
+                .map(|&x| x as u32)
+                .collect()
+        };
+        let (prompt, want) = (ids("greedy_prompt"), ids("greedy_ids"));
+        let opts = GenerateOptions {
+            max_new_tokens: want.len(),
+            stop_ids: Vec::new(),
+            ..Default::default()
+        };
+        let (got, _) = generate(&model, &prompt, &opts, &mut |_| {}).unwrap();
+        assert_eq!(got, want, "{arch}");
+    }
 }

@@ -207,7 +207,7 @@ fn gradient_checkpointing_equals_the_plain_step() {
     let mut packed_labels = labels.clone();
     packed_labels[padded.seq] = -100;
     let device = Default::default();
-    let cases: [(&str, TargetSpec, Option<Vec<usize>>); 6] = [
+    let cases: [(&str, TargetSpec, Option<Vec<usize>>); 7] = [
         ("llama", TargetSpec::AllLinear, None),
         ("gemma2", TargetSpec::AllLinear, None),
         ("qwen3", TargetSpec::AllLinear, None),
@@ -219,6 +219,8 @@ fn gradient_checkpointing_equals_the_plain_step() {
         ("mistral", TargetSpec::AllLinear, Some(vec![1])),
         // router and experts adapted: the experts' rows are gathered and scattered per routing
         ("mixtral", TargetSpec::AllLinear, None),
+        // LayerNorms with bias, parallel attention + MLP, grouped query_key_value
+        ("falcon-new", TargetSpec::AllLinear, None),
     ];
     for (family, targets, layers) in cases {
         let mut base = load_fixture_model::<AD>(&fixture(&format!("models/{family}")), &device);

@@ -175,11 +175,11 @@ fn unknown_architecture_and_missing_folder_are_clear() {
     let p = tmp.path().join("config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    v["architectures"] = serde_json::json!(["FalconForCausalLM"]);
+    v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
     std::fs::write(&p, v.to_string()).unwrap();
     let e = model::open(tmp.path()).err().unwrap().to_string();
     assert!(
-        e.contains("FalconForCausalLM")
+        e.contains("GPTNeoXForCausalLM")
             && e.contains("Gemma2ForCausalLM")
             && e.contains("config.json"),
         "{e}"

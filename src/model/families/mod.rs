@@ -7,6 +7,7 @@
 //! norms, fused projections, soft-capping, windows). Adding a family is one file here (plus its fixtures), and
 //! a new building block (an MoE block, a LayerNorm with bias) where the family needs one.
 
+mod falcon;
 mod gemma;
 mod gemma2;
 mod llama;
@@ -33,11 +34,12 @@ pub enum Family {
     Phi3,
     Gemma,
     Gemma2,
+    Falcon,
 }
 
 impl Family {
     /// Every family, in the order the documentation lists them.
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::Llama,
         Family::Mistral,
         Family::Mixtral,
@@ -46,6 +48,7 @@ impl Family {
         Family::Phi3,
         Family::Gemma,
         Family::Gemma2,
+        Family::Falcon,
     ];
 
     /// What this family is (the one place a family is mapped to its file).
@@ -59,6 +62,7 @@ impl Family {
             Family::Phi3 => &phi3::RULES,
             Family::Gemma => &gemma::RULES,
             Family::Gemma2 => &gemma2::RULES,
+            Family::Falcon => &falcon::RULES,
         }
     }
 
@@ -183,17 +187,24 @@ pub struct Rules {
     /// A sparse mixture-of-experts MLP (config.json `num_local_experts`, `num_experts_per_tok`,
     /// `router_aux_loss_coef`; Mixtral's module names).
     pub moe: bool,
+    /// The Falcon block (config.json `new_decoder_architecture`, `multi_query`, `num_kv_heads`, `parallel_attn`,
+    /// `num_ln_in_parallel_attn`, `bias`, `ffn_hidden_size`, `layer_norm_epsilon`; `transformer.h.N` names).
+    pub falcon: bool,
     /// PEFT's default `target_modules` for this family.
     pub default_lora_targets: &'static [&'static str],
+    /// Where decoder layer `N`'s module paths start: `{layer_prefix}N.`.
+    pub layer_prefix: &'static str,
 
     // ---------------------------------------------------------------------------------------------- GGUF
     /// llama.cpp's `general.architecture`.
     pub gguf_architecture: &'static str,
     /// Whether a GGUF of that architecture is read as this family (Mistral's GGUFs say `llama`).
     pub reads_gguf: bool,
-    /// Per-layer GGUF tensor base names → HF module paths under `model.layers.N.`, in groups (shared groups are
-    /// the consts below).
+    /// Per-layer GGUF tensor base names → HF module paths under the layer prefix, in groups (shared groups are
+    /// the consts below). A GGUF name listed twice maps to whichever of its modules the model has.
     pub gguf_tensors: &'static [&'static [(&'static str, &'static str)]],
+    /// Model-level GGUF tensor base names → HF module paths.
+    pub gguf_globals: GgufNames,
     /// llama.cpp stores q/k rows permuted for its interleaved RoPE (the `llama` architecture).
     pub gguf_permutes_qk: bool,
     /// `rope.dimension_count` below head_dim is read as partial rotary (Phi-3).
@@ -236,10 +247,13 @@ impl Rules {
             sandwich_norms: false,
             fused_projections: false,
             moe: false,
+            falcon: false,
             default_lora_targets: &["q_proj", "v_proj"],
+            layer_prefix: "model.layers.",
             gguf_architecture,
             reads_gguf: true,
             gguf_tensors: LLAMA_GGUF_TENSORS,
+            gguf_globals: LLAMA_GGUF_GLOBALS,
             gguf_permutes_qk: false,
             gguf_partial_rotary: false,
             gguf_rope_freqs: false,
@@ -417,6 +431,13 @@ pub fn windows_ignored_by_llamacpp(cfg: &ModelConfig) -> std::result::Result<Vec
 
 /// llama.cpp's per-layer tensor names (GGUF base name, HF module path), in the groups the families share.
 pub type GgufNames = &'static [(&'static str, &'static str)];
+
+/// Llama's model-level tensors (as llama.cpp names them, then HF).
+pub const LLAMA_GGUF_GLOBALS: GgufNames = &[
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
 
 /// The norm before attention.
 pub const GGUF_INPUT_NORM: GgufNames = &[("attn_norm", "input_layernorm")];
