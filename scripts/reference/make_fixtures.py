@@ -832,8 +832,9 @@ def main():
     models_summary = build_models(tok_dir, vocab)
     adapters_summary = build_adapters(vocab)
     total = tree_report()
-    # The whole tests/fixtures tree (other generators write there too): keep the clone small.
-    assert total < 12 * 2**20, f"fixtures too large: {total} bytes"
+    # The whole tests/fixtures tree (other generators write there too: Mixtral and Falcon add ~3.5 MiB): keep the
+    # clone small.
+    assert total < 20 * 2**20, f"fixtures too large: {total} bytes"
 
     log("\nper-arch logit std (valid positions):")
     for a, s in models_summary.items():
