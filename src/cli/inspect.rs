@@ -145,6 +145,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
             "rope_theta": cfg.rope.theta,
             "lora_targets": targets,
         });
+        if let Some(m) = cfg.moe {
+            v["experts"] = serde_json::json!({"experts": m.experts, "per_token": m.top_k});
+        }
+        if let Some(f) = cfg.falcon {
+            v["falcon"] = serde_json::json!({"parallel": f.parallel, "shared_norm": f.shared_norm, "bias": f.bias});
+        }
         if let Some(m) = &ollama {
             v["ollama"] = ollama_json(m);
         }
@@ -172,6 +178,23 @@ pub fn run(a: InspectArgs) -> Result<()> {
         cfg.head_dim,
         cfg.gqa_groups()
     );
+    if let Some(m) = cfg.moe {
+        println!(
+            "experts        {} per layer, {} per token (intermediate is one expert's)",
+            m.experts, m.top_k
+        );
+    }
+    if let Some(f) = cfg.falcon {
+        let norms = match (f.parallel, f.shared_norm) {
+            (true, true) => "parallel attention + MLP, one shared LayerNorm",
+            (true, false) => "parallel attention + MLP, ln_attn + ln_mlp",
+            _ => "sequential attention, MLP",
+        };
+        println!(
+            "falcon layout  {norms}{}",
+            if f.bias { ", linear biases" } else { "" }
+        );
+    }
     println!("vocab          {}", cfg.vocab_size);
     println!(
         "parameters     {} ({:.1}M)",
