@@ -46,8 +46,9 @@ fn cube_kernels_match_the_reference_f16() {
 }
 
 /// One whole training step's loss and LoRA gradients on wgpu (fused attention, reference elsewhere) against the
-/// CPU step, on tiny parity fixtures: Llama (grouped heads) and Gemma 2 (sliding window, soft-capping), LoRA on
-/// every linear layer with dropout, a padded two-row batch and a packed row, with and without layer recompute.
+/// CPU step, on tiny parity fixtures: Llama (grouped heads), Gemma 2 (sliding window, soft-capping) and Falcon's
+/// new architecture (LayerNorm with bias, grouped query_key_value, parallel residual), LoRA on every linear layer
+/// with dropout, a padded two-row batch and a packed row, with and without layer recompute.
 #[test]
 fn cube_training_step_equals_the_cpu_step() {
     use crate::lora::adapter::{attach, set_trainable, LoraInit, LoraSettings};
@@ -133,7 +134,7 @@ fn cube_training_step_equals_the_cpu_step() {
         .map(|(i, &t)| if i == 0 || i == 23 { -100 } else { t as i64 })
         .collect();
     let micro: Vec<(&TokenBatch, &[i64])> = vec![(&padded, &labels), (&packed, &packed_labels)];
-    for family in ["llama", "gemma2"] {
+    for family in ["llama", "gemma2", "falcon-new"] {
         let (cpu_loss, cpu) =
             grads::<Autodiff<Flex>>(family, &Default::default(), &micro, Checkpointing::Off);
         for recompute in [Checkpointing::Off, Checkpointing::Layers] {
@@ -142,6 +143,7 @@ fn cube_training_step_equals_the_cpu_step() {
                 ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
                 "{family} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
             );
+            assert_eq!(gpu.len(), cpu.len(), "{family} {recompute}: gradients");
             for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
                 let d = check::rel_diff(g, c);
                 assert!(
