@@ -167,8 +167,9 @@ struct Routes {
 }
 
 /// The `top_k` largest of each row of `probs` (`[n, experts]`), ties to the lower index (as `torch.topk` on
-/// distinct values; a tie is a coin flip in torch too).
-fn top_k_routes(probs: &[f32], experts: usize, top_k: usize) -> Routes {
+/// distinct values; a tie is a coin flip in torch too). Rows with `real[r] == false` (padding) are chosen for but
+/// sent to no expert.
+fn top_k_routes(probs: &[f32], experts: usize, top_k: usize, real: &[bool]) -> Routes {
     let n = probs.len() / experts.max(1);
     let mut chosen = Vec::with_capacity(n * top_k);
     let mut per_expert = vec![(Vec::new(), Vec::new()); experts];
@@ -180,8 +181,10 @@ fn top_k_routes(probs: &[f32], experts: usize, top_k: usize) -> Routes {
         order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
         for (j, &e) in order[..top_k].iter().enumerate() {
             chosen.push(e as i32);
-            per_expert[e].0.push(r as i32);
-            per_expert[e].1.push((r * top_k + j) as i32);
+            if real[r] {
+                per_expert[e].0.push(r as i32);
+                per_expert[e].1.push((r * top_k + j) as i32);
+            }
         }
     }
     Routes { chosen, per_expert }
@@ -364,7 +367,7 @@ impl<B: Kernels> CausalLm<B> {
                 router,
                 experts,
                 top_k,
-            } => self.moe(router, experts, *top_k, mlp_in, drop),
+            } => self.moe(router, experts, *top_k, mlp_in, &att.spec, drop),
         };
         let h = match &layer.mlp_out_norm {
             Some(n) => norm(n, h),
@@ -403,16 +406,23 @@ impl<B: Kernels> CausalLm<B> {
         experts: &[Ffn<Weights<B>>],
         top_k: usize,
         x: Tensor<B, 2>,
+        spec: &AttnSpec,
         drop: &mut dyn DropoutSource<B>,
     ) -> Tensor<B, 2> {
         let [n, hidden] = x.dims();
+        // Padding rows are routed (the balance loss skips them) but reach no expert: their hidden values are
+        // undefined, so they must not decide which rows an expert sees. Their output is zero.
+        let (s, keys) = (spec.seq, spec.keys);
+        let real: Vec<bool> = (0..n)
+            .map(|r| spec.masking.key_valid[(r / s) * keys + keys - s + r % s])
+            .collect();
         let dtype = x.dtype();
         let device = x.device();
         let logits = group(std::slice::from_ref(router), x.clone(), drop);
         let probs = activation::softmax(logits.cast(DType::F32), 1);
         let host = crate::model::weights::host_f32(probs.clone())
             .expect("reading the router's probabilities back from the device");
-        let routes = top_k_routes(&host, experts.len(), top_k);
+        let routes = top_k_routes(&host, experts.len(), top_k, &real);
         drop.routing(&probs, &routes.chosen);
         let chosen = Tensor::<B, 2, Int>::from_data(
             TensorData::new(routes.chosen.clone(), [n, top_k]),
@@ -628,11 +638,17 @@ mod tests {
     #[test]
     fn top_k_routes_by_hand() {
         let probs = [0.1, 0.4, 0.3, 0.2, 0.25, 0.25, 0.4, 0.1];
-        let r = top_k_routes(&probs, 4, 2);
+        let r = top_k_routes(&probs, 4, 2, &[true, true]);
         assert_eq!(r.chosen, vec![1, 2, 2, 0]);
         assert_eq!(r.per_expert[0], (vec![1], vec![3]));
         assert_eq!(r.per_expert[1], (vec![0], vec![0]));
         assert_eq!(r.per_expert[2], (vec![0, 1], vec![1, 2]));
         assert_eq!(r.per_expert[3], (vec![], vec![]));
+        // Row 0 is padding: its choice is kept (the balance loss masks it) but no expert sees it.
+        let r = top_k_routes(&probs, 4, 2, &[false, true]);
+        assert_eq!(r.chosen, vec![1, 2, 2, 0]);
+        assert_eq!(r.per_expert[0], (vec![1], vec![3]));
+        assert_eq!(r.per_expert[1], (vec![], vec![]));
+        assert_eq!(r.per_expert[2], (vec![1], vec![2]));
     }
 }

@@ -46,8 +46,9 @@ fn cube_kernels_match_the_reference_f16() {
 }
 
 /// One whole training step's loss and LoRA gradients on wgpu (fused attention, reference elsewhere) against the
-/// CPU step, on tiny parity fixtures: Llama (grouped heads), Gemma 2 (sliding window, soft-capping) and Falcon's
-/// new architecture (LayerNorm with bias, grouped query_key_value, parallel residual), LoRA on every linear layer
+/// CPU step, on tiny parity fixtures: Llama (grouped heads), Gemma 2 (sliding window, soft-capping), Falcon's
+/// new architecture (LayerNorm with bias, grouped query_key_value, parallel residual) and Mixtral (routed experts:
+/// padding rows reach no expert, so the backends agree on every expert's rows), LoRA on every linear layer
 /// with dropout, a padded two-row batch and a packed row, with and without layer recompute.
 #[test]
 fn cube_training_step_equals_the_cpu_step() {
@@ -134,7 +135,7 @@ fn cube_training_step_equals_the_cpu_step() {
         .map(|(i, &t)| if i == 0 || i == 23 { -100 } else { t as i64 })
         .collect();
     let micro: Vec<(&TokenBatch, &[i64])> = vec![(&padded, &labels), (&packed, &packed_labels)];
-    for family in ["llama", "gemma2", "falcon-new"] {
+    for family in ["llama", "gemma2", "falcon-new", "mixtral"] {
         let (cpu_loss, cpu) =
             grads::<Autodiff<Flex>>(family, &Default::default(), &micro, Checkpointing::Off);
         for recompute in [Checkpointing::Off, Checkpointing::Layers] {
