@@ -44,6 +44,7 @@ TEMPLATE_SPECIAL_TOKENS = {
     "mistralai-Mistral-7B-Instruct-v0.1.jinja": ("<s>", "</s>"),
     "mistralai-Mistral-Nemo-Instruct-2407.jinja": ("<s>", "</s>"),
     "Qwen-Qwen2.5-7B-Instruct.jinja": (None, "<|im_end|>"),
+    "Qwen-Qwen3-0.6B.jinja": (None, "<|im_end|>"),
     "microsoft-Phi-3.5-mini-instruct.jinja": ("<s>", "<|endoftext|>"),
     "alpaca.jinja": ("<s>", "</s>"),
     "LFM2.5-8B-A1B.jinja": ("<|startoftext|>", "<|im_end|>"),

@@ -128,6 +128,9 @@ fn inputs(
             ..LoadOptions::default()
         };
         let cfg = TrainConfig::load_with(cfg_path, &src.set, &opts)?;
+        for line in cfg.findings() {
+            eprintln!("{line}");
+        }
         let tok = match &src.tokenizer {
             Some(t) => load_tokenizer(t)?,
             None => cfg.tokenizer(&cfg.base_model_path()?)?,

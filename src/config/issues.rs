@@ -76,6 +76,12 @@ impl Issue {
         }
     }
 
+    /// A warning that a key changes nothing ("`key` has no effect"): grouped with the other ignored keys into one
+    /// warning line when the config is loaded.
+    pub fn is_no_effect(&self) -> bool {
+        self.what.ends_with("` has no effect")
+    }
+
     /// "invalid `key`" at the value, with a reason.
     pub fn invalid(path: KeyPath, detail: impl Into<String>) -> Issue {
         let what = format!("invalid `{path}`");

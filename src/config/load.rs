@@ -8,6 +8,7 @@ use std::fmt;
 
 use std::sync::Arc;
 
+use super::axolotl::{self, Class, Scope};
 use super::issues::{finalize, Issue, LoadOptions, Origin};
 use super::suggest::did_you_mean;
 use super::yaml::{describe, KeyPath, Override, Pos};
@@ -94,6 +95,7 @@ pub(crate) fn load_str(
     let Sink {
         mut issues,
         mut warnings,
+        ignored,
         pruned,
     } = sink;
 
@@ -119,6 +121,14 @@ pub(crate) fn load_str(
 
     if !issues.is_empty() {
         return Err(fail(finalize(issues, text, &parsed)));
+    }
+    // Keys without effect share one warning line; a lone one keeps its own line (with its position).
+    let lone = ignored.is_empty() && warnings.iter().filter(|w| w.is_no_effect()).count() == 1;
+    if !lone {
+        let (no_effect, rest): (Vec<Issue>, Vec<Issue>) =
+            warnings.into_iter().partition(Issue::is_no_effect);
+        warnings = rest;
+        warnings.extend(grouped_ignored(&ignored, &no_effect));
     }
     cfg.warnings = finalize(warnings, text, &parsed);
     cfg.origin = Some(Arc::new(Origin {
@@ -197,249 +207,6 @@ pub(crate) fn fields_of<T: DeserializeOwned>() -> &'static [&'static str] {
     cell.get()
 }
 
-/// How loratune treats an Axolotl key it does not implement.
-#[derive(Clone, Copy)]
-enum Policy {
-    /// Accepted with a warning: it has no effect here and changes nothing about the result.
-    Ignore,
-    /// Accepted (with a warning) when it is off / empty; an error otherwise.
-    OnlyIfOff,
-}
-
-/// Axolotl keys that loratune recognises but does not implement, with the explanation to show.
-const AXOLOTL_TOP: &[(&str, Policy, &str)] = &[
-    ("strict", Policy::Ignore, "loratune is always strict"),
-    (
-        "tf32",
-        Policy::Ignore,
-        "TF32 matmuls are a CUDA backend choice, not a config setting, in loratune",
-    ),
-    (
-        "flash_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "sdp_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "xformers_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "flex_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "s2_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "eager_attention",
-        Policy::Ignore,
-        "loratune uses its own attention kernels",
-    ),
-    (
-        "pad_to_sequence_len",
-        Policy::Ignore,
-        "batches are padded to their longest sample",
-    ),
-    (
-        "group_by_length",
-        Policy::Ignore,
-        "not implemented; samples are shuffled uniformly",
-    ),
-    (
-        "eval_sample_packing",
-        Policy::Ignore,
-        "evaluation follows `sample_packing`",
-    ),
-    (
-        "tokenizer_type",
-        Policy::Ignore,
-        "the tokenizer is read from the model",
-    ),
-    (
-        "model_type",
-        Policy::Ignore,
-        "the architecture is read from the model's config",
-    ),
-    (
-        "is_llama_derived_model",
-        Policy::Ignore,
-        "the architecture is read from the model's config",
-    ),
-    (
-        "is_mistral_derived_model",
-        Policy::Ignore,
-        "the architecture is read from the model's config",
-    ),
-    (
-        "is_qwen_derived_model",
-        Policy::Ignore,
-        "the architecture is read from the model's config",
-    ),
-    (
-        "wandb_project",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "wandb_entity",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "wandb_watch",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "wandb_name",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "wandb_log_model",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "wandb_run_id",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "use_tensorboard",
-        Policy::Ignore,
-        "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl",
-    ),
-    (
-        "trust_remote_code",
-        Policy::OnlyIfOff,
-        "loratune never runs model code from the Hub",
-    ),
-    ("gptq", Policy::OnlyIfOff, "GPTQ bases are not supported"),
-    (
-        "fp16",
-        Policy::OnlyIfOff,
-        "fp16 mixed precision is not supported; use `bf16: true` (or `auto`)",
-    ),
-    (
-        "peft_use_dora",
-        Policy::OnlyIfOff,
-        "DoRA is not supported (vLLM rejects DoRA adapters too)",
-    ),
-    (
-        "lora_fan_in_fan_out",
-        Policy::OnlyIfOff,
-        "only fan_in_fan_out: false models are supported",
-    ),
-    (
-        "lora_modules_to_save",
-        Policy::OnlyIfOff,
-        "modules_to_save is not supported (vLLM rejects such adapters)",
-    ),
-    (
-        "deepspeed",
-        Policy::OnlyIfOff,
-        "DeepSpeed is a PyTorch library; loratune trains on one device",
-    ),
-    (
-        "fsdp",
-        Policy::OnlyIfOff,
-        "FSDP is not supported; loratune trains on one device",
-    ),
-    (
-        "fsdp_config",
-        Policy::OnlyIfOff,
-        "FSDP is not supported; loratune trains on one device",
-    ),
-    (
-        "hub_model_id",
-        Policy::OnlyIfOff,
-        "pushing to the Hub is not supported; upload output_dir/adapter yourself",
-    ),
-    (
-        "rl",
-        Policy::OnlyIfOff,
-        "only supervised fine-tuning is supported (no DPO/KTO/ORPO/GRPO)",
-    ),
-    (
-        "lr_scheduler_kwargs",
-        Policy::OnlyIfOff,
-        "use warmup_steps/warmup_ratio and cosine_min_lr_ratio",
-    ),
-    (
-        "batch_size",
-        Policy::OnlyIfOff,
-        "set micro_batch_size and gradient_accumulation_steps instead",
-    ),
-    (
-        "saves_per_epoch",
-        Policy::OnlyIfOff,
-        "use save_steps (unset = a checkpoint at the end of each epoch)",
-    ),
-    (
-        "evals_per_epoch",
-        Policy::OnlyIfOff,
-        "use eval_steps (unset = an evaluation at the end of each epoch)",
-    ),
-    (
-        "lora_model_dir",
-        Policy::OnlyIfOff,
-        "to continue from a saved adapter use resume_from_checkpoint",
-    ),
-];
-
-const AXOLOTL_DATASET: &[(&str, Policy, &str)] = &[
-    (
-        "message_field_role",
-        Policy::OnlyIfOff,
-        "deprecated in Axolotl; use `message_property_mappings: {role: <field>}`",
-    ),
-    (
-        "message_field_content",
-        Policy::OnlyIfOff,
-        "deprecated in Axolotl; use `message_property_mappings: {content: <field>}`",
-    ),
-    (
-        "data_files",
-        Policy::OnlyIfOff,
-        "list the files through `path` (a file, a folder or a glob such as data/*.jsonl)",
-    ),
-    (
-        "name",
-        Policy::OnlyIfOff,
-        "Hub dataset configurations are not supported; use local files",
-    ),
-    (
-        "revision",
-        Policy::OnlyIfOff,
-        "Hub datasets are not supported; use local files",
-    ),
-    (
-        "shards",
-        Policy::OnlyIfOff,
-        "dataset sharding is not supported",
-    ),
-    (
-        "trust_remote_code",
-        Policy::OnlyIfOff,
-        "loratune never runs dataset code from the Hub",
-    ),
-    (
-        "conversation",
-        Policy::OnlyIfOff,
-        "use `type: chat_template` with `chat_template:`",
-    ),
-];
-
 fn is_off(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -451,49 +218,76 @@ fn is_off(v: &Value) -> bool {
     }
 }
 
-/// Report an unknown key (or a known-unsupported Axolotl key). Returns true when the key is merely ignored.
+/// Report a key that is not a loratune field: an Axolotl key without effect is collected for the grouped warning,
+/// one for a feature loratune lacks is an error when on, anything else is unknown (with a did-you-mean).
 fn unknown_key(
     key: &str,
     value: &Value,
     path: &KeyPath,
     fields: &[&str],
-    table: &[(&str, Policy, &str)],
-    issues: &mut Vec<Issue>,
-    warnings: &mut Vec<Issue>,
+    scope: Scope,
+    sink: &mut Sink,
 ) {
-    if let Some((_, policy, why)) = table.iter().find(|(k, _, _)| *k == key) {
-        match policy {
-            Policy::Ignore => warnings.push(Issue::key(
-                path.clone(),
-                format!("Axolotl key `{path}` is ignored"),
-                Some((*why).to_string()),
-            )),
-            Policy::OnlyIfOff if is_off(value) => warnings.push(Issue::key(
-                path.clone(),
-                format!("Axolotl key `{path}` is ignored (it is off)"),
-                Some((*why).to_string()),
-            )),
-            Policy::OnlyIfOff => issues.push(Issue::key(
+    if let Some(entry) = axolotl::lookup(scope, key) {
+        match entry.class {
+            Class::Ignored(_) => sink.ignored.push(path.clone()),
+            Class::OnlyIfOff(_) if is_off(value) => sink.ignored.push(path.clone()),
+            Class::OnlyIfOff(why) => sink.issues.push(Issue::key(
                 path.clone(),
                 format!("unsupported key `{path}`"),
-                Some(format!("{why}; remove it")),
+                Some(format!("{why}; remove it (or set it off)")),
             )),
+            // Implemented and mapped keys are fields, so they never get here.
+            Class::Implemented(_) | Class::Mapped(_) => {}
         }
         return;
     }
     let detail = match did_you_mean(key, fields.iter().copied()) {
         Some(s) => format!("did you mean `{s}`?"),
         None if fields.len() <= 25 => format!("known keys here: {}", fields.join(", ")),
-        None => "it is neither a loratune key nor an Axolotl key loratune knows (see the documented keys in \
-                 configs/quickstart.yaml and src/config/mod.rs)"
+        None => "it is neither a loratune key nor an Axolotl key loratune knows; every key is listed in \
+                 configs/README.md (loratune's keys, and Axolotl's with what loratune does with each)"
             .to_string(),
     };
-    let detail = Some(detail);
-    issues.push(Issue::key(
+    sink.issues.push(Issue::key(
         path.clone(),
         format!("unknown key `{key}`"),
-        detail,
+        Some(detail),
     ));
+}
+
+/// The one warning line for every key of a config that has no effect: Axolotl keys that cannot apply in loratune
+/// (their reasons are in configs/README.md), then settings made redundant by others (with the reason).
+fn grouped_ignored(ignored: &[KeyPath], no_effect: &[Issue]) -> Option<Issue> {
+    if ignored.is_empty() && no_effect.is_empty() {
+        return None;
+    }
+    let mut names: Vec<String> = ignored.iter().map(|p| p.to_string()).collect();
+    names.dedup();
+    let axolotl = (!names.is_empty()).then(|| {
+        format!(
+            "{} Axolotl key{} without effect in loratune: {} (configs/README.md says why for each)",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        )
+    });
+    let redundant = (!no_effect.is_empty()).then(|| {
+        no_effect
+            .iter()
+            .map(|i| match &i.detail {
+                Some(d) => format!("`{}` has no effect ({d})", i.path),
+                None => format!("`{}` has no effect", i.path),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    let text: Vec<String> = axolotl.into_iter().chain(redundant).collect();
+    Some(Issue::key(
+        KeyPath::root(),
+        format!("ignored: {}", text.join("; ")),
+        None,
+    ))
 }
 
 /// Where the schema walk records what it finds.
@@ -501,6 +295,8 @@ fn unknown_key(
 struct Sink {
     issues: Vec<Issue>,
     warnings: Vec<Issue>,
+    /// Axolotl keys without effect here (named together in one warning).
+    ignored: Vec<KeyPath>,
     /// Keys dropped from the document because they are unknown or invalid.
     pruned: Vec<KeyPath>,
 }
@@ -535,7 +331,7 @@ type NestedCheck<'a> =
 fn check_struct<T: DeserializeOwned>(
     map: &Mapping,
     path: &KeyPath,
-    table: &[(&str, Policy, &str)],
+    scope: Scope,
     sink: &mut Sink,
     nested: NestedCheck<'_>,
 ) -> Mapping {
@@ -554,16 +350,12 @@ fn check_struct<T: DeserializeOwned>(
             continue;
         };
         let p = path.key(name);
+        if v.is_null() && fields.contains(&name) {
+            // `key:` with nothing after it is unset (Axolotl's configs write many keys so).
+            continue;
+        }
         if !fields.contains(&name) {
-            unknown_key(
-                name,
-                v,
-                &p,
-                fields,
-                table,
-                &mut sink.issues,
-                &mut sink.warnings,
-            );
+            unknown_key(name, v, &p, fields, scope, sink);
             sink.pruned.push(p);
             continue;
         }
@@ -619,7 +411,7 @@ fn check_dataset_list(v: &Value, p: &KeyPath, sink: &mut Sink) -> Option<Value> 
             out.push(Value::Mapping(Mapping::new()));
             continue;
         };
-        let cleaned = check_struct::<DatasetConfig>(m, &ep, AXOLOTL_DATASET, sink, &mut no_nested);
+        let cleaned = check_struct::<DatasetConfig>(m, &ep, Scope::Dataset, sink, &mut no_nested);
         out.push(Value::Mapping(cleaned));
     }
     Some(Value::Sequence(out))
@@ -635,7 +427,7 @@ fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
                     Value::Mapping(m) => Some(Value::Mapping(check_struct::<SpecialTokens>(
                         m,
                         p,
-                        &[],
+                        Scope::Nested,
                         sink,
                         &mut no_nested,
                     ))),
@@ -653,7 +445,7 @@ fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
                 _ => None,
             }
         };
-    check_struct::<TrainConfig>(root, &KeyPath::root(), AXOLOTL_TOP, sink, &mut nested)
+    check_struct::<TrainConfig>(root, &KeyPath::root(), Scope::Top, sink, &mut nested)
 }
 
 #[cfg(test)]

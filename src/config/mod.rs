@@ -16,6 +16,7 @@
 //! [`TrainConfig::write_resolved`], and [`TrainConfig::config_hash`] identifies the settings that a checkpoint
 //! must agree with to be resumed.
 
+pub(crate) mod axolotl;
 mod issues;
 mod load;
 pub mod names;
@@ -88,6 +89,21 @@ pub struct TrainConfig {
     pub truncation: Truncation,
     /// Overrides of the tokenizer's special tokens. Default: none.
     pub special_tokens: SpecialTokens,
+    /// Chat datasets: the tokens that end a turn (each one token of the tokenizer, e.g. `[<end_of_turn>]`); those
+    /// ending trained turns carry loss (per `train_on_eos`). Default: unset = the tokenizer's EOS and stop tokens
+    /// plus the known end-of-turn tokens the chat template writes (`<|im_end|>`, `<|eot_id|>`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eot_tokens: Option<Vec<String>>,
+    /// Keep the datasets' order (no shuffling): easy-to-hard curricula. Default: `false`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub curriculum_sampling: bool,
+    /// Drop samples whose tokens equal an earlier sample's (after rendering; across all datasets). Default: `false`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub dataset_exact_deduplication: bool,
+    /// Axolotl's name for packing in order; loratune always packs first-fit in sample order, so this only reads
+    /// as a note. Default: unset.
+    #[serde(skip_serializing)]
+    pub sample_packing_sequentially: Option<bool>,
 
     // ------------------------------------------------------------------------------------------ LoRA
     /// Adapter kind: `lora`, or `qlora` (LoRA on a 4-bit NF4 base: implies `load_in_4bit`). Default: `lora`.
@@ -135,6 +151,14 @@ pub struct TrainConfig {
     pub micro_batch_size: usize,
     /// Micro-batches per optimizer step (≥ 1). Default: `1`.
     pub gradient_accumulation_steps: usize,
+    /// Axolotl's deprecated total batch size per step: sets `gradient_accumulation_steps` to
+    /// `batch_size / micro_batch_size` (which must divide it). Default: unset.
+    #[serde(skip_serializing)]
+    pub batch_size: Option<usize>,
+    /// Samples per evaluation forward pass (≥ 1); evaluation results do not depend on it. Default: unset =
+    /// `micro_batch_size`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_batch_size: Option<usize>,
     /// Epochs over the training data (may be fractional). Default: unset. At least one of `num_epochs`
     /// and `max_steps` is required; when both are set `max_steps` wins (transformers).
     pub num_epochs: Option<f64>,
@@ -145,6 +169,10 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// `constant` (alias `constant_with_warmup`), `linear` or `cosine`. Default: `cosine` (Axolotl).
     pub lr_scheduler: ScheduleKind,
+    /// Warm up quadratically, `λ = (step / warmup)²`, instead of linearly (Axolotl's
+    /// `get_cosine_schedule_with_quadratic_warmup`). Default: `false`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub lr_quadratic_warmup: bool,
     /// Linear warmup steps. Default: unset (0). Exclusive with `warmup_ratio`.
     pub warmup_steps: Option<u64>,
     /// Warmup as a fraction of the total steps, in [0, 1); steps = ceil(ratio × total) (transformers).
@@ -163,11 +191,20 @@ pub struct TrainConfig {
     pub router_aux_loss_coef: Option<f64>,
     /// `adamw_torch` (aliases `adamw`, `adamw_hf`, `adamw_torch_fused`). Default: `adamw_torch`.
     pub optimizer: Optimizer,
+    /// LoRA+ (`loraplus_lr_ratio`): the B factors learn at `learning_rate × ratio` (PEFT's
+    /// `create_loraplus_optimizer`; the paper suggests 16). Default: unset (off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// LoRA+'s learning rate of LoRA on embedding layers (PEFT's default 1e-6). loratune adapts no embedding layer,
+    /// so it has no effect (a note says so). Default: unset.
+    #[serde(skip_serializing)]
+    pub loraplus_lr_embedding: Option<f64>,
     /// AdamW β1 in [0, 1). Default: `0.9`.
     pub adam_beta1: f64,
     /// AdamW β2 in [0, 1). Default: `0.999`.
     pub adam_beta2: f64,
-    /// AdamW ε (> 0). Default: `1e-8`.
+    /// AdamW ε (> 0). Default: `1e-8`. Axolotl's name `adam_eps` is accepted.
+    #[serde(alias = "adam_eps")]
     pub adam_epsilon: f64,
     /// Keep the frozen base in bf16: `true`, `false` or `auto` (bf16 on a GPU that supports it, f32 on the
     /// CPU). LoRA weights and optimizer state are always f32. Default: `auto` (Axolotl).
@@ -175,6 +212,26 @@ pub struct TrainConfig {
     /// Recompute each layer in the backward pass instead of keeping its activations: `true`, `false`, or
     /// `offload` (the layer inputs kept in host memory). Exact: the same losses and gradients. Default: `false`.
     pub gradient_checkpointing: Checkpointing,
+    /// Axolotl's `bf16` without mixed precision; `true` here is `bf16: true`. Default: unset.
+    #[serde(skip_serializing)]
+    pub bfloat16: Option<bool>,
+    /// Axolotl's activation offloading; with `gradient_checkpointing` on, `true` makes it `offload`.
+    /// Default: unset.
+    #[serde(skip_serializing)]
+    pub activation_offloading: Option<bool>,
+    /// PyTorch's checkpointing options (`use_reentrant`); loratune's recompute is exact either way, so this is
+    /// read as a note. Default: unset.
+    #[serde(skip_serializing)]
+    pub gradient_checkpointing_kwargs: Option<BTreeMap<String, serde_yaml::Value>>,
+    /// transformers' attention choice (`eager`, `sdpa`, `flash_attention_2`, …): loratune always uses its own
+    /// attention kernel (exact, memory linear in the sequence); read as a note. Default: unset.
+    #[serde(skip_serializing)]
+    pub attn_implementation: Option<String>,
+    /// Overrides of the model's config.json that Axolotl passes to transformers. Only
+    /// `output_router_logits: true` is understood (the router load-balancing loss at the model's
+    /// `router_aux_loss_coef`, unless `router_aux_loss_coef` is set). Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_config: Option<BTreeMap<String, serde_yaml::Value>>,
     /// `cpu`, `cuda`, `cuda:N` or `auto`. Default: `auto`.
     pub device: Device,
     /// Random seed for LoRA init, shuffling and dropout. Default: `42` (transformers, Axolotl).
@@ -191,6 +248,20 @@ pub struct TrainConfig {
     /// Evaluate every N optimizer steps (≥ 1) when there is an evaluation set. Default: unset = at the end
     /// of each epoch.
     pub eval_steps: Option<u64>,
+    /// Evaluate N times per epoch (Axolotl): every `ceil(total_steps / (N × num_epochs))` steps, as transformers
+    /// reads Axolotl's fractional `eval_steps`. `0` or unset = off. Exclusive with `eval_steps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evals_per_epoch: Option<u32>,
+    /// Checkpoint N times per epoch (Axolotl), computed as for `evals_per_epoch`. Exclusive with `save_steps`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saves_per_epoch: Option<u32>,
+    /// Stop the run (keeping its last checkpoint and writing the adapter) when the logged training loss is above
+    /// this for `loss_watchdog_patience` logged steps in a row. Default: unset (off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_watchdog_threshold: Option<f64>,
+    /// Consecutive logged steps above `loss_watchdog_threshold` that stop the run (≥ 1). Default: `3` (Axolotl).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_watchdog_patience: Option<u32>,
     /// Log metrics every N optimizer steps (≥ 1). Default: unset = Axolotl's rule, 0.5 % of the total steps
     /// clamped to 1..=10 (see [`TrainConfig::logging_steps_for`]).
     pub logging_steps: Option<u64>,
@@ -213,6 +284,9 @@ pub struct TrainConfig {
     /// Non-fatal findings (ignored Axolotl keys, settings without effect).
     #[serde(skip)]
     warnings: Vec<ConfigIssue>,
+    /// What Axolotl keys were mapped to (one line each), printed as `note:` lines.
+    #[serde(skip)]
+    notes: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -235,6 +309,10 @@ impl Default for TrainConfig {
             sample_packing: data.sample_packing,
             truncation: data.truncation,
             special_tokens: SpecialTokens::default(),
+            eot_tokens: None,
+            curriculum_sampling: false,
+            dataset_exact_deduplication: false,
+            sample_packing_sequentially: None,
             adapter: Adapter::Lora,
             load_in_4bit: false,
             load_in_8bit: false,
@@ -252,10 +330,13 @@ impl Default for TrainConfig {
             lora_init: LoraInit::Kaiming,
             micro_batch_size: data.micro_batch_size,
             gradient_accumulation_steps: 1,
+            batch_size: None,
+            eval_batch_size: None,
             num_epochs: None,
             max_steps: None,
             learning_rate: 0.0,
             lr_scheduler: ScheduleKind::Cosine,
+            lr_quadratic_warmup: false,
             warmup_steps: None,
             warmup_ratio: None,
             cosine_min_lr_ratio: None,
@@ -263,17 +344,28 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             router_aux_loss_coef: None,
             optimizer: Optimizer::AdamW,
+            loraplus_lr_ratio: None,
+            loraplus_lr_embedding: None,
             adam_beta1: adamw.beta1,
             adam_beta2: adamw.beta2,
             adam_epsilon: adamw.eps,
             bf16: Bf16::Auto,
             gradient_checkpointing: Checkpointing::Off,
+            bfloat16: None,
+            activation_offloading: None,
+            gradient_checkpointing_kwargs: None,
+            attn_implementation: None,
+            model_config: None,
             device: Device::Auto,
             seed: data.seed,
             output_dir: PathBuf::from("./model-out"),
             save_steps: None,
             save_total_limit: None,
             eval_steps: None,
+            evals_per_epoch: None,
+            saves_per_epoch: None,
+            loss_watchdog_threshold: None,
+            loss_watchdog_patience: None,
             logging_steps: None,
             early_stopping_patience: None,
             resume_from_checkpoint: None,
@@ -286,6 +378,7 @@ impl Default for TrainConfig {
             },
             origin: None,
             warnings: Vec::new(),
+            notes: Vec::new(),
         }
     }
 }
@@ -311,6 +404,13 @@ impl TrainConfig {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// transformers' `MixtralConfig.router_aux_loss_coef` default, for a config.json without the key.
+const MIXTRAL_ROUTER_AUX_LOSS_COEF: f64 = 0.001;
+
 fn lenient_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     names::LenientF64::deserialize(d).map(|v| v.0)
 }
@@ -328,7 +428,8 @@ pub struct DatasetConfig {
     /// File format `jsonl`, `json` (a JSON array, or JSON lines), `csv`, `tsv` or `parquet`. Default: from the
     /// file extension.
     pub ds_type: Option<FileKind>,
-    /// Split name; for local files only `train` exists (Axolotl's convention). Default: unset (= train).
+    /// Split name; for local files only `train` exists (Axolotl's convention), optionally sliced as the `datasets`
+    /// library slices it: `train[:20%]`, `train[100:200]`, `train[-10%:]`. Default: unset (= train).
     pub split: Option<String>,
     /// chat_template: the field holding the message list. Default: `messages`.
     pub field_messages: Option<String>,
@@ -530,6 +631,21 @@ impl TrainConfig {
         &self.warnings
     }
 
+    /// What mapped Axolotl keys became (e.g. an 8-bit optimizer → exact AdamW); print them as notes.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The lines every command that reads a config prints before it starts (`train`, `data stats`, `data preview`,
+    /// `eval`): the warnings (`warning: …`), then the notes (`note: …`).
+    pub fn findings(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|w| format!("warning: {w}"))
+            .chain(self.notes.iter().map(|n| format!("note: {n}")))
+            .collect()
+    }
+
     /// The config file this came from (its label), if it was loaded from one.
     pub fn source_label(&self) -> Option<&str> {
         self.origin.as_ref().map(|o| o.label.as_str())
@@ -637,6 +753,64 @@ impl TrainConfig {
             .unwrap_or_else(|| ((total_steps as f64 * 0.005) as u64).clamp(1, 10))
     }
 
+    /// Evaluation interval in optimizer steps for a run of `total` steps with `per_epoch` steps per epoch:
+    /// `eval_steps`, else `evals_per_epoch`'s (Axolotl's fraction `1 / (N × num_epochs)` of the run, rounded up as
+    /// transformers does), else once per epoch.
+    pub fn eval_interval(&self, total: u64, per_epoch: u64) -> u64 {
+        self.eval_steps
+            .or_else(|| self.per_epoch_interval(self.evals_per_epoch, total))
+            .unwrap_or(per_epoch)
+            .max(1)
+    }
+
+    /// Checkpoint interval, as [`TrainConfig::eval_interval`] with `save_steps` / `saves_per_epoch`.
+    pub fn save_interval(&self, total: u64, per_epoch: u64) -> u64 {
+        self.save_steps
+            .or_else(|| self.per_epoch_interval(self.saves_per_epoch, total))
+            .unwrap_or(per_epoch)
+            .max(1)
+    }
+
+    /// `ceil(total / (n × num_epochs))`; a fraction ≥ 1 (fewer than one per run) means at the end only.
+    fn per_epoch_interval(&self, n: Option<u32>, total: u64) -> Option<u64> {
+        let n = n.filter(|&n| n > 0)? as f64;
+        let ratio = 1.0 / (n * self.num_epochs.unwrap_or(1.0));
+        Some(if ratio < 1.0 {
+            (total as f64 * ratio).ceil() as u64
+        } else {
+            total
+        })
+    }
+
+    /// The learning-rate multiplier of each trainable parameter (by its PEFT key): LoRA+ gives the B factors
+    /// `loraplus_lr_ratio` (PEFT's `create_loraplus_optimizer`: `lora_B` and 1-D parameters in group B), all else 1.
+    pub fn lr_multipliers(&self, keys: &[String]) -> Vec<f64> {
+        keys.iter()
+            .map(|k| match self.loraplus_lr_ratio {
+                Some(r) if k.contains(".lora_B.") => r,
+                _ => 1.0,
+            })
+            .collect()
+    }
+
+    /// The router load-balancing coefficient for a mixture of experts whose config.json says `model_coef`:
+    /// `router_aux_loss_coef`, else the model's when `model_config: {output_router_logits: true}` (transformers
+    /// adds the loss then), else off.
+    pub fn router_aux_coef(&self, model_coef: Option<f64>) -> Option<f64> {
+        self.router_aux_loss_coef.or_else(|| {
+            self.output_router_logits()
+                .then(|| model_coef.unwrap_or(MIXTRAL_ROUTER_AUX_LOSS_COEF))
+        })
+    }
+
+    fn output_router_logits(&self) -> bool {
+        self.model_config
+            .as_ref()
+            .and_then(|m| m.get("output_router_logits"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
     /// The resolved config as YAML (every default filled in). Loading this text gives the same settings.
     pub fn to_yaml(&self) -> crate::Result<String> {
         serde_yaml::to_string(self).map_err(|source| crate::Error::Serialize {
@@ -685,6 +859,11 @@ impl TrainConfig {
         "merged_shard_size",
         "dataset_prepared_path",
         "device",
+        "evals_per_epoch",
+        "saves_per_epoch",
+        "loss_watchdog_threshold",
+        "loss_watchdog_patience",
+        "eval_batch_size",
     ];
 
     /// A stable hash (16 hex digits, FNV-1a 64 over the canonical JSON of the resolved config minus

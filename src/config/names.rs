@@ -29,10 +29,24 @@ named_enum! {
     /// `optimizer`: only AdamW (decoupled weight decay, torch semantics) is implemented.
     pub enum Optimizer ("optimizer") {
         /// torch.optim.AdamW semantics; `adamw`, `adamw_hf` and `adamw_torch_fused` are the same optimizer.
-        AdamW = "adamw_torch" | "adamw" | "adamw_hf" | "adamw_torch_fused",
+        /// Axolotl's low-bit and paged variants (`adamw_bnb_8bit`, `adamw_8bit`, `paged_adamw_8bit`,
+        /// `paged_adamw_32bit`, `paged_adamw`, `adamw_torch_4bit`, `adamw_torch_8bit`) run as this exact AdamW too.
+        AdamW = "adamw_torch" | "adamw" | "adamw_hf" | "adamw_torch_fused" | "adamw_bnb_8bit" | "adamw_8bit"
+            | "paged_adamw_8bit" | "paged_adamw_32bit" | "paged_adamw" | "adamw_torch_4bit" | "adamw_torch_8bit",
     }
     reject {}
 }
+
+/// The low-bit and paged AdamW names of Axolotl configs (aliases of [`Optimizer::AdamW`] above).
+pub const LOW_BIT_ADAMW: &[&str] = &[
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+];
 
 named_enum! {
     /// `chat_template`: which chat template renders chat datasets.
@@ -43,12 +57,16 @@ named_enum! {
         Chatml = "chatml",
         /// Built-in Llama 3 template.
         Llama3 = "llama3",
-        /// Built-in Mistral `[INST]` template.
-        Mistral = "mistral",
+        /// Built-in Mistral `[INST]` template (Mistral-7B-Instruct-v0.1's; Axolotl's `mistral_v1`).
+        Mistral = "mistral" | "mistral_v1",
         /// Built-in Gemma template.
         Gemma = "gemma",
         /// Built-in Phi-3 template (Axolotl spells it `phi_3`).
-        Phi3 = "phi3" | "phi_3",
+        Phi3 = "phi3" | "phi_3" | "phi_35",
+        /// Built-in Qwen2.5 template (ChatML with Qwen's default system prompt and tools; Axolotl's `qwen_25`).
+        Qwen25 = "qwen2_5" | "qwen_25" | "qwen2.5",
+        /// Built-in Qwen3 template (ChatML with `<think>` handling and tools).
+        Qwen3 = "qwen3",
         /// Built-in Alpaca-style template.
         Alpaca = "alpaca",
         /// The Jinja text given in `chat_template_jinja`.
@@ -199,5 +217,8 @@ mod tests {
         assert_eq!(Adapter::parse("QLoRA"), Ok(Adapter::Qlora));
         let e = Adapter::parse("llama-adapter").unwrap_err();
         assert!(e.contains("`adapter: qlora` are implemented"), "{e}");
+        for name in LOW_BIT_ADAMW {
+            assert_eq!(Optimizer::parse(name), Ok(Optimizer::AdamW), "{name}");
+        }
     }
 }

@@ -98,7 +98,10 @@ impl TrainConfig {
             val_set_size: self.val_set_size,
             seed: self.seed,
             micro_batch_size: self.micro_batch_size,
-            shuffle: true,
+            shuffle: !self.curriculum_sampling,
+            eval_batch_size: self.eval_batch_size,
+            eot_tokens: self.eot_tokens.clone(),
+            deduplicate: self.dataset_exact_deduplication,
             on_bad_row: if self.skip_bad_rows {
                 OnBadRow::Skip
             } else {
@@ -150,6 +153,11 @@ impl TrainConfig {
             chat_template: own_template,
             weight: None,
             limit: None,
+            // Validated at load time.
+            rows: ds
+                .split
+                .as_deref()
+                .and_then(|s| crate::data::slice::RowSlice::parse(s).ok().flatten()),
         }
     }
 
@@ -185,16 +193,23 @@ impl TrainConfig {
             warmup: self.warmup_steps_for(total),
             total,
             min_ratio: self.cosine_min_lr_ratio.unwrap_or(0.0),
+            quadratic_warmup: self.lr_quadratic_warmup,
         }
     }
 
     /// AdamW's hyperparameters.
+    /// With LoRA+ the weight decay is 0, as PEFT's `create_loraplus_optimizer` sets every group's (its
+    /// `loraplus_weight_decay` defaults to 0 and the optimizer's own `weight_decay` is overridden).
     pub fn adamw(&self) -> AdamWConfig {
         AdamWConfig {
             beta1: self.adam_beta1,
             beta2: self.adam_beta2,
             eps: self.adam_epsilon,
-            weight_decay: self.weight_decay,
+            weight_decay: if self.loraplus_lr_ratio.is_some() {
+                0.0
+            } else {
+                self.weight_decay
+            },
         }
     }
 

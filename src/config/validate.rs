@@ -237,6 +237,7 @@ pub(crate) fn resolve_and_validate(
     }
 
     // -------------------------------------------------------------------------------------- training
+    map_axolotl(cfg, doc, issues);
     for (key, n) in [
         ("micro_batch_size", cfg.micro_batch_size),
         (
@@ -492,6 +493,208 @@ pub(crate) fn resolve_and_validate(
     }
 }
 
+/// transformers' `attn_implementation` values (and Axolotl's extra ones).
+const ATTN_IMPLEMENTATIONS: &[&str] = &[
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+    "xformers",
+    "s2",
+    "sage",
+];
+
+/// Axolotl keys loratune maps onto its own settings ([`super::axolotl`]'s "mapped" class): apply them, check
+/// them, and say in one note each what they became.
+fn map_axolotl(cfg: &mut TrainConfig, doc: &Mapping, issues: &mut Vec<Issue>) {
+    let mut notes = Vec::new();
+    if !present(doc, "adapter") {
+        notes.push(
+            "no `adapter` key: Axolotl would fine-tune the whole model; loratune trains LoRA adapters (adapter: lora)"
+                .into(),
+        );
+    }
+    if let Some(name) = doc.get("optimizer").and_then(Value::as_str) {
+        if super::names::LOW_BIT_ADAMW.contains(&name) {
+            notes.push(format!(
+                "optimizer: {name} runs as exact AdamW with f32 moments: LoRA's optimizer state is 8 bytes per \
+                 trainable parameter (671 MB for r=32 on every linear layer of an 8B Llama, 84M parameters; \
+                 8-bit moments would save 0.5 GB of it and round every update)"
+            ));
+        }
+    }
+    if let Some(a) = &cfg.attn_implementation {
+        if ATTN_IMPLEMENTATIONS.contains(&a.as_str()) {
+            notes.push(format!(
+                "attn_implementation: {a} → loratune's own attention kernel (exact softmax attention, memory \
+                 linear in the sequence length)"
+            ));
+        } else {
+            let hint = match did_you_mean(a, ATTN_IMPLEMENTATIONS.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("one of {}", ATTN_IMPLEMENTATIONS.join(", ")),
+            };
+            issues.push(Issue::invalid(
+                k("attn_implementation"),
+                format!("unknown attention implementation `{a}`; {hint}"),
+            ));
+        }
+    }
+    if cfg.bfloat16 == Some(true) {
+        cfg.bf16 = super::Bf16::True;
+        notes.push("bfloat16: true → bf16: true (the frozen base kept in bf16)".into());
+    }
+    if cfg.activation_offloading == Some(true) {
+        cfg.gradient_checkpointing = crate::train::recompute::Checkpointing::Offload;
+        notes.push(
+            "activation_offloading: true → gradient_checkpointing: offload (each layer's input kept in host memory, \
+             the layer recomputed in the backward)"
+                .into(),
+        );
+    }
+    if let Some(kw) = &cfg.gradient_checkpointing_kwargs {
+        for key in kw.keys().filter(|k| k.as_str() != "use_reentrant") {
+            issues.push(Issue::invalid(
+                k("gradient_checkpointing_kwargs"),
+                format!("`{key}` is not a checkpointing option loratune knows; only `use_reentrant` is accepted"),
+            ));
+        }
+        if cfg.gradient_checkpointing.is_on() && kw.contains_key("use_reentrant") {
+            notes.push(
+                "gradient_checkpointing_kwargs.use_reentrant picks one of PyTorch's two recompute implementations; \
+                 loratune's layer recompute gives the same losses and gradients either way"
+                    .into(),
+            );
+        }
+    }
+    if let Some(b) = cfg.batch_size {
+        let mbs = cfg.micro_batch_size.max(1);
+        if present(doc, "gradient_accumulation_steps") {
+            if b != mbs * cfg.gradient_accumulation_steps {
+                issues.push(Issue::invalid(
+                    k("batch_size"),
+                    format!(
+                        "batch_size {b} ≠ micro_batch_size {mbs} × gradient_accumulation_steps {}; remove batch_size",
+                        cfg.gradient_accumulation_steps
+                    ),
+                ));
+            }
+        } else if b == 0 || b % mbs != 0 {
+            issues.push(Issue::invalid(
+                k("batch_size"),
+                format!("must be a positive multiple of micro_batch_size {mbs}, got {b}"),
+            ));
+        } else {
+            cfg.gradient_accumulation_steps = b / mbs;
+            notes.push(format!(
+                "batch_size: {b} → gradient_accumulation_steps: {} (× micro_batch_size {mbs})",
+                b / mbs
+            ));
+        }
+    }
+    if cfg.sample_packing_sequentially == Some(true) {
+        notes.push(
+            "sample_packing_sequentially: loratune always packs first-fit in the samples' order"
+                .into(),
+        );
+    }
+    if let Some(mc) = &cfg.model_config {
+        for (key, v) in mc {
+            match (key.as_str(), v.as_bool()) {
+                ("output_router_logits", Some(on)) => {
+                    if on && cfg.router_aux_loss_coef.is_none() {
+                        notes.push(
+                            "model_config.output_router_logits: true → the router load-balancing loss at the \
+                             model's router_aux_loss_coef (a mixture of experts only; set router_aux_loss_coef to \
+                             choose it)"
+                                .into(),
+                        );
+                    }
+                }
+                _ => issues.push(Issue::invalid(
+                    k("model_config"),
+                    format!(
+                        "`{key}`: only `output_router_logits: true|false` is understood; other config.json \
+                         overrides would change the architecture loratune reads from the model"
+                    ),
+                )),
+            }
+        }
+    }
+    for (key, n, exclusive) in [
+        (
+            "evals_per_epoch",
+            cfg.evals_per_epoch,
+            cfg.eval_steps.is_some(),
+        ),
+        (
+            "saves_per_epoch",
+            cfg.saves_per_epoch,
+            cfg.save_steps.is_some(),
+        ),
+    ] {
+        if n.is_some_and(|n| n > 0) && exclusive {
+            let other = key.replace("s_per_epoch", "_steps");
+            issues.push(Issue::key(
+                k(key),
+                format!("`{key}` and `{other}` are exclusive"),
+                Some("keep one of them (as in Axolotl)".to_string()),
+            ));
+        }
+    }
+    if cfg.loss_watchdog_patience == Some(0) {
+        issues.push(Issue::invalid(
+            k("loss_watchdog_patience"),
+            "must be at least 1, got 0",
+        ));
+    }
+    if let Some(t) = cfg.loss_watchdog_threshold {
+        if !(t > 0.0 && finite(t)) {
+            issues.push(Issue::invalid(
+                k("loss_watchdog_threshold"),
+                format!("must be a loss value > 0, got {t}"),
+            ));
+        }
+    }
+    if let Some(r) = cfg.loraplus_lr_ratio {
+        if !(r > 0.0 && finite(r)) {
+            issues.push(Issue::invalid(
+                k("loraplus_lr_ratio"),
+                format!("must be > 0 (the paper suggests 16), got {r}"),
+            ));
+        } else if cfg.weight_decay > 0.0 {
+            notes.push(format!(
+                "loraplus_lr_ratio: weight_decay {} is not applied: PEFT's LoRA+ optimizer gives every group its \
+                 loraplus_weight_decay, 0 by default, and loratune does the same",
+                cfg.weight_decay
+            ));
+        }
+    }
+    if cfg.loraplus_lr_embedding.is_some() {
+        notes.push(
+            "loraplus_lr_embedding has no effect: it is the learning rate of LoRA on embedding layers, and loratune \
+             adapts linear layers only"
+                .into(),
+        );
+    }
+    if cfg.eval_batch_size == Some(0) {
+        issues.push(Issue::invalid(
+            k("eval_batch_size"),
+            "must be at least 1, got 0",
+        ));
+    }
+    if let Some(eot) = &cfg.eot_tokens {
+        if eot.is_empty() || eot.iter().any(|t| t.is_empty()) {
+            issues.push(Issue::invalid(
+                k("eot_tokens"),
+                "list the end-of-turn tokens (e.g. [\"<end_of_turn>\"]), or remove the key for the default",
+            ));
+        }
+    }
+    cfg.notes = notes;
+}
+
 /// Combine `chat_template` / `chat_template_jinja` (top level or per dataset) the way Axolotl does, and read
 /// a `.jinja` file when the text is a path.
 fn resolve_template(
@@ -595,11 +798,8 @@ fn validate_dataset(
         }
     }
     if let Some(split) = &ds.split {
-        if split != "train" {
-            issues.push(Issue::invalid(
-                p.key("split"),
-                format!("local files have only the `train` split (got `{split}`); point `path` at the file you want"),
-            ));
+        if let Err(why) = crate::data::slice::RowSlice::parse(split) {
+            issues.push(Issue::invalid(p.key("split"), why));
         }
     }
 
@@ -631,7 +831,10 @@ fn validate_dataset(
     let text_fields = ["field_text", "field"];
     let others: [&[&str]; 3] = match kind {
         DataFormat::Chat => [&alpaca_fields, &completion_fields, &text_fields],
-        DataFormat::Alpaca => [&chat_fields, &completion_fields, &text_fields],
+        DataFormat::Alpaca
+        | DataFormat::AlpacaChat
+        | DataFormat::AlpacaChatml
+        | DataFormat::AlpacaPhi => [&chat_fields, &completion_fields, &text_fields],
         DataFormat::Completion => [&chat_fields, &alpaca_fields, &text_fields],
         DataFormat::Text => [&chat_fields, &alpaca_fields, &completion_fields],
     };
@@ -724,7 +927,10 @@ fn validate_dataset(
                 ds.chat_template = Some(name);
             }
         }
-        DataFormat::Alpaca => {
+        DataFormat::Alpaca
+        | DataFormat::AlpacaChat
+        | DataFormat::AlpacaChatml
+        | DataFormat::AlpacaPhi => {
             fill(&mut ds.field_instruction, "instruction");
             fill(&mut ds.field_input, "input");
             fill(&mut ds.field_output, "output");
@@ -979,6 +1185,12 @@ impl TrainConfig {
             }
             _ => {}
         }
+        // With packing a batch row holds several samples: count rows, and say so.
+        let unit = if self.sample_packing {
+            "packed rows"
+        } else {
+            "samples"
+        };
         if d.train_samples == 0 {
             issues.push(Issue::missing(
                 k("datasets"),
@@ -988,7 +1200,7 @@ impl TrainConfig {
             issues.push(Issue::invalid(
                 k("micro_batch_size"),
                 format!(
-                    "micro_batch_size {} is larger than the training set ({} samples); lower it to at most {}",
+                    "micro_batch_size {} is larger than the training set ({} {unit}); lower it to at most {}",
                     self.micro_batch_size, d.train_samples, d.train_samples
                 ),
             ));
@@ -996,7 +1208,7 @@ impl TrainConfig {
             issues.push(Issue::invalid(
                 k("gradient_accumulation_steps"),
                 format!(
-                    "one optimizer step needs micro_batch_size × gradient_accumulation_steps = {} samples, but the training set has {}; lower gradient_accumulation_steps to at most {}",
+                    "one optimizer step needs micro_batch_size × gradient_accumulation_steps = {} {unit}, but the training set has {}; lower gradient_accumulation_steps to at most {}",
                     self.samples_per_step(),
                     d.train_samples,
                     (d.train_samples / self.micro_batch_size.max(1)).max(1)

@@ -423,7 +423,8 @@ pub struct Override {
 
 impl Override {
     /// Parse `key=value`: the key is a dotted path (`datasets.0.path`; numeric steps index sequences), the
-    /// value is parsed as YAML (`16`, `true`, `2e-4`, `[q_proj, v_proj]`, `"quoted text"`; empty = null).
+    /// value is parsed as YAML (`16`, `true`, `2e-4`, `[q_proj, v_proj]`, `"quoted text"`; `null` or empty removes
+    /// the key).
     pub fn parse(raw: &str) -> Result<Override, String> {
         let Some((key, value)) = raw.split_once('=') else {
             return Err(format!(
@@ -464,8 +465,25 @@ impl Override {
     }
 
     /// Apply to a document (whose root must be a mapping). Missing mapping keys are created; a sequence
-    /// index must exist or be one past the end (which appends).
+    /// index must exist or be one past the end (which appends). A null value (`key=null`, `key=~`, `key=`)
+    /// removes a mapping key, so the key takes its default as if the file did not have it.
     pub fn apply(&self, doc: &mut Value) -> Result<(), String> {
+        if self.value.is_null() {
+            if let Some((Seg::Key(last), parent)) = self.path.0.split_last() {
+                let mut node = Some(&mut *doc);
+                for seg in parent {
+                    node = match (node, seg) {
+                        (Some(Value::Mapping(m)), Seg::Key(k)) => m.get_mut(k.as_str()),
+                        (Some(Value::Sequence(s)), Seg::Index(j)) => s.get_mut(*j),
+                        _ => None,
+                    };
+                }
+                if let Some(Value::Mapping(m)) = node {
+                    m.remove(last.as_str());
+                }
+                return Ok(());
+            }
+        }
         let mut node = doc;
         let mut walked = KeyPath::root();
         let n = self.path.0.len();

@@ -122,6 +122,9 @@ pub struct Counts {
     pub labels: u64,
     /// Trained turns that do not end with an end-of-turn / EOS token.
     pub spans_without_end: u64,
+    /// Samples dropped as exact duplicates of an earlier one (`dataset_exact_deduplication`).
+    #[serde(default)]
+    pub duplicates: u64,
     pub per_source: Vec<SourceCounts>,
 }
 
@@ -221,6 +224,7 @@ impl CacheInputs<'_> {
             "sequence_len": o.sequence_len,
             "truncation": o.truncation,
             "on_bad_row": o.on_bad_row,
+            "deduplicate": o.deduplicate,
         });
         digest(&desc.to_string())
     }
@@ -474,7 +478,34 @@ fn build_into(
     let (tx, rx) = sync_channel::<Result<Chunk>>(2);
     let reader_files = files.clone();
     let columns: Vec<Option<Vec<String>>> = parsers.iter().map(|p| p.columns()).collect();
-    let limits: Vec<Option<usize>> = inputs.sources.iter().map(|s| s.limit).collect();
+    // Each source's record range: its `split` slice (counting its records first when the slice needs the
+    // total), then its `limit`.
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(inputs.sources.len());
+    for (s, src) in inputs.sources.iter().enumerate() {
+        let mut range = match &src.rows {
+            Some(slice) if slice.needs_total() => {
+                let mut total = 0usize;
+                for cf in files.iter().filter(|cf| cf.source == s) {
+                    read_records(&cf.file, None, None, chunk_rows, &mut |_| {
+                        total += 1;
+                        Ok(true)
+                    })?;
+                }
+                slice.resolve(total)
+            }
+            Some(slice) => slice.resolve(usize::MAX),
+            None => 0..usize::MAX,
+        };
+        if let Some(l) = src.limit {
+            range.end = range.end.min(range.start.saturating_add(l));
+        }
+        ranges.push(range);
+    }
+    let limits: Vec<Option<usize>> = ranges
+        .iter()
+        .map(|r| (r.end != usize::MAX).then_some(r.end))
+        .collect();
+    let starts: Vec<usize> = ranges.iter().map(|r| r.start).collect();
     let reader = std::thread::Builder::new()
         .name("loratune-data-reader".into())
         .spawn(move || {
@@ -494,6 +525,9 @@ fn build_into(
                     chunk_rows,
                     &mut |rec| {
                         read_per_source[s] += 1;
+                        if read_per_source[s] <= starts[s] {
+                            return Ok(true);
+                        }
                         chunk.push((fi, rec));
                         if chunk.len() >= chunk_rows {
                             let full =
@@ -532,6 +566,7 @@ fn build_into(
         ..Default::default()
     };
     let mut offset = 0u64;
+    let mut seen: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
     let mut content = Digest::default();
     let seq_len = opts.sequence_len;
     let mut failure: Option<Error> = None;
@@ -625,6 +660,18 @@ fn build_into(
                 counts.truncated += 1;
             }
             let len = sample.ids.len();
+            if opts.deduplicate {
+                // Two independently seeded 64-bit hashes of ids and mask: a false match is out of reach.
+                let mut bytes = Vec::with_capacity(5 * len);
+                for id in &sample.ids {
+                    bytes.extend_from_slice(&id.to_le_bytes());
+                }
+                bytes.extend(sample.trained.iter().map(|&t| t as u8));
+                if !seen.insert((fnv1a64(&bytes, 1), fnv1a64(&bytes, 0x9e37_79b9_7f4a_7c15))) {
+                    counts.duplicates += 1;
+                    continue;
+                }
+            }
             let record = match rec.loc {
                 RowLoc::Line(n) | RowLoc::Record(n) | RowLoc::Row(n) => n,
             };

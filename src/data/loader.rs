@@ -278,8 +278,15 @@ impl Prepared {
     }
 
     /// Rows and batches of a list of samples (packing or length-bucketing as configured).
-    fn plan(&self, cache: &TokenCache, order: Vec<u32>, epoch: u64, bucket: bool) -> EpochPlan {
-        let mbs = self.options.micro_batch_size.max(1);
+    fn plan(
+        &self,
+        cache: &TokenCache,
+        order: Vec<u32>,
+        epoch: u64,
+        bucket: bool,
+        mbs: usize,
+    ) -> EpochPlan {
+        let mbs = mbs.max(1);
         let len_of = |s: u32| cache.sample_len(s as usize);
         let mut samples = Vec::with_capacity(order.len());
         let mut row_starts = vec![0usize];
@@ -320,7 +327,13 @@ impl Prepared {
     /// The plan of training epoch `e`.
     pub fn epoch_plan(&self, epoch: u64) -> EpochPlan {
         let order = self.epoch_samples(epoch);
-        self.plan(&self.train_cache, order, epoch, self.options.shuffle)
+        self.plan(
+            &self.train_cache,
+            order,
+            epoch,
+            self.options.shuffle,
+            self.options.micro_batch_size,
+        )
     }
 
     /// The plan of the evaluation samples (data order, no shuffle).
@@ -329,7 +342,11 @@ impl Prepared {
         if self.eval_ids.is_empty() {
             return None;
         }
-        Some(self.plan(cache, self.eval_ids.clone(), 0, false))
+        let mbs = self
+            .options
+            .eval_batch_size
+            .unwrap_or(self.options.micro_batch_size);
+        Some(self.plan(cache, self.eval_ids.clone(), 0, false, mbs))
     }
 
     /// Assemble a batch from rows of sample ids.

@@ -59,6 +59,7 @@ mod parity;
 pub mod render;
 pub mod report;
 pub mod rows;
+pub mod slice;
 pub mod source;
 #[cfg(test)]
 mod tests;
@@ -137,7 +138,8 @@ impl DataSpec {
             tokenizer,
             self.options.chat_template.as_deref(),
             self.options.train_on_inputs,
-        )?;
+        )?
+        .with_eot_tokens(tokenizer, self.options.eot_tokens.as_deref())?;
         report::preview_sources(&self.train, &builder, &self.options, n)
     }
 }
@@ -277,7 +279,8 @@ impl DataPipeline {
             tokenizer,
             options.chat_template.as_deref(),
             options.train_on_inputs,
-        )?;
+        )?
+        .with_eot_tokens(tokenizer, options.eot_tokens.as_deref())?;
         Self::new(train, eval, options, builder, cache_dir)
     }
 

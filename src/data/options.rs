@@ -17,6 +17,12 @@ named_enum! {
         /// `{"instruction", "input", "output"}` (+ optional `"system"`), rendered with the Stanford Alpaca prompt;
         /// the response and EOS are trained.
         Alpaca = "alpaca",
+        /// Alpaca records in Axolotl's `chat` prompt style (`USER: …\nASSISTANT:`).
+        AlpacaChat = "alpaca:chat",
+        /// Alpaca records in Axolotl's `chatml` prompt style (`<|im_start|>user\n…`).
+        AlpacaChatml = "alpaca:chatml",
+        /// Alpaca records in Axolotl's `phi` prompt style (`<|user|>\n…<|end|>…<|assistant|>`).
+        AlpacaPhi = "alpaca:phi",
         /// `{"messages": [{"role", "content"}]}` (or ShareGPT `{"conversations": [{"from", "value"}]}` via field
         /// mappings), rendered with the chat template; assistant turns (content + end-of-turn token) are trained.
         Chat = "chat_template" | "chat",
@@ -29,6 +35,28 @@ named_enum! {
         "sharegpt" => "use `type: chat_template` with `field_messages: conversations` and `message_property_mappings: {role: from, content: value}` (Axolotl deprecated `sharegpt` the same way)",
         "pretrain" => "streaming pre-training datasets are not supported; use `type: text`",
     }
+}
+
+impl DataFormat {
+    /// The prompt style of an alpaca type (`alpaca`, `alpaca:chat`, …); `None` for the other types.
+    pub fn alpaca_style(self) -> Option<AlpacaStyle> {
+        match self {
+            DataFormat::Alpaca => Some(AlpacaStyle::Instruct),
+            DataFormat::AlpacaChat => Some(AlpacaStyle::Chat),
+            DataFormat::AlpacaChatml => Some(AlpacaStyle::Chatml),
+            DataFormat::AlpacaPhi => Some(AlpacaStyle::Phi),
+            DataFormat::Chat | DataFormat::Completion | DataFormat::Text => None,
+        }
+    }
+}
+
+/// Axolotl's alpaca prompt styles (`PromptStyle` of its `AlpacaPrompter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlpacaStyle {
+    Instruct,
+    Chat,
+    Chatml,
+    Phi,
 }
 
 named_enum! {
@@ -113,6 +141,8 @@ pub struct DatasetSource {
     pub weight: Option<f64>,
     /// Read at most this many records of this dataset (the first ones, in file order).
     pub limit: Option<usize>,
+    /// Only these records (file order), from the entry's `split` (`train[:20%]`, `train[100:200]`).
+    pub rows: Option<crate::data::slice::RowSlice>,
 }
 
 impl Default for DatasetSource {
@@ -137,6 +167,7 @@ impl Default for DatasetSource {
             chat_template: None,
             weight: None,
             limit: None,
+            rows: None,
         }
     }
 }
@@ -213,6 +244,8 @@ pub struct DataOptions {
     pub seed: u64,
     /// Rows (packed or not) per batch.
     pub micro_batch_size: usize,
+    /// Rows per evaluation batch; `None` = `micro_batch_size`. The eval loss does not depend on it.
+    pub eval_batch_size: Option<usize>,
     /// Shuffle the training samples each epoch.
     pub shuffle: bool,
     /// Bad records: error (default) or skip with per-reason counts.
@@ -220,6 +253,12 @@ pub struct DataOptions {
     /// Chat template override: a built-in name (chatml, llama3, mistral, gemma, phi3, alpaca) or Jinja text;
     /// `None` = the tokenizer's own template.
     pub chat_template: Option<String>,
+    /// The tokens that end a chat turn (Axolotl's `eot_tokens`); `None` = the tokenizer's stop tokens and the
+    /// known end-of-turn tokens the template writes.
+    pub eot_tokens: Option<Vec<String>>,
+    /// Drop samples whose tokens and trained mask equal an earlier sample's (Axolotl's
+    /// `dataset_exact_deduplication`).
+    pub deduplicate: bool,
     /// Records per chunk read, rendered and tokenized together by the preparation thread.
     pub chunk_rows: usize,
 }
@@ -237,6 +276,9 @@ impl Default for DataOptions {
             shuffle: true,
             on_bad_row: OnBadRow::Error,
             chat_template: None,
+            eot_tokens: None,
+            deduplicate: false,
+            eval_batch_size: None,
             chunk_rows: 1024,
         }
     }

@@ -230,24 +230,46 @@ fn not_incremental(turn: usize, what: &str) -> BadRow {
     )
 }
 
-/// The Stanford Alpaca prompt (as Axolotl's `alpaca` type writes it).
-pub fn alpaca_prompt(system: Option<&str>, instruction: &str, input: Option<&str>) -> String {
-    match input {
-        Some(inp) => {
-            let sys = system.unwrap_or(
-                "Below is an instruction that describes a task, paired with an input that provides further \
-                 context. Write a response that appropriately completes the request.",
-            );
-            format!(
-                "{sys}\n\n### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
-            )
+/// The Alpaca prompt as Axolotl's `AlpacaPrompter` writes it in each prompt style: the system text (the row's, else
+/// the Stanford Alpaca one for with/without input) in the style's system format, then the instruction turn.
+pub fn alpaca_prompt(
+    style: crate::data::options::AlpacaStyle,
+    system: Option<&str>,
+    instruction: &str,
+    input: Option<&str>,
+) -> String {
+    use crate::data::options::AlpacaStyle;
+    let sys = system.unwrap_or(match input {
+        Some(_) => {
+            "Below is an instruction that describes a task, paired with an input that provides further context. \
+             Write a response that appropriately completes the request."
         }
         None => {
-            let sys = system.unwrap_or(
-                "Below is an instruction that describes a task. Write a response that appropriately completes \
-                 the request.",
-            );
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        }
+    });
+    match (style, input) {
+        (AlpacaStyle::Instruct, Some(inp)) => {
+            format!("{sys}\n\n### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n")
+        }
+        (AlpacaStyle::Instruct, None) => {
             format!("{sys}\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+        }
+        (AlpacaStyle::Chat, Some(inp)) => {
+            format!("SYSTEM: {sys}\nUSER: {instruction}\n{inp}\nASSISTANT:")
+        }
+        (AlpacaStyle::Chat, None) => format!("SYSTEM: {sys}\nUSER: {instruction}\nASSISTANT:"),
+        (AlpacaStyle::Chatml, Some(inp)) => format!(
+            "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{instruction}\n{inp}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        (AlpacaStyle::Chatml, None) => format!(
+            "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        (AlpacaStyle::Phi, Some(inp)) => {
+            format!("<|system|>\n{sys}<|end|>\n<|user|>\n{instruction}<|end|>{inp}<|assistant|>")
+        }
+        (AlpacaStyle::Phi, None) => {
+            format!("<|system|>\n{sys}<|end|>\n<|user|>\n{instruction}<|end|>\n<|assistant|>\n")
         }
     }
 }
@@ -305,6 +327,30 @@ impl SampleBuilder {
         })
     }
 
+    /// This builder with `eot_tokens` as the end-of-turn tokens (Axolotl's `eot_tokens`), each of which must be one
+    /// token of the tokenizer.
+    pub fn with_eot_tokens(
+        mut self,
+        tok: &crate::tokenizer::LoadedTokenizer,
+        eot: Option<&[String]>,
+    ) -> Result<Self> {
+        let Some(eot) = eot else { return Ok(self) };
+        let mut ids = Vec::with_capacity(eot.len());
+        for t in eot {
+            let id = tok.token_to_id(t).ok_or_else(|| {
+                Error::Data(format!(
+                    "eot_tokens: `{t}` is not a token of this tokenizer; list the tokens that end a turn in the \
+                     chat template (e.g. <|im_end|>, <|eot_id|>, <end_of_turn>), each a single token"
+                ))
+            })?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        self.tok.end_of_turn_ids = ids;
+        Ok(self)
+    }
+
     /// This builder adapted to a dataset entry: its own chat template (compiled with this tokenizer's BOS/EOS
     /// strings) and its `train_on_eos`.
     pub fn for_source(&self, source: &DatasetSource) -> Result<Self> {
@@ -347,12 +393,14 @@ impl SampleBuilder {
                 self.train_on_inputs,
             )),
             Example::Alpaca {
+                style,
                 system,
                 instruction,
                 input,
                 output,
             } => {
-                let prompt = alpaca_prompt(system.as_deref(), instruction, input.as_deref());
+                let prompt =
+                    alpaca_prompt(*style, system.as_deref(), instruction, input.as_deref());
                 let n = prompt.len();
                 Ok(plain(format!("{prompt}{output}"), n, self.train_on_inputs))
             }

@@ -200,6 +200,9 @@ fn write_counts(f: &mut fmt::Formatter<'_>, c: &Counts, seq_len: usize) -> fmt::
     for m in &c.drop_examples {
         writeln!(f, "      e.g. {m}")?;
     }
+    if c.duplicates > 0 {
+        writeln!(f, "  dropped (exact duplicates)  {}", c.duplicates)?;
+    }
     writeln!(f, "  tokens                {}", c.tokens)?;
     writeln!(
         f,

@@ -98,6 +98,7 @@ pub enum Example {
         trained: Vec<bool>,
     },
     Alpaca {
+        style: crate::data::options::AlpacaStyle,
         system: Option<String>,
         instruction: String,
         input: Option<String>,
@@ -203,7 +204,10 @@ impl RowParser {
     pub fn columns(&self) -> Option<Vec<String>> {
         let f = |k: &str| self.fields[k].clone();
         match self.format {
-            DataFormat::Alpaca => {
+            DataFormat::Alpaca
+            | DataFormat::AlpacaChat
+            | DataFormat::AlpacaChatml
+            | DataFormat::AlpacaPhi => {
                 Some(vec![f("instruction"), f("input"), f("output"), f("system")])
             }
             DataFormat::Completion => Some(vec![f("prompt"), f("completion")]),
@@ -234,12 +238,16 @@ impl RowParser {
         };
         match self.format {
             DataFormat::Chat => self.parse_chat(obj, train_on_inputs),
-            DataFormat::Alpaca => {
+            DataFormat::Alpaca
+            | DataFormat::AlpacaChat
+            | DataFormat::AlpacaChatml
+            | DataFormat::AlpacaPhi => {
                 let instruction = self.req_str(obj, "instruction")?;
                 let input = self.opt_str(obj, "input")?;
                 let output = self.req_str_allow_empty(obj, "output")?;
                 let system = self.opt_str(obj, "system")?;
                 Ok(Example::Alpaca {
+                    style: self.format.alpaca_style().expect("an alpaca type"),
                     system,
                     instruction,
                     input,

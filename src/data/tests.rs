@@ -460,6 +460,7 @@ fn completion_and_alpaca_append_a_trained_eos_and_mask_the_prompt() {
 
     let a = b
         .build(&Example::Alpaca {
+            style: crate::data::options::AlpacaStyle::Instruct,
             system: None,
             instruction: "Add 2 and 2.".into(),
             input: None,
@@ -1712,4 +1713,133 @@ fn training_config_maps_onto_the_data_path() {
         format!("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Yo<|im_end|>⟧\n")
     );
     let _ = sg;
+}
+
+/// Axolotl's `AlpacaPrompter` formats per prompt style (src/axolotl/prompters.py at the pinned commit), by hand.
+#[test]
+fn alpaca_prompt_styles_are_axolotls() {
+    use crate::data::options::AlpacaStyle::*;
+    use crate::data::render::alpaca_prompt;
+    let with = "Below is an instruction that describes a task, paired with an input that provides further context. \
+                Write a response that appropriately completes the request.";
+    let without = "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
+    assert_eq!(
+        alpaca_prompt(Instruct, None, "Add.", Some("2, 2")),
+        format!("{with}\n\n### Instruction:\nAdd.\n\n### Input:\n2, 2\n\n### Response:\n")
+    );
+    assert_eq!(
+        alpaca_prompt(Chat, None, "Add.", Some("2, 2")),
+        format!("SYSTEM: {with}\nUSER: Add.\n2, 2\nASSISTANT:")
+    );
+    assert_eq!(
+        alpaca_prompt(Chat, None, "Add.", None),
+        format!("SYSTEM: {without}\nUSER: Add.\nASSISTANT:")
+    );
+    assert_eq!(
+        alpaca_prompt(Chatml, Some("Be brief."), "Add.", None),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        alpaca_prompt(Phi, None, "Add.", Some("2, 2")),
+        format!("<|system|>\n{with}<|end|>\n<|user|>\nAdd.<|end|>2, 2<|assistant|>")
+    );
+    assert_eq!(
+        alpaca_prompt(Phi, None, "Add.", None),
+        format!("<|system|>\n{without}<|end|>\n<|user|>\nAdd.<|end|>\n<|assistant|>\n")
+    );
+    assert_eq!(
+        DataFormat::parse("alpaca:phi").unwrap().alpaca_style(),
+        Some(Phi)
+    );
+}
+
+/// `split: train[a:b]` keeps records a+1..=b (1-based record numbers), percentages of the file's records.
+#[test]
+fn split_slices_select_the_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = chat_jsonl(dir.path(), "d.jsonl", 40);
+    let run = |split: &str| {
+        let mut src = DatasetSource::new(f.to_string_lossy(), DataFormat::Chat);
+        src.rows = crate::data::slice::RowSlice::parse(split).unwrap();
+        let p = pipeline(vec![src], opts(), &dir.path().join("c"));
+        let st = p.stats().unwrap();
+        let c = &st.train_counts;
+        let cache = &p.prepared().unwrap().train_cache;
+        let records: Vec<u64> = (0..cache.len())
+            .map(|i| cache.entry(i).unwrap().record)
+            .collect();
+        (c.records, c.samples, records)
+    };
+    let (read, kept, records) = run("train[10:15]");
+    assert_eq!((read, kept), (5, 5));
+    assert_eq!(records, vec![11, 12, 13, 14, 15]);
+    let (_, kept, records) = run("train[-10%:]");
+    assert_eq!(kept, 4);
+    assert_eq!(records, vec![37, 38, 39, 40]);
+    assert_eq!(run("train[:25%]").1, 10);
+}
+
+/// `curriculum_sampling`: no shuffle, the data order; `dataset_exact_deduplication`: repeated samples are dropped
+/// and counted.
+#[test]
+fn curriculum_order_and_exact_deduplication() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..12 {
+        text.push_str(&chat_line(&format!("Q{}", i % 8), &format!("A{}", i % 8)));
+        text.push('\n');
+    }
+    let f = write(dir.path(), "d.jsonl", &text);
+    let src = vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Chat)];
+    let p = pipeline(
+        src.clone(),
+        DataOptions {
+            shuffle: false,
+            deduplicate: true,
+            ..opts()
+        },
+        &dir.path().join("c"),
+    );
+    let st = p.stats().unwrap();
+    assert_eq!(
+        (st.train_counts.samples, st.train_counts.duplicates),
+        (8, 4)
+    );
+    assert!(
+        st.to_string().contains("dropped (exact duplicates)  4"),
+        "{st}"
+    );
+    assert_eq!(
+        p.prepared().unwrap().epoch_samples(0),
+        (0..8).collect::<Vec<u32>>()
+    );
+    assert_eq!(
+        p.prepared().unwrap().epoch_samples(3),
+        (0..8).collect::<Vec<u32>>()
+    );
+    let plain = pipeline(src, opts(), &dir.path().join("c"));
+    assert_eq!(plain.stats().unwrap().train_counts.samples, 12);
+}
+
+/// `eot_tokens` replace the end-of-turn ids; a token the tokenizer lacks is an error naming it.
+#[test]
+fn eot_tokens_choose_the_trained_turn_ends() {
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    let tok = crate::tokenizer::load_for_model(&model).unwrap();
+    let b = SampleBuilder::from_tokenizer(&tok, None, false)
+        .unwrap()
+        .with_eot_tokens(&tok, Some(&["<pad>".to_string(), "<|im_end|>".to_string()]))
+        .unwrap();
+    assert_eq!(b.tok.end_of_turn_ids, vec![3, 2]);
+    let e = SampleBuilder::from_tokenizer(&tok, None, false)
+        .unwrap()
+        .with_eot_tokens(&tok, Some(&["<end_of_turn>".to_string()]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("eot_tokens: `<end_of_turn>` is not a token"),
+        "{e}"
+    );
 }

@@ -144,7 +144,7 @@ pub fn save_adapter<B: Backend>(
         ..s.clone()
     };
     write_adapter_files(staging.path(), model, &export_settings, base_model)?;
-    let mut readme = model_card(model, s, base_model);
+    let mut readme = model_card(model, s, base_model, dir);
     if moe_adapted && s.dropout != 0.0 {
         readme.push_str(&format!(
             "\nTrained with lora_dropout = {}; adapter_config.json says 0 because PEFT loads router and expert \
@@ -156,18 +156,50 @@ pub fn save_adapter<B: Backend>(
     staging.commit()
 }
 
-fn model_card<B: Backend>(model: &CausalLm<B>, s: &LoraSettings, base_model: &str) -> String {
+fn model_card<B: Backend>(
+    model: &CausalLm<B>,
+    s: &LoraSettings,
+    base_model: &str,
+    dir: &Path,
+) -> String {
     let n_mod = model
         .linears()
         .iter()
         .filter(|(_, l)| l.lora.is_some())
         .count();
+    // The adapter folder and the base as PEFT can open them: absolute local paths (the card is read from anywhere);
+    // a GGUF file or an Ollama model is first converted into a Hugging Face folder.
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let adapter_dir = absolute(dir).display().to_string();
+    let local = Path::new(base_model);
+    let (convert, base) = if base_model.starts_with("ollama://") || crate::gguf::is_gguf_file(local)
+    {
+        let hf = format!(
+            "{}-hf",
+            local.file_stem().and_then(|s| s.to_str()).unwrap_or("base")
+        );
+        let src = if base_model.starts_with("ollama://") {
+            base_model.to_string()
+        } else {
+            absolute(local).display().to_string()
+        };
+        (
+            format!(
+                "The base is a GGUF model; convert it into a Hugging Face folder first:\n\n```sh\nloratune convert {src} {hf}\n```\n\n"
+            ),
+            hf,
+        )
+    } else if local.exists() {
+        (String::new(), absolute(local).display().to_string())
+    } else {
+        (String::new(), base_model.to_string())
+    };
     format!(
         "---\nbase_model: {base_model}\nlibrary_name: peft\ntags:\n- lora\n- loratune\n---\n\n\
-# LoRA adapter\n\nTrained with [loratune](https://github.com/) on `{base_model}` ({arch}).\n\n\
+# LoRA adapter\n\nTrained with loratune on `{base_model}` ({arch}).\n\n\
 - rank r = {r}, lora_alpha = {alpha}, scale = {scale:.4}{rs}\n- {n_mod} adapted modules\n\n\
-Load with PEFT:\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\
-base = AutoModelForCausalLM.from_pretrained(\"{base_model}\")\nmodel = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```\n",
+{convert}Load with PEFT:\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\
+base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{adapter_dir}\")\n```\n",
         arch = model.config.architecture(),
         r = s.r,
         alpha = s.alpha,

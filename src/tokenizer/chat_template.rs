@@ -45,7 +45,9 @@ impl Message {
 }
 
 /// Names accepted by [`ChatTemplate::builtin`].
-pub const BUILTIN_TEMPLATES: &[&str] = &["chatml", "llama3", "mistral", "gemma", "phi3", "alpaca"];
+pub const BUILTIN_TEMPLATES: &[&str] = &[
+    "chatml", "llama3", "mistral", "gemma", "phi3", "qwen2_5", "qwen3", "alpaca",
+];
 
 /// The text of a built-in template and the special tokens of the model it comes from.
 struct Builtin {
@@ -69,7 +71,7 @@ fn builtin_entry(name: &str) -> Option<Builtin> {
             eos: Some("<|eot_id|>"),
         },
         // mistralai/Mistral-7B-Instruct-v0.1 tokenizer_config.json.
-        "mistral" => Builtin {
+        "mistral" | "mistral_v1" => Builtin {
             source: include_str!("templates/mistral.jinja"),
             bos: Some("<s>"),
             eos: Some("</s>"),
@@ -81,10 +83,22 @@ fn builtin_entry(name: &str) -> Option<Builtin> {
             eos: Some("<eos>"),
         },
         // microsoft/Phi-3.5-mini-instruct tokenizer_config.json.
-        "phi3" | "phi-3" => Builtin {
+        "phi3" | "phi-3" | "phi_3" | "phi_35" => Builtin {
             source: include_str!("templates/phi3.jinja"),
             bos: Some("<s>"),
             eos: Some("<|endoftext|>"),
+        },
+        // Qwen/Qwen2.5-7B-Instruct tokenizer_config.json (Axolotl's `qwen_25`).
+        "qwen2_5" | "qwen_25" | "qwen2.5" => Builtin {
+            source: include_str!("templates/qwen2_5.jinja"),
+            bos: None,
+            eos: Some("<|im_end|>"),
+        },
+        // Qwen/Qwen3-0.6B tokenizer_config.json (the Qwen3 family's template).
+        "qwen3" => Builtin {
+            source: include_str!("templates/qwen3.jinja"),
+            bos: None,
+            eos: Some("<|im_end|>"),
         },
         // The Stanford Alpaca prompt as a chat template (written for loratune).
         "alpaca" => Builtin {
@@ -949,6 +963,8 @@ mod tests {
             ("mistral", "mistralai-Mistral-7B-Instruct-v0.1.jinja"),
             ("gemma", "google-gemma-2-2b-it.jinja"),
             ("phi3", "microsoft-Phi-3.5-mini-instruct.jinja"),
+            ("qwen2_5", "Qwen-Qwen2.5-7B-Instruct.jinja"),
+            ("qwen3", "Qwen-Qwen3-0.6B.jinja"),
             ("alpaca", "alpaca.jinja"),
         ];
         for (name, file) in pairs {
@@ -962,7 +978,8 @@ mod tests {
         assert_eq!(pairs.len(), BUILTIN_TEMPLATES.len());
         let err = ChatTemplate::builtin("vicuna").unwrap_err().to_string();
         assert!(
-            err.contains("vicuna") && err.contains("chatml, llama3, mistral, gemma, phi3, alpaca"),
+            err.contains("vicuna")
+                && err.contains("chatml, llama3, mistral, gemma, phi3, qwen2_5, qwen3, alpaca"),
             "{err}"
         );
     }

@@ -40,6 +40,9 @@ pub struct AdamW<B: Backend> {
     /// Optimizer steps taken.
     pub step: u64,
     pub moments: Vec<Option<Moments<B>>>,
+    /// Per-parameter learning-rate multipliers (LoRA+'s B group; torch's per-group `lr`, which weight decay uses
+    /// too). Empty = 1 for all.
+    pub lr_scale: Vec<f64>,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -49,6 +52,7 @@ impl<B: Backend> AdamW<B> {
             cfg,
             step: 0,
             moments: vec![None; n],
+            lr_scale: Vec::new(),
         }
     }
 
@@ -68,7 +72,13 @@ impl<B: Backend> AdamW<B> {
         self.step += 1;
         let c = self.cfg;
         let mut out = Vec::with_capacity(params.len());
-        for ((p, g), slot) in params.into_iter().zip(grads).zip(self.moments.iter_mut()) {
+        for (i, ((p, g), slot)) in params
+            .into_iter()
+            .zip(grads)
+            .zip(self.moments.iter_mut())
+            .enumerate()
+        {
+            let lr = lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
             let Some(g) = g else {
                 out.push(p);
                 continue;

@@ -89,6 +89,26 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<MetricLine>> {
 }
 
 /// A self-contained SVG of train loss (and eval loss points) against step.
+/// Whole-step tick positions over `[x0, x1]`: multiples of the smallest 1·10ᵏ, 2·10ᵏ or 5·10ᵏ (≥ 1) that leaves
+/// at most 6 ticks.
+fn step_ticks(x0: f64, x1: f64) -> Vec<u64> {
+    let span = (x1 - x0).max(1.0);
+    let mut step = 1u64;
+    'search: for k in 0..12 {
+        for m in [1u64, 2, 5] {
+            step = m * 10u64.pow(k);
+            if span / step as f64 <= 5.0 {
+                break 'search;
+            }
+        }
+    }
+    let first = (x0.max(0.0) / step as f64).ceil() as u64 * step;
+    (0..)
+        .map(|i| first + i * step)
+        .take_while(|&t| t as f64 <= x1 + 1e-9)
+        .collect()
+}
+
 pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
     let train: Vec<(f64, f64)> = metrics
         .iter()
@@ -138,12 +158,13 @@ pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
             ml - 6.0,
             y + 4.0
         );
-        let xv = x0 + (x1 - x0) * i as f64 / 5.0;
-        let x = sx(xv);
+    }
+    // Step ticks: whole steps, a 1-2-5 spacing giving at most 6 of them, each label once.
+    for xv in step_ticks(x0, x1) {
         s += &format!(
-            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
-            h - mb + 18.0,
-            xv.round()
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{xv}</text>\n",
+            sx(xv as f64),
+            h - mb + 18.0
         );
     }
     s += &format!(
@@ -200,6 +221,14 @@ fn xml_escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_ticks_are_whole_and_distinct() {
+        assert_eq!(step_ticks(1.0, 2.0), vec![1, 2]);
+        assert_eq!(step_ticks(1.0, 30.0), vec![5, 10, 15, 20, 25, 30]);
+        assert_eq!(step_ticks(0.0, 1000.0), vec![0, 200, 400, 600, 800, 1000]);
+        assert_eq!(step_ticks(3.0, 3.0), vec![3]);
+    }
 
     #[test]
     fn svg_plots_every_train_point_and_eval_point() {

@@ -112,6 +112,8 @@ pub struct Run<'a, B: TrainBackend> {
     /// What a checkpoint saves (step, optimizer step, data position, best eval loss, …).
     state: TrainerState,
     micro_per_epoch: u64,
+    /// The router load-balancing coefficient (0 = off): the config's, or the model's when asked for.
+    router_aux: f64,
     log_every: u64,
     eval_every: u64,
     save_every: u64,
@@ -151,8 +153,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         }
         let (resume_dir, resume_state) = resume_point(cfg, &printer)?;
         cfg.write_resolved(out)?;
-        for w in cfg.warnings() {
-            printer.line(&format!("warning: {w}"));
+        for line in cfg.findings() {
+            printer.line(&line);
         }
 
         // Base model, tokenizer, data (prepared in the background).
@@ -216,10 +218,11 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let schedule = cfg.schedule(total);
         let eval_batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
         printer.line(&format!(
-            "data: {} training {} ({} micro-batches of {} per epoch), {} eval samples; {} optimizer steps (warmup {})",
+            "data: {} training {} ({} micro-batch{} of {} per epoch), {} eval samples; {} optimizer steps (warmup {})",
             facts.train_samples,
             if cfg.sample_packing { "packed rows" } else { "samples" },
             micro_per_epoch,
+            if micro_per_epoch == 1 { "" } else { "es" },
             cfg.micro_batch_size,
             facts.eval_samples,
             total,
@@ -238,6 +241,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         // Optimizer and trainer state, restored exactly when resuming.
         let keys: Vec<String> = lora_params(&model).into_iter().map(|(k, _)| k).collect();
         let mut opt = AdamW::new(cfg.adamw(), keys.len());
+        opt.lr_scale = cfg.lr_multipliers(&keys);
         let (state, loader) = match (&resume_state, &resume_dir) {
             (Some(st), Some(d)) => {
                 checkpoint::load_optimizer(d, &keys, &mut opt, st.adam_step, &device)?;
@@ -277,9 +281,20 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             metrics,
             state,
             micro_per_epoch,
+            router_aux: match mcfg.moe {
+                Some(_) => cfg
+                    .router_aux_coef(
+                        mcfg.raw
+                            .as_ref()
+                            .and_then(|r| r.get("router_aux_loss_coef"))
+                            .and_then(|v| v.as_f64()),
+                    )
+                    .unwrap_or(0.0),
+                None => 0.0,
+            },
             log_every: cfg.logging_steps_for(total).max(1),
-            eval_every: cfg.eval_steps.unwrap_or(updates_per_epoch),
-            save_every: cfg.save_steps.unwrap_or(updates_per_epoch),
+            eval_every: cfg.eval_interval(total, updates_per_epoch),
+            save_every: cfg.save_interval(total, updates_per_epoch),
             printer,
             last_checkpoint: resume_dir.clone(),
             resumed_from: resume_dir,
@@ -301,7 +316,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             // Evaluate and checkpoint when due.
             let last = self.state.global_step == self.schedule.total;
             let due = |every: u64, s: u64| s.is_multiple_of(every) || last;
-            let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?;
+            let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?
+                || self.counters.watchdog_tripped;
             if due(self.save_every, self.state.global_step) || stop_early {
                 self.save_checkpoint()?;
             }
@@ -379,7 +395,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             seed: self.cfg.seed,
             step: self.state.global_step,
             recompute: self.cfg.gradient_checkpointing,
-            router_aux_loss_coef: self.cfg.router_aux_loss_coef.unwrap_or(0.0),
+            router_aux_loss_coef: self.router_aux,
         };
         train_step(&mut self.model, &mut self.opt, &pairs, settings).map_err(|e| match e {
             Error::NonFinite {
@@ -413,8 +429,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         self.printer.step(
             s,
             format!(
-                "loss {:.4} lr {lr:.2e} {:.0} tok/s",
+                "loss {:.4} lr {} {:.0} tok/s",
                 stats.loss,
+                fmt_lr(lr),
                 c.real as f64 / c.t_loop.elapsed().as_secs_f64()
             ),
         );
@@ -422,6 +439,22 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             return Ok(());
         }
         let (loss, tps) = c.take_window();
+        if let Some(threshold) = self.cfg.loss_watchdog_threshold {
+            // Axolotl's LossWatchDogCallback, on each logged loss.
+            if loss > threshold {
+                c.watchdog_violations += 1;
+            } else {
+                c.watchdog_violations = 0;
+            }
+            let patience = self.cfg.loss_watchdog_patience.unwrap_or(3);
+            if c.watchdog_violations >= patience {
+                c.watchdog_tripped = true;
+                self.printer.line(&format!(
+                    "warning: step {s}: the loss {loss:.4} has been above loss_watchdog_threshold {threshold} for \
+                     {patience} logged steps; stopping the run (its checkpoint and adapter are written)"
+                ));
+            }
+        }
         let epoch = self.epoch();
         self.metrics.write(&MetricLine {
             step: s,
@@ -435,7 +468,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         })?;
         if !self.printer.has_bar() {
             self.printer.line(&format!(
-                "step {s}/{total} loss {loss:.4} lr {lr:.3e} grad_norm {:.3} {tps:.0} tok/s epoch {epoch:.2}",
+                "step {s}/{total} loss {loss:.4} lr {} grad_norm {:.3} {tps:.0} tok/s epoch {epoch:.2}",
+                fmt_lr(lr),
                 stats.grad_norm
             ));
         }
@@ -627,6 +661,9 @@ struct Counters {
     t_start: Instant,
     t_loop: Instant,
     warned_zero_grad: bool,
+    /// Logged losses in a row above `loss_watchdog_threshold`, and whether they reached the patience.
+    watchdog_violations: u32,
+    watchdog_tripped: bool,
 }
 
 impl Counters {
@@ -641,6 +678,8 @@ impl Counters {
             window_start: Instant::now(),
             last_eval: None,
             t_start,
+            watchdog_violations: 0,
+            watchdog_tripped: false,
             t_loop: Instant::now(),
             warned_zero_grad: false,
         }
@@ -667,6 +706,15 @@ impl Counters {
         self.window_tokens = 0;
         self.window_start = Instant::now();
         r
+    }
+}
+
+/// A learning rate for progress lines: `0` (first warmup step) or three significant digits (`2.000e-4`).
+fn fmt_lr(lr: f64) -> String {
+    if lr == 0.0 {
+        "0".to_string()
+    } else {
+        format!("{lr:.3e}")
     }
 }
 

@@ -28,13 +28,21 @@ pub struct Schedule {
     pub total: u64,
     /// Cosine floor as a fraction of base_lr (Axolotl's `cosine_min_lr_ratio`); 0 = transformers' cosine.
     pub min_ratio: f64,
+    /// Warm up as `(step / warmup)²` (Axolotl's `lr_quadratic_warmup`) instead of linearly.
+    pub quadratic_warmup: bool,
 }
 
 impl Schedule {
     /// Learning rate for 0-based optimizer step `step`.
     pub fn lr(&self, step: u64) -> f64 {
         if step < self.warmup {
-            return self.base_lr * step as f64 / self.warmup.max(1) as f64;
+            let ramp = step as f64 / self.warmup.max(1) as f64;
+            return self.base_lr
+                * if self.quadratic_warmup {
+                    ramp * ramp
+                } else {
+                    ramp
+                };
         }
         let span = self.total.saturating_sub(self.warmup).max(1) as f64;
         let progress = ((step - self.warmup) as f64 / span).min(1.0);
@@ -68,6 +76,7 @@ mod tests {
             warmup: 2,
             total: 10,
             min_ratio: 0.0,
+            quadratic_warmup: false,
         };
         let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125];
         for (i, w) in want.iter().enumerate() {
@@ -83,6 +92,7 @@ mod tests {
             warmup: 0,
             total: 4,
             min_ratio: 0.1,
+            quadratic_warmup: false,
         };
         // progress 0, .25, .5, .75 → 0.5(1+cos(πp)) = 1, 0.8536, 0.5, 0.1464
         close(s.lr(0), 2.0);
@@ -94,8 +104,27 @@ mod tests {
             warmup: 3,
             total: 10,
             min_ratio: 0.0,
+            quadratic_warmup: false,
         };
         close(c.lr(1), 1.0);
         close(c.lr(9), 3.0);
+    }
+
+    /// Axolotl's `get_cosine_schedule_with_quadratic_warmup(opt, 4, 10)` at lr 1, by hand: `(s/4)²` for s < 4, then
+    /// `0.5·(1 + cos(π·(s−4)/6))`.
+    #[test]
+    fn quadratic_warmup() {
+        let s = Schedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 1.0,
+            warmup: 4,
+            total: 10,
+            min_ratio: 0.0,
+            quadratic_warmup: true,
+        };
+        for (step, want) in [(0, 0.0), (1, 0.0625), (2, 0.25), (3, 0.5625), (4, 1.0)] {
+            close(s.lr(step), want);
+        }
+        close(s.lr(5), 0.5 * (1.0 + (PI / 6.0).cos()));
     }
 }

@@ -180,7 +180,7 @@ datasets:
 learning_rate: 2e-4
 num_epochs: 1
 lr_scheduler: cosine_with_restarts
-optimizer: adamw_bnb_8bit
+optimizer: lion_8bit
 chat_template: chatlm
 adapter: llama-adapter
 device: gpu:1
@@ -188,7 +188,7 @@ device: gpu:1
     let errs = errors(d.path(), yaml, &[]);
     assert_has(
         &errs,
-        "invalid `datasets.0.type` at line 4 column 11; unknown dataset type `chat_templat`; supported: alpaca, chat_template, completion, text (also accepted: chat); did you mean `chat_template`?",
+        "invalid `datasets.0.type` at line 4 column 11; unknown dataset type `chat_templat`; supported: alpaca, alpaca:chat, alpaca:chatml, alpaca:phi, chat_template, completion, text (also accepted: chat); did you mean `chat_template`?",
     );
     assert_has(
         &errs,
@@ -196,13 +196,13 @@ device: gpu:1
     );
     assert_has(
         &errs,
-        "invalid `optimizer` at line 8 column 12; unknown optimizer `adamw_bnb_8bit`; supported: adamw_torch (also accepted: adamw, adamw_hf, adamw_torch_fused)",
+        "invalid `optimizer` at line 8 column 12; unknown optimizer `lion_8bit`; supported: adamw_torch (also accepted: adamw, adamw_hf, adamw_torch_fused, adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, paged_adamw, adamw_torch_4bit, adamw_torch_8bit)",
     );
     assert_contains(
         &errs,
         &[
             "invalid `chat_template` at line 9 column 16",
-            "supported: tokenizer_default, chatml, llama3, mistral, gemma, phi3, alpaca, jinja",
+            "supported: tokenizer_default, chatml, llama3, mistral, gemma, phi3, qwen2_5, qwen3, alpaca, jinja",
             "did you mean `chatml`?",
         ],
     );
@@ -312,7 +312,7 @@ fn missing_required_keys() {
         &[],
     );
     assert_has(&errs, "dataset entry `datasets.0` has no `path` at line 5 column 5; add `path:` with a file, a folder or a glob such as data/*.jsonl");
-    assert_has(&errs, "dataset entry `datasets.1` has no `type` at line 6 column 5; add `type:` with one of alpaca, chat_template, completion, text");
+    assert_has(&errs, "dataset entry `datasets.1` has no `type` at line 6 column 5; add `type:` with one of alpaca, alpaca:chat, alpaca:chatml, alpaca:phi, chat_template, completion, text");
 }
 
 #[test]
@@ -505,7 +505,7 @@ datasets:
     );
     assert_has(
         &errs,
-        "invalid `datasets.0.split` at line 9 column 12; local files have only the `train` split (got `test`); point `path` at the file you want",
+        "invalid `datasets.0.split` at line 9 column 12; local files have only the `train` split (got `test`); point `path` at the file you want, or slice it: train[:20%], train[100:200]",
     );
     assert_contains(
         &errs,
@@ -546,20 +546,12 @@ fn axolotl_keys_loratune_does_not_implement() {
     assert_eq!(c.base_model_revision.as_deref(), Some("v1.0"));
     assert_eq!(c.lora_layers_to_transform.as_ref().unwrap().0, vec![0, 1]);
     let w: Vec<String> = c.warnings().iter().map(|w| w.to_string()).collect();
+    // Every Axolotl key without effect is named in one grouped line (the reasons are in configs/README.md); other
+    // warnings stay on their own lines.
+    assert_eq!(w.len(), 2, "{w:?}");
     assert_contains(
         &w,
-        &["Axolotl key `gptq` is ignored (it is off) at line 7 column 1"],
-    );
-    assert_contains(
-        &w,
-        &[
-            "Axolotl key `wandb_project` is ignored at line 9 column 1",
-            "metrics.jsonl",
-        ],
-    );
-    assert_contains(
-        &w,
-        &["Axolotl key `flash_attention` is ignored at line 10 column 1"],
+        &["ignored: 4 Axolotl keys without effect in loratune: gptq, strict, wandb_project, flash_attention (configs/README.md says why for each)"],
     );
     assert_contains(&w, &["`base_model_revision` is ignored", "local path"]);
 
@@ -581,7 +573,7 @@ fn axolotl_keys_loratune_does_not_implement() {
         &errs,
         &[
             "unsupported key `lora_modules_to_save` at line 9 column 1",
-            "vLLM",
+            "not implemented yet",
         ],
     );
 }
@@ -1137,5 +1129,136 @@ fn quantized_base_keys_resolve_to_a_load_plan() {
     assert_contains(
         &errs,
         &["`base_quantization`", "supported: keep, dequantize"],
+    );
+}
+
+/// Axolotl keys loratune maps onto its own settings: what they become, and one note each.
+#[test]
+fn axolotl_mapped_keys_become_loratune_settings_with_a_note() {
+    let d = data_dir();
+    let yaml = format!(
+        "{GOOD}optimizer: adamw_bnb_8bit\nattn_implementation: flash_attention_2\nbfloat16: true\n\
+         micro_batch_size: 2\nbatch_size: 8\nadam_eps: 1.0e-5\nmodel_config:\n  output_router_logits: true\n\
+         lora_r:\nlora_alpha:\nevals_per_epoch: 4\nsaves_per_epoch: 1\n"
+    );
+    let c = load_in(d.path(), &yaml, &["num_epochs=2"]).unwrap();
+    assert_eq!(c.gradient_accumulation_steps, 4);
+    assert_eq!(c.adam_epsilon, 1e-5);
+    assert_eq!(c.bf16, loratune::config::Bf16::True);
+    // Empty keys are unset: PEFT's defaults.
+    assert_eq!((c.lora_r, c.lora_alpha), (8, 8.0));
+    // Mixtral's default coefficient unless the model's config.json says otherwise.
+    assert_eq!(c.router_aux_coef(None), Some(0.001));
+    assert_eq!(c.router_aux_coef(Some(0.02)), Some(0.02));
+    // 40 steps over 2 epochs: evaluate every ceil(40 / 8) = 5 steps, checkpoint every ceil(40 / 2) = 20.
+    assert_eq!(c.eval_interval(40, 20), 5);
+    assert_eq!(c.save_interval(40, 20), 20);
+    let notes = c.notes().join("\n");
+    for part in [
+        "optimizer: adamw_bnb_8bit runs as exact AdamW",
+        "attn_implementation: flash_attention_2 → loratune's own attention kernel",
+        "bfloat16: true → bf16: true",
+        "batch_size: 8 → gradient_accumulation_steps: 4",
+        "output_router_logits: true → the router load-balancing loss",
+    ] {
+        assert!(notes.contains(part), "{part} not in\n{notes}");
+    }
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    // Mistakes in mapped keys are errors at the key.
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}attn_implementation: flash_attention2\nbatch_size: 3\nmicro_batch_size: 2\nmodel_config:\n  rope_theta: 1.0\nevals_per_epoch: 2\neval_steps: 5\n"),
+        &[],
+    );
+    assert_contains(
+        &errs,
+        &[
+            "invalid `attn_implementation`",
+            "did you mean `flash_attention_2`?",
+        ],
+    );
+    assert_contains(
+        &errs,
+        &["invalid `batch_size`", "multiple of micro_batch_size 2"],
+    );
+    assert_contains(
+        &errs,
+        &[
+            "invalid `model_config`",
+            "`rope_theta`",
+            "only `output_router_logits",
+        ],
+    );
+    assert_contains(&errs, &["`evals_per_epoch` and `eval_steps` are exclusive"]);
+}
+
+/// `--set key=null` removes a key (its default applies), and an unknown key points at the documented key list.
+#[test]
+fn set_null_removes_a_key_and_unknown_keys_point_at_the_docs() {
+    let d = data_dir();
+    let c = load_in(d.path(), &format!("{GOOD}lora_r: 32\n"), &["lora_r=null"]).unwrap();
+    assert_eq!(c.lora_r, 8);
+    let errs = errors(d.path(), &format!("{GOOD}frobnicate_the_weights: 3\n"), &[]);
+    assert_contains(
+        &errs,
+        &["unknown key `frobnicate_the_weights`", "configs/README.md"],
+    );
+    let errs = errors(d.path(), &format!("{GOOD}lora_alpah: 3\n"), &[]);
+    assert_contains(
+        &errs,
+        &["unknown key `lora_alpah`", "did you mean `lora_alpha`?"],
+    );
+}
+
+/// LoRA+: each parameter's learning rate and weight decay equal the groups of PEFT's `create_loraplus_optimizer`
+/// (tests/fixtures/adapters/loraplus_groups.json, scripts/reference/loraplus_fixture.py) for LoRA on every linear
+/// layer of the tiny Llama.
+#[test]
+fn loraplus_groups_are_pefts() {
+    use loratune::lora::adapter::{attach, lora_params};
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::common::fixture("adapters/loraplus_groups.json")).unwrap(),
+    )
+    .unwrap();
+    let d = data_dir();
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}loraplus_lr_ratio: 16\nweight_decay: 0.01\nlora_target_linear: true\nlora_r: 4\n"),
+        &["learning_rate=2.0e-4"],
+    )
+    .unwrap();
+    let dir = crate::common::fixture("models/llama");
+    let cfg = loratune::model::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let src = loratune::model::SafetensorsSource::open(&dir).unwrap();
+    let mut m = loratune::model::CausalLm::<burn::backend::Flex>::load(
+        cfg.clone(),
+        &src,
+        &Default::default(),
+        burn::tensor::DType::F32,
+    )
+    .unwrap();
+    attach(&mut m, &c.lora_settings(cfg.family)).unwrap();
+    let keys: Vec<String> = lora_params(&m).into_iter().map(|(k, _)| k).collect();
+    let params = want["params"].as_object().unwrap();
+    assert_eq!(keys.len(), params.len());
+    for (k, mult) in keys.iter().zip(c.lr_multipliers(&keys)) {
+        let g = &params[k.as_str()];
+        let lr = c.learning_rate * mult;
+        assert!(
+            (lr - g["lr"].as_f64().unwrap()).abs() < 1e-12,
+            "{k}: {lr} vs {g}"
+        );
+        assert_eq!(
+            c.adamw().weight_decay,
+            g["weight_decay"].as_f64().unwrap(),
+            "{k}"
+        );
+    }
+    assert!(
+        c.notes()
+            .iter()
+            .any(|n| n.contains("weight_decay 0.01 is not applied")),
+        "{:?}",
+        c.notes()
     );
 }

@@ -1,5 +1,6 @@
 //! loratune's integration tests: one test binary (one link) with a module per concern.
 
+mod axolotl;
 mod bnb;
 mod cli;
 mod common;
