@@ -191,3 +191,45 @@ fn every_axolotl_example_config_trains_or_is_refused_naming_the_key() {
         failures.join("\n\n")
     );
 }
+
+/// `loss_watchdog_threshold` / `loss_watchdog_patience` (Axolotl's LossWatchDogCallback): a run whose logged loss
+/// stays above the threshold stops after `patience` logged steps, and still writes its adapter.
+#[test]
+fn loss_watchdog_stops_a_run_whose_loss_stays_high() {
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("watchdog.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {}\n    type: chat_template\nlearning_rate: 1.0e-4\nmax_steps: 10\n\
+             logging_steps: 1\nloss_watchdog_threshold: 0.5\nloss_watchdog_patience: 3\noutput_dir: out\n",
+            fixture("axolotl/model").display(),
+            fixture("axolotl/data/messages.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_loratune"))
+        .args(["train", cfg.to_str().unwrap()])
+        .current_dir(work.path())
+        .env("XDG_CACHE_HOME", work.path().join("cache"))
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{all}");
+    assert!(
+        all.contains("step 3: the loss")
+            && all.contains("above loss_watchdog_threshold 0.5 for 3 logged steps"),
+        "{all}"
+    );
+    let metrics = std::fs::read_to_string(work.path().join("out/metrics.jsonl")).unwrap();
+    let steps = metrics.lines().filter(|l| l.contains("\"loss\"")).count();
+    assert_eq!(steps, 3, "{metrics}");
+    assert!(work
+        .path()
+        .join("out/adapter/adapter_model.safetensors")
+        .is_file());
+}
