@@ -105,7 +105,7 @@ pub(crate) const AXOLOTL_KEYS: &[AxolotlKey] = &[
     top("do_causal_lm_eval", Ignored(EVAL_GEN)),
     top("early_stopping_patience", Implemented("it::train early_stopping_ends_the_run…")),
     top("eot_tokens", Implemented("data tests: eot_tokens_choose_the_trained_turn_ends")),
-    top("eval_batch_size", Implemented("evaluation micro-batch size; it::axolotl (qwen2, llama-3 configs)")),
+    top("eval_batch_size", Implemented("data tests: eval_batches_come_from_the_split_in_data_order")),
     top("eval_causal_lm_metrics", Ignored(EVAL_GEN)),
     top("eval_max_new_tokens", Ignored(EVAL_GEN)),
     top("eval_sample_packing", Ignored("evaluation follows `sample_packing`")),

@@ -1344,6 +1344,19 @@ fn eval_batches_come_from_the_split_in_data_order() {
         .map(|b| b.unwrap().samples)
         .sum();
     assert_eq!(train_samples, 15);
+    // `eval_batch_size` sets the evaluation batch rows (5 samples: 3 + 2), the samples unchanged.
+    let p = pipeline(
+        vec![DatasetSource::new(f.to_string_lossy(), DataFormat::Chat)],
+        DataOptions {
+            val_set_size: 0.25,
+            micro_batch_size: 2,
+            eval_batch_size: Some(3),
+            ..opts()
+        },
+        &dir.path().join("c"),
+    );
+    let sizes: Vec<usize> = p.eval_batches().unwrap().map(|b| b.unwrap().samples).collect();
+    assert_eq!(sizes, vec![3, 2]);
 }
 
 #[test]
