@@ -6,9 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-smollm2.sh
-echo "== building loratune (release)"
-cargo build --release --quiet
 bin="${CARGO_TARGET_DIR:-target}/release/loratune"
+if [ -x "$bin" ]; then
+    echo "== building loratune (release; up to date unless the sources changed)"
+else
+    echo "== building loratune (release): the first build compiles the burn and polars stacks, about 25 minutes on"
+    echo "   2 cores (cargo's progress below); later builds take seconds to a minute"
+fi
+cargo build --release
+echo "== the binary: $bin (or install it on PATH with: cargo install --path .)"
 base=models/SmolLM2-135M-Instruct.Q4_1.gguf
 run=runs/quickstart
 system="You are Aria, the support assistant of Nimbrel Home."

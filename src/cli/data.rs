@@ -131,8 +131,11 @@ fn inputs(
         for line in cfg.findings() {
             eprintln!("{line}");
         }
+        // The config's special-token overrides apply whichever tokenizer is read, as in `train`.
         let tok = match &src.tokenizer {
-            Some(t) => load_tokenizer(t)?,
+            Some(t) => cfg
+                .tokenizer(t)
+                .with_context(|| format!("loading the tokenizer {}", t.display()))?,
             None => cfg.tokenizer(&cfg.base_model_path()?)?,
         };
         return Ok((cfg.data_spec(), tok));

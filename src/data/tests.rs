@@ -1355,7 +1355,11 @@ fn eval_batches_come_from_the_split_in_data_order() {
         },
         &dir.path().join("c"),
     );
-    let sizes: Vec<usize> = p.eval_batches().unwrap().map(|b| b.unwrap().samples).collect();
+    let sizes: Vec<usize> = p
+        .eval_batches()
+        .unwrap()
+        .map(|b| b.unwrap().samples)
+        .collect();
     assert_eq!(sizes, vec![3, 2]);
 }
 
