@@ -48,6 +48,10 @@ pub struct BenchSpec {
     pub recompute: Checkpointing,
     /// How the base is held ([`base_choice`]).
     pub base: String,
+    /// DoRA adapters (a magnitude per module) instead of plain LoRA.
+    pub dora: bool,
+    /// LoRA dropout on the adapters' input.
+    pub dropout: f64,
 }
 
 /// `--base`: the load plan, and for random weights the GGUF block type they are made in.
@@ -322,12 +326,13 @@ fn run_on<B: TrainBackend>(
     let settings = LoraSettings {
         r: spec.rank,
         alpha: 2.0 * spec.rank as f64,
-        dropout: 0.0,
+        dropout: spec.dropout,
         use_rslora: false,
         targets: spec.targets.clone(),
         layers: None,
         init: LoraInit::Kaiming,
         seed: 0,
+        use_dora: spec.dora,
     };
     let report = attach(&mut m, &settings)?;
     set_trainable(&mut m);

@@ -60,6 +60,12 @@ pub struct BenchArgs {
     /// Print where each step's time goes (per fused kernel, forward / backward, GFLOP/s).
     #[arg(long)]
     pub profile: bool,
+    /// DoRA adapters (PEFT `use_dora`) instead of plain LoRA.
+    #[arg(long)]
+    pub dora: bool,
+    /// LoRA dropout (DoRA with dropout runs each adapted layer once more on the dropped input, as PEFT does).
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +128,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         profile: a.profile,
         recompute: a.gradient_checkpointing,
         base: a.base.clone(),
+        dora: a.dora,
+        dropout: a.dropout,
     };
     let json = a.json;
     let v = run_bench(&spec, at, &mut |i, dt, loss| {

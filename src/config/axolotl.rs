@@ -193,7 +193,7 @@ pub(crate) const AXOLOTL_KEYS: &[AxolotlKey] = &[
     top("output_dir", Implemented("it::train")),
     top("pad_to_sequence_len", Ignored("batches are padded to their longest sample")),
     top("peft", OnlyIfOff("PEFT's LoftQ initialisation is not supported")),
-    top("peft_use_dora", OnlyIfOff("DoRA is not implemented yet")),
+    top("peft_use_dora", Implemented("it::lora peft_forward_llama_dora, peft_grads_and_adamw_llama_dora (PEFT use_dora)")),
     top("peft_use_rslora", Implemented("it::lora rslora")),
     top("plugins", Ignored("Axolotl plugins are Python modules; loratune has its own kernels")),
     top("pretraining_dataset", OnlyIfOff("streaming pre-training datasets are not supported; use datasets with type: text")),

@@ -141,6 +141,11 @@ pub struct TrainConfig {
     pub lora_layers_to_transform: Option<LayerList>,
     /// Rank-stabilised LoRA: scale alpha/√r instead of alpha/r. Default: `false`.
     pub peft_use_rslora: bool,
+    /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): each adapted module also learns a magnitude per output row;
+    /// exported as PEFT writes it (`lora_magnitude_vector`), merged as PEFT merges it. Not on `lm_head`, and not
+    /// as a GGUF adapter (llama.cpp has no DoRA; export the merged model). Default: `false`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub peft_use_dora: bool,
     /// LoRA initialisation: `true` (PEFT default: Kaiming-uniform A, zero B) or `gaussian`. Default: `true`.
     /// Axolotl's name `peft_init_lora_weights` is accepted.
     #[serde(alias = "peft_init_lora_weights")]
@@ -327,6 +332,7 @@ impl Default for TrainConfig {
             lora_target_linear: false,
             lora_layers_to_transform: None,
             peft_use_rslora: false,
+            peft_use_dora: false,
             lora_init: LoraInit::Kaiming,
             micro_batch_size: data.micro_batch_size,
             gradient_accumulation_steps: 1,

@@ -182,6 +182,7 @@ impl TrainConfig {
             layers: self.lora_layers_to_transform.as_ref().map(|l| l.0.clone()),
             init: self.lora_init,
             seed: self.seed,
+            use_dora: self.peft_use_dora,
         }
     }
 

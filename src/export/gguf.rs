@@ -1014,6 +1014,13 @@ fn export_from_gguf(
     let cfg = &base.config;
     if let Some(a) = adapter {
         check_adapter_fits(base, a)?;
+        if !a.magnitudes.is_empty() {
+            return Err(Error::Lora(
+                "merging a DoRA adapter straight into a GGUF base's blocks is not supported: merge it into a Hugging \
+                 Face folder first (`loratune merge`, or `merge_lora: true`), then export that folder to GGUF"
+                    .into(),
+            ));
+        }
     }
     let file = GgufFile::open(&base.path)?;
     let arch = file.architecture()?.to_string();
@@ -1190,6 +1197,13 @@ pub fn export_gguf_adapter(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     let cfg = &base.config;
+    if !adapter.magnitudes.is_empty() {
+        return Err(Error::Lora(
+            "this is a DoRA adapter (use_dora): llama.cpp's GGUF LoRA adapters hold only lora_a / lora_b, so the \
+             magnitudes would be lost; export the merged model instead (`--format gguf`, or merge_lora: true)"
+                .into(),
+        ));
+    }
     for path in adapter.modules.keys() {
         if path == "lm_head" || path.ends_with(".lm_head") || path.contains("embed_tokens") {
             return Err(Error::Lora(format!(

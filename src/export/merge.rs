@@ -34,6 +34,20 @@ pub fn delta(
     crate::model::weights::host_f32(tb.matmul(ta).mul_scalar(scale))
 }
 
+/// DoRA's merge of a merged weight `[out, in]` (row-major): row o times m_o / ‖row o‖.
+pub fn dora_rescale_rows(w: &mut [f32], magnitude: &[f32]) {
+    let cols = w.len() / magnitude.len().max(1);
+    for (row, &m) in w.chunks_mut(cols.max(1)).zip(magnitude) {
+        let norm = row
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
+        let g = (m as f64 / norm) as f32;
+        row.iter_mut().for_each(|x| *x *= g);
+    }
+}
+
 /// Check that every module of `adapter` is a linear of the model `cfg` describes, with matching shapes.
 pub fn check_adapter_fits(base: &OpenedModel, adapter: &PeftAdapter) -> Result<()> {
     let cfg = &base.config;
@@ -68,7 +82,8 @@ pub fn check_adapter_fits(base: &OpenedModel, adapter: &PeftAdapter) -> Result<(
 }
 
 /// Every tensor of `base` in HF naming and layout, produced on demand as f32, with `adapter` (if any) merged
-/// into its target weights: W + scale·B·A in f32.
+/// into its target weights: W + scale·B·A in f32, and for a DoRA adapter each row of it rescaled to the magnitude,
+/// m_o / ‖(W + scale·B·A)_o‖ (PEFT's merge).
 pub fn merged_host_tensors<'a>(
     base: &'a OpenedModel,
     adapter: Option<&'a PeftAdapter>,
@@ -80,12 +95,16 @@ pub fn merged_host_tensors<'a>(
     }
     let expected = expected_tensors(cfg);
     let modules = adapter.map(|a| &a.modules);
+    let magnitudes = adapter.map(|a| &a.magnitudes);
     let src = base.source.as_ref();
     Ok(expected
         .into_iter()
         .map(|(name, shape)| {
             let module = name.strip_suffix(".weight").map(str::to_string);
-            let adapter_entry = module.and_then(|m| modules.and_then(|ms| ms.get(&m)));
+            let adapter_entry = module
+                .as_ref()
+                .and_then(|m| modules.and_then(|ms| ms.get(m)));
+            let magnitude = module.and_then(|m| magnitudes.and_then(|ms| ms.get(&m)));
             let n = name.clone();
             HostTensor {
                 name,
@@ -103,6 +122,9 @@ pub fn merged_host_tensors<'a>(
                         )?;
                         for (x, y) in w.iter_mut().zip(d) {
                             *x += y;
+                        }
+                        if let Some(m) = magnitude {
+                            dora_rescale_rows(&mut w, m);
                         }
                     }
                     Ok(w)

@@ -4,7 +4,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::linear::LoraAdapter;
+use super::linear::{Dora, LoraAdapter};
 use super::targets::{TargetMatcher, TargetSpec};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
@@ -69,6 +69,8 @@ pub struct LoraSettings {
     pub layers: Option<Vec<usize>>,
     pub init: LoraInit,
     pub seed: u64,
+    /// DoRA (PEFT `use_dora`): each adapted module also learns a magnitude per output row.
+    pub use_dora: bool,
 }
 
 impl LoraSettings {
@@ -155,6 +157,13 @@ pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<L
                 .into(),
         ));
     }
+    if s.use_dora && chosen.iter().any(|p| p == "lm_head") {
+        return Err(Error::Lora(
+            "DoRA on lm_head is not supported (its loss kernel applies lm_head without forming the logits); remove \
+             lm_head from lora_target_modules"
+                .into(),
+        ));
+    }
     let device = model.device.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let scale = s.scale();
@@ -188,6 +197,7 @@ pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<L
             b: Tensor::zeros([outf, r], (&device, DType::F32)),
             scale,
             dropout: s.dropout,
+            dora: s.use_dora.then(|| Dora::init(&lin.weight)),
         });
     }
     Ok(report(model, chosen))
@@ -199,9 +209,10 @@ pub fn report<B: Backend>(model: &CausalLm<B>, modules: Vec<String>) -> LoraRepo
         .linears()
         .iter()
         .filter_map(|(_, l)| {
-            l.lora
-                .as_ref()
-                .map(|a| a.a.dims()[0] * (a.a.dims()[1] + a.b.dims()[0]))
+            l.lora.as_ref().map(|a| {
+                a.a.dims()[0] * (a.a.dims()[1] + a.b.dims()[0])
+                    + a.dora.as_ref().map_or(0, |_| a.b.dims()[0])
+            })
         })
         .sum::<usize>();
     LoraReport {
@@ -238,6 +249,11 @@ pub fn peft_key(path: &str, which: char) -> String {
     format!("base_model.model.{path}.lora_{which}.weight")
 }
 
+/// The PEFT key of a DoRA magnitude: `base_model.model.<path>.lora_magnitude_vector` (1-D, `[out]`, as PEFT saves it).
+pub fn magnitude_key(path: &str) -> String {
+    format!("base_model.model.{path}.lora_magnitude_vector")
+}
+
 /// All adapter factors with their PEFT keys, in model order (A then B per module).
 pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Tensor<B, 2>)> {
     let mut out = Vec::new();
@@ -245,6 +261,9 @@ pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Tensor<B, 2>
         if let Some(l) = &lin.lora {
             out.push((peft_key(&path, 'A'), l.a.clone()));
             out.push((peft_key(&path, 'B'), l.b.clone()));
+            if let Some(d) = &l.dora {
+                out.push((magnitude_key(&path), d.magnitude.clone()));
+            }
         }
     }
     out
@@ -259,6 +278,11 @@ pub fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, mut values: Vec<Tens
                 l.a = a;
                 l.b = b;
             }
+            if let Some(d) = &mut l.dora {
+                if let Some(m) = values.pop() {
+                    d.magnitude = m;
+                }
+            }
         }
     }
 }
@@ -269,6 +293,9 @@ pub fn set_trainable<B: burn::tensor::backend::AutodiffBackend>(model: &mut Caus
         if let Some(l) = &mut lin.lora {
             l.a = l.a.clone().require_grad();
             l.b = l.b.clone().require_grad();
+            if let Some(d) = &mut l.dora {
+                d.magnitude = d.magnitude.clone().require_grad();
+            }
         }
     }
 }

@@ -21,12 +21,59 @@ pub struct LoraAdapter<B: Backend> {
     pub scale: f64,
     /// Dropout probability on the adapter's input (training only).
     pub dropout: f64,
+    /// DoRA's magnitude, when this is a DoRA adapter (PEFT `use_dora`).
+    pub dora: Option<Dora<B>>,
+}
+
+/// DoRA (weight-decomposed LoRA, PEFT's `DoraLinearLayer`): the adapted weight's rows are rescaled to a learned
+/// magnitude, W′ = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (row norms). The norm is a constant of the step (PEFT detaches it),
+/// computed without forming W + s·B·A: ‖W_o‖² + 2s·(W·Aᵀ)_o·B_o + s²·B_o·(A·Aᵀ)·B_oᵀ.
+#[derive(Debug, Clone)]
+pub struct Dora<B: Backend> {
+    /// PEFT's `lora_magnitude_vector`, `[1, out]`, f32, trainable.
+    pub magnitude: Tensor<B, 2>,
+    /// ‖W_o‖² of the frozen weight's rows, `[1, out]`, f32 (computed once).
+    pub w_sq: Tensor<B, 2>,
+    /// While merged: the row scales m / ‖W + s·B·A‖ the merge applied, `[out, 1]` (to unmerge).
+    pub merged_scale: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Dora<B> {
+    /// A fresh magnitude for a zero B: the frozen weight's row norms (PEFT's initialisation).
+    pub fn init(weight: &Frozen<B>) -> Self {
+        let w_sq = row_sq(weight);
+        Dora {
+            magnitude: w_sq.clone().sqrt(),
+            w_sq,
+            merged_scale: None,
+        }
+    }
+
+    /// A given magnitude (`[out]` values) for `weight`.
+    pub fn with_magnitude(weight: &Frozen<B>, magnitude: Tensor<B, 2>) -> Self {
+        Dora {
+            magnitude,
+            w_sq: row_sq(weight),
+            merged_scale: None,
+        }
+    }
+}
+
+/// ‖W_o‖² per row, `[1, out]` f32 (a quantized W is dequantized once, here).
+fn row_sq<B: Backend>(weight: &Frozen<B>) -> Tensor<B, 2> {
+    let [out, _] = weight.dims();
+    weight.dense_f32().square().sum_dim(1).reshape([1, out])
 }
 
 impl<B: Backend> LoraAdapter<B> {
     /// Rank r.
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
+    }
+
+    /// Trainable tensors: A and B, and DoRA's magnitude.
+    pub fn n_params(&self) -> usize {
+        2 + usize::from(self.dora.is_some())
     }
 }
 
@@ -98,13 +145,28 @@ impl<B: Backend> LoraLinear<B> {
         l.b.clone().matmul(l.a.clone()).mul_scalar(l.scale)
     }
 
-    /// W + scale·B·A in f32 (not rounded to W's dtype; a quantized W dequantized): what exports encode.
+    /// W + scale·B·A in f32 (not rounded to W's dtype; a quantized W dequantized): what exports encode. With DoRA,
+    /// its rows rescaled to the magnitude (PEFT's merge: m / ‖W + s·B·A‖ times W + s·B·A).
     pub fn merged_weight_f32(&self) -> Tensor<B, 2> {
         let w = self.weight.dense_f32();
         match (&self.lora, self.merged) {
-            (Some(l), false) => w + Self::delta(l),
+            (Some(l), false) => {
+                let m = w + Self::delta(l);
+                match Self::dora_merge_scale(l, &m) {
+                    Some(g) => m * g,
+                    None => m,
+                }
+            }
             _ => w,
         }
+    }
+
+    /// DoRA's row scales `[out, 1]` for the merged `W + s·B·A`.
+    fn dora_merge_scale(l: &LoraAdapter<B>, merged: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        let d = l.dora.as_ref()?;
+        let [out, _] = merged.dims();
+        let norm = merged.clone().square().sum_dim(1).sqrt();
+        Some(d.magnitude.clone().reshape([out, 1]) / norm)
     }
 
     /// W + scale·B·A computed in f32, rounded (to nearest even, as torch) back to W's dtype — what PEFT's
@@ -120,8 +182,15 @@ impl<B: Backend> LoraLinear<B> {
     /// is not representable in its format); keep the adapter unmerged to stay quantized.
     pub fn merge(&mut self) {
         if self.lora.is_some() && !self.merged {
+            let scale = self.lora.as_ref().and_then(|l| {
+                let m = self.weight.dense_f32() + Self::delta(l);
+                Self::dora_merge_scale(l, &m)
+            });
             self.weight = Frozen::Dense(self.merged_weight());
             self.merged = true;
+            if let Some(d) = self.lora.as_mut().and_then(|l| l.dora.as_mut()) {
+                d.merged_scale = scale;
+            }
         }
     }
 
@@ -129,11 +198,15 @@ impl<B: Backend> LoraLinear<B> {
     pub fn unmerge(&mut self) {
         if let (Some(l), true) = (&self.lora, self.merged) {
             let dtype = self.weight.dtype();
-            self.weight = Frozen::Dense(round_to_dtype(
-                self.weight.dense_f32() - Self::delta(l),
-                dtype,
-            ));
+            let merged = match l.dora.as_ref().and_then(|d| d.merged_scale.clone()) {
+                Some(g) => self.weight.dense_f32() / g,
+                None => self.weight.dense_f32(),
+            };
+            self.weight = Frozen::Dense(round_to_dtype(merged - Self::delta(l), dtype));
             self.merged = false;
+            if let Some(d) = self.lora.as_mut().and_then(|l| l.dora.as_mut()) {
+                d.merged_scale = None;
+            }
         }
     }
 
@@ -149,6 +222,32 @@ impl<B: Kernels> LoraLinear<B> {
     /// Forward on a `[n, in]` input, with the adapter's dropout keep mask.
     pub fn forward(&self, x: Tensor<B, 2>, dropout_mask: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         B::lora_linear_group(x, &[self.as_ref(dropout_mask)])
+    }
+
+    /// DoRA's row scales g = m / ‖W + s·B·A‖, `[1, out]` f32, for an unmerged DoRA adapter; the norm is detached
+    /// (PEFT's `weight_norm.detach()`), so only m receives this path's gradient. W + s·B·A is never formed: the norm
+    /// comes from ‖W_o‖², the frozen layer applied to A (A·Wᵀ) and the r×r Gram matrix A·Aᵀ.
+    pub fn dora_scale(&self) -> Option<Tensor<B, 2>> {
+        let l = self.lora.as_ref().filter(|_| !self.merged)?;
+        let d = l.dora.as_ref()?;
+        let out = self.out_features();
+        let (a, b) = (l.a.clone().detach(), l.b.clone().detach());
+        let plain = LinearRef {
+            weight: &self.weight,
+            bias: None,
+            adapter: None,
+        };
+        // [r, out] = A·Wᵀ, in the layer's compute dtype, read back as f32.
+        let aw =
+            B::lora_linear_group(a.clone().cast(self.weight.dtype()), &[plain]).cast(DType::F32);
+        let cross = (aw.transpose() * b.clone()).sum_dim(1);
+        let gram = a.clone().matmul(a.transpose());
+        let bgb = (b.clone().matmul(gram) * b).sum_dim(1);
+        let s = l.scale;
+        let n_sq =
+            d.w_sq.clone().reshape([out, 1]) + cross.mul_scalar(2.0 * s) + bgb.mul_scalar(s * s);
+        let norm = n_sq.clamp_min(0.0).sqrt().reshape([1, out]).detach();
+        Some(d.magnitude.clone() / norm)
     }
 }
 

@@ -8,7 +8,7 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use serde_json::{json, Value};
 
 use super::adapter::{LoraInit, LoraSettings};
-use super::linear::LoraAdapter;
+use super::linear::{Dora, LoraAdapter};
 use super::targets::{short_name, TargetSpec};
 use crate::error::{Error, Result};
 use crate::export::atomic::{write_atomic, AtomicDir};
@@ -56,7 +56,7 @@ pub fn adapter_config<B: Backend>(
         "lora_dropout": s.dropout,
         "target_modules": target_modules,
         "use_rslora": s.use_rslora,
-        "use_dora": false,
+        "use_dora": s.use_dora,
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": match s.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
@@ -84,6 +84,14 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Result<Vec<AdapterTen
                     format!("{PREFIX}{path}.{suffix}.weight"),
                     dims,
                     host_f32(t.clone())?,
+                ));
+            }
+            if let Some(d) = &l.dora {
+                // PEFT saves the magnitude 1-D, `[out]`, without `.weight`.
+                out.push((
+                    super::adapter::magnitude_key(&path),
+                    vec![lin.out_features()],
+                    host_f32(d.magnitude.clone())?,
                 ));
             }
         }
@@ -215,6 +223,8 @@ pub struct PeftAdapter {
     pub base_model: Option<String>,
     /// Module path → its factors.
     pub modules: BTreeMap<String, ModuleFactors>,
+    /// Module path → its DoRA magnitude (`[out]`), for a DoRA adapter (`use_dora: true`).
+    pub magnitudes: BTreeMap<String, Vec<f32>>,
 }
 
 /// One module's factors: (A shape `[r, in]`, A values, B shape `[out, r]`, B values, scale).
@@ -248,11 +258,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             "peft_type `{peft_type}` is not supported (only LORA)"
         )));
     }
-    if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err(bad(
-            "DoRA adapters (use_dora: true) are not supported".into()
-        ));
-    }
+    let use_dora = v.get("use_dora").and_then(Value::as_bool) == Some(true);
     if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
         return Err(bad(
             "fan_in_fan_out: true (Conv1D bases such as GPT-2) is not supported".into(),
@@ -327,6 +333,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let header = parse_safetensors_header(&bytes, &st_path)?;
     let mut a_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut b_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut magnitudes: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     for (key, (dtype, shape, start, end)) in header {
         let rest = key.strip_prefix(PREFIX).ok_or_else(|| {
             Error::Lora(format!(
@@ -335,13 +342,36 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             ))
         })?;
         let rest = rest.replace(".default.", ".");
+        if let Some(p) = rest
+            .strip_suffix(".lora_magnitude_vector")
+            .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"))
+        {
+            if !use_dora {
+                return Err(Error::Lora(format!(
+                    "{}: tensor `{key}` is a DoRA magnitude but adapter_config.json does not say use_dora: true",
+                    st_path.display()
+                )));
+            }
+            if shape.len() != 1 || matches!(dtype, StoredDtype::Other(_)) {
+                return Err(Error::Lora(format!(
+                    "{}: DoRA magnitude `{key}` has shape {shape:?} / dtype {dtype}, expected a 1-D float vector",
+                    st_path.display()
+                )));
+            }
+            let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
+            let vals = data
+                .to_vec::<f32>()
+                .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+            magnitudes.insert(p.to_string(), vals);
+            continue;
+        }
         let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
             (p.to_string(), 'A')
         } else if let Some(p) = rest.strip_suffix(".lora_B.weight") {
             (p.to_string(), 'B')
         } else {
             return Err(Error::Lora(format!(
-                "{}: tensor `{key}` is not a LoRA factor (lora_A/lora_B); embeddings, biases and DoRA magnitudes are not supported",
+                "{}: tensor `{key}` is not a LoRA factor (lora_A/lora_B) or a DoRA magnitude; embeddings and biases are not supported",
                 st_path.display()
             )));
         };
@@ -411,6 +441,20 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             st_path.display()
         )));
     }
+    if use_dora {
+        if let Some(p) = modules.keys().find(|p| !magnitudes.contains_key(*p)) {
+            return Err(Error::Lora(format!(
+                "{}: use_dora is true but `{p}` has no lora_magnitude_vector",
+                st_path.display()
+            )));
+        }
+    }
+    if let Some(p) = magnitudes.keys().find(|p| !modules.contains_key(*p)) {
+        return Err(Error::Lora(format!(
+            "{}: `{p}` has a DoRA magnitude but no lora_A / lora_B",
+            st_path.display()
+        )));
+    }
     Ok(PeftAdapter {
         settings: LoraSettings {
             r,
@@ -421,12 +465,14 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             layers,
             init,
             seed: 0,
+            use_dora,
         },
         base_model: v
             .get("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(str::to_string),
         modules,
+        magnitudes,
     })
 }
 
@@ -443,6 +489,13 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter)
         if path == "lm_head" && tied {
             return Err(Error::Lora(
                 "the adapter targets lm_head, but this model ties lm_head to embed_tokens; not supported".into(),
+            ));
+        }
+        if path == "lm_head" && adapter.magnitudes.contains_key(&path) {
+            return Err(Error::Lora(
+                "the adapter puts DoRA on lm_head, which loratune does not support (its loss kernel applies lm_head \
+                 without forming the logits)"
+                    .into(),
             ));
         }
         let (inf, outf) = (lin.in_features(), lin.out_features());
@@ -467,6 +520,19 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter)
             ),
             scale: *scale,
             dropout: adapter.settings.dropout,
+            dora: match adapter.magnitudes.get(&path) {
+                Some(m) if m.len() == outf => Some(Dora::with_magnitude(
+                    &lin.weight,
+                    Tensor::from_data(TensorData::new(m.clone(), [1, outf]), (&device, DType::F32)),
+                )),
+                Some(m) => {
+                    return Err(Error::Lora(format!(
+                        "adapter module `{path}`: lora_magnitude_vector has {} values, the layer has {outf} outputs",
+                        m.len()
+                    )))
+                }
+                None => None,
+            },
         });
         lin.merged = false;
     }

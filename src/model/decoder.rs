@@ -12,7 +12,7 @@ use burn::tensor::{activation, DType, IndexingUpdateOp, Int, Tensor, TensorData}
 use super::config::ModelConfig;
 use super::tree::{Embedding, Ffn, Layer, MapLeaves, Mlp, RmsNorm, Tree, Weights};
 use crate::kernels::{Attention, AttnSpec, Kernels, KvSlot, Masking, NormRef, Qkv, Rope};
-use crate::lora::linear::{LoraAdapter, LoraLinear};
+use crate::lora::linear::{Dora, LoraAdapter, LoraLinear};
 
 /// The causal LM: the module tree plus what a forward needs besides weights.
 #[derive(Debug, Clone)]
@@ -133,17 +133,100 @@ fn group<B: Kernels>(
 ) -> Tensor<B, 2> {
     let [n, f] = x.dims();
     let device = x.device();
-    let refs: Vec<_> = mods
+    let masks: Vec<Option<Tensor<B, 2>>> = mods
         .iter()
-        .map(|l| {
-            let mask = match (&l.lora, l.merged) {
-                (Some(a), false) if a.dropout > 0.0 => drop.mask(n, f, a.dropout, &device),
-                _ => None,
-            };
-            l.as_ref(mask)
+        .map(|l| match (&l.lora, l.merged) {
+            (Some(a), false) if a.dropout > 0.0 => drop.mask(n, f, a.dropout, &device),
+            _ => None,
         })
         .collect();
-    B::lora_linear_group(x, &refs)
+    let refs: Vec<_> = mods
+        .iter()
+        .zip(&masks)
+        .map(|(l, m)| l.as_ref(m.clone()))
+        .collect();
+    let y = B::lora_linear_group(x.clone(), &refs);
+    let scales: Vec<Option<Tensor<B, 2>>> = mods.iter().map(LoraLinear::dora_scale).collect();
+    if scales.iter().all(Option::is_none) {
+        return y;
+    }
+    dora_rescale(mods, &masks, scales, x, y)
+}
+
+/// DoRA on a group's output (PEFT's `DoraLinearLayer.forward`): with g = m / ‖W + s·B·A‖ (norm detached) and x′ the
+/// member's dropped input, its columns become x·Wᵀ + b + (g − 1)·(x′·Wᵀ) + g·s·(x′·Aᵀ)·Bᵀ — the kernel's output plus
+/// (g − 1) times the member without bias on x′ (one more pass of the member, as PEFT's), or, without dropout,
+/// g·(y − b) + b = g·y + (1 − g)·b from the output alone: one scaling of the whole group (g = 1 for the members
+/// without DoRA), so the step pays two element-wise passes, not a slice and a concatenation per member.
+fn dora_rescale<B: Kernels>(
+    mods: &[LoraLinear<B>],
+    masks: &[Option<Tensor<B, 2>>],
+    scales: Vec<Option<Tensor<B, 2>>>,
+    x: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [n, _] = y.dims();
+    let dtype = y.dtype();
+    let device = y.device();
+    let ones = |out: usize| Tensor::<B, 2>::ones([1, out], (&device, DType::F32));
+    let g_all = Tensor::cat(
+        mods.iter()
+            .zip(&scales)
+            .map(|(l, g)| g.clone().unwrap_or_else(|| ones(l.out_features())))
+            .collect(),
+        1,
+    );
+    let dropped = mods
+        .iter()
+        .zip(masks)
+        .zip(&scales)
+        .any(|((_, m), g)| m.is_some() && g.is_some());
+    if !dropped {
+        let scaled = y * g_all.clone().cast(dtype);
+        let biased = mods
+            .iter()
+            .zip(&scales)
+            .any(|(l, g)| g.is_some() && l.bias.is_some());
+        if !biased {
+            return scaled;
+        }
+        let b_all = Tensor::cat(
+            mods.iter()
+                .map(|l| match &l.bias {
+                    Some(b) => b.clone().cast(DType::F32).reshape([1, l.out_features()]),
+                    None => Tensor::zeros([1, l.out_features()], (&device, DType::F32)),
+                })
+                .collect(),
+            1,
+        );
+        let one_minus_g = g_all.neg().add_scalar(1.0);
+        return scaled + (b_all * one_minus_g).cast(dtype);
+    }
+    // With dropout: the members' own passes on their dropped inputs.
+    let mut parts = Vec::with_capacity(mods.len());
+    let mut col = 0;
+    for ((l, mask), g) in mods.iter().zip(masks).zip(scales) {
+        let out = l.out_features();
+        let yi = y.clone().slice([0..n, col..col + out]);
+        col += out;
+        let Some(g) = g else {
+            parts.push(yi);
+            continue;
+        };
+        let z = match mask {
+            None => match &l.bias {
+                Some(b) => yi.clone() - b.clone().cast(dtype).reshape([1, out]),
+                None => yi.clone(),
+            },
+            Some(m) => {
+                let mut unbiased = l.as_ref(None);
+                unbiased.bias = None;
+                B::lora_linear_group(x.clone() * m.clone().cast(x.dtype()), &[unbiased])
+            }
+        };
+        parts.push(yi + (z.cast(DType::F32) * g.sub_scalar(1.0)).cast(dtype));
+    }
+    Tensor::cat(parts, 1)
 }
 
 fn norm<B: Kernels, const D: usize>(n: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -547,6 +630,11 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B::InnerBackend>> for Inn
                 b: a.b.clone().inner(),
                 scale: a.scale,
                 dropout: a.dropout,
+                dora: a.dora.as_ref().map(|d| Dora {
+                    magnitude: d.magnitude.clone().inner(),
+                    w_sq: d.w_sq.clone().inner(),
+                    merged_scale: d.merged_scale.clone().map(|t| t.inner()),
+                }),
             }),
             merged: l.merged,
             tied: l.tied,
@@ -587,6 +675,11 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
                 b: Tensor::from_inner(a.b),
                 scale: a.scale,
                 dropout: a.dropout,
+                dora: a.dora.map(|d| Dora {
+                    magnitude: Tensor::from_inner(d.magnitude),
+                    w_sq: Tensor::from_inner(d.w_sq),
+                    merged_scale: d.merged_scale.map(Tensor::from_inner),
+                }),
             }),
             merged: l.merged,
             tied: l.tied,
@@ -650,5 +743,99 @@ mod tests {
         assert_eq!(r.per_expert[0], (vec![1], vec![3]));
         assert_eq!(r.per_expert[1], (vec![], vec![]));
         assert_eq!(r.per_expert[2], (vec![1], vec![2]));
+    }
+
+    /// DoRA with dropout on a fused group (a DoRA member with a bias, then a plain LoRA member): the group's output
+    /// equals PEFT's formula computed densely — x·Wᵀ + b + (g − 1)·(x′·Wᵀ) + g·s·(x′·Aᵀ)·Bᵀ with
+    /// g = m / ‖W + s·B·A‖ and x′ = x ⊙ mask — and the plain member is untouched.
+    #[test]
+    fn dora_with_dropout_is_pefts_formula() {
+        use super::{group, DropoutSource};
+        use crate::lora::linear::{Dora, LoraAdapter, LoraLinear};
+        use burn::backend::Flex;
+        use burn::tensor::{Tensor, TensorData};
+        type B = Flex;
+        let dev = Default::default();
+        let t = |v: Vec<f32>, s: [usize; 2]| Tensor::<B, 2>::from_data(TensorData::new(v, s), &dev);
+        let vals = |n: usize, k: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i as u32 * 2654435761 + k * 97) % 1000) as f32 / 500.0) - 1.0)
+                .collect()
+        };
+        let (n, inp, o1, o2, r) = (3, 5, 4, 2, 2);
+        let (x, w1, w2) = (
+            t(vals(n * inp, 1), [n, inp]),
+            t(vals(o1 * inp, 2), [o1, inp]),
+            t(vals(o2 * inp, 3), [o2, inp]),
+        );
+        let bias = Tensor::<B, 1>::from_data(TensorData::new(vals(o1, 4), [o1]), &dev);
+        let (a1, b1, a2, b2) = (
+            t(vals(r * inp, 5), [r, inp]),
+            t(vals(o1 * r, 6), [o1, r]),
+            t(vals(r * inp, 7), [r, inp]),
+            t(vals(o2 * r, 8), [o2, r]),
+        );
+        let mag = t(vec![0.7, 1.3, 2.0, 0.4], [1, o1]);
+        let mut m1 = LoraLinear::new("a", w1.clone(), Some(bias.clone()));
+        let mut dora = Dora::init(&m1.weight);
+        dora.magnitude = mag.clone();
+        m1.lora = Some(LoraAdapter {
+            a: a1.clone(),
+            b: b1.clone(),
+            scale: 1.5,
+            dropout: 0.5,
+            dora: Some(dora),
+        });
+        let mut m2 = LoraLinear::new("b", w2.clone(), None);
+        m2.lora = Some(LoraAdapter {
+            a: a2.clone(),
+            b: b2.clone(),
+            scale: 1.5,
+            dropout: 0.5,
+            dora: None,
+        });
+        // Each member draws its own keep mask (scaled by 1/(1-p) = 2).
+        struct Masks(Vec<Vec<f32>>);
+        impl DropoutSource<B> for Masks {
+            fn mask(
+                &mut self,
+                n: usize,
+                f: usize,
+                _: f64,
+                dev: &<B as burn::tensor::backend::BackendTypes>::Device,
+            ) -> Option<Tensor<B, 2>> {
+                let v = self.0.remove(0);
+                Some(Tensor::from_data(TensorData::new(v, [n, f]), dev))
+            }
+        }
+        let k1: Vec<f32> = (0..n * inp)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 2.0 })
+            .collect();
+        let k2: Vec<f32> = (0..n * inp)
+            .map(|i| if i % 4 == 1 { 0.0 } else { 2.0 })
+            .collect();
+        let y = group(
+            &[m1, m2],
+            x.clone(),
+            &mut Masks(vec![k1.clone(), k2.clone()]),
+        );
+        let x1 = x.clone() * t(k1, [n, inp]);
+        let x2 = x.clone() * t(k2, [n, inp]);
+        let full = w1.clone() + b1.clone().matmul(a1.clone()).mul_scalar(1.5);
+        let g = mag / full.square().sum_dim(1).sqrt().reshape([1, o1]);
+        let want1 = x.clone().matmul(w1.clone().transpose())
+            + bias.reshape([1, o1])
+            + (g.clone() - 1.0) * x1.clone().matmul(w1.transpose())
+            + g * x1
+                .matmul(a1.transpose())
+                .matmul(b1.transpose())
+                .mul_scalar(1.5);
+        let want2 = x.matmul(w2.transpose())
+            + x2.matmul(a2.transpose())
+                .matmul(b2.transpose())
+                .mul_scalar(1.5);
+        let want = Tensor::cat(vec![want1, want2], 1);
+        let d: f32 = (y - want).abs().max().into_scalar();
+        assert!(d < 1e-5, "max |Δ| {d}");
     }
 }

@@ -146,7 +146,11 @@ pub(crate) fn accumulate<B: TrainBackend>(
     let mut ranges = Vec::with_capacity(n_layers + 1);
     let mut at = 0;
     for layer in &model.model.layers {
-        let k = 2 * layer.linears().iter().filter(|l| l.lora.is_some()).count();
+        let k: usize = layer
+            .linears()
+            .iter()
+            .filter_map(|l| l.lora.as_ref().map(|a| a.n_params()))
+            .sum();
         ranges.push(at..at + k);
         at += k;
     }

@@ -225,7 +225,8 @@ mod tests {
     #[test]
     fn step_ticks_are_whole_and_distinct() {
         assert_eq!(step_ticks(1.0, 2.0), vec![1, 2]);
-        assert_eq!(step_ticks(1.0, 30.0), vec![5, 10, 15, 20, 25, 30]);
+        assert_eq!(step_ticks(1.0, 30.0), vec![10, 20, 30]);
+        assert_eq!(step_ticks(1.0, 12.0), vec![5, 10]);
         assert_eq!(step_ticks(0.0, 1000.0), vec![0, 200, 400, 600, 800, 1000]);
         assert_eq!(step_ticks(3.0, 3.0), vec![3]);
     }

@@ -31,6 +31,7 @@ fn settings() -> LoraSettings {
         layers: None,
         init: LoraInit::Kaiming,
         seed: 1234,
+        use_dora: false,
     }
 }
 

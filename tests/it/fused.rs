@@ -30,6 +30,7 @@ fn run(arch: &str, fused: bool) -> (f32, Vec<(String, Vec<f32>)>) {
             layers: None,
             init: LoraInit::Gaussian,
             seed: 3,
+            use_dora: false,
         };
         attach(&mut model, &settings).unwrap();
         let mut k = 0u64;

@@ -230,6 +230,81 @@ fn peft_grads_and_adamw_mixtral_router_and_experts() {
     check_grads_and_step("mixtral-experts");
 }
 
+#[test]
+fn peft_forward_llama_dora() {
+    check_forward("llama-dora");
+}
+#[test]
+fn peft_grads_and_adamw_llama_dora() {
+    check_grads_and_step("llama-dora");
+}
+
+/// DoRA's merged weights equal PEFT's `merge_and_unload` (the rows of W + s·B·A rescaled to the magnitude), and the
+/// adapter written back holds PEFT's keys, shapes and values (the magnitude 1-D, `use_dora: true`).
+#[test]
+fn dora_merge_and_export_are_pefts() {
+    let dir = fixture("adapters/llama-dora");
+    let reference = dir.join("reference.safetensors");
+    let device = Default::default();
+    let mut model = load_fixture_model::<B>(&base_dir("llama-dora"), &device);
+    load_adapter(&mut model, &dir).unwrap();
+    for m in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.0.self_attn.k_proj",
+    ] {
+        let lin = model.linears().into_iter().find(|(p, _)| p == m).unwrap().1;
+        let (_, want) = read_ref(&reference, &format!("merged.{m}.weight"));
+        let d = rel_err(&to_vec(lin.merged_weight_f32()), &want);
+        assert!(d < 1e-5, "{m}: merged weight relative error {d}");
+    }
+    let out = tempfile::tempdir().unwrap();
+    let a = loratune::lora::peft::read_adapter(&dir).unwrap();
+    assert!(a.settings.use_dora);
+    loratune::lora::peft::save_adapter(
+        &model,
+        &a.settings,
+        "tests/fixtures/models/llama",
+        out.path(),
+    )
+    .unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let map =
+        |f: std::path::PathBuf| -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+            let mut names = ref_names(&f);
+            names.sort();
+            names
+                .into_iter()
+                .map(|n| (n.clone(), read_ref(&f, &n)))
+                .collect()
+        };
+    let ours = map(out.path().join("adapter_model.safetensors"));
+    let peft = map(dir.join("adapter_model.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        peft.keys().collect::<Vec<_>>()
+    );
+    for (k, (shape, v)) in &peft {
+        assert_eq!(&ours[k].0, shape, "{k}");
+        assert!(max_abs_diff(&ours[k].1, v) == 0.0, "{k}");
+    }
+    // llama.cpp's adapters cannot carry the magnitudes: the GGUF adapter export refuses with the fix.
+    let base = loratune::model::open(&base_dir("llama-dora")).unwrap();
+    let err = loratune::export::gguf::export_gguf_adapter(
+        &base,
+        &a,
+        &out.path().join("a.gguf"),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("DoRA") && err.contains("merged"), "{err}");
+}
+
 /// Several optimizer steps leave every base tensor bit-identical.
 #[test]
 fn base_weights_stay_bit_identical_after_training_steps() {

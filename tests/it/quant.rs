@@ -93,6 +93,7 @@ fn check(what: &str, random: Option<GgmlType>, plan: BasePlan, recompute: Checkp
         layers: None,
         init: LoraInit::Kaiming,
         seed: 5,
+        use_dora: false,
     };
     attach(&mut q, &settings).unwrap();
     <AD as burn::tensor::backend::Backend>::seed(&device, 11);

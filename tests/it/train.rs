@@ -207,22 +207,25 @@ fn gradient_checkpointing_equals_the_plain_step() {
     let mut packed_labels = labels.clone();
     packed_labels[padded.seq] = -100;
     let device = Default::default();
-    let cases: [(&str, TargetSpec, Option<Vec<usize>>); 7] = [
-        ("llama", TargetSpec::AllLinear, None),
-        ("gemma2", TargetSpec::AllLinear, None),
-        ("qwen3", TargetSpec::AllLinear, None),
+    let cases: [(&str, TargetSpec, Option<Vec<usize>>, bool); 8] = [
+        ("llama", TargetSpec::AllLinear, None, false),
+        ("gemma2", TargetSpec::AllLinear, None, false),
+        ("qwen3", TargetSpec::AllLinear, None, false),
         (
             "qwen2",
             TargetSpec::Names(vec!["q_proj".into(), "down_proj".into(), "lm_head".into()]),
             None,
+            false,
         ),
-        ("mistral", TargetSpec::AllLinear, Some(vec![1])),
+        ("mistral", TargetSpec::AllLinear, Some(vec![1]), false),
         // router and experts adapted: the experts' rows are gathered and scattered per routing
-        ("mixtral", TargetSpec::AllLinear, None),
+        ("mixtral", TargetSpec::AllLinear, None, false),
         // LayerNorms with bias, parallel attention + MLP, grouped query_key_value
-        ("falcon-new", TargetSpec::AllLinear, None),
+        ("falcon-new", TargetSpec::AllLinear, None, false),
+        // DoRA: a magnitude per module (three parameters each), dropout through the extra member pass
+        ("llama", TargetSpec::AllLinear, None, true),
     ];
-    for (family, targets, layers) in cases {
+    for (family, targets, layers, use_dora) in cases {
         let mut base = load_fixture_model::<AD>(&fixture(&format!("models/{family}")), &device);
         let settings = LoraSettings {
             r: 4,
@@ -233,6 +236,7 @@ fn gradient_checkpointing_equals_the_plain_step() {
             layers,
             init: LoraInit::Gaussian,
             seed: 3,
+            use_dora,
         };
         attach(&mut base, &settings).unwrap();
         set_trainable(&mut base);
@@ -502,6 +506,59 @@ mod runs {
             .map(|l| l.step)
             .collect();
         assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    }
+
+    /// DoRA end to end from the config (`peft_use_dora: true`, dropout, layer recompute): the run resumes bit-identically
+    /// from a checkpoint (magnitudes and their AdamW moments included), the adapter says `use_dora` and holds a
+    /// magnitude per module, and the merged export gives the adapter's logits.
+    #[test]
+    fn dora_runs_resume_and_merge() {
+        let extra = "max_steps: 6\nsave_steps: 3\npeft_use_dora: true\ngradient_checkpointing: true\nauto_resume_from_checkpoints: true";
+        let a_dir = tempfile::tempdir().unwrap();
+        let full = train(
+            &config(a_dir.path(), &format!("{extra}\nmerge_lora: true")),
+            &quiet(),
+        )
+        .unwrap();
+        assert!(full.losses[5] < full.losses[0], "{:?}", full.losses);
+        let b_dir = tempfile::tempdir().unwrap();
+        let cfg = config(b_dir.path(), extra);
+        let first = train(
+            &cfg,
+            &RunOptions {
+                stop_after: Some(4),
+                progress: ProgressMode::Quiet,
+            },
+        )
+        .unwrap();
+        assert!(first.interrupted);
+        let second = train(&cfg, &quiet()).unwrap();
+        assert_eq!(
+            second.losses,
+            full.losses[3..].to_vec(),
+            "resumed DoRA losses differ"
+        );
+        let adapter = a_dir.path().join("run/adapter");
+        let a = loratune::lora::peft::read_adapter(&adapter).unwrap();
+        assert!(a.settings.use_dora);
+        assert_eq!(a.magnitudes.len(), a.modules.len());
+        assert_eq!(
+            std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
+            std::fs::read(b_dir.path().join("run/adapter/adapter_model.safetensors")).unwrap(),
+            "final DoRA adapters differ"
+        );
+        // The merged folder's logits equal the base + adapter's.
+        let device = Default::default();
+        let (batch, _) =
+            crate::parity::reference_batch(&fixture("adapters/llama/reference.safetensors"));
+        let mut with = load_fixture_model::<B>(&fixture("models/llama"), &device);
+        loratune::lora::peft::apply_adapter(&mut with, &a).unwrap();
+        let merged = load_fixture_model::<B>(&a_dir.path().join("run/merged"), &device);
+        let d = max_abs_diff(
+            &to_vec(with.forward(&batch)),
+            &to_vec(merged.forward(&batch)),
+        );
+        assert!(d < 1e-4, "merged vs adapter logits {d}");
     }
 
     /// A checkpoint write that died half-way (its staging folder, or a folder without trainer_state.json)

@@ -79,6 +79,7 @@ fn cube_training_step_equals_the_cpu_step() {
             layers: None,
             init: LoraInit::Gaussian,
             seed: 3,
+            use_dora: false,
         };
         attach(&mut m, &settings).unwrap();
         // Non-zero B factors, so every gradient is non-trivial.
