@@ -193,6 +193,7 @@ pub(crate) const AXOLOTL_KEYS: &[AxolotlKey] = &[
     top("output_dir", Implemented("it::train")),
     top("pad_to_sequence_len", Ignored("batches are padded to their longest sample")),
     top("peft", OnlyIfOff("PEFT's LoftQ initialisation is not supported")),
+    top("peft_layers_pattern", Implemented("it::config layers_pattern_names_the_models_layer_list (alias of lora_layers_pattern)")),
     top("peft_use_dora", Implemented("it::lora peft_forward_llama_dora, peft_grads_and_adamw_llama_dora (PEFT use_dora)")),
     top("peft_use_rslora", Implemented("it::lora rslora")),
     top("plugins", Ignored("Axolotl plugins are Python modules; loratune has its own kernels")),

@@ -139,6 +139,16 @@ pub struct TrainConfig {
     /// `peft_layers_to_transform` is accepted.
     #[serde(alias = "peft_layers_to_transform")]
     pub lora_layers_to_transform: Option<LayerList>,
+    /// PEFT's `layers_pattern` (Axolotl's `peft_layers_pattern`): the name of the model's layer list that
+    /// `lora_layers_to_transform` indexes (`layers`; Falcon's `h`), one name or a list; checked against the model.
+    /// Default: unset (the model's own).
+    #[serde(
+        alias = "peft_layers_pattern",
+        default,
+        deserialize_with = "string_or_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lora_layers_pattern: Option<Vec<String>>,
     /// Rank-stabilised LoRA: scale alpha/√r instead of alpha/r. Default: `false`.
     pub peft_use_rslora: bool,
     /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): each adapted module also learns a magnitude per output row;
@@ -331,6 +341,7 @@ impl Default for TrainConfig {
             lora_target_modules: None,
             lora_target_linear: false,
             lora_layers_to_transform: None,
+            lora_layers_pattern: None,
             peft_use_rslora: false,
             peft_use_dora: false,
             lora_init: LoraInit::Kaiming,
@@ -408,6 +419,20 @@ impl TrainConfig {
             quantize,
         }
     }
+}
+
+/// One string or a list of strings (PEFT's `layers_pattern`).
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum One {
+        S(String),
+        L(Vec<String>),
+    }
+    Ok(Option::<One>::deserialize(d)?.map(|o| match o {
+        One::S(s) => vec![s],
+        One::L(l) => l,
+    }))
 }
 
 fn is_false(b: &bool) -> bool {

@@ -684,6 +684,18 @@ fn map_axolotl(cfg: &mut TrainConfig, doc: &Mapping, issues: &mut Vec<Issue>) {
             "must be at least 1, got 0",
         ));
     }
+    if cfg.lora_layers_pattern.is_some() && cfg.lora_layers_to_transform.is_none() {
+        let key = if present(doc, "peft_layers_pattern") {
+            "peft_layers_pattern"
+        } else {
+            "lora_layers_pattern"
+        };
+        issues.push(Issue::key(
+            k(key),
+            format!("`{key}` needs `lora_layers_to_transform` (peft_layers_to_transform)"),
+            Some("it names the layer list those indices select from; set both or neither (as in Axolotl)".into()),
+        ));
+    }
     if let Some(eot) = &cfg.eot_tokens {
         if eot.is_empty() || eot.iter().any(|t| t.is_empty()) {
             issues.push(Issue::invalid(
@@ -1082,6 +1094,28 @@ impl TrainConfig {
             .map(|p| p.rsplit('.').next().unwrap_or(p.as_str()))
             .collect();
         let available = short_names.iter().copied().collect::<Vec<_>>().join(", ");
+        // The model's layer list: the path segment before the layer index (`layers`, Falcon's `h`).
+        let container = m.linear_modules.iter().find_map(|p| {
+            let segs: Vec<&str> = p.split('.').collect();
+            segs.windows(2)
+                .find(|w| w[1].parse::<usize>().is_ok())
+                .map(|w| w[0].to_string())
+        });
+        if let (Some(pattern), Some(c)) = (&self.lora_layers_pattern, &container) {
+            if !pattern.iter().any(|p| p == c) {
+                issues.push(Issue::invalid(
+                    k("lora_layers_pattern"),
+                    format!(
+                        "this model's layer list is `{c}`, not {}; use `{c}` or remove the key",
+                        pattern
+                            .iter()
+                            .map(|p| format!("`{p}`"))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    ),
+                ));
+            }
+        }
         match self.lora_targets() {
             Some(TargetSpec::Names(names)) => {
                 for (i, n) in names.iter().enumerate() {

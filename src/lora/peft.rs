@@ -63,11 +63,22 @@ pub fn adapter_config<B: Backend>(
         "modules_to_save": null,
         "inference_mode": true,
         "layers_to_transform": s.layers,
-        "layers_pattern": if s.layers.is_some() { json!("layers") } else { Value::Null },
+        "layers_pattern": if s.layers.is_some() { json!(layer_list_name(model)) } else { Value::Null },
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": null,
     })
+}
+
+/// The name of the model's decoder-layer list, PEFT's `layers_pattern` (`layers`; Falcon's `h`).
+fn layer_list_name<B: Backend>(model: &CausalLm<B>) -> &'static str {
+    let prefix = model
+        .config
+        .family
+        .rules()
+        .layer_prefix
+        .trim_end_matches('.');
+    prefix.rsplit('.').next().unwrap_or(prefix)
 }
 
 /// One adapter tensor: PEFT key, torch-layout shape, f32 values.

@@ -1262,3 +1262,52 @@ fn loraplus_groups_are_pefts() {
         c.notes()
     );
 }
+
+/// `peft_layers_pattern` (PEFT's `layers_pattern`) must name the model's layer list, and needs
+/// `peft_layers_to_transform`.
+#[test]
+fn layers_pattern_names_the_models_layer_list() {
+    let d = data_dir();
+    let facts = |prefix: &str| ModelFacts {
+        linear_modules: (0..2)
+            .flat_map(|l| {
+                ["self_attn.q_proj", "mlp.down_proj"].map(|m| format!("{prefix}.{l}.{m}"))
+            })
+            .collect(),
+        num_layers: 2,
+        max_position_embeddings: Some(2048),
+        has_chat_template: true,
+    };
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}peft_layers_to_transform: [1]\npeft_layers_pattern: layers\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.lora_layers_pattern, Some(vec!["layers".to_string()]));
+    assert!(c.check_model(&facts("model.layers")).is_ok());
+    let err = c
+        .check_model(&facts("transformer.h"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("this model's layer list is `h`, not `layers`"),
+        "{err}"
+    );
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}peft_layers_to_transform: [1]\npeft_layers_pattern: [h, layers]\n"),
+        &[],
+    )
+    .unwrap();
+    assert!(c.check_model(&facts("transformer.h")).is_ok());
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}peft_layers_pattern: layers\n"),
+        &[],
+    );
+    assert_contains(
+        &errs,
+        &["`peft_layers_pattern` needs `lora_layers_to_transform`"],
+    );
+}
