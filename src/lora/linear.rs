@@ -148,25 +148,25 @@ impl<B: Backend> LoraLinear<B> {
     /// W + scale·B·A in f32 (not rounded to W's dtype; a quantized W dequantized): what exports encode. With DoRA,
     /// its rows rescaled to the magnitude (PEFT's merge: m / ‖W + s·B·A‖ times W + s·B·A).
     pub fn merged_weight_f32(&self) -> Tensor<B, 2> {
-        let w = self.weight.dense_f32();
-        match (&self.lora, self.merged) {
-            (Some(l), false) => {
-                let m = w + Self::delta(l);
-                match Self::dora_merge_scale(l, &m) {
-                    Some(g) => m * g,
-                    None => m,
-                }
-            }
-            _ => w,
-        }
+        self.merged_f32_and_scale().0
     }
 
-    /// DoRA's row scales `[out, 1]` for the merged `W + s·B·A`.
-    fn dora_merge_scale(l: &LoraAdapter<B>, merged: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-        let d = l.dora.as_ref()?;
-        let [out, _] = merged.dims();
-        let norm = merged.clone().square().sum_dim(1).sqrt();
-        Some(d.magnitude.clone().reshape([out, 1]) / norm)
+    /// [`LoraLinear::merged_weight_f32`] and, for DoRA, the row scales `[out, 1]` it applied.
+    fn merged_f32_and_scale(&self) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let w = self.weight.dense_f32();
+        let Some(l) = self.lora.as_ref().filter(|_| !self.merged) else {
+            return (w, None);
+        };
+        let m = w + Self::delta(l);
+        match &l.dora {
+            Some(d) => {
+                let [out, _] = m.dims();
+                let g =
+                    d.magnitude.clone().reshape([out, 1]) / m.clone().square().sum_dim(1).sqrt();
+                (m * g.clone(), Some(g))
+            }
+            None => (m, None),
+        }
     }
 
     /// W + scale·B·A computed in f32, rounded (to nearest even, as torch) back to W's dtype — what PEFT's
@@ -182,11 +182,8 @@ impl<B: Backend> LoraLinear<B> {
     /// is not representable in its format); keep the adapter unmerged to stay quantized.
     pub fn merge(&mut self) {
         if self.lora.is_some() && !self.merged {
-            let scale = self.lora.as_ref().and_then(|l| {
-                let m = self.weight.dense_f32() + Self::delta(l);
-                Self::dora_merge_scale(l, &m)
-            });
-            self.weight = Frozen::Dense(self.merged_weight());
+            let (merged, scale) = self.merged_f32_and_scale();
+            self.weight = Frozen::Dense(round_to_dtype(merged, self.weight.dtype()));
             self.merged = true;
             if let Some(d) = self.lora.as_mut().and_then(|l| l.dora.as_mut()) {
                 d.merged_scale = scale;

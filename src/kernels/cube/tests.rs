@@ -48,7 +48,8 @@ fn cube_kernels_match_the_reference_f16() {
 /// One whole training step's loss and LoRA gradients on wgpu (fused attention, reference elsewhere) against the
 /// CPU step, on tiny parity fixtures: Llama (grouped heads), Gemma 2 (sliding window, soft-capping), Falcon's
 /// new architecture (LayerNorm with bias, grouped query_key_value, parallel residual) and Mixtral (routed experts:
-/// padding rows reach no expert, so the backends agree on every expert's rows), LoRA on every linear layer
+/// padding rows reach no expert, so the backends agree on every expert's rows), and DoRA on Llama (magnitudes, the
+/// dropped-input pass), LoRA on every linear layer
 /// with dropout, a padded two-row batch and a packed row, with and without layer recompute.
 #[test]
 fn cube_training_step_equals_the_cpu_step() {
@@ -61,6 +62,7 @@ fn cube_training_step_equals_the_cpu_step() {
 
     fn grads<B: crate::kernels::TrainBackend>(
         family: &str,
+        use_dora: bool,
         device: &B::Device,
         micro: &[(&TokenBatch, &[i64])],
         recompute: Checkpointing,
@@ -79,7 +81,7 @@ fn cube_training_step_equals_the_cpu_step() {
             layers: None,
             init: LoraInit::Gaussian,
             seed: 3,
-            use_dora: false,
+            use_dora,
         };
         attach(&mut m, &settings).unwrap();
         // Non-zero B factors, so every gradient is non-trivial.
@@ -136,21 +138,36 @@ fn cube_training_step_equals_the_cpu_step() {
         .map(|(i, &t)| if i == 0 || i == 23 { -100 } else { t as i64 })
         .collect();
     let micro: Vec<(&TokenBatch, &[i64])> = vec![(&padded, &labels), (&packed, &packed_labels)];
-    for family in ["llama", "gemma2", "falcon-new", "mixtral"] {
-        let (cpu_loss, cpu) =
-            grads::<Autodiff<Flex>>(family, &Default::default(), &micro, Checkpointing::Off);
+    for (family, dora) in [
+        ("llama", false),
+        ("gemma2", false),
+        ("falcon-new", false),
+        ("mixtral", false),
+        ("llama", true),
+    ] {
+        let (cpu_loss, cpu) = grads::<Autodiff<Flex>>(
+            family,
+            dora,
+            &Default::default(),
+            &micro,
+            Checkpointing::Off,
+        );
         for recompute in [Checkpointing::Off, Checkpointing::Layers] {
-            let (loss, gpu) = grads::<AD>(family, &Default::default(), &micro, recompute);
+            let (loss, gpu) = grads::<AD>(family, dora, &Default::default(), &micro, recompute);
             assert!(
                 ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
-                "{family} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
+                "{family} dora={dora} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
             );
-            assert_eq!(gpu.len(), cpu.len(), "{family} {recompute}: gradients");
+            assert_eq!(
+                gpu.len(),
+                cpu.len(),
+                "{family} dora={dora} {recompute}: gradients"
+            );
             for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
                 let d = check::rel_diff(g, c);
                 assert!(
                     d < 1e-4,
-                    "{family} {recompute}: gradient {i} differs by {d} (relative)"
+                    "{family} dora={dora} {recompute}: gradient {i} differs by {d} (relative)"
                 );
             }
         }
