@@ -525,6 +525,47 @@ pub fn fixture_tolerance(dtype: DType) -> f32 {
     }
 }
 
+/// The GEMM table on `at`'s device: every cubek strategy timed on the products of one training step at
+/// `shape` with `m` token rows and LoRA rank `r` ([`crate::kernels::GemmShape::step`]), `reps` timed calls each;
+/// rows go to `print` as they are measured. An error on the CPU (it has one GEMM).
+pub fn gemm_table(
+    shape: &str,
+    m: usize,
+    r: usize,
+    reps: usize,
+    at: Placement,
+    print: &mut dyn FnMut(&crate::kernels::GemmRow),
+) -> Result<Vec<crate::kernels::GemmRow>> {
+    let c = shape_config(shape)?;
+    let shapes =
+        crate::kernels::GemmShape::step(m, c.hidden_size, c.intermediate_size, c.vocab_size, r);
+    struct Job<'a> {
+        shapes: Vec<crate::kernels::GemmShape>,
+        reps: usize,
+        print: &'a mut dyn FnMut(&crate::kernels::GemmRow),
+    }
+    impl InferJob for Job<'_> {
+        type Output = Option<Vec<crate::kernels::GemmRow>>;
+        fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output> {
+            Ok(B::gemm_table(
+                &device,
+                at.dtype,
+                &self.shapes,
+                self.reps,
+                self.print,
+            ))
+        }
+    }
+    at.infer(Job {
+        shapes,
+        reps,
+        print,
+    })?
+    .ok_or_else(|| {
+        Error::Config("--gemm times the GPU's GEMM strategies; use --device cuda".into())
+    })
+}
+
 /// Every fused kernel against the reference on `at`'s backend and dtype ([`crate::kernels::check::all`]).
 pub fn check_kernels(at: Placement) -> Result<Vec<crate::kernels::check::KernelCheck>> {
     struct Job;

@@ -11,7 +11,9 @@
 # Environment: PYTHON (default python3) must have torch 2.15, transformers 5.24, peft 0.21 with CUDA for the
 # torch side; BATCH (default 1), SEQ (2048), RANK (16), RUNS (3), STEPS (5), WARMUP (2: the first steps compile
 # kernels and autotune), DEVICE (cuda:0), DTYPE (bf16), SHAPE (llama-3.2-1b), BIG_SHAPE (llama-3.1-8b), BIG_SEQ
-# (4096).
+# (4096), PARTS (b e d g c k a q: which parts, in that order — the ones a short lease needs first), DEADLINE
+# (seconds: parts that would start with fewer than MIN_PART=45 s left are skipped; a lent GPU's 15 minutes
+# include its start, so DEADLINE=480 with the run's timeout at ~540 s).
 #
 # Dry run without a GPU: DRY_RUN=1 scripts/bench/gpu.sh BINARY OUT, with BINARY built with `--features wgpu`,
 # runs every part on burn's wgpu backend over Mesa's lavapipe (scripts/test-gpu-kernels.sh installs it) in f32
@@ -30,7 +32,9 @@
 #       also gives it against ~790 TFLOP/s, what dense bf16 GEMMs measure on an H100), peak GPU memory
 #       (nvidia-smi, both sides alike) and the ratio;
 #   (c) the per-kernel profile of loratune's step;
-#   (d) the same step with the fused CubeCL attention and with burn's decomposed attention (LORATUNE_FUSED=0);
+#   (d) the same step with the blockwise GEMM attention (default), the unit-per-row CubeCL attention kernels
+#       (LORATUNE_ATTENTION=tile) and burn's decomposed ops everywhere (LORATUNE_FUSED=0);
+#   (g) the GEMM table: every cubek matmul strategy on the step's products (`loratune bench --gemm`);
 #   (e) a Llama-3.1-8B-shaped step at 1 x 4096 with gradient_checkpointing: true (peak GPU memory);
 #   (q) a quantized frozen base (QLoRA): SHAPE with its matrices in QBASE blocks (default Q4_K) against the same
 #       shape dense (tokens/s, peak GPU memory), and BIG_SHAPE at 1 x 1024 in QBASE with recompute (peak GPU
@@ -53,6 +57,7 @@ SHAPE=${SHAPE:-llama-3.2-1b}
 BIG_SHAPE=${BIG_SHAPE:-llama-3.1-8b}
 BIG_SEQ=${BIG_SEQ:-4096}
 QBASE=${QBASE:-Q4_K}
+PARTS=${PARTS:-b e d g c k a q}
 if [ "${DRY_RUN:-0}" = 1 ]; then
   # SmolLM2's 576-wide rows are not whole 256-element K blocks: Q4_0 there.
   DEVICE=wgpu DTYPE=f32 SHAPE=smollm2-135m SEQ=128 BIG_SHAPE=smollm2-135m BIG_SEQ=256 RUNS=1 STEPS=1 WARMUP=1 QBASE=Q4_0
@@ -105,6 +110,7 @@ fi
 say "loratune: $LORATUNE ($("$LORATUNE" --version 2>/dev/null))"
 say "python: $PYTHON ($("$PYTHON" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tail -1))"
 
+part_k() {
 # (k) every fused kernel against the reference on the device
 for dt in $DTYPES; do
   say "(k) fused kernels vs reference on $DEVICE, $dt"
@@ -117,7 +123,8 @@ for dt in $DTYPES; do
     tail -n 3 "$OUT/kernels-$dt.txt" | tee -a "$OUT/summary.txt"
   fi
 done
-
+}
+part_a() {
 # (a) parity fixtures on the GPU against the CPU
 for dt in $DTYPES; do
   say "(a) fixtures forward on $DEVICE, $dt, vs CPU f32 and transformers"
@@ -129,7 +136,8 @@ for dt in $DTYPES; do
     tail -n 20 "$OUT/fixtures-$dt.txt" | tee -a "$OUT/summary.txt"
   fi
 done
-
+}
+part_b() {
 # (b) Llama-3.2-1B shape, seq 2048, bf16 + LoRA r16 all-linear: loratune vs torch + PEFT, alternating
 say "(b) $SHAPE random weights, batch $BATCH x seq $SEQ, $DTYPE base, LoRA r=$RANK all-linear, $RUNS runs x $STEPS steps each side"
 if ! "$PYTHON" -c 'import torch, transformers, peft' 2>/dev/null; then
@@ -158,6 +166,8 @@ if s.get("ratio_tokens_per_second") is not None:
     print(f"ratio {s['ratio_tokens_per_second']:.2f}x (target >= 1.0x, MFU >= 40%)")
 PY
 fi
+}
+part_c() {
 # (c) where loratune's GPU step goes: one step with CubeCL's per-kernel profiling (each kernel timed on the
 # device; the timing syncs after every kernel, so only the shares matter, not the step time it prints).
 say "(c) loratune per-kernel GPU time, profiled steps (same shape)"
@@ -178,21 +188,39 @@ if [ -f "$PROF_DIR/cubecl-profile.log" ]; then
       printf "%-48s %16s %8s %6s\n", substr($2 "|" $3, 1, 48), $(NF-3), $(NF-2), $(NF-1) }' \
     | head -n 30 | tee -a "$OUT/summary.txt"
 fi
-# (d) the fused CubeCL attention against burn's decomposed attention, same shape, same invocation
-# (LORATUNE_FUSED=0 sends every op to the reference implementation).
-say "(d) $SHAPE: fused kernels vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
-for fused in 1 0; do
-  LORATUNE_FUSED=$fused timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" --device "$DEVICE" \
-    --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear --warmup "$WARMUP" --steps "$STEPS" --json \
-    > "$OUT/fused-$fused.json" 2> "$OUT/fused-$fused.log" || status=1
-  bench_line "fused=$fused" "$OUT/fused-$fused.json"
+}
+part_d() {
+# (d) the attentions against each other, same shape, same invocation: the blockwise GEMM attention (default),
+# the unit-per-row CubeCL kernels (LORATUNE_ATTENTION=tile) and burn's decomposed attention with every other
+# op on the reference too (LORATUNE_FUSED=0).
+say "(d) $SHAPE: attention blockwise vs tile vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
+for variant in blockwise tile reference; do
+  attn=blockwise; fused=1
+  [ "$variant" = tile ] && attn=tile
+  [ "$variant" = reference ] && fused=0
+  LORATUNE_FUSED=$fused LORATUNE_ATTENTION=$attn timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" \
+    --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear \
+    --warmup "$WARMUP" --steps "$STEPS" --json > "$OUT/attn-$variant.json" 2> "$OUT/attn-$variant.log" || status=1
+  bench_line "$variant" "$OUT/attn-$variant.json"
 done
+}
+part_g() {
+# (g) the GEMM table: each cubek strategy on the products of one SHAPE step (first call with NVRTC compilation,
+# median of STEPS calls, TFLOP/s), rows printed as measured.
+say "(g) $SHAPE GEMM strategies, $DTYPE, m = $BATCH x $SEQ, rank $RANK"
+timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --gemm --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+  --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --steps "$STEPS" > "$OUT/gemm.txt" 2>&1 || status=1
+cat "$OUT/gemm.txt" | tee -a "$OUT/summary.txt"
+}
+part_e() {
 # (e) an 8B shape at 4096 tokens with layer recompute: does it fit a 24 GB GPU (target: peak <= 22 GB)?
 say "(e) $BIG_SHAPE, 1 x $BIG_SEQ, $DTYPE base, LoRA r=$RANK all-linear, gradient_checkpointing true"
 timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$DEVICE" --dtype "$DTYPE" --batch 1 \
   --seq "$BIG_SEQ" --rank "$RANK" --targets all-linear --gradient-checkpointing true --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json \
   > "$OUT/8b-recompute.json" 2> "$OUT/8b-recompute.log" || status=1
 bench_line "$BIG_SHAPE recompute" "$OUT/8b-recompute.json"
+}
+part_q() {
 # (q) a quantized frozen base: QBASE blocks decoded on the device where the products read them.
 say "(q) $SHAPE: base in $QBASE blocks vs dense $DTYPE (tokens/s, peak GPU memory)"
 for base in "$QBASE" dequantize; do
@@ -206,5 +234,22 @@ timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$BIG_SHAPE" --device "$
   --batch 1 --seq "$(( BIG_SEQ < 1024 ? BIG_SEQ : 1024 ))" --rank "$RANK" --targets all-linear --gradient-checkpointing true \
   --warmup 1 --steps "$(( STEPS < 2 ? STEPS : 2 ))" --json > "$OUT/8b-quant.json" 2> "$OUT/8b-quant.log" || status=1
 bench_line "$BIG_SHAPE $QBASE recompute" "$OUT/8b-quant.json"
+}
+
+# Run the parts in PARTS' order (default b e d g c k a q); with DEADLINE (seconds from the start) a part with fewer
+# than MIN_PART (45) seconds left is skipped and says so: a lent GPU's minutes are few, so the parts that matter
+# most go first and whatever ran is kept.
+for part in $PARTS; do
+  if ! declare -F "part_$part" >/dev/null; then
+    echo "unknown part '$part' in PARTS (a b c d e g k q)" >&2; status=1; continue
+  fi
+  if [ -n "${DEADLINE:-}" ] && [ $(( DEADLINE - SECONDS )) -lt "${MIN_PART:-45}" ]; then
+    say "($part) skipped: $(( DEADLINE - SECONDS )) s left of DEADLINE=$DEADLINE"
+    continue
+  fi
+  t0=$SECONDS
+  "part_$part"
+  echo "   ($part took $(( SECONDS - t0 )) s)" | tee -a "$OUT/summary.txt"
+done
 say "logs in $OUT/ (exit status $status)"
 exit $status

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// implementation on --device in --dtype, values and gradients; fails when one is off beyond tolerance.
     #[arg(long, conflicts_with = "check_fixtures")]
     pub check_kernels: bool,
+    /// GEMM table: time each of cubek's matmul strategies (first call with compilation, median of --steps calls)
+    /// on the products of one step at --shape with --batch × --seq rows and --rank (GPU backends only).
+    #[arg(long, conflicts_with_all = ["check_fixtures", "check_kernels"], requires = "shape")]
+    pub gemm: bool,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -103,6 +107,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.check_kernels {
         return print_kernel_checks(at);
+    }
+    if a.gemm {
+        let shape = a.shape.as_deref().unwrap_or_default();
+        let mut header = Some(format!(
+            "{:<34} {:<52} {:>10} {:>10} {:>8} {:>9}",
+            format!("{shape} on {} in {:?}", at.device, at.dtype),
+            "strategy",
+            "first ms",
+            "median ms",
+            "TFLOP/s",
+            "max rel"
+        ));
+        let mut print = |r: &crate::kernels::GemmRow| {
+            if let Some(h) = header.take() {
+                println!("{h}");
+            }
+            match &r.error {
+                None => println!(
+                    "{:<34} {:<52} {:>10.2} {:>10.3} {:>8.1} {:>9.1e}",
+                    r.shape, r.strategy, r.first_ms, r.median_ms, r.tflops, r.max_rel
+                ),
+                Some(e) => println!(
+                    "{:<34} {:<52} {:>10.2} unavailable: {}",
+                    r.shape,
+                    r.strategy,
+                    r.first_ms,
+                    e.chars().take(100).collect::<String>()
+                ),
+            }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        };
+        crate::bench::gemm_table(shape, a.batch * a.seq, a.rank, a.steps, at, &mut print)?;
+        return Ok(());
     }
     let spec = BenchSpec {
         model: a

@@ -16,8 +16,8 @@ use crate::gguf::GgmlType;
 use crate::quant::{Frozen, QMatrix};
 
 use super::{
-    reference, with_fused, Activation, Attention, AttnSpec, LinearRef, Masking, NormRef, Qkv, Rope,
-    Targets, TrainBackend,
+    reference, with_cube_attention, with_fused, Activation, Attention, AttnSpec, CubeAttention,
+    LinearRef, Masking, NormRef, Qkv, Rope, Targets, TrainBackend,
 };
 
 /// One case's outcome.
@@ -138,8 +138,14 @@ pub const ATTN_BASE: AttnCase = AttnCase {
     softcap: None,
 };
 
-/// RoPE + attention from packed q|k|v: the output on real rows and d(q|k|v).
-pub fn attention<B: TrainBackend>(device: &B::Device, dtype: DType, c: AttnCase) -> KernelCheck {
+/// RoPE + attention from packed q|k|v: the output on real rows and d(q|k|v). `imp` is the CubeCL backends'
+/// attention the fused run uses (other backends have one fused attention and ignore it).
+pub fn attention<B: TrainBackend>(
+    device: &B::Device,
+    dtype: DType,
+    c: AttnCase,
+    imp: CubeAttention,
+) -> KernelCheck {
     let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
     let n = b * s;
     let half = hd / 2;
@@ -189,26 +195,37 @@ pub fn attention<B: TrainBackend>(device: &B::Device, dtype: DType, c: AttnCase)
         .collect();
     let run = |fused: bool| {
         with_fused(fused, || {
-            let att =
-                Attention::<B>::new(spec.clone(), dtype, device, Attention::<B>::shared_tables());
-            let t = tensor::<B, 2>(&x, [n, width], device, dtype).require_grad();
-            let y = if fused {
-                B::rope_attention(Qkv::Packed(t.clone()), &att)
-            } else {
-                reference::attention(Qkv::Packed(t.clone()), &att)
-            };
-            let g = dot(y.clone(), tensor(&dy, [n, nh * hd], device, dtype)).backward();
-            let real: Vec<f32> = to_vec(y)
-                .chunks(nh * hd)
-                .enumerate()
-                .filter(|(t, _)| key_valid[t / s][t % s])
-                .flat_map(|(_, r)| r.to_vec())
-                .collect();
-            (real, t.grad(&g).map(to_vec).unwrap_or_default())
+            with_cube_attention(imp, || {
+                let att = Attention::<B>::new(
+                    spec.clone(),
+                    dtype,
+                    device,
+                    Attention::<B>::shared_tables(),
+                );
+                let t = tensor::<B, 2>(&x, [n, width], device, dtype).require_grad();
+                let y = if fused {
+                    B::rope_attention(Qkv::Packed(t.clone()), &att)
+                } else {
+                    reference::attention(Qkv::Packed(t.clone()), &att)
+                };
+                let g = dot(y.clone(), tensor(&dy, [n, nh * hd], device, dtype)).backward();
+                let real: Vec<f32> = to_vec(y)
+                    .chunks(nh * hd)
+                    .enumerate()
+                    .filter(|(t, _)| key_valid[t / s][t % s])
+                    .flat_map(|(_, r)| r.to_vec())
+                    .collect();
+                (real, t.grad(&g).map(to_vec).unwrap_or_default())
+            })
         })
     };
     let name = format!(
-        "attention b{b} s{s} h{nh}/{nkv} hd{hd}{}{}{}{}",
+        "attention{} b{b} s{s} h{nh}/{nkv} hd{hd}{}{}{}{}",
+        match imp {
+            _ if !B::CUBE_ATTENTION => String::new(),
+            CubeAttention::Tile => " tile".to_string(),
+            CubeAttention::Blockwise(r) => format!(" blocks of {r}"),
+        },
         c.window.map_or(String::new(), |w| format!(" window {w}")),
         if c.packed { " packed" } else { "" },
         if c.padded { " padded" } else { "" },
@@ -580,49 +597,44 @@ pub fn quant_head_xent<B: TrainBackend>(
 /// The whole suite in one dtype.
 pub fn all<B: TrainBackend>(device: &B::Device, dtype: DType) -> Vec<KernelCheck> {
     let base = ATTN_BASE;
-    let mut out = vec![
-        attention::<B>(device, dtype, base),
-        attention::<B>(
-            device,
-            dtype,
-            AttnCase {
-                window: Some(17),
-                packed: true,
-                ..base
-            },
-        ),
-        attention::<B>(
-            device,
-            dtype,
-            AttnCase {
-                softcap: Some(50.0),
-                ..base
-            },
-        ),
-        attention::<B>(
-            device,
-            dtype,
-            AttnCase {
-                window: Some(9),
-                softcap: Some(20.0),
-                packed: true,
-                kv_heads: 1,
-                ..base
-            },
-        ),
+    let mut cases = vec![
+        base,
+        AttnCase {
+            window: Some(17),
+            packed: true,
+            ..base
+        },
+        AttnCase {
+            softcap: Some(50.0),
+            ..base
+        },
+        AttnCase {
+            window: Some(9),
+            softcap: Some(20.0),
+            packed: true,
+            kv_heads: 1,
+            ..base
+        },
     ];
     for (hd, seq) in [(80, 33), (128, 65), (256, 19)] {
-        out.push(attention::<B>(
-            device,
-            dtype,
-            AttnCase {
-                head_dim: hd,
-                seq,
-                heads: 2,
-                kv_heads: 2,
-                ..base
-            },
-        ));
+        cases.push(AttnCase {
+            head_dim: hd,
+            seq,
+            heads: 2,
+            kv_heads: 2,
+            ..base
+        });
+    }
+    let mut out = Vec::new();
+    // Both CubeCL attentions; blocks of 16 rows so every case spans several (ragged) blocks. Other backends
+    // have one fused attention.
+    let imps: &[CubeAttention] = if B::CUBE_ATTENTION {
+        &[CubeAttention::Blockwise(16), CubeAttention::Tile]
+    } else {
+        &[CubeAttention::Blockwise(16)]
+    };
+    for &imp in imps {
+        out.extend(cases.iter().map(|&c| attention::<B>(device, dtype, c, imp)));
     }
     for act in [Activation::Silu, Activation::GeluTanh, Activation::Gelu] {
         out.push(glu::<B>(device, dtype, act));

@@ -34,6 +34,8 @@
 //!
 //! `LORATUNE_FUSED=0` (or [`with_fused`] / [`set_enabled`]) sends every op to the reference, for comparisons.
 
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu", test)), allow(dead_code))]
+pub(crate) mod blockwise;
 pub mod check;
 pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -259,6 +261,9 @@ pub type KvSlot<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 /// The backends the model runs on, with the implementation of each hot op. Every method has the reference
 /// implementation as its default; see the module documentation for which backend overrides what.
 pub trait Kernels: Backend {
+    /// Whether [`with_cube_attention`] selects this backend's attention (the CubeCL backends).
+    const CUBE_ATTENTION: bool = false;
+
     /// RMSNorm over the last dimension, computed in f32: `x / √(mean(x²) + eps) · (w + offset)`.
     fn rms_norm<const D: usize>(x: Tensor<Self, D>, norm: &NormRef<'_, Self>) -> Tensor<Self, D> {
         reference::rms_norm(x, norm)
@@ -297,6 +302,76 @@ pub trait Kernels: Backend {
     ) -> Tensor<Self, 1> {
         reference::lm_head_cross_entropy(hidden, head, t)
     }
+
+    /// The GEMM table (`bench --gemm`): each GEMM strategy timed on `shapes`; `None` where the backend has one
+    /// GEMM (the CPU). Rows go to `print` as they are measured.
+    fn gemm_table(
+        _device: &Self::Device,
+        _dtype: DType,
+        _shapes: &[GemmShape],
+        _reps: usize,
+        _print: &mut dyn FnMut(&GemmRow),
+    ) -> Option<Vec<GemmRow>> {
+        None
+    }
+}
+
+/// One product of the GEMM table: `[m, k] · [k, n]`, the right side stored `[n, k]` and read transposed (a frozen
+/// `x·Wᵀ`) or stored `[k, n]` (its backward `dy·W`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmShape {
+    pub name: &'static str,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub rhs_transposed: bool,
+}
+
+impl GemmShape {
+    pub fn label(&self) -> String {
+        let t = if self.rhs_transposed { "ᵀ" } else { "" };
+        format!(
+            "{} {}x{}·{}x{}{t}",
+            self.name, self.m, self.k, self.k, self.n
+        )
+    }
+
+    /// The products of one training step at a model's shape with `m` token rows and LoRA rank `r`.
+    pub fn step(m: usize, hidden: usize, inter: usize, vocab: usize, r: usize) -> Vec<GemmShape> {
+        let g = |name, m, k, n, rhs_transposed| GemmShape {
+            name,
+            m,
+            k,
+            n,
+            rhs_transposed,
+        };
+        // The fused loss sweeps the head in chunks of at most 2^26 logits.
+        let head_rows = ((1usize << 26) / vocab).clamp(1, m);
+        vec![
+            g("x·Wq", m, hidden, hidden, true),
+            g("x·Wup", m, hidden, inter, true),
+            g("dy·Wdown", m, hidden, inter, false),
+            g("x·Wdown", m, inter, hidden, true),
+            g("x·A", m, hidden, r, true),
+            g("xA·B", m, r, hidden, true),
+            g("lm_head", head_rows, hidden, vocab, true),
+        ]
+    }
+}
+
+/// One timed strategy of the GEMM table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GemmRow {
+    pub shape: String,
+    pub strategy: String,
+    /// The first call, kernel compilation included.
+    pub first_ms: f64,
+    pub median_ms: f64,
+    pub tflops: f64,
+    /// max |out − f32 product| / max |f32 product| (the output's own rounding included: ~4e-3 in bf16).
+    pub max_rel: f64,
+    /// Why the strategy does not run this product (then no times).
+    pub error: Option<String>,
 }
 
 /// A backend to train on: autodiff over a backend the model runs on, both with their kernels.
@@ -402,6 +477,41 @@ pub fn enabled() -> bool {
             on
         }
     }
+}
+
+/// The attention the CubeCL backends run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CubeAttention {
+    /// The unit-per-row CubeCL kernels ([`cube::attention`], `LORATUNE_ATTENTION=tile`).
+    Tile,
+    /// Blocks of this many query rows on the backend's GEMMs ([`blockwise`], the default).
+    Blockwise(usize),
+}
+
+thread_local! {
+    static ATTN_OVERRIDE: std::cell::Cell<Option<CubeAttention>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the CubeCL backends' attention set to `a` for calls made from this thread (the kernel suite
+/// checks each; other backends ignore it).
+pub fn with_cube_attention<R>(a: CubeAttention, f: impl FnOnce() -> R) -> R {
+    let prev = ATTN_OVERRIDE.with(|o| o.replace(Some(a)));
+    let r = f();
+    ATTN_OVERRIDE.with(|o| o.set(prev));
+    r
+}
+
+/// The attention the CubeCL backends run now: [`with_cube_attention`]'s, else `LORATUNE_ATTENTION=tile`, else
+/// blockwise with [`blockwise::BLOCK_ROWS`] rows.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) fn cube_attention() -> CubeAttention {
+    ATTN_OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
+        if std::env::var("LORATUNE_ATTENTION").is_ok_and(|v| v == "tile") {
+            CubeAttention::Tile
+        } else {
+            CubeAttention::Blockwise(blockwise::BLOCK_ROWS)
+        }
+    })
 }
 
 /// Turn the fused kernels on or off for the whole process (benchmarks compare both paths).

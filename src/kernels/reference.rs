@@ -224,8 +224,6 @@ fn attention_core<B: Backend>(
     att: &Attention<B>,
     cache: Option<&mut KvSlot<B>>,
 ) -> Tensor<B, 2> {
-    let (b, s, nh, nkv, hd) = att.spec.dims();
-    let g = nh / nkv;
     let (q, mut k, mut v) = heads(q, k, v, att);
     if let Some(slot) = cache {
         if let Some((pk, pv)) = slot.take() {
@@ -234,6 +232,22 @@ fn attention_core<B: Backend>(
         }
         *slot = Some((k.clone(), v.clone()));
     }
+    let [b, nh, s, hd] = q.dims();
+    attention_heads(q, k, v, att)
+        .swap_dims(1, 2)
+        .reshape([b * s, nh * hd])
+}
+
+/// Masked softmax attention of rotated q `[b, nh, s, hd]` over k / v `[b, nkv, t, hd]`, `[b, nh, s, hd]` out.
+pub(crate) fn attention_heads<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    att: &Attention<B>,
+) -> Tensor<B, 4> {
+    let [b, nh, s, hd] = q.dims();
+    let nkv = k.dims()[1];
+    let g = nh / nkv;
     let t = k.dims()[2];
     let dtype = q.dtype();
     // GQA without copying k/v: fold the g query heads of each kv head into the row dimension.
@@ -248,8 +262,6 @@ fn attention_core<B: Backend>(
     let probs = to_dtype(activation::softmax(scores, 3), dtype);
     let out = probs.reshape([b, nkv, g * s, t]).matmul(v);
     out.reshape([b, nh, s, hd])
-        .swap_dims(1, 2)
-        .reshape([b * s, nh * hd])
 }
 
 /// q `[b, nh, s, hd]`, k / v `[b, nkv, s, hd]` from their `[b·s, heads·hd]` rows, RoPE applied to q and k.

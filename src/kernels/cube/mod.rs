@@ -13,8 +13,12 @@
 //!   device in their blocks (uploaded once per matrix) and dequantized there tile by tile where a product reads
 //!   them: the frozen product `x·Wᵀ` of a linear group is one autodiff node saving only the quantized handle, and a
 //!   quantized head is dequantized on the device for the fused loss. NF4 too (codes + per-block absmax).
+//! - [`gemm`] — the GEMM table (`bench --gemm`: cubek's strategies timed and checked on a step's products) and
+//!   the dense frozen products through one strategy when `LORATUNE_GEMM` names it.
 //!
-//! RoPE and the projections run burn's ops (cubek's matmuls, autotuned with `cuda`); the reference's linear group
+//! Attention runs [`super::blockwise`] (query blocks on the backend's GEMMs) unless `LORATUNE_ATTENTION=tile`
+//! selects [`attention`]'s unit-per-row kernels. RoPE and the projections run burn's ops (cubek's default GEMM
+//! strategy; burn's autotune with `--features autotune`); the reference's linear group
 //! stacks the adapters' `A` factors of a group into one GEMM when no dropout mask separates their inputs.
 
 /// Launch `$module::$kernel` with the float type chosen from the runtime dtype `$dtype`.
@@ -32,6 +36,7 @@ macro_rules! launch_float {
 pub mod act;
 pub mod attention;
 pub mod dequant;
+pub mod gemm;
 pub mod norm;
 pub mod quant;
 mod reduce;
@@ -567,6 +572,20 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for CubeBackend<R, F, I, BT>
 {
+    const CUBE_ATTENTION: bool = true;
+
+    fn gemm_table(
+        device: &Self::Device,
+        dtype: DType,
+        shapes: &[super::GemmShape],
+        reps: usize,
+        print: &mut dyn FnMut(&super::GemmRow),
+    ) -> Option<Vec<super::GemmRow>> {
+        Some(gemm::table::<R, F, I, BT>(
+            device, dtype, shapes, reps, print,
+        ))
+    }
+
     fn rms_norm<const D: usize>(
         x: Tensor<Self, D>,
         norm: &super::NormRef<'_, Self>,
@@ -593,6 +612,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             return reference::attention(qkv, att);
         }
         let (q, k, v) = reference::rope_heads(qkv, att);
+        if let super::CubeAttention::Blockwise(block) = super::cube_attention() {
+            return rows(super::blockwise::attention_forward(
+                q, k, v, &att.spec, block,
+            ));
+        }
         let (q, k, v) = (
             into_contiguous(float(q)),
             into_contiguous(float(k)),
@@ -631,6 +655,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
     for Autodiff<CubeBackend<R, F, I, BT>>
 {
+    const CUBE_ATTENTION: bool = true;
+
     fn rms_norm<const D: usize>(
         x: Tensor<Self, D>,
         norm: &super::NormRef<'_, Self>,
@@ -677,6 +703,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
             return reference::attention(qkv, att);
         }
         let (q, k, v) = reference::rope_heads(qkv, att);
+        if let super::CubeAttention::Blockwise(block) = super::cube_attention() {
+            return rows(super::blockwise::attention(q, k, v, &att.spec, block));
+        }
         let (q, k, v) = (float(q), float(k), float(v));
         let (qp, kp, vp) = (
             into_contiguous(q.primitive.clone()),

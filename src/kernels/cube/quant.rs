@@ -388,6 +388,11 @@ pub fn frozen_product<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolEl
     x: Tensor<Cube<R, F, I, BT>, 2>,
     w: &Frozen<Cube<R, F, I, BT>>,
 ) -> Tensor<Cube<R, F, I, BT>, 2> {
+    if let (Frozen::Dense(t), Some(gemm)) = (w, super::gemm::chosen()) {
+        let xt = super::into_contiguous(float(x));
+        let wt = float(t.clone().transpose());
+        return tensor(super::gemm::matmul::<R, F, I, BT>(gemm, xt, wt));
+    }
     match w {
         Frozen::Quant { q, dtype, device } => match device_blocks::<R>(q, device) {
             Some(dq) => {
@@ -408,7 +413,10 @@ pub fn frozen_product_ad<R: CubeRuntime, F: FloatElement, I: IntElement, BT: Boo
 ) -> Tensor<Autodiff<Cube<R, F, I, BT>>, 2> {
     let (q, dtype, device) = match w {
         Frozen::Quant { q, dtype, device } => (q, *dtype, device),
-        Frozen::Dense(t) => return x.matmul(t.clone().transpose()),
+        Frozen::Dense(t) => match super::gemm::chosen() {
+            Some(gemm) => return dense_product_ad(x, t, gemm),
+            None => return x.matmul(t.clone().transpose()),
+        },
     };
     let Some(dq) = device_blocks::<R>(q, device) else {
         return x.matmul(w.dense().transpose());
@@ -425,6 +433,47 @@ pub fn frozen_product_ad<R: CubeRuntime, F: FloatElement, I: IntElement, BT: Boo
         OpsKind::UnTracked(prep) => prep.finish(float(y)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// `x·Wᵀ` for a dense frozen W under autodiff with the GEMM strategy `LORATUNE_GEMM` chose
+/// ([`super::gemm::chosen`]): one node whose parent is x, saving W's handle (no copy) for `dx = dy·W`.
+fn dense_product_ad<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: Tensor<Autodiff<Cube<R, F, I, BT>>, 2>,
+    w: &Tensor<Autodiff<Cube<R, F, I, BT>>, 2>,
+    gemm: usize,
+) -> Tensor<Autodiff<Cube<R, F, I, BT>>, 2> {
+    let x = float(x);
+    let w = float(w.clone()).primitive;
+    let wt = float(tensor::<R, F, I, BT>(w.clone()).transpose());
+    let y =
+        super::gemm::matmul::<R, F, I, BT>(gemm, super::into_contiguous(x.primitive.clone()), wt);
+    let out = match DenseMatmulBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((w, gemm), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The dense frozen product's backward: `dx = dy·W` with the same strategy.
+#[derive(Debug)]
+struct DenseMatmulBackward;
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Backward<Cube<R, F, I, BT>, 1>
+    for DenseMatmulBackward
+{
+    type State = (CubeTensor<R>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Cube<R, F, I, BT>>(&ops.node);
+        let Some(p) = &ops.parents[0] else { return };
+        let (w, gemm) = ops.state;
+        let dx = super::gemm::matmul::<R, F, I, BT>(gemm, super::into_contiguous(dy), w);
+        grads.register::<Cube<R, F, I, BT>>(p.id, dx);
+    }
 }
 
 /// A quantized head dequantized on the device whole, `[vocab, hidden]` in its compute dtype (the fused loss
@@ -451,11 +500,16 @@ pub fn group_covered<B: Backend>(x: &Tensor<B, 2>, members: &[LinearRef<'_, B>])
     let dtype = x.dtype();
     crate::kernels::enabled()
         && is_float(dtype)
-        && members.iter().any(|m| is_device_quant(m.weight))
+        && (members.iter().any(|m| is_device_quant(m.weight)) || dense_gemm_chosen())
         && members
             .iter()
             .filter(|m| is_device_quant(m.weight))
             .all(|m| m.weight.dtype() == dtype && m.weight.dims()[1] == x.dims()[1])
+}
+
+/// Whether `LORATUNE_GEMM` sends dense frozen products through a chosen strategy (CubeCL builds only).
+fn dense_gemm_chosen() -> bool {
+    super::gemm::chosen().is_some()
 }
 
 fn to_dtype<B: Backend>(x: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {

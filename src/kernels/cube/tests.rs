@@ -30,7 +30,7 @@ fn suite(dtype: DType) {
     assert!(failed.is_empty(), "{dtype:?}:\n{}", failed.join("\n"));
     assert_eq!(
         checks.len(),
-        17 + 2 * check::QUANT_CASES.len(),
+        24 + 2 * check::QUANT_CASES.len(),
         "the suite's cases"
     );
 }
@@ -609,6 +609,32 @@ fn cube_quantized_linear_group_equals_the_reference() {
         }
     }
     println!("{}", report.join("\n"));
+}
+
+/// Dense frozen products through a GEMM strategy chosen by name (`LORATUNE_GEMM`): the group above, its dense
+/// member through the chosen strategy's forward and backward op, equals the reference — with a strategy lavapipe
+/// runs (`simple_unit`) and with a tensor-core one it cannot (`specialized_tma_mma`: burn's matmul takes over).
+#[test]
+fn cube_dense_product_with_a_chosen_gemm_equals_the_reference() {
+    let (ty, q) = quant_cases(40, 21).remove(0);
+    let unit = super::gemm::names().pop().expect("strategies");
+    assert!(unit.starts_with("matmul_simple_unit"), "{unit}");
+    for name in [unit.as_str(), "specialized_tma_mma"] {
+        for dtype in [DType::F32, DType::F16] {
+            let tol = if dtype == DType::F32 {
+                1e-5
+            } else {
+                check::tolerance(dtype)
+            };
+            let (v, g) = super::gemm::with_gemm(Some(name), || {
+                quant_group_case(&ty, &q, dtype, false, None)
+            });
+            assert!(
+                v <= tol && g <= tol,
+                "{name} {dtype:?}: value {v:.2e}, grad {g:.2e} (tolerance {tol:.0e})"
+            );
+        }
+    }
 }
 
 /// The same group on the plain (non-autodiff) backend: the frozen product without a graph.
