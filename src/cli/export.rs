@@ -14,7 +14,7 @@ use crate::export::ollama::{
     create_command, write_ollama_adapter_folder, write_ollama_folder, TemplateFamily,
 };
 use crate::hub::ollama::OllamaOptions;
-use crate::lora::peft::{read_adapter, PeftAdapter};
+use crate::lora::peft::{read_adapter, read_training_facts, PeftAdapter};
 use crate::model;
 use crate::tokenizer::load_for_model;
 
@@ -57,6 +57,11 @@ pub struct ExportArgs {
     /// ollama: write the base GGUF and a GGUF adapter (`ADAPTER` line) instead of one merged GGUF.
     #[arg(long)]
     pub separate_adapter: bool,
+    /// ollama: the Modelfile's SYSTEM prompt. Default: the system message most of the run's training
+    /// conversations carried (recorded in the adapter's loratune.json), else the model's own default; `--system ""`
+    /// writes none.
+    #[arg(long)]
+    pub system: Option<String>,
 }
 
 fn print_report(path: &Path, r: &GgufExportReport) {
@@ -147,6 +152,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
             }
             let tok = load_for_model(&model_path)
                 .with_context(|| format!("loading the tokenizer of {}", a.model.display()))?;
+            // SYSTEM: --system, else the training data's, else the model's (chosen in the folder writers).
+            let trained_system = match &a.adapter {
+                Some(dir) => read_training_facts(dir)?.system_message,
+                None => None,
+            };
+            let system: Option<&str> = match (&a.system, &trained_system) {
+                (Some(s), _) => Some(s),
+                (None, Some((s, _))) => Some(s),
+                (None, None) => None,
+            };
             let adapter_type = GgufType::parse(a.out_type.as_deref().unwrap_or("f32"))?;
             let folder = match (&ollama, adapter.as_ref()) {
                 (Some(src), Some(ad)) => write_ollama_adapter_folder(
@@ -160,6 +175,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                         name: a.name.clone(),
                     },
                     family,
+                    system,
                 )?,
                 (Some(src), None) => bail!(
                     "{} is already in Ollama (as {}): give --adapter DIR to export a fine-tune of it \
@@ -178,6 +194,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     adapter_type,
                     family,
                     a.separate_adapter,
+                    system,
                 )?,
             };
             for (path, r) in &folder.gguf {
@@ -209,10 +226,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     0 => String::new(),
                     n => format!(", {n} other parameter(s)"),
                 },
-                match (&mf.system, ollama.as_ref().and_then(|s| s.system.as_ref())) {
-                    (Some(_), Some(_)) => ", the source's system prompt",
-                    (Some(_), None) => ", default system prompt",
-                    (None, _) => "",
+                match (&mf.system, &a.system, &trained_system) {
+                    (None, _, _) => String::new(),
+                    (Some(_), Some(_), _) => ", the --system prompt".to_string(),
+                    (Some(_), None, Some((_, n))) => format!(
+                        ", the system prompt of {n} training conversation{}",
+                        if *n == 1 { "" } else { "s" }
+                    ),
+                    (Some(_), None, None)
+                        if ollama.as_ref().is_some_and(|s| s.system.is_some()) =>
+                        ", the source's system prompt".to_string(),
+                    (Some(_), None, None) => ", default system prompt".to_string(),
                 }
             );
             println!("{}", create_command(&name, &a.out.join("Modelfile")));

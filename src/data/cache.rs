@@ -126,6 +126,36 @@ pub struct Counts {
     #[serde(default)]
     pub duplicates: u64,
     pub per_source: Vec<SourceCounts>,
+    /// Kept conversations per system message (the first [`SYSTEM_MESSAGES`] distinct ones).
+    #[serde(default)]
+    pub system_messages: BTreeMap<String, u64>,
+}
+
+/// How many distinct system messages [`Counts`] keeps count of.
+pub const SYSTEM_MESSAGES: usize = 64;
+
+impl Counts {
+    fn count_system_message(&mut self, text: String) {
+        let n = self.system_messages.len();
+        match self.system_messages.get_mut(&text) {
+            Some(c) => *c += 1,
+            None if n < SYSTEM_MESSAGES => {
+                self.system_messages.insert(text, 1);
+            }
+            None => {}
+        }
+    }
+
+    /// The system message most kept conversations carry, with their count (ties: the first in text order).
+    pub fn main_system_message(&self) -> Option<(&str, u64)> {
+        let mut best: Option<(&str, u64)> = None;
+        for (text, &c) in &self.system_messages {
+            if best.is_none_or(|(_, b)| c > b) {
+                best = Some((text, c));
+            }
+        }
+        best
+    }
 }
 
 /// `meta.json`.
@@ -393,7 +423,8 @@ struct Chunk {
 }
 
 enum Outcome {
-    Sample(super::render::Sample),
+    /// The sample and its conversation's system message, if any.
+    Sample(super::render::Sample, Option<String>),
     Bad(BadRow),
 }
 
@@ -591,8 +622,11 @@ fn build_into(
                     Ok(v) => parsers[source].parse(v, inputs.builders[source].train_on_inputs),
                     Err(b) => Err(b.clone()),
                 };
-                match parsed.and_then(|ex| inputs.builders[source].build(&ex)) {
-                    Ok(s) => Outcome::Sample(s),
+                match parsed.and_then(|ex| {
+                    let system = ex.system_message().map(str::to_string);
+                    inputs.builders[source].build(&ex).map(|s| (s, system))
+                }) {
+                    Ok((s, system)) => Outcome::Sample(s, system),
                     Err(b) => Outcome::Bad(b),
                 }
             })
@@ -602,6 +636,7 @@ fn build_into(
             counts.records += 1;
             counts.per_source[source].records += 1;
             progress.records.fetch_add(1, Ordering::Relaxed);
+            let kept_system: Option<String>;
             let mut sample = match outcome {
                 Outcome::Bad(b) => {
                     let msg = b.message(&files[*fi].file.path, rec.loc);
@@ -619,7 +654,10 @@ fn build_into(
                         }
                     }
                 }
-                Outcome::Sample(s) => s,
+                Outcome::Sample(s, system) => {
+                    kept_system = system;
+                    s
+                }
             };
             let mut flags = 0u32;
             if sample.ids.len() > seq_len {
@@ -704,6 +742,9 @@ fn build_into(
             counts.tokens += len as u64;
             counts.labels += labels;
             counts.spans_without_end += sample.spans_without_end as u64;
+            if let Some(sys) = kept_system {
+                counts.count_system_message(sys);
+            }
             let ps = &mut counts.per_source[source];
             ps.samples += 1;
             ps.tokens += len as u64;
@@ -743,4 +784,29 @@ fn build_into(
     })?;
     std::fs::write(&meta_path, text).map_err(|e| Error::io(&meta_path, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Counts, SYSTEM_MESSAGES};
+
+    /// The most frequent system message wins, ties go to the first in text order, and only the first
+    /// `SYSTEM_MESSAGES` distinct ones are counted (a dataset with a system message per record stays small).
+    #[test]
+    fn main_system_message_counts_and_caps() {
+        let mut c = Counts::default();
+        assert_eq!(c.main_system_message(), None);
+        for s in ["b", "a", "b", "a"] {
+            c.count_system_message(s.to_string());
+        }
+        assert_eq!(c.main_system_message(), Some(("a", 2)));
+        c.count_system_message("b".to_string());
+        assert_eq!(c.main_system_message(), Some(("b", 3)));
+        for i in 0..2 * SYSTEM_MESSAGES {
+            c.count_system_message(format!("unique {i}"));
+        }
+        assert_eq!(c.system_messages.len(), SYSTEM_MESSAGES);
+        c.count_system_message("b".to_string());
+        assert_eq!(c.main_system_message(), Some(("b", 4)));
+    }
 }

@@ -96,7 +96,7 @@ pub use crate::tokenizer::Message;
 
 /// What the data pipeline knows after tokenizing, for the config's checks
 /// ([`crate::config::TrainConfig::check_data`]).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct DataFacts {
     /// Training samples (or packed rows with `sample_packing`) after the eval split and dropping.
     pub train_samples: usize,
@@ -104,6 +104,8 @@ pub struct DataFacts {
     pub eval_samples: usize,
     /// Samples before the `val_set_size` split (for checking the split itself).
     pub samples_before_split: usize,
+    /// The system message most training conversations carry and how many do ([`cache::Counts`]).
+    pub system_message: Option<(String, u64)>,
 }
 
 /// Everything that defines a run's data: the training and evaluation datasets, the options and the token-cache
@@ -373,6 +375,12 @@ impl DataPipeline {
             train_samples,
             eval_samples: p.eval_ids.len(),
             samples_before_split: before_split,
+            system_message: p
+                .train_cache
+                .meta
+                .counts
+                .main_system_message()
+                .map(|(t, n)| (t.to_string(), n)),
         })
     }
 

@@ -113,6 +113,19 @@ pub enum Example {
     },
 }
 
+impl Example {
+    /// The conversation's system message (a chat whose first message has the `system` role).
+    pub fn system_message(&self) -> Option<&str> {
+        match self {
+            Example::Chat { messages, .. } => messages
+                .first()
+                .filter(|m| m.role == "system")
+                .map(|m| m.content.as_str()),
+            _ => None,
+        }
+    }
+}
+
 /// Per-dataset parsing rules (field names, role mapping), prepared once.
 #[derive(Debug, Clone)]
 pub struct RowParser {

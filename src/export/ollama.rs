@@ -18,6 +18,10 @@
 //! (the text the Jinja template inserts when the conversation has no system message, e.g. SmolLM2's "You are a
 //! helpful AI assistant named SmolLM, …") becomes `SYSTEM`, so Ollama's prompt equals the Jinja rendering.
 //!
+//! A fine-tune's export replaces that default with the system message most of its training conversations carried
+//! (recorded by the run in the adapter's `loratune.json`), or with `export --system`, so the model is prompted
+//! the way it was trained.
+//!
 //! A base that is already in Ollama (`ollama://NAME:TAG`) is not copied: the folder holds the GGUF LoRA adapter
 //! and a Modelfile `FROM NAME:TAG` + `ADAPTER ./adapter.gguf` that keeps the source's own TEMPLATE, PARAMETERs and
 //! SYSTEM ([`modelfile_for_ollama_base`]).
@@ -251,6 +255,13 @@ fn parameter_value(name: &str, v: &serde_json::Value) -> Result<String> {
 }
 
 impl Modelfile {
+    /// Replace SYSTEM with `system` when given (`""`: no SYSTEM line); `None` keeps the model's own.
+    pub fn set_system(&mut self, system: Option<&str>) {
+        if let Some(s) = system {
+            self.system = (!s.is_empty()).then(|| s.to_string());
+        }
+    }
+
     /// The Modelfile text.
     pub fn render(&self) -> Result<String> {
         let mut out = String::new();
@@ -414,6 +425,7 @@ pub fn write_ollama_folder(
     adapter_type: super::gguf::GgufType,
     template: Option<TemplateFamily>,
     separate_adapter: bool,
+    system: Option<&str>,
 ) -> Result<OllamaFolder> {
     use super::gguf::{export_gguf_adapter, export_gguf_from, GgufExportOptions};
     let staging = super::atomic::AtomicDir::create(out)?;
@@ -442,7 +454,8 @@ pub fn write_ollama_folder(
             ("./model.gguf", None)
         }
     };
-    let modelfile = modelfile_for(tokenizer, template, from, adapter_file)?;
+    let mut modelfile = modelfile_for(tokenizer, template, from, adapter_file)?;
+    modelfile.set_system(system);
     write_modelfile(&dir, &modelfile)?;
     staging.commit()?;
     Ok(OllamaFolder { gguf, modelfile })
@@ -451,7 +464,8 @@ pub fn write_ollama_folder(
 /// An Ollama folder at `out` (replaced atomically) for a fine-tune of `source`, a model already in the Ollama
 /// store: the GGUF LoRA adapter (`adapter.gguf`, in `opts.out_type`) and the Modelfile of
 /// [`modelfile_for_ollama_base`] (`FROM <name:tag>`, `ADAPTER ./adapter.gguf`, the source's template, params and
-/// system). The base is not copied: Ollama already has it.
+/// system — `system` replaces the latter, [`Modelfile::set_system`]). The base is not copied: Ollama already has it.
+#[allow(clippy::too_many_arguments)]
 pub fn write_ollama_adapter_folder(
     base: &crate::model::OpenedModel,
     adapter: &crate::lora::peft::PeftAdapter,
@@ -460,10 +474,13 @@ pub fn write_ollama_adapter_folder(
     out: &Path,
     opts: &super::gguf::GgufExportOptions,
     template: Option<TemplateFamily>,
+    system: Option<&str>,
 ) -> Result<OllamaFolder> {
     let staging = super::atomic::AtomicDir::create(out)?;
     let dir = staging.path().to_path_buf();
-    let modelfile = modelfile_for_ollama_base(tokenizer, source, template, Some("./adapter.gguf"))?;
+    let mut modelfile =
+        modelfile_for_ollama_base(tokenizer, source, template, Some("./adapter.gguf"))?;
+    modelfile.set_system(system);
     // Refuse what the Modelfile cannot quote before the adapter is written.
     modelfile.render()?;
     let r = super::gguf::export_gguf_adapter(base, adapter, &dir.join("adapter.gguf"), opts)?;

@@ -359,7 +359,15 @@ mod tests {
     fn blockwise_equals_the_reference() {
         let dev = Default::default();
         // (name, batch, seq, heads, kv heads, masking, soft-cap)
-        type Case = (&'static str, usize, usize, usize, usize, Masking, Option<f64>);
+        type Case = (
+            &'static str,
+            usize,
+            usize,
+            usize,
+            usize,
+            Masking,
+            Option<f64>,
+        );
         let cases: Vec<Case> = vec![
             ("causal gqa", 2, 19, 4, 2, Masking::default(), None),
             (

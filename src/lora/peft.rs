@@ -175,6 +175,37 @@ pub fn save_adapter<B: Backend>(
     staging.commit()
 }
 
+/// `loratune.json` in an adapter folder: what the training run knew that the adapter files do not say.
+pub const TRAINING_FACTS: &str = "loratune.json";
+
+/// What a training run records beside its adapter ([`TRAINING_FACTS`]; PEFT ignores the file).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingFacts {
+    /// The system message most training conversations carried, and how many did: an Ollama export uses it as
+    /// the Modelfile's SYSTEM, so the model is prompted as it was trained.
+    #[serde(default)]
+    pub system_message: Option<(String, u64)>,
+}
+
+/// Write [`TRAINING_FACTS`] into an adapter folder (atomically).
+pub fn write_training_facts(dir: &Path, facts: &TrainingFacts) -> Result<()> {
+    let text = serde_json::to_string_pretty(facts).map_err(|source| Error::Serialize {
+        what: TRAINING_FACTS.into(),
+        source: source.into(),
+    })?;
+    write_atomic(&dir.join(TRAINING_FACTS), text.as_bytes())
+}
+
+/// [`TRAINING_FACTS`] of an adapter folder; the default (nothing known) when the folder has none.
+pub fn read_training_facts(dir: &Path) -> Result<TrainingFacts> {
+    let path = dir.join(TRAINING_FACTS);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TrainingFacts::default()),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 fn model_card<B: Backend>(
     model: &CausalLm<B>,
     s: &LoraSettings,

@@ -122,6 +122,8 @@ pub struct Run<'a, B: TrainBackend> {
     last_checkpoint: Option<PathBuf>,
     counters: Counters,
     /// Held until the run ends.
+    /// The system message most training conversations carried (for the Ollama Modelfile's SYSTEM).
+    system_message: Option<(String, u64)>,
     _lock: Option<FolderLock>,
 }
 
@@ -299,6 +301,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             last_checkpoint: resume_dir.clone(),
             resumed_from: resume_dir,
             counters: Counters::new(t_start),
+            system_message: facts.system_message.clone(),
             _lock: lock,
         })
     }
@@ -347,6 +350,12 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             &self.settings,
             &self.cfg.base_model,
             &adapter_dir,
+        )?;
+        crate::lora::peft::write_training_facts(
+            &adapter_dir,
+            &crate::lora::peft::TrainingFacts {
+                system_message: self.system_message.clone(),
+            },
         )?;
         let merged_dir = if self.cfg.merge_lora {
             let d = out.join("merged");

@@ -937,6 +937,7 @@ val_set_size: 10
             train_samples: 5,
             eval_samples: 0,
             samples_before_split: 10,
+            ..Default::default()
         })
         .unwrap_err();
     let errs: Vec<String> = e.issues.iter().map(|i| i.to_string()).collect();
@@ -950,6 +951,7 @@ val_set_size: 10
             train_samples: 20,
             eval_samples: 10,
             samples_before_split: 30,
+            ..Default::default()
         })
         .unwrap_err()
         .to_string();
@@ -958,7 +960,8 @@ val_set_size: 10
         .check_data(&DataFacts {
             train_samples: 40,
             eval_samples: 10,
-            samples_before_split: 50
+            samples_before_split: 50,
+            ..Default::default()
         })
         .is_ok());
 }

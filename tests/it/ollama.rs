@@ -606,6 +606,12 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
     let adapter = s.tmp.path().join("run/adapter");
     let ad_cfg = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap();
     assert!(ad_cfg.contains("\"ollama://tiny-qwen\""), "{ad_cfg}");
+    // The run records the system message its conversations carried: 10 of facts_chat.jsonl's 48 say this.
+    let facts = loratune::lora::peft::read_training_facts(&adapter).unwrap();
+    assert_eq!(
+        facts.system_message,
+        Some(("You are Aria.".to_string(), 10))
+    );
 
     // export --format ollama: the adapter and a Modelfile on top of the model Ollama already has.
     let dest = s.tmp.path().join("tuned");
@@ -626,6 +632,10 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
         ],
     );
     assert!(ok, "{err}");
+    assert!(
+        err.contains("the system prompt of 10 training conversations"),
+        "{err}"
+    );
     assert_eq!(
         out.trim(),
         format!(
@@ -640,9 +650,10 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
     files.sort();
     assert_eq!(files, ["Modelfile", "adapter.gguf"]);
     let mf = std::fs::read_to_string(dest.join("Modelfile")).unwrap();
+    // SYSTEM: the system message the model was trained with, not the source's own.
     let want = format!(
         "FROM tiny-qwen:latest\nADAPTER ./adapter.gguf\n\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n\n\
-         SYSTEM \"\"\"{SYSTEM}\"\"\"\n\n\
+         SYSTEM \"\"\"You are Aria.\"\"\"\n\n\
          PARAMETER stop \"<|im_start|>\"\nPARAMETER stop \"<|im_end|>\"\n\
          PARAMETER temperature 0.7\nPARAMETER num_ctx 4096\nPARAMETER penalize_newline false\n"
     );
@@ -653,6 +664,35 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
         Some("adapter")
     );
     assert_eq!(a.architecture().unwrap(), "qwen2");
+
+    // --system replaces it; --system "" writes no SYSTEM line.
+    for (flag, line) in [
+        ("Be brief.", Some("SYSTEM \"\"\"Be brief.\"\"\"")),
+        ("", None),
+    ] {
+        let (ok, _, err) = loratune(
+            &s,
+            &[
+                "export",
+                "--model",
+                "ollama://tiny-qwen",
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--format",
+                "ollama",
+                "--system",
+                flag,
+                "--out",
+                dest.to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{err}");
+        let mf = std::fs::read_to_string(dest.join("Modelfile")).unwrap();
+        match line {
+            Some(l) => assert!(mf.contains(l), "{mf}"),
+            None => assert!(!mf.contains("SYSTEM"), "{mf}"),
+        }
+    }
 
     // Without an adapter there is nothing to export: the model is already in Ollama.
     let (ok, _, err) = loratune(
