@@ -243,7 +243,7 @@ pub(crate) const AXOLOTL_KEYS: &[AxolotlKey] = &[
     top("use_otel_metrics", Ignored(TRACKER)),
     top("use_ray", Ignored(ONE_DEVICE)),
     top("use_sonicmoe", Ignored(KERNELS)),
-    top("use_tensorboard", Ignored(TRACKER)),
+    top("use_tensorboard", Implemented("train::tensorboard tests; it::train tensorboard_events_follow_the_run")),
     top("use_wandb", Ignored(TRACKER)),
     top("val_set_size", Implemented("data tests")),
     top("wandb_entity", Ignored(TRACKER)),

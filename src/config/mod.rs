@@ -286,6 +286,14 @@ pub struct TrainConfig {
     pub resume_from_checkpoint: Option<PathBuf>,
     /// Resume from the newest checkpoint in `output_dir` if there is one. Default: `false`.
     pub auto_resume_from_checkpoints: bool,
+    /// Also write the run's scalars as TensorBoard event files in `output_dir/runs/` (Axolotl's name). Default:
+    /// `false`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub use_tensorboard: bool,
+    /// transformers' name for the same: `tensorboard` (or a list holding it) writes the event files; `none`
+    /// nothing; other trackers (`wandb`, `mlflow`, …) have no effect (loratune runs offline). Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_to: Option<ReportTo>,
     /// Also write the merged model (`output_dir/merged/`, HF folder) at the end. Default: `false`.
     pub merge_lora: bool,
     /// Dtype of the merged model: `auto` (the base's stored dtype), `f32`, `bf16`, `f16`. Default: `auto`.
@@ -387,6 +395,8 @@ impl Default for TrainConfig {
             early_stopping_patience: None,
             resume_from_checkpoint: None,
             auto_resume_from_checkpoints: false,
+            use_tensorboard: false,
+            report_to: None,
             merge_lora: false,
             export_dtype: ExportDtype::Auto,
             merged_shard_size: ByteSize {
@@ -895,7 +905,19 @@ impl TrainConfig {
         "loss_watchdog_threshold",
         "loss_watchdog_patience",
         "eval_batch_size",
+        "use_tensorboard",
+        "report_to",
     ];
+
+    /// Whether the run writes TensorBoard event files (`use_tensorboard: true`, or `report_to` naming
+    /// `tensorboard` or `all`).
+    pub fn tensorboard(&self) -> bool {
+        self.use_tensorboard
+            || self
+                .report_to
+                .as_ref()
+                .is_some_and(|r| r.names().any(|n| n == "tensorboard" || n == "all"))
+    }
 
     /// A stable hash (16 hex digits, FNV-1a 64 over the canonical JSON of the resolved config minus
     /// [`TrainConfig::HASH_EXCLUDED_KEYS`]). Equal hashes mean a checkpoint can be resumed with this config.
@@ -990,5 +1012,43 @@ mod tests {
         );
         c.lora_target_linear = true;
         assert_eq!(c.lora_targets(), Some(TargetSpec::AllLinear));
+    }
+}
+
+/// `report_to`: one tracker name or a list (transformers' `TrainingArguments.report_to`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReportTo {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ReportTo {
+    /// The trackers transformers knows (`all` and `none` besides): loratune writes `tensorboard`'s files; the
+    /// others would need a network service or a Python library.
+    pub const KNOWN: &'static [&'static str] = &[
+        "tensorboard",
+        "all",
+        "none",
+        "wandb",
+        "mlflow",
+        "comet_ml",
+        "neptune",
+        "clearml",
+        "dagshub",
+        "dvclive",
+        "codecarbon",
+        "azure_ml",
+        "flyte",
+        "swanlab",
+        "trackio",
+    ];
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let v: Vec<&str> = match self {
+            ReportTo::One(s) => vec![s.as_str()],
+            ReportTo::Many(v) => v.iter().map(String::as_str).collect(),
+        };
+        v.into_iter()
     }
 }

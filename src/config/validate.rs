@@ -303,6 +303,32 @@ pub(crate) fn resolve_and_validate(
     if cfg.max_steps == Some(0) {
         issues.push(Issue::invalid(k("max_steps"), "must be at least 1, got 0"));
     }
+    if let Some(r) = &cfg.report_to {
+        for name in r.names() {
+            if !super::ReportTo::KNOWN.contains(&name) {
+                issues.push(Issue::invalid(
+                    k("report_to"),
+                    format!(
+                        "unknown tracker `{name}`; use tensorboard (event files in output_dir/runs) or none"
+                    ),
+                ));
+            }
+        }
+        let others: Vec<&str> = r
+            .names()
+            .filter(|n| !["tensorboard", "all", "none"].contains(n))
+            .collect();
+        if !others.is_empty() {
+            warnings.push(Issue::key(
+                k("report_to"),
+                "`report_to` has no effect",
+                Some(format!(
+                    "for {}: only tensorboard is written (output_dir/runs); metrics also go to output_dir/metrics.jsonl",
+                    others.join(", ")
+                )),
+            ));
+        }
+    }
     if cfg.num_epochs.is_some() && cfg.max_steps.is_some() {
         warnings.push(Issue::key(
             k("num_epochs"),

@@ -9,3 +9,4 @@ pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;

@@ -31,11 +31,33 @@ pub struct MetricLine {
     pub epoch: Option<f64>,
 }
 
+impl MetricLine {
+    /// The line's values under TensorBoard tags (the names the transformers Trainer logs).
+    pub fn scalars(&self) -> Vec<(&'static str, f32)> {
+        [
+            ("train/loss", self.loss),
+            ("train/learning_rate", self.lr),
+            ("train/grad_norm", self.grad_norm),
+            ("train/aux_loss", self.aux_loss),
+            ("train/tokens_per_second", self.tokens_per_second),
+            // An evaluation line repeats its step's epoch: logged once, with the training scalars.
+            ("train/epoch", self.epoch.filter(|_| self.loss.is_some())),
+            ("eval/loss", self.eval_loss),
+            ("eval/perplexity", self.eval_perplexity),
+        ]
+        .into_iter()
+        .filter_map(|(tag, v)| v.map(|v| (tag, v as f32)))
+        .collect()
+    }
+}
+
 /// Append-only metrics.jsonl (flushed per line so a crash loses nothing written).
 pub struct MetricsWriter {
     file: std::fs::File,
     path: std::path::PathBuf,
     pub lines: u64,
+    /// The same scalars as TensorBoard events (`use_tensorboard`).
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
@@ -59,7 +81,16 @@ impl MetricsWriter {
             file,
             path,
             lines: kept.len() as u64,
+            tensorboard: None,
         })
+    }
+
+    /// Also write every line's scalars to TensorBoard event files.
+    pub fn with_tensorboard(self, w: super::tensorboard::EventWriter) -> Self {
+        MetricsWriter {
+            tensorboard: Some(w),
+            ..self
+        }
     }
 
     pub fn write(&mut self, m: &MetricLine) -> Result<()> {
@@ -70,6 +101,9 @@ impl MetricsWriter {
         writeln!(self.file, "{s}").map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
         self.lines += 1;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(m.step, &m.scalars())?;
+        }
         Ok(())
     }
 }

@@ -263,7 +263,16 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             }
             _ => (fresh_state(cfg), data.train_loader(None)?),
         };
-        let metrics = MetricsWriter::open(out, state.metrics_lines)?;
+        let mut metrics = MetricsWriter::open(out, state.metrics_lines)?;
+        if cfg.tensorboard() {
+            let resumed_at = resume_dir.is_some().then_some(state.global_step);
+            let tb = super::tensorboard::EventWriter::create(
+                &out.join(super::tensorboard::DIR),
+                resumed_at,
+            )?;
+            printer.line(&format!("tensorboard: {}", tb.path().display()));
+            metrics = metrics.with_tensorboard(tb);
+        }
         let updates_per_epoch = micro_per_epoch
             .div_ceil(cfg.gradient_accumulation_steps.max(1) as u64)
             .max(1);

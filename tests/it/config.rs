@@ -536,6 +536,37 @@ datasets:
     assert_eq!(w, vec!["`datasets.0.field_instruction` has no effect at line 7 column 5; it does not apply to `type: chat_template`"]);
 }
 
+/// `use_tensorboard` / `report_to` turn the event files on; other trackers warn; an unknown one is an error.
+#[test]
+fn tensorboard_keys() {
+    let d = data_dir();
+    let c = load_in(d.path(), &format!("{GOOD}use_tensorboard: true\n"), &[]).unwrap();
+    assert!(c.tensorboard());
+    assert!(!load_in(d.path(), GOOD, &[]).unwrap().tensorboard());
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}report_to: [wandb, tensorboard]\n"),
+        &[],
+    )
+    .unwrap();
+    assert!(c.tensorboard());
+    let w: Vec<String> = c.warnings().iter().map(|w| w.to_string()).collect();
+    assert_contains(
+        &w,
+        &[
+            "`report_to` has no effect",
+            "for wandb: only tensorboard is written",
+        ],
+    );
+    let c = load_in(d.path(), &format!("{GOOD}report_to: none\n"), &[]).unwrap();
+    assert!(!c.tensorboard() && c.warnings().is_empty());
+    let errs = errors(d.path(), &format!("{GOOD}report_to: tensorbord\n"), &[]);
+    assert_contains(
+        &errs,
+        &["invalid `report_to`", "unknown tracker `tensorbord`"],
+    );
+}
+
 #[test]
 fn axolotl_keys_loratune_does_not_implement() {
     let d = data_dir();

@@ -508,6 +508,72 @@ mod runs {
         assert_eq!(steps, (1..=12).collect::<Vec<_>>());
     }
 
+    /// `use_tensorboard: true`: the event file holds every logged step's scalars (TensorBoard's record format,
+    /// CRCs checked on reading), equal to metrics.jsonl; a resumed run writes a second file that starts with a
+    /// `SessionLog START` at the step after the checkpoint (TensorBoard then drops the first file's points from
+    /// there on) and continues with the redone steps.
+    #[test]
+    fn tensorboard_events_follow_the_run() {
+        use loratune::train::tensorboard::read_events;
+        let extra = "max_steps: 6\nsave_steps: 4\nuse_tensorboard: true\nauto_resume_from_checkpoints: true";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), extra);
+        let first = train(
+            &cfg,
+            &RunOptions {
+                stop_after: Some(5),
+                progress: ProgressMode::Quiet,
+            },
+        )
+        .unwrap();
+        assert!(first.interrupted);
+        let second = train(&cfg, &quiet()).unwrap();
+        assert!(second.resumed_from.is_some());
+        let runs = dir.path().join("run/runs");
+        let mut files: Vec<_> = std::fs::read_dir(&runs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), 2, "{files:?}");
+        let loss_at = |evs: &[loratune::train::tensorboard::ReadEvent]| -> Vec<(i64, f32)> {
+            evs.iter()
+                .filter_map(|e| {
+                    e.scalars
+                        .iter()
+                        .find(|(t, _)| t == "train/loss")
+                        .map(|(_, v)| (e.step, *v))
+                })
+                .collect()
+        };
+        let a = read_events(&files[0]).unwrap();
+        assert!(
+            a[0].scalars.is_empty() && !a[0].session_start,
+            "file_version first"
+        );
+        assert_eq!(
+            loss_at(&a).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        let b = read_events(&files[1]).unwrap();
+        assert!(b[1].session_start && b[1].step == 5, "{:?}", b[1]);
+        assert_eq!(loss_at(&b).iter().map(|x| x.0).collect::<Vec<_>>(), [5, 6]);
+        // The values are metrics.jsonl's (which the resumed run rewrote from step 5).
+        let m = loratune::train::report::read_metrics(&dir.path().join("run")).unwrap();
+        let want: Vec<(i64, f32)> = m
+            .iter()
+            .filter_map(|l| l.loss.map(|x| (l.step as i64, x as f32)))
+            .collect();
+        let mut got = loss_at(&a)[..4].to_vec();
+        got.extend(loss_at(&b));
+        assert_eq!(got, want);
+        let lr = b[2]
+            .scalars
+            .iter()
+            .find(|(t, _)| t == "train/learning_rate");
+        assert!(lr.is_some_and(|(_, v)| *v > 0.0), "{:?}", b[2]);
+    }
+
     /// DoRA end to end from the config (`peft_use_dora: true`, dropout, layer recompute): the run resumes bit-identically
     /// from a checkpoint (magnitudes and their AdamW moments included), the adapter says `use_dora` and holds a
     /// magnitude per module, and the merged export gives the adapter's logits.
