@@ -191,14 +191,16 @@ fi
 }
 part_d() {
 # (d) the attentions against each other, same shape, same invocation: the blockwise GEMM attention (default),
-# the unit-per-row CubeCL kernels (LORATUNE_ATTENTION=tile) and burn's decomposed attention with every other
-# op on the reference too (LORATUNE_FUSED=0).
-say "(d) $SHAPE: attention blockwise vs tile vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
-for variant in blockwise tile reference; do
-  attn=blockwise; fused=1
+# the same with the frozen products and loss GEMMs on cubek's specialized_tma_mma (LORATUNE_GEMM, the GEMM
+# table's fastest on 2026-12-04), the unit-per-row CubeCL kernels (LORATUNE_ATTENTION=tile) and burn's
+# decomposed attention with every other op on the reference too (LORATUNE_FUSED=0).
+say "(d) $SHAPE: blockwise vs blockwise+tma GEMMs vs tile attention vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
+for variant in blockwise blockwise-tma tile reference; do
+  attn=blockwise; fused=1; gemm=
   [ "$variant" = tile ] && attn=tile
   [ "$variant" = reference ] && fused=0
-  LORATUNE_FUSED=$fused LORATUNE_ATTENTION=$attn timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" \
+  [ "$variant" = blockwise-tma ] && gemm=specialized_tma_mma
+  LORATUNE_FUSED=$fused LORATUNE_ATTENTION=$attn LORATUNE_GEMM=$gemm timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" \
     --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear \
     --warmup "$WARMUP" --steps "$STEPS" --json > "$OUT/attn-$variant.json" 2> "$OUT/attn-$variant.log" || status=1
   bench_line "$variant" "$OUT/attn-$variant.json"

@@ -169,11 +169,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dora: a.dora,
         dropout: a.dropout,
     };
-    let json = a.json;
+    // Every step on stderr, with --json too: a run cut off by a timeout still says how far it got.
     let v = run_bench(&spec, at, &mut |i, dt, loss| {
-        if !json {
-            eprintln!("step {i}: {dt:.3}s loss {loss:.4}");
-        }
+        eprintln!("step {i}: {dt:.3}s loss {loss:.4}");
     })?;
     if matches!(at.device, Device::Cuda(_)) && v.get("peak_gpu_used_mb").is_none() {
         eprintln!("note: nvidia-smi gave no reading; peak GPU memory not reported");

@@ -343,7 +343,8 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
-    use crate::kernels::{reference, Attention, Masking, Rope};
+    use crate::kernels::check::AttnCase;
+    use crate::kernels::{reference, Attention, Masking};
 
     type AD = Autodiff<Flex>;
 
@@ -358,65 +359,55 @@ mod tests {
     #[test]
     fn blockwise_equals_the_reference() {
         let dev = Default::default();
-        // (name, batch, seq, heads, kv heads, masking, soft-cap)
-        type Case = (
-            &'static str,
-            usize,
-            usize,
-            usize,
-            usize,
-            Masking,
-            Option<f64>,
-        );
-        let cases: Vec<Case> = vec![
-            ("causal gqa", 2, 19, 4, 2, Masking::default(), None),
+        let case = |batch, seq, heads, kv_heads| AttnCase {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim: 8,
+            window: None,
+            packed: false,
+            padded: false,
+            softcap: None,
+        };
+        // (name, case, a masking in place of the case's)
+        let cases = [
+            ("causal gqa", case(2, 19, 4, 2), None),
             (
-                "padding",
-                2,
-                17,
-                2,
-                2,
-                Masking {
-                    key_valid: (0..34).map(|i| !(17..22).contains(&i)).collect(),
-                    ..Default::default()
+                "end padding, packing",
+                AttnCase {
+                    padded: true,
+                    packed: true,
+                    ..case(2, 21, 2, 2)
                 },
                 None,
             ),
             (
+                // The second row's first 5 positions: fully padded queries attend to themselves.
+                "left padding",
+                case(2, 17, 2, 2),
+                Some(Masking {
+                    key_valid: (0..34).map(|i| !(17..22).contains(&i)).collect(),
+                    ..Default::default()
+                }),
+            ),
+            (
                 "window + packing + softcap, one kv head",
-                1,
-                23,
-                4,
-                1,
-                Masking {
-                    key_valid: vec![true; 23],
-                    segments: Some(
-                        (0..23)
-                            .map(|i| (i >= 9) as u32 + (i >= 16) as u32)
-                            .collect(),
-                    ),
+                AttnCase {
                     window: Some(5),
+                    packed: true,
+                    softcap: Some(3.0),
+                    ..case(1, 23, 4, 1)
                 },
-                Some(3.0),
+                None,
             ),
         ];
-        for (name, b, s, nh, nkv, mut masking, softcap) in cases {
-            let hd = 8;
-            if masking.key_valid.is_empty() {
-                masking.key_valid = vec![true; b * s];
+        for (name, c, masking) in cases {
+            let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
+            let mut spec = crate::kernels::check::case_spec(&c);
+            if let Some(m) = masking {
+                spec.masking = Arc::new(m);
             }
-            let spec = AttnSpec {
-                batch: b,
-                seq: s,
-                keys: s,
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                scale: 1.0 / (hd as f32).sqrt(),
-                softcap,
-                rope: Arc::new(Rope::new(&[1.0; 4], &(0..s as u32).collect::<Vec<_>>())),
-                masking: Arc::new(masking),
-            };
             let n = Distribution::Normal(0.0, 1.0);
             let q = Tensor::<AD, 4>::random([b, nh, s, hd], n, &dev);
             let k = Tensor::<AD, 4>::random([b, nkv, s, hd], n, &dev);

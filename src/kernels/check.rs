@@ -138,6 +138,41 @@ pub const ATTN_BASE: AttnCase = AttnCase {
     softcap: None,
 };
 
+/// The attention call of a case: RoPE tables, and the masking — padding on the last fifth of the last row,
+/// packing into two samples per row (a cut at a third), the window.
+pub fn case_spec(c: &AttnCase) -> AttnSpec {
+    let (b, s, hd) = (c.batch, c.seq, c.head_dim);
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+        .collect();
+    let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
+    let mut key_valid = vec![true; b * s];
+    if c.padded {
+        for v in key_valid[b * s - s / 5..].iter_mut() {
+            *v = false;
+        }
+    }
+    let segments: Option<Vec<u32>> = c
+        .packed
+        .then(|| (0..b * s).map(|p| u32::from(p % s >= s / 3)).collect());
+    AttnSpec {
+        batch: b,
+        seq: s,
+        keys: s,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        softcap: c.softcap,
+        rope: Arc::new(Rope::new(&inv_freq, &positions)),
+        masking: Arc::new(Masking {
+            key_valid,
+            segments,
+            window: c.window,
+        }),
+    }
+}
+
 /// RoPE + attention from packed q|k|v: the output on real rows and d(q|k|v). `imp` is the CubeCL backends'
 /// attention the fused run uses (other backends have one fused attention and ignore it).
 pub fn attention<B: TrainBackend>(
@@ -148,37 +183,13 @@ pub fn attention<B: TrainBackend>(
 ) -> KernelCheck {
     let (b, s, nh, nkv, hd) = (c.batch, c.seq, c.heads, c.kv_heads, c.head_dim);
     let n = b * s;
-    let half = hd / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
+    let spec = case_spec(&c);
+    let key_valid: Vec<Vec<bool>> = spec
+        .masking
+        .key_valid
+        .chunks(s)
+        .map(<[bool]>::to_vec)
         .collect();
-    let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
-    let mut key_valid = vec![vec![true; s]; b];
-    if c.padded {
-        for v in key_valid[b - 1][s - s / 5..].iter_mut() {
-            *v = false;
-        }
-    }
-    let segments: Option<Vec<u32>> = c
-        .packed
-        .then(|| (0..n).map(|p| u32::from(p % s >= s / 3)).collect());
-    let masking = Masking {
-        key_valid: key_valid.concat(),
-        segments,
-        window: c.window,
-    };
-    let spec = AttnSpec {
-        batch: b,
-        seq: s,
-        keys: s,
-        heads: nh,
-        kv_heads: nkv,
-        head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
-        softcap: c.softcap,
-        rope: Arc::new(Rope::new(&inv_freq, &positions)),
-        masking: Arc::new(masking),
-    };
     let width = (nh + 2 * nkv) * hd;
     // Scores of a few units: the softmax is neither flat nor one-hot.
     let x: Vec<f32> = rand_vec(n * width, 7).iter().map(|v| v * 2.0).collect();

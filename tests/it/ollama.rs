@@ -615,9 +615,8 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
 
     // export --format ollama: the adapter and a Modelfile on top of the model Ollama already has.
     let dest = s.tmp.path().join("tuned");
-    let (ok, out, err) = loratune(
-        &s,
-        &[
+    let export = |extra: &[&str]| {
+        let mut args = vec![
             "export",
             "--model",
             "ollama://tiny-qwen",
@@ -625,12 +624,13 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
             adapter.to_str().unwrap(),
             "--format",
             "ollama",
-            "--name",
-            "tiny-tuned",
             "--out",
             dest.to_str().unwrap(),
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        loratune(&s, &args)
+    };
+    let (ok, out, err) = export(&["--name", "tiny-tuned"]);
     assert!(ok, "{err}");
     assert!(
         err.contains("the system prompt of 10 training conversations"),
@@ -670,22 +670,7 @@ fn cli_inspect_generate_train_and_export_from_the_store() {
         ("Be brief.", Some("SYSTEM \"\"\"Be brief.\"\"\"")),
         ("", None),
     ] {
-        let (ok, _, err) = loratune(
-            &s,
-            &[
-                "export",
-                "--model",
-                "ollama://tiny-qwen",
-                "--adapter",
-                adapter.to_str().unwrap(),
-                "--format",
-                "ollama",
-                "--system",
-                flag,
-                "--out",
-                dest.to_str().unwrap(),
-            ],
-        );
+        let (ok, _, err) = export(&["--system", flag]);
         assert!(ok, "{err}");
         let mf = std::fs::read_to_string(dest.join("Modelfile")).unwrap();
         match line {

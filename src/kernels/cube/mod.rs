@@ -13,8 +13,8 @@
 //!   device in their blocks (uploaded once per matrix) and dequantized there tile by tile where a product reads
 //!   them: the frozen product `x·Wᵀ` of a linear group is one autodiff node saving only the quantized handle, and a
 //!   quantized head is dequantized on the device for the fused loss. NF4 too (codes + per-block absmax).
-//! - [`gemm`] — the GEMM table (`bench --gemm`: cubek's strategies timed and checked on a step's products) and
-//!   the dense frozen products through one strategy when `LORATUNE_GEMM` names it.
+//! - [`gemm`] — the GEMM table (`bench --gemm`: cubek's strategies timed and checked on a step's products), and
+//!   the dense frozen products and the loss's chunk GEMMs through one strategy when `LORATUNE_GEMM` names it.
 //!
 //! Attention runs [`super::blockwise`] (query blocks on the backend's GEMMs) unless `LORATUNE_ATTENTION=tile`
 //! selects [`attention`]'s unit-per-row kernels. RoPE and the projections run burn's ops (cubek's default GEMM
@@ -467,10 +467,21 @@ fn lm_xent<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     let n = h.dims()[0];
     let vocab = w.dims()[0];
     let wt = w.clone().transpose();
+    // The chunk's two GEMMs: burn's matmul, or the strategy `LORATUNE_GEMM` names.
+    let mm = |a: Tensor<CubeBackend<R, F, I, BT>, 2>, b: Tensor<CubeBackend<R, F, I, BT>, 2>| {
+        match gemm::chosen() {
+            Some(g) => Tensor::from_primitive(TensorPrimitive::Float(gemm::matmul::<R, F, I, BT>(
+                g,
+                into_contiguous(float(a)),
+                float(b),
+            ))),
+            None => a.matmul(b),
+        }
+    };
     let (mut losses, mut dh) = (Vec::new(), Vec::new());
     for r0 in (0..n).step_by(chunk.max(1)) {
         let r1 = (r0 + chunk.max(1)).min(n);
-        let logits = into_contiguous(float(h.clone().slice(r0..r1).matmul(wt.clone())));
+        let logits = into_contiguous(float(mm(h.clone().slice(r0..r1), wt.clone())));
         let tg = i32_tensor(&logits, targets[r0..r1].iter().map(|&t| t as i32).collect());
         let loss = empty_like(&logits, Shape::new([r1 - r0]), DType::F32);
         launch_float!(
@@ -493,7 +504,7 @@ fn lm_xent<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
             let dl = Tensor::<CubeBackend<R, F, I, BT>, 2>::from_primitive(TensorPrimitive::Float(
                 logits,
             ));
-            dh.push(dl.matmul(w.clone()));
+            dh.push(mm(dl, w.clone()));
         }
     }
     (

@@ -612,8 +612,9 @@ fn cube_quantized_linear_group_equals_the_reference() {
 }
 
 /// Dense frozen products through a GEMM strategy chosen by name (`LORATUNE_GEMM`): the group above, its dense
-/// member through the chosen strategy's forward and backward op, equals the reference — with a strategy lavapipe
-/// runs (`simple_unit`) and with a tensor-core one it cannot (`specialized_tma_mma`: burn's matmul takes over).
+/// member through the chosen strategy's forward and backward op, equals the reference, and so does the fused
+/// loss whose chunk GEMMs use it — with a strategy lavapipe runs (`simple_unit`) and with a tensor-core one it
+/// cannot (`specialized_tma_mma`: burn's matmul takes over).
 #[test]
 fn cube_dense_product_with_a_chosen_gemm_equals_the_reference() {
     let (ty, q) = quant_cases(40, 21).remove(0);
@@ -633,6 +634,11 @@ fn cube_dense_product_with_a_chosen_gemm_equals_the_reference() {
                 v <= tol && g <= tol,
                 "{name} {dtype:?}: value {v:.2e}, grad {g:.2e} (tolerance {tol:.0e})"
             );
+            // The fused loss's chunk GEMMs take the same strategy.
+            let c = super::gemm::with_gemm(Some(name), || {
+                check::lm_head_xent::<AD>(&Default::default(), dtype, None)
+            });
+            assert!(c.passed(), "{name}: {c:?}");
         }
     }
 }
