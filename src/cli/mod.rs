@@ -8,6 +8,7 @@ mod export;
 mod generate;
 mod inspect;
 mod merge;
+mod runs;
 mod train;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
@@ -38,6 +39,8 @@ pub enum Command {
     Data(data::DataArgs),
     /// Export for llama.cpp / Ollama: a merged GGUF, a GGUF LoRA adapter, or an Ollama folder with a Modelfile.
     Export(export::ExportArgs),
+    /// Compare runs: the config keys that differ, losses, perplexity, tokens/s and status (text, --json, --csv).
+    Runs(runs::RunsArgs),
 }
 
 /// Entry point used by the binary.
@@ -49,6 +52,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Merge(a) => merge::run_merge(a),
         Command::Convert(a) => merge::run_convert(a),
         Command::Bench(a) => bench::run(a),
+        Command::Runs(a) => runs::run(a),
         Command::Train(a) => train::run_train(a),
         Command::Eval(a) => train::run_eval(a),
         Command::Data(a) => data::run(a),

@@ -274,6 +274,17 @@ impl FolderLock {
         Ok(Some(FolderLock { file, path }))
     }
 
+    /// Whether a live process holds `dir`'s lock (a running `train`), without touching the lock file.
+    pub fn is_held(dir: &Path) -> bool {
+        use std::fs::TryLockError;
+        let Ok(file) = fs::File::open(dir.join(".lock")) else {
+            return false;
+        };
+        let held = matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock));
+        let _ = file.unlock();
+        held
+    }
+
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -7,6 +7,7 @@ pub mod optim;
 pub mod recompute;
 pub mod report;
 pub mod run;
+pub mod runs;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;

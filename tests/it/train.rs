@@ -574,6 +574,68 @@ mod runs {
         assert!(lr.is_some_and(|(_, v)| *v > 0.0), "{:?}", b[2]);
     }
 
+    /// `loratune runs`: a finished and an interrupted trial under `trials/`, found from their parent; the table shows
+    /// the config keys that differ (not the per-run paths), each run's status, steps and losses; a run whose folder
+    /// lock is held is `running`; sorting by a differing key; CSV and text forms.
+    #[test]
+    fn runs_table_compares_runs() {
+        use loratune::train::runs::{find_runs, render_csv, render_text, sort, table};
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("trials/a"), root.path().join("trials/b"));
+        let extra = "max_steps: 4\nval_set_size: 8\neval_steps: 2";
+        let out_a = format!("output_dir={}", a.display());
+        train(&config_with(root.path(), extra, &[&out_a]), &quiet()).unwrap();
+        let out_b = format!("output_dir={}", b.display());
+        let cfg_b = config_with(
+            root.path(),
+            &format!("{extra}\nsave_steps: 2"),
+            &[&out_b, "lora_r=4"],
+        );
+        let opts = RunOptions {
+            stop_after: Some(3),
+            progress: ProgressMode::Quiet,
+        };
+        assert!(train(&cfg_b, &opts).unwrap().interrupted);
+
+        let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
+        assert_eq!(runs, [a.clone(), b.clone()]);
+        let mut rows = table(&runs).unwrap();
+        let keys: Vec<&String> = rows[0].differs.keys().collect();
+        assert_eq!(keys, ["lora_r", "save_steps"], "{:?}", rows[0].differs);
+        assert_eq!(rows[0].differs["lora_r"], "8");
+        assert_eq!(rows[1].differs["lora_r"], "4");
+        assert_eq!(
+            (rows[0].status.as_str(), rows[0].steps, rows[0].max_steps),
+            ("finished", 4, Some(4))
+        );
+        assert_eq!((rows[1].status.as_str(), rows[1].steps), ("interrupted", 3));
+        let m = loratune::train::report::read_metrics(&a).unwrap();
+        let best = m
+            .iter()
+            .filter_map(|l| l.eval_loss)
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(rows[0].best_eval_loss, Some(best));
+        assert_eq!(
+            rows[0].final_train_loss,
+            m.iter().rev().find_map(|l| l.loss)
+        );
+        sort(&mut rows, "lora_r").unwrap();
+        assert_eq!(rows[0].run, b);
+        assert!(sort(&mut rows, "nope").is_err());
+        let csv = render_csv(&rows).unwrap();
+        assert!(
+            csv.starts_with("run,lora_r,save_steps,status,steps,"),
+            "{csv}"
+        );
+        assert_eq!(csv.lines().count(), 3);
+        assert!(render_text(&rows).contains("interrupted"));
+        // A live run holds its folder's lock.
+        let _lock = loratune::export::atomic::FolderLock::acquire(&a).unwrap();
+        let rows = table(&runs).unwrap();
+        assert_eq!(rows[0].status, "running");
+        assert!(find_runs(&[root.path().join("missing")]).is_err());
+    }
+
     /// DoRA end to end from the config (`peft_use_dora: true`, dropout, layer recompute): the run resumes bit-identically
     /// from a checkpoint (magnitudes and their AdamW moments included), the adapter says `use_dora` and holds a
     /// magnitude per module, and the merged export gives the adapter's logits.
