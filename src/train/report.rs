@@ -29,6 +29,10 @@ pub struct MetricLine {
     pub eval_perplexity: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<f64>,
+    /// Seconds of training so far (the loops of every session of the run, resumes included, evaluations and
+    /// checkpoints included; not the time before the first step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_seconds: Option<f64>,
 }
 
 impl MetricLine {
@@ -278,6 +282,7 @@ mod tests {
                 eval_loss: if i % 5 == 0 { Some(2.5) } else { None },
                 eval_perplexity: None,
                 epoch: None,
+                elapsed_seconds: None,
             })
             .collect();
         let s = loss_curve_svg(&m, "a < b");

@@ -482,6 +482,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             aux_loss: stats.aux_loss,
             tokens_per_second: Some(tps),
             epoch: Some(epoch),
+            elapsed_seconds: Some(self.elapsed()),
             ..MetricLine::default()
         })?;
         if !self.printer.has_bar() {
@@ -511,6 +512,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             eval_loss: Some(l),
             eval_perplexity: Some(ppl),
             epoch: Some(self.epoch()),
+            elapsed_seconds: Some(self.elapsed()),
             ..MetricLine::default()
         })?;
         self.printer
@@ -532,6 +534,11 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             ));
         }
         Ok(stop)
+    }
+
+    /// Seconds of training so far: earlier sessions' (from the checkpoint) plus this session's loop.
+    fn elapsed(&self) -> f64 {
+        self.state.train_seconds + self.counters.t_loop.elapsed().as_secs_f64()
     }
 
     /// Write a checkpoint (adapter, optimizer moments, trainer state with the data position).

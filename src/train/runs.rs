@@ -1,5 +1,5 @@
 //! `loratune runs DIR…`: a table of finished, interrupted or running runs — the config keys that differ between
-//! them, losses, perplexity, throughput and status — read from each run folder's resolved `config.yaml` and
+//! them, losses, perplexity, throughput, training time and status — read from each run folder's resolved `config.yaml` and
 //! `metrics.jsonl`.
 
 use std::collections::BTreeMap;
@@ -40,6 +40,8 @@ pub struct RunRow {
     pub best_eval_perplexity: Option<f64>,
     /// Median of the logged tokens/s.
     pub tokens_per_second: Option<f64>,
+    /// Seconds of training up to the last logged line (resumed sessions summed).
+    pub wall_seconds: Option<f64>,
 }
 
 /// A run folder: it holds the resolved `config.yaml` and `metrics.jsonl` a run writes.
@@ -182,6 +184,10 @@ fn summarize(run: PathBuf, metrics: &[MetricLine], config: &BTreeMap<String, Str
         final_eval_loss: last(|m| m.eval_loss),
         best_eval_perplexity: best.map(|b| b.0.exp()),
         tokens_per_second: (!tps.is_empty()).then(|| tps[tps.len() / 2]),
+        wall_seconds: metrics
+            .iter()
+            .filter_map(|m| m.elapsed_seconds)
+            .max_by(f64::total_cmp),
     }
 }
 
@@ -257,7 +263,7 @@ fn num(v: Option<f64>, digits: usize) -> String {
 }
 
 /// The fixed columns after the differing config keys.
-const COLUMNS: [&str; 7] = [
+const COLUMNS: [&str; 8] = [
     "status",
     "steps",
     "train loss",
@@ -265,7 +271,19 @@ const COLUMNS: [&str; 7] = [
     "final eval",
     "eval ppl",
     "tok/s",
+    "wall",
 ];
+
+/// Seconds as `h:mm:ss` (`m:ss` under an hour).
+fn hms(s: f64) -> String {
+    let t = s.round() as u64;
+    let (h, m, s) = (t / 3600, t / 60 % 60, t % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
+}
 
 fn cells(r: &RunRow) -> Vec<String> {
     vec![
@@ -282,6 +300,7 @@ fn cells(r: &RunRow) -> Vec<String> {
         num(r.final_eval_loss, 4),
         num(r.best_eval_perplexity, 2),
         num(r.tokens_per_second, 0),
+        r.wall_seconds.map_or("—".into(), hms),
     ]
 }
 
@@ -347,6 +366,7 @@ pub fn render_csv(rows: &[RunRow]) -> Result<String> {
             "final_eval_loss",
             "best_eval_perplexity",
             "tokens_per_second",
+            "wall_seconds",
         ]
         .map(String::from),
     );
@@ -369,6 +389,7 @@ pub fn render_csv(rows: &[RunRow]) -> Result<String> {
             opt(r.final_eval_loss),
             opt(r.best_eval_perplexity),
             opt(r.tokens_per_second),
+            opt(r.wall_seconds),
         ]);
         w.write_record(&rec).map_err(csv_err)?;
     }

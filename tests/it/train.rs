@@ -619,6 +619,13 @@ mod runs {
             rows[0].final_train_loss,
             m.iter().rev().find_map(|l| l.loss)
         );
+        let wall = rows[0].wall_seconds.unwrap();
+        assert!(
+            wall > 0.0
+                && m.iter()
+                    .filter_map(|l| l.elapsed_seconds)
+                    .all(|e| e <= wall)
+        );
         sort(&mut rows, "lora_r").unwrap();
         assert_eq!(rows[0].run, b);
         assert!(sort(&mut rows, "nope").is_err());
