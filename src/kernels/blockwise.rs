@@ -9,8 +9,9 @@
 //! KV heads are folded into the rows, as in the reference, so K and V are never repeated.
 //!
 //! Why GEMMs rather than a hand-written tile kernel: on an H200 (2026-12-04, `scripts/bench/RESULTS.md`) the
-//! unit-per-row CubeCL kernels ([`super::cube::attention`]) made the Llama-3.2-1B step 10× slower than burn's
-//! decomposed attention, while the GEMMs run on the tensor cores. `LORATUNE_ATTENTION=tile` selects those kernels.
+//! Llama-3.2-1B step with the unit-per-row CubeCL kernels ([`super::cube::attention`]) ran 10× slower than with
+//! burn's decomposed attention (2026-11-26), ~4.5 s of it outside the GEMMs, while GEMMs run on the tensor cores.
+//! `LORATUNE_ATTENTION=tile` selects those kernels.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
