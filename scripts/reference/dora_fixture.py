@@ -90,33 +90,8 @@ def main():
     outp.loss.backward()
     logits = outp.logits.detach().float().clone()
     loss = outp.loss.detach().float().reshape(1).clone()
-    params = [p for _, p in named]
-    start = [p.detach().clone() for p in params]
-    grads = [p.grad.detach().clone() for p in params]
-    assert all(gr.abs().max() > 0 for gr in grads)
     tensors = {"input_ids": ids, "attention_mask": mask, "logits": logits, "loss": loss}
-    for k, gr in zip(keys, grads):
-        tensors[f"grad.{k}"] = gr
-
-    def adamw_step(wd: float):
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-        opt.step()
-        return [p.detach().clone() for p in params]
-
-    for k, v in zip(keys, adamw_step(0.0)):
-        tensors[f"step1.{k}"] = v
-    for k, v in zip(keys, adamw_step(0.01)):
-        tensors[f"step1wd.{k}"] = v
-    with torch.no_grad():
-        for p, s in zip(params, start):
-            p.copy_(s)
-    total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
-    for k, p in zip(keys, params):
-        tensors[f"clip.{k}"] = p.grad.detach().clone()
-    tensors["clip_total_norm"] = total.detach().float().reshape(1)
+    mf.record_step([p for _, p in named], keys, tensors, "llama-dora")
 
     merged = pm.merge_and_unload()
     merged.eval()
@@ -133,6 +108,7 @@ def main():
     assert dbase > 0.1, dbase
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "reference.safetensors"),
               metadata=mf.st_metadata())
+    total = tensors["clip_total_norm"]
     print(f"{NAME}: {len(keys)} tensors, loss {loss.item():.5f}, clip norm {total.item():.4f}, "
           f"merge vs unmerged {dmerge:.2e}, adapter effect {dbase:.3f}")
 

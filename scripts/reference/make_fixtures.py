@@ -673,6 +673,44 @@ def build_llama_bf16(model_f32, tok_dir, ids, mask, labels, logits_f32):
 # ----------------------------------------------------------------------------------------------------------------
 # 3. adapters
 # ----------------------------------------------------------------------------------------------------------------
+def record_step(params, keys, tensors: dict, name: str):
+    """After a backward pass: the LoRA gradients (`grad.*`), one AdamW step from the same start without and with
+    weight decay (`step1.*`, `step1wd.*`), and the gradients clipped to a total norm of 0.5 (`clip.*`,
+    `clip_total_norm`) into `tensors`; the parameters are left at their start values."""
+    start = [p.detach().clone() for p in params]
+    grads = [p.grad.detach().clone() for p in params]
+    assert all(gr.abs().max() > 0 for gr in grads), f"{name}: a LoRA parameter got an all-zero gradient"
+    for k, gr in zip(keys, grads):
+        tensors[f"grad.{k}"] = gr
+
+    def adamw_step(wd: float):
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+        opt.step()
+        res = [p.detach().clone() for p in params]
+        for p, gr in zip(params, grads):  # the step must not have touched the gradients
+            assert torch.equal(p.grad, gr)
+        return res
+
+    for k, v in zip(keys, adamw_step(0.0)):
+        tensors[f"step1.{k}"] = v
+    for k, v in zip(keys, adamw_step(0.01)):
+        tensors[f"step1wd.{k}"] = v
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
+    want = torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)).float()
+    assert torch.allclose(total, want, rtol=1e-5), (total, want)
+    assert total.item() > 0.5, f"{name}: total grad norm {total.item()} <= 0.5, clipping would not bite"
+    for k, p in zip(keys, params):
+        tensors[f"clip.{k}"] = p.grad.detach().clone()
+    tensors["clip_total_norm"] = total.detach().float().reshape(1)
+
+
 def adapter_specs():
     specs = []
     for arch in ADAPTER_ARCHS:
@@ -736,41 +774,8 @@ def build_adapters(vocab: int) -> dict:
         ml = manual_loss(logits, labels).float()
         assert torch.allclose(ml, loss[0], rtol=1e-5, atol=1e-6), (name, ml, loss)
 
-        params = [p for _, p in named]
-        start = [p.detach().clone() for p in params]
-        grads = [p.grad.detach().clone() for p in params]
-        assert all(gr.abs().max() > 0 for gr in grads), "a LoRA parameter got an all-zero gradient"
-
         tensors = {"input_ids": ids, "attention_mask": mask, "logits": logits, "loss": loss}
-        for k, gr in zip(keys, grads):
-            tensors[f"grad.{k}"] = gr
-
-        def adamw_step(wd: float):
-            with torch.no_grad():
-                for p, s in zip(params, start):
-                    p.copy_(s)
-            opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-            opt.step()
-            res = [p.detach().clone() for p in params]
-            for p, gr in zip(params, grads):  # the step must not have touched the gradients
-                assert torch.equal(p.grad, gr)
-            return res
-
-        for k, v in zip(keys, adamw_step(0.0)):
-            tensors[f"step1.{k}"] = v
-        for k, v in zip(keys, adamw_step(0.01)):
-            tensors[f"step1wd.{k}"] = v
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
-        want = torch.sqrt(sum((gr.double() ** 2).sum() for gr in grads)).float()
-        assert torch.allclose(total, want, rtol=1e-5), (total, want)
-        assert total.item() > 0.5, f"{name}: total grad norm {total.item()} <= 0.5, clipping would not bite"
-        for k, p in zip(keys, params):
-            tensors[f"clip.{k}"] = p.grad.detach().clone()
-        tensors["clip_total_norm"] = total.detach().float().reshape(1)
+        record_step([p for _, p in named], keys, tensors, name)
 
         # merged model: merge in f32 and compare
         merged = pm.merge_and_unload()
@@ -796,7 +801,7 @@ def build_adapters(vocab: int) -> dict:
             "n_lora_tensors": len(keys),
             "loss": loss.item(),
             "logit_std": logits[v].std().item(),
-            "clip_total_norm": total.item(),
+            "clip_total_norm": tensors["clip_total_norm"].item(),
             "max_merged_minus_unmerged": dmerge,
             "max_adapter_minus_base": dbase,
         }
