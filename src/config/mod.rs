@@ -156,9 +156,12 @@ pub struct TrainConfig {
     /// as a GGUF adapter (llama.cpp has no DoRA; export the merged model). Default: `false`.
     #[serde(skip_serializing_if = "is_false")]
     pub peft_use_dora: bool,
-    /// LoRA initialisation: `true` (PEFT default: Kaiming-uniform A, zero B) or `gaussian`. Default: `true`.
-    /// Axolotl's name `peft_init_lora_weights` is accepted.
-    #[serde(alias = "peft_init_lora_weights")]
+    /// LoRA initialisation (PEFT's `init_lora_weights`): `true` (PEFT default: Kaiming-uniform A, zero B),
+    /// `gaussian`, `pissa` (A, B from the weight's top-r singular triplets; PEFT's `pissa_niter_K` reads as
+    /// `pissa`) or `olora` (from its QR); the last two leave W − s·B·A in the base and export the adapter converted to
+    /// a rank-2r LoRA on the original base. Default: `true`. Axolotl's `peft_init_lora_weights` and PEFT's
+    /// `init_lora_weights` are accepted.
+    #[serde(alias = "peft_init_lora_weights", alias = "init_lora_weights")]
     pub lora_init: LoraInit,
 
     // -------------------------------------------------------------------------------------- training

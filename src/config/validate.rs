@@ -182,6 +182,37 @@ pub(crate) fn resolve_and_validate(
             issues.push(Issue::invalid(k(key), m));
         }
     }
+    if cfg.lora_init.is_principal() {
+        let key = ["peft_init_lora_weights", "init_lora_weights"]
+            .into_iter()
+            .find(|a| present(doc, a))
+            .unwrap_or("lora_init");
+        let name = cfg.lora_init.name();
+        if let Err(m) = LoraSettings::check_init(cfg.lora_init, cfg.peft_use_dora) {
+            issues.push(Issue::invalid(k(key), m));
+        }
+        if cfg.base_plan().quantize.is_some() {
+            issues.push(Issue::invalid(
+                k(key),
+                format!(
+                    "{name} replaces each adapted base weight by W − s·B·A, which a 4/8-bit base cannot hold; drop \
+                     load_in_4bit / load_in_8bit / adapter: qlora, or use lora_init: true"
+                ),
+            ));
+        }
+        // A base stored quantized (GGUF, NF4) is dequantized at load: the residual must be dense.
+        if !present(doc, "base_quantization") {
+            cfg.base_quantization = super::BaseQuantization::Dequantize;
+        } else if cfg.base_quantization == super::BaseQuantization::Keep {
+            issues.push(Issue::invalid(
+                k("base_quantization"),
+                format!(
+                    "keep: {name} replaces each adapted base weight by W − s·B·A, which a quantized format cannot \
+                     hold; use base_quantization: dequantize (the default with {name}) or lora_init: true"
+                ),
+            ));
+        }
+    }
     match &cfg.lora_target_modules {
         Some(super::TargetModules::List(v)) => {
             if v.is_empty() {

@@ -732,6 +732,8 @@ pub fn export_gguf(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     refuse_non_model_tokenizer(&tokenizer)?;
+    let adapter = crate::lora::peft::portable_opt(adapter, base)?;
+    let adapter = adapter.as_deref();
     if is_gguf(&base.path) {
         return export_from_gguf(base, adapter, tokenizer, dest, opts);
     }
@@ -1197,6 +1199,7 @@ pub fn export_gguf_adapter(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     let cfg = &base.config;
+    let adapter = &*crate::lora::peft::portable(adapter, base)?;
     if !adapter.magnitudes.is_empty() {
         return Err(Error::Lora(
             "this is a DoRA adapter (use_dora): llama.cpp's GGUF LoRA adapters hold only lora_a / lora_b, so the \

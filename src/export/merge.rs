@@ -142,7 +142,8 @@ pub fn merge_to_folder(
     opts: &MergedExportOptions,
     fill: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<()> {
-    let tensors = merged_host_tensors(base, adapter)?;
+    let adapter = crate::lora::peft::portable_opt(adapter, base)?;
+    let tensors = merged_host_tensors(base, adapter.as_deref())?;
     write_hf_folder(&base.config, tensors, out, opts, fill)
 }
 

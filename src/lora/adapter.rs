@@ -1,29 +1,79 @@
 //! Attaching adapters to a model (PEFT-style init), counting parameters, merging.
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use std::collections::BTreeMap;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::linear::{Dora, LoraAdapter};
+use super::init::{olora, pissa, Mat};
+use super::linear::{round_to_dtype, Dora, InitialFactors, LoraAdapter, LoraLinear};
 use super::targets::{TargetMatcher, TargetSpec};
 use crate::error::{Error, Result};
+use crate::model::weights::host_f32;
 use crate::model::CausalLm;
+use crate::quant::Frozen;
 
-/// How A is initialised (B always starts at zero, so the adapter starts as the identity): PEFT's
-/// `init_lora_weights`, written `true` or `gaussian` (the config key `lora_init`).
+/// How the adapter starts: PEFT's `init_lora_weights` (the config key `lora_init`, Axolotl's
+/// `peft_init_lora_weights`). Kaiming and Gaussian draw A and zero B, so the adapter starts as the identity; PiSSA and
+/// OLoRA start it as the weight's principal part and leave the residual in the base ([`super::init`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LoraInit {
     /// PEFT's default (`init_lora_weights: true`): A ~ Kaiming-uniform(a=√5) = U(-1/√in, 1/√in).
     Kaiming,
     /// PEFT's `"gaussian"`: A ~ N(0, (1/r)²).
     Gaussian,
+    /// PEFT's `"pissa"`: A, B from W's top-r singular triplets; W becomes W − s·B·A. PEFT's fast
+    /// `"pissa_niter_K"` (a randomized SVD with K power iterations) is read as `pissa`: loratune's truncated SVD
+    /// runs to convergence.
+    Pissa,
+    /// PEFT's `"olora"`: A = R[:r], B = Q[:, :r] of W = Q·R; W becomes W − s·B·A.
+    Olora,
+}
+
+impl LoraInit {
+    /// The PEFT / config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraInit::Kaiming => "true",
+            LoraInit::Gaussian => "gaussian",
+            LoraInit::Pissa => "pissa",
+            LoraInit::Olora => "olora",
+        }
+    }
+
+    /// PiSSA or OLoRA: the adapter starts non-zero and the base weight is replaced by the residual.
+    pub fn is_principal(self) -> bool {
+        matches!(self, LoraInit::Pissa | LoraInit::Olora)
+    }
+
+    /// Parse PEFT's string values (`true` is the boolean elsewhere).
+    pub fn parse(v: &str) -> std::result::Result<Self, String> {
+        let low = v.to_ascii_lowercase();
+        match low.as_str() {
+            "gaussian" => Ok(LoraInit::Gaussian),
+            "true" | "default" => Ok(LoraInit::Kaiming),
+            "pissa" => Ok(LoraInit::Pissa),
+            "olora" => Ok(LoraInit::Olora),
+            _ if low
+                .strip_prefix("pissa_niter_")
+                .is_some_and(|k| k.parse::<u32>().is_ok()) =>
+            {
+                Ok(LoraInit::Pissa)
+            }
+            _ => Err(format!(
+                "expected true, gaussian, pissa (or pissa_niter_K) or olora, found `{v}` (PEFT's loftq, corda, eva \
+                 and orthogonal initialisations are not supported)"
+            )),
+        }
+    }
 }
 
 impl serde::Serialize for LoraInit {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         match self {
             LoraInit::Kaiming => s.serialize_bool(true),
-            LoraInit::Gaussian => s.serialize_str("gaussian"),
+            other => s.serialize_str(other.name()),
         }
     }
 }
@@ -34,23 +84,19 @@ impl<'de> serde::Deserialize<'de> for LoraInit {
         impl serde::de::Visitor<'_> for V {
             type Value = LoraInit;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("true or gaussian")
+                f.write_str("true, gaussian, pissa or olora")
             }
             fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<LoraInit, E> {
                 if v {
                     Ok(LoraInit::Kaiming)
                 } else {
                     Err(E::custom(
-                        "`false` (PEFT's random, non-identity initialisation) is not supported; use true or gaussian",
+                        "`false` (PEFT's random, non-identity initialisation) is not supported; use true, gaussian, pissa or olora",
                     ))
                 }
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<LoraInit, E> {
-                match v.to_ascii_lowercase().as_str() {
-                    "gaussian" => Ok(LoraInit::Gaussian),
-                    "true" | "default" => Ok(LoraInit::Kaiming),
-                    _ => Err(E::custom(format!("expected true or gaussian, found `{v}`"))),
-                }
+                LoraInit::parse(v).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
@@ -118,6 +164,18 @@ impl LoraSettings {
         ] {
             check.map_err(|m| Error::Lora(format!("{key}: {m}")))?;
         }
+        Self::check_init(self.init, self.use_dora)
+            .map_err(|m| Error::Lora(format!("lora_init: {m}")))
+    }
+
+    /// PiSSA / OLoRA do not combine with DoRA.
+    pub fn check_init(init: LoraInit, use_dora: bool) -> std::result::Result<(), String> {
+        if init.is_principal() && use_dora {
+            return Err(format!(
+                "{} with peft_use_dora: DoRA on a PiSSA/OLoRA residual base is not supported; choose one",
+                init.name()
+            ));
+        }
         Ok(())
     }
 }
@@ -168,6 +226,17 @@ pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<L
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let scale = s.scale();
     let r = s.r;
+    let mut initial = if s.init.is_principal() {
+        let jobs = model
+            .linears_mut()
+            .into_iter()
+            .filter(|(p, l)| chosen.contains(p) && l.lora.is_none())
+            .map(|(_, l)| (l, r, scale))
+            .collect();
+        principal_init_many(jobs, s.init)?
+    } else {
+        BTreeMap::new()
+    };
     for (path, lin) in model.linears_mut() {
         if !chosen.contains(&path) {
             continue;
@@ -178,30 +247,123 @@ pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<L
             )));
         }
         let (inf, outf) = (lin.in_features(), lin.out_features());
-        let a: Vec<f32> = match s.init {
+        let (a, b, initial) = match s.init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (inf as f64).sqrt();
-                (0..r * inf)
+                let a = (0..r * inf)
                     .map(|_| rng.random_range(-bound..bound) as f32)
-                    .collect()
+                    .collect();
+                (a, vec![0f32; outf * r], None)
             }
             LoraInit::Gaussian => {
                 let std = 1.0 / r as f64;
-                (0..r * inf)
+                let a = (0..r * inf)
                     .map(|_| (normal(&mut rng) * std) as f32)
-                    .collect()
+                    .collect();
+                (a, vec![0f32; outf * r], None)
+            }
+            LoraInit::Pissa | LoraInit::Olora => {
+                let f = initial.remove(&path).ok_or_else(|| {
+                    Error::Lora(format!("module `{path}`: no {} factors", s.init.name()))
+                })?;
+                (f.a.clone(), f.b.clone(), Some(std::sync::Arc::new(f)))
             }
         };
         lin.lora = Some(LoraAdapter {
             a: Tensor::from_data(TensorData::new(a, [r, inf]), (&device, DType::F32)),
-            b: Tensor::zeros([outf, r], (&device, DType::F32)),
+            b: Tensor::from_data(TensorData::new(b, [outf, r]), (&device, DType::F32)),
             scale,
             dropout: s.dropout,
             dora: s.use_dora.then(|| Dora::init(&lin.weight)),
+            initial,
         });
     }
     Ok(report(model, chosen))
 }
+
+/// PiSSA / OLoRA on several modules, each with its rank and scale: every weight is replaced by its residual
+/// W − s·B₀·A₀ (rounded to the weight's dtype, as PEFT does), and the initial factors are returned by module path.
+/// The host math runs a few modules at a time in parallel (each holds its weight and Gram matrix in f64).
+pub fn principal_init_many<B: Backend>(
+    mut jobs: Vec<(&mut LoraLinear<B>, usize, f64)>,
+    init: LoraInit,
+) -> Result<BTreeMap<String, InitialFactors>> {
+    use rayon::prelude::*;
+    for (lin, r, _) in &jobs {
+        let (path, r) = (&lin.path, *r);
+        let (inf, outf) = (lin.in_features(), lin.out_features());
+        if lin.weight.as_dense().is_none() {
+            return Err(Error::Lora(format!(
+                "lora_init: {} needs a dense base weight, but `{path}` is kept quantized ({}): the residual \
+                 W − s·B·A is not representable in its format. Load the base dequantized (base_quantization: \
+                 dequantize, no load_in_4bit) or use lora_init: true",
+                init.name(),
+                lin.weight.quant().map(|q| q.format()).unwrap_or_default()
+            )));
+        }
+        if r > inf.min(outf) {
+            return Err(Error::Lora(format!(
+                "lora_init: {} takes the top r = {r} directions of `{path}` ({outf} × {inf}), which has only {}; \
+                 lower lora_r",
+                init.name(),
+                inf.min(outf)
+            )));
+        }
+    }
+    let mut out = BTreeMap::new();
+    let parallel = rayon::current_num_threads().clamp(1, 4);
+    for chunk in jobs.chunks_mut(parallel) {
+        let hosts = chunk
+            .iter()
+            .map(|(lin, _, _)| host_f32(lin.weight.dense_f32()))
+            .collect::<Result<Vec<_>>>()?;
+        let shapes: Vec<(usize, usize, usize, f64)> = chunk
+            .iter()
+            .map(|(lin, r, s)| (lin.out_features(), lin.in_features(), *r, *s))
+            .collect();
+        let results: Vec<super::init::Principal> = hosts
+            .par_iter()
+            .zip(shapes.par_iter())
+            .map(|(w, &(outf, inf, r, scale))| principal_host(w, outf, inf, init, r, scale))
+            .collect();
+        for ((lin, _, _), p) in chunk.iter_mut().zip(results) {
+            let [outf, inf] = lin.weight.dims();
+            let dtype = lin.weight.dtype();
+            let device = lin
+                .weight
+                .as_dense()
+                .map(|t| t.device())
+                .unwrap_or_default();
+            let residual: Vec<f32> = p.residual.iter().map(|&x| x as f32).collect();
+            let res = Tensor::<B, 2>::from_data(
+                TensorData::new(residual, [outf, inf]),
+                (&device, DType::F32),
+            );
+            lin.weight = Frozen::Dense(round_to_dtype(res, dtype));
+            out.insert(lin.path.clone(), InitialFactors { a: p.a, b: p.b });
+        }
+    }
+    Ok(out)
+}
+
+/// PiSSA / OLoRA of a row-major `[out, in]` weight (see [`super::init`]).
+pub fn principal_host(
+    w: &[f32],
+    outf: usize,
+    inf: usize,
+    init: LoraInit,
+    r: usize,
+    scale: f64,
+) -> super::init::Principal {
+    let w = Mat::from_row_major(outf, inf, w);
+    match init {
+        LoraInit::Olora => olora(&w, r, scale),
+        _ => pissa(&w, r, scale, PISSA_SEED),
+    }
+}
+
+/// The truncated SVD's start vectors (fixed, so a resumed run re-derives the same residual base bit for bit).
+const PISSA_SEED: u64 = 0x5155_A;
 
 /// Parameter counts for the model as it stands.
 pub fn report<B: Backend>(model: &CausalLm<B>, modules: Vec<String>) -> LoraReport {

@@ -23,6 +23,16 @@ pub struct LoraAdapter<B: Backend> {
     pub dropout: f64,
     /// DoRA's magnitude, when this is a DoRA adapter (PEFT `use_dora`).
     pub dora: Option<Dora<B>>,
+    /// PiSSA / OLoRA: the factors the adapter started from (the base weight holds W − s·B₀·A₀). The export turns
+    /// the trained adapter into a plain LoRA of rank 2r on the original W with them (PEFT's conversion).
+    pub initial: Option<std::sync::Arc<InitialFactors>>,
+}
+
+/// A₀ `[r, in]` and B₀ `[out, r]` of a PiSSA / OLoRA adapter, row-major f32 on the host (read only by exports).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitialFactors {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
 }
 
 /// DoRA (weight-decomposed LoRA, PEFT's `DoraLinearLayer`): the adapted weight's rows are rescaled to a learned

@@ -7,8 +7,8 @@ use std::path::Path;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use serde_json::{json, Value};
 
-use super::adapter::{LoraInit, LoraSettings};
-use super::linear::{Dora, LoraAdapter};
+use super::adapter::{principal_init_many, LoraInit, LoraSettings};
+use super::linear::{Dora, InitialFactors, LoraAdapter};
 use super::targets::{short_name, TargetSpec};
 use crate::error::{Error, Result};
 use crate::export::atomic::{write_atomic, AtomicDir};
@@ -59,7 +59,7 @@ pub fn adapter_config<B: Backend>(
         "use_dora": s.use_dora,
         "bias": "none",
         "fan_in_fan_out": false,
-        "init_lora_weights": match s.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
+        "init_lora_weights": json!(s.init),
         "modules_to_save": null,
         "inference_mode": true,
         "layers_to_transform": s.layers,
@@ -84,24 +84,88 @@ fn layer_list_name<B: Backend>(model: &CausalLm<B>) -> &'static str {
 /// One adapter tensor: PEFT key, torch-layout shape, f32 values.
 pub type AdapterTensor = (String, Vec<usize>, Vec<f32>);
 
+/// How an adapter is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterForm {
+    /// The factors as trained (checkpoints): a PiSSA / OLoRA adapter keeps `init_lora_weights: pissa|olora`, and
+    /// loading it (loratune or PEFT) re-derives the residual base from the original one.
+    AsTrained,
+    /// A plain LoRA on the original base (exports), which every loader applies: a PiSSA / OLoRA adapter of rank r
+    /// becomes PEFT's converted one (`path_initial_model_for_weight_conversion`) of rank 2r, A = [A; A₀],
+    /// B = [B, −B₀], so that s·B·A = s·(B·A − B₀·A₀) = the trained change of the original W; `lora_alpha` doubles
+    /// (×√2 with rsLoRA) so that the scale stays, and `init_lora_weights` says `true`.
+    Portable,
+}
+
+/// The settings an adapter is written with in `form` (rank and alpha of the converted PiSSA / OLoRA adapter).
+pub fn written_settings<B: Backend>(
+    model: &CausalLm<B>,
+    s: &LoraSettings,
+    form: AdapterForm,
+) -> LoraSettings {
+    let converted = form == AdapterForm::Portable
+        && model
+            .linears()
+            .iter()
+            .any(|(_, l)| l.lora.as_ref().is_some_and(|a| a.initial.is_some()));
+    if converted {
+        converted_settings(s)
+    } else {
+        s.clone()
+    }
+}
+
+/// PEFT's conversion of a PiSSA / OLoRA adapter's settings: rank 2r, alpha doubled (×√2 with rsLoRA, so the
+/// scale stays), `init_lora_weights: true`.
+fn converted_settings(s: &LoraSettings) -> LoraSettings {
+    LoraSettings {
+        r: 2 * s.r,
+        alpha: if s.use_rslora {
+            s.alpha * 2f64.sqrt()
+        } else {
+            2.0 * s.alpha
+        },
+        init: LoraInit::Kaiming,
+        ..s.clone()
+    }
+}
+
+/// PEFT's conversion of one module's factors: A `[r, in]` gains A₀'s rows, B `[out, r]` gains −B₀'s columns.
+fn stack_initial(a: &mut Vec<f32>, b: &mut Vec<f32>, init: &InitialFactors, r: usize, outf: usize) {
+    a.extend_from_slice(&init.a);
+    *b = (0..outf)
+        .flat_map(|i| {
+            let (b, b0) = (&b[i * r..(i + 1) * r], &init.b[i * r..(i + 1) * r]);
+            b.iter()
+                .copied()
+                .chain(b0.iter().map(|x| -x))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+}
+
 /// The adapter tensors in PEFT naming and torch layout, f32.
-pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Result<Vec<AdapterTensor>> {
+pub fn adapter_tensors<B: Backend>(
+    model: &CausalLm<B>,
+    form: AdapterForm,
+) -> Result<Vec<AdapterTensor>> {
     let mut out = Vec::new();
     for (path, lin) in model.linears() {
         if let Some(l) = &lin.lora {
-            for (suffix, t) in [("lora_A", &l.a), ("lora_B", &l.b)] {
-                let dims = t.dims().to_vec();
-                out.push((
-                    format!("{PREFIX}{path}.{suffix}.weight"),
-                    dims,
-                    host_f32(t.clone())?,
-                ));
+            let (mut a, mut b) = (host_f32(l.a.clone())?, host_f32(l.b.clone())?);
+            let [mut r, inf] = l.a.dims();
+            let outf = lin.out_features();
+            if let (AdapterForm::Portable, Some(init)) = (form, &l.initial) {
+                stack_initial(&mut a, &mut b, init, r, outf);
+                r *= 2;
             }
+            out.push((format!("{PREFIX}{path}.lora_A.weight"), vec![r, inf], a));
+            out.push((format!("{PREFIX}{path}.lora_B.weight"), vec![outf, r], b));
             if let Some(d) = &l.dora {
                 // PEFT saves the magnitude 1-D, `[out]`, without `.weight`.
                 out.push((
                     super::adapter::magnitude_key(&path),
-                    vec![lin.out_features()],
+                    vec![outf],
                     host_f32(d.magnitude.clone())?,
                 ));
             }
@@ -110,19 +174,20 @@ pub fn adapter_tensors<B: Backend>(model: &CausalLm<B>) -> Result<Vec<AdapterTen
     Ok(out)
 }
 
-/// `adapter_config.json` and `adapter_model.safetensors` (f32) of the model's adapters, into `dir` (a staging
-/// folder: the PEFT adapter folder and every checkpoint write them).
+/// `adapter_config.json` and `adapter_model.safetensors` (f32) of the model's adapters in `form`, into `dir` (a
+/// staging folder: the PEFT adapter folder and every checkpoint write them).
 pub fn write_adapter_files<B: Backend>(
     dir: &Path,
     model: &CausalLm<B>,
     s: &LoraSettings,
     base_model: &str,
+    form: AdapterForm,
 ) -> Result<()> {
-    let tensors = adapter_tensors(model)?;
+    let tensors = adapter_tensors(model, form)?;
     if tensors.is_empty() {
         return Err(Error::Lora("the model carries no adapter to save".into()));
     }
-    let cfg = adapter_config(model, s, base_model);
+    let cfg = adapter_config(model, &written_settings(model, s, form), base_model);
     let text = serde_json::to_string_pretty(&cfg).map_err(|source| Error::Serialize {
         what: "adapter_config.json".into(),
         source: source.into(),
@@ -162,13 +227,31 @@ pub fn save_adapter<B: Backend>(
         dropout: if moe_adapted { 0.0 } else { s.dropout },
         ..s.clone()
     };
-    write_adapter_files(staging.path(), model, &export_settings, base_model)?;
+    write_adapter_files(
+        staging.path(),
+        model,
+        &export_settings,
+        base_model,
+        AdapterForm::Portable,
+    )?;
     let mut readme = model_card(model, s, base_model, dir);
     if moe_adapted && s.dropout != 0.0 {
         readme.push_str(&format!(
             "\nTrained with lora_dropout = {}; adapter_config.json says 0 because PEFT loads router and expert \
              adapters onto transformers 5's fused experts only with lora_dropout 0 (dropout has no effect at inference).\n",
             s.dropout
+        ));
+    }
+    if s.init.is_principal() {
+        readme.push_str(&format!(
+            "\nTrained from a {} initialisation (the base weight minus the adapter's start). Saved as PEFT converts it \
+             (`path_initial_model_for_weight_conversion`): a plain LoRA of rank {} = 2 × {} on the original base, \
+             lora_alpha {} (the trained factors stacked with the initial ones, negated), so it loads on the unmodified \
+             base everywhere.\n",
+            s.init.name(),
+            2 * s.r,
+            s.r,
+            written_settings(model, s, AdapterForm::Portable).alpha
         ));
     }
     write_atomic(&staging.path().join("README.md"), readme.as_bytes())?;
@@ -285,6 +368,50 @@ fn pattern_value(patterns: &serde_json::Map<String, Value>, path: &str) -> Optio
     })
 }
 
+/// `adapter` as a plain LoRA on the original weights of `base`: unchanged, except a PiSSA / OLoRA adapter saved as
+/// trained (a checkpoint, or PEFT without `path_initial_model_for_weight_conversion`), which gets PEFT's conversion
+/// ([`AdapterForm::Portable`]) with its initial factors re-derived from `base`. Every export that reads an adapter
+/// folder goes through here.
+pub fn portable<'a>(
+    adapter: &'a PeftAdapter,
+    base: &crate::model::OpenedModel,
+) -> Result<std::borrow::Cow<'a, PeftAdapter>> {
+    let s = &adapter.settings;
+    if !s.init.is_principal() {
+        return Ok(std::borrow::Cow::Borrowed(adapter));
+    }
+    let mut out = adapter.clone();
+    for (path, (ash, av, bsh, bv, scale)) in out.modules.iter_mut() {
+        let (r, inf, outf) = (ash[0], ash[1], bsh[0]);
+        let name = format!("{path}.weight");
+        let w = base
+            .source
+            .load(&name, DType::F32)?
+            .to_vec::<f32>()
+            .map_err(|e| Error::Weights(format!("{name}: {e:?}")))?;
+        if w.len() != inf * outf || r > inf.min(outf) {
+            return Err(Error::Lora(format!(
+                "adapter module `{path}`: lora_A {ash:?} / lora_B {bsh:?} do not fit the base weight `{name}`"
+            )));
+        }
+        let p = super::adapter::principal_host(&w, outf, inf, s.init, r, *scale);
+        let init = InitialFactors { a: p.a, b: p.b };
+        stack_initial(av, bv, &init, r, outf);
+        ash[0] = 2 * r;
+        bsh[1] = 2 * r;
+    }
+    out.settings = converted_settings(s);
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// [`portable`] of an optional adapter.
+pub fn portable_opt<'a>(
+    adapter: Option<&'a PeftAdapter>,
+    base: &crate::model::OpenedModel,
+) -> Result<Option<std::borrow::Cow<'a, PeftAdapter>>> {
+    adapter.map(|a| portable(a, base)).transpose()
+}
+
 /// Read a PEFT adapter folder (ours or PEFT's).
 pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join("adapter_config.json");
@@ -347,8 +474,20 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
         Value::Number(n) => n.as_u64().map(|x| vec![x as usize]),
         _ => None,
     });
+    // The initialisation matters to a trained adapter only where it changed the base: PiSSA / OLoRA adapters saved
+    // as trained (PEFT without `path_initial_model_for_weight_conversion`, loratune's checkpoints) are applied to
+    // the residual base, re-derived here as PEFT does when it loads them.
     let init = match v.get("init_lora_weights") {
-        Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
+        Some(Value::String(s)) => match LoraInit::parse(s) {
+            Ok(i) => i,
+            Err(_) if matches!(s.to_ascii_lowercase().as_str(), "eva" | "orthogonal") => LoraInit::Kaiming,
+            Err(_) => {
+                return Err(bad(format!(
+                    "init_lora_weights `{s}` changes the base weight in a way loratune does not reproduce; save the \
+                     adapter with PEFT's path_initial_model_for_weight_conversion (a plain LoRA on the original base)"
+                )))
+            }
+        },
         _ => LoraInit::Kaiming,
     };
     let empty = serde_json::Map::new();
@@ -522,6 +661,20 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
 pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter) -> Result<()> {
     let device = model.device.clone();
     let tied = model.config.tie_word_embeddings;
+    // PiSSA / OLoRA saved as trained: the residual base first (as PEFT re-derives it when loading such an adapter).
+    let mut initial = if adapter.settings.init.is_principal() {
+        let jobs = model
+            .linears_mut()
+            .into_iter()
+            .filter_map(|(p, l)| {
+                let (ash, _, _, _, scale) = adapter.modules.get(&p)?;
+                (l.lora.is_none() && ash[1] == l.in_features()).then_some((l, ash[0], *scale))
+            })
+            .collect();
+        principal_init_many(jobs, adapter.settings.init)?
+    } else {
+        BTreeMap::new()
+    };
     let mut remaining: BTreeSet<&String> = adapter.modules.keys().collect();
     for (path, lin) in model.linears_mut() {
         let Some((ash, av, bsh, bv, scale)) = adapter.modules.get(&path) else {
@@ -552,6 +705,7 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter)
             )));
         }
         lin.lora = Some(LoraAdapter {
+            initial: initial.remove(&path).map(std::sync::Arc::new),
             a: Tensor::from_data(
                 TensorData::new(av.clone(), [ash[0], ash[1]]),
                 (&device, DType::F32),

@@ -630,6 +630,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B::InnerBackend>> for Inn
                 b: a.b.clone().inner(),
                 scale: a.scale,
                 dropout: a.dropout,
+                initial: a.initial.clone(),
                 dora: a.dora.as_ref().map(|d| Dora {
                     magnitude: d.magnitude.clone().inner(),
                     w_sq: d.w_sq.clone().inner(),
@@ -675,6 +676,7 @@ impl<B: AutodiffBackend> MapLeaves<Weights<B>, Weights<B>> for Detach {
                 b: Tensor::from_inner(a.b),
                 scale: a.scale,
                 dropout: a.dropout,
+                initial: a.initial,
                 dora: a.dora.map(|d| Dora {
                     magnitude: Tensor::from_inner(d.magnitude),
                     w_sq: Tensor::from_inner(d.w_sq),
@@ -785,6 +787,7 @@ mod tests {
             scale: 1.5,
             dropout: 0.5,
             dora: Some(dora),
+            initial: None,
         });
         let mut m2 = LoraLinear::new("b", w2.clone(), None);
         m2.lora = Some(LoraAdapter {
@@ -793,6 +796,7 @@ mod tests {
             scale: 1.5,
             dropout: 0.5,
             dora: None,
+            initial: None,
         });
         // Each member draws its own keep mask (scaled by 1/(1-p) = 2).
         struct Masks(Vec<Vec<f32>>);

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::export::atomic::{write_atomic, AtomicDir};
 use crate::export::safetensors::{encode, pt_metadata, write_safetensors, OutDtype, TensorEntry};
 use crate::lora::adapter::{lora_params, LoraSettings};
-use crate::lora::peft::write_adapter_files;
+use crate::lora::peft::{write_adapter_files, AdapterForm};
 use crate::model::weights::{host_f32, parse_safetensors_header};
 use crate::model::CausalLm;
 
@@ -86,7 +86,7 @@ pub fn save<B: burn::tensor::backend::AutodiffBackend>(
     let dir = checkpoint_dir(output_dir, state.global_step);
     let staging = AtomicDir::create(&dir)?;
     let p = staging.path();
-    write_adapter_files(p, model, settings, base_model)?;
+    write_adapter_files(p, model, settings, base_model, AdapterForm::AsTrained)?;
     let keys: Vec<String> = lora_params(model).into_iter().map(|(k, _)| k).collect();
     let mut moments = Vec::new();
     for (key, m) in keys.iter().zip(&opt.moments) {

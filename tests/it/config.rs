@@ -1345,3 +1345,45 @@ fn layers_pattern_names_the_models_layer_list() {
         &["`peft_layers_pattern` needs `lora_layers_to_transform`"],
     );
 }
+
+#[test]
+fn pissa_and_olora_keys() {
+    use loratune::config::BaseQuantization;
+    let d = data_dir();
+    // PEFT's and Axolotl's spellings; pissa_niter_K reads as pissa; a stored-quantized base is dequantized.
+    for (yaml, want) in [
+        ("lora_init: pissa\n", LoraInit::Pissa),
+        ("peft_init_lora_weights: olora\n", LoraInit::Olora),
+        ("init_lora_weights: pissa_niter_4\n", LoraInit::Pissa),
+        ("lora_init: gaussian\n", LoraInit::Gaussian),
+    ] {
+        let c = load_in(d.path(), &format!("{GOOD}{yaml}"), &[]).unwrap();
+        assert_eq!(c.lora_init, want, "{yaml}");
+        let dense = want.is_principal();
+        assert_eq!(
+            c.base_quantization == BaseQuantization::Dequantize,
+            dense,
+            "{yaml}"
+        );
+    }
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}lora_init: pissa\nbase_quantization: keep\n"),
+        &[],
+    );
+    assert_contains(&errs, &["base_quantization", "W − s·B·A", "dequantize"]);
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}peft_init_lora_weights: olora\nload_in_4bit: true\n"),
+        &[],
+    );
+    assert_contains(&errs, &["peft_init_lora_weights", "olora", "load_in_4bit"]);
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}lora_init: pissa\npeft_use_dora: true\n"),
+        &[],
+    );
+    assert_contains(&errs, &["lora_init", "DoRA", "choose one"]);
+    let errs = errors(d.path(), &format!("{GOOD}lora_init: loftq\n"), &[]);
+    assert_contains(&errs, &["lora_init", "loftq", "pissa", "olora"]);
+}

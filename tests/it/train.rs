@@ -643,12 +643,15 @@ mod runs {
         assert!(find_runs(&[root.path().join("missing")]).is_err());
     }
 
-    /// DoRA end to end from the config (`peft_use_dora: true`, dropout, layer recompute): the run resumes bit-identically
-    /// from a checkpoint (magnitudes and their AdamW moments included), the adapter says `use_dora` and holds a
-    /// magnitude per module, and the merged export gives the adapter's logits.
-    #[test]
-    fn dora_runs_resume_and_merge() {
-        let extra = "max_steps: 6\nsave_steps: 3\npeft_use_dora: true\ngradient_checkpointing: true\nauto_resume_from_checkpoints: true";
+    /// A run with `extra` keys (6 steps, a checkpoint at 3): stopped after step 4 and resumed, it equals the straight
+    /// run (losses and final adapter bit for bit), and the straight run's merged folder gives its adapter's logits on
+    /// the original base. Returns the straight run's adapter.
+    fn resumes_bit_identically_and_merges(
+        extra: &str,
+        what: &str,
+    ) -> loratune::lora::peft::PeftAdapter {
+        let extra =
+            format!("max_steps: 6\nsave_steps: 3\nauto_resume_from_checkpoints: true\n{extra}");
         let a_dir = tempfile::tempdir().unwrap();
         let full = train(
             &config(a_dir.path(), &format!("{extra}\nmerge_lora: true")),
@@ -657,7 +660,7 @@ mod runs {
         .unwrap();
         assert!(full.losses[5] < full.losses[0], "{:?}", full.losses);
         let b_dir = tempfile::tempdir().unwrap();
-        let cfg = config(b_dir.path(), extra);
+        let cfg = config(b_dir.path(), &extra);
         let first = train(
             &cfg,
             &RunOptions {
@@ -671,18 +674,16 @@ mod runs {
         assert_eq!(
             second.losses,
             full.losses[3..].to_vec(),
-            "resumed DoRA losses differ"
+            "resumed {what} losses differ"
         );
         let adapter = a_dir.path().join("run/adapter");
-        let a = loratune::lora::peft::read_adapter(&adapter).unwrap();
-        assert!(a.settings.use_dora);
-        assert_eq!(a.magnitudes.len(), a.modules.len());
         assert_eq!(
             std::fs::read(adapter.join("adapter_model.safetensors")).unwrap(),
             std::fs::read(b_dir.path().join("run/adapter/adapter_model.safetensors")).unwrap(),
-            "final DoRA adapters differ"
+            "final {what} adapters differ"
         );
-        // The merged folder's logits equal the base + adapter's.
+        let a = loratune::lora::peft::read_adapter(&adapter).unwrap();
+        // The merged folder's logits equal the original base + the adapter's.
         let device = Default::default();
         let (batch, _) =
             crate::parity::reference_batch(&fixture("adapters/llama/reference.safetensors"));
@@ -693,7 +694,36 @@ mod runs {
             &to_vec(with.forward(&batch)),
             &to_vec(merged.forward(&batch)),
         );
-        assert!(d < 1e-4, "merged vs adapter logits {d}");
+        assert!(d < 1e-4, "{what}: merged vs adapter logits {d}");
+        a
+    }
+
+    /// DoRA end to end from the config (`peft_use_dora: true`, dropout, layer recompute): resumes bit-identically
+    /// (magnitudes and their AdamW moments included), the adapter says `use_dora` and holds a magnitude per module.
+    #[test]
+    fn dora_runs_resume_and_merge() {
+        let a = resumes_bit_identically_and_merges(
+            "peft_use_dora: true\ngradient_checkpointing: true",
+            "DoRA",
+        );
+        assert!(a.settings.use_dora);
+        assert_eq!(a.magnitudes.len(), a.modules.len());
+    }
+
+    /// PiSSA and OLoRA end to end from the config: the resumed run re-derives the residual base from the checkpoint
+    /// (saved as trained) bit for bit; the exported adapter is the converted rank-2r LoRA on the original base.
+    #[test]
+    fn pissa_and_olora_runs_resume_and_merge() {
+        for init in ["pissa", "olora"] {
+            let a = resumes_bit_identically_and_merges(&format!("lora_init: {init}"), init);
+            let r = a.modules.values().next().unwrap().0[0];
+            assert_eq!(a.settings.init, loratune::lora::LoraInit::Kaiming);
+            assert_eq!(
+                (r, a.settings.r),
+                (16, 16),
+                "{init}: lora_r 8 exported as rank 16"
+            );
+        }
     }
 
     /// A checkpoint write that died half-way (its staging folder, or a folder without trainer_state.json)

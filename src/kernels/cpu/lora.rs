@@ -787,6 +787,7 @@ mod tests {
                 scale: 2.5,
                 dropout: if with_mask { 0.2 } else { 0.0 },
                 dora: None,
+                initial: None,
             });
             let mask = with_mask.then(|| plain::<2>(&m, [n, inp], &dev));
             let y = if fused {
@@ -853,6 +854,7 @@ mod tests {
                 scale: 1.5,
                 dropout: 0.1,
                 dora: None,
+                initial: None,
             };
             let with_adapter = |w: &[f32], out: usize, ad: LoraAdapter<AD>| {
                 let mut l = LoraLinear::<AD>::new("m", plain::<2>(w, [out, inp], &dev), None);
