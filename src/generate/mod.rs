@@ -1,6 +1,8 @@
 //! Text generation with a KV cache: greedy (temperature 0) or temperature + nucleus (top-p) sampling,
 //! seeded, stopping at any end-of-sequence / end-of-turn id.
 
+pub mod score;
+
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::kernels::Kernels;
@@ -117,11 +119,112 @@ fn step_logits<B: Kernels>(
         attention_mask: vec![true; n],
         segment_ids: None,
     };
-    let hidden = model.forward_hidden(&batch, Some(cache), &mut NoDropout);
-    let idx =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![(n - 1) as i32], [1]), &model.device);
+    Ok(last_logits(model, &batch, cache)?.remove(0))
+}
+
+/// Logits `[vocab]` of each batch row's last position after a forward over `batch` continuing `cache`.
+fn last_logits<B: Kernels>(
+    model: &CausalLm<B>,
+    batch: &TokenBatch,
+    cache: &mut KvCache<B>,
+) -> Result<Vec<Vec<f32>>> {
+    let hidden = model.forward_hidden(batch, Some(cache), &mut NoDropout);
+    let idx: Vec<i32> = (0..batch.batch)
+        .map(|r| (r * batch.seq + batch.seq - 1) as i32)
+        .collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [batch.batch]), &model.device);
     let last = hidden.select(0, idx);
-    crate::model::weights::host_f32(model.logits(last, &mut NoDropout))
+    let v = crate::model::weights::host_f32(model.logits(last, &mut NoDropout))?;
+    let vocab = v.len() / batch.batch.max(1);
+    Ok(v.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())
+}
+
+/// Greedy generation for several prompts in one batch: prompts left-padded to the longest (padding masked, each row
+/// with its own positions), then one token per row and step. Each row's output is what [`generate`] gives that
+/// prompt alone at temperature 0 (up to float summation order; tested). Finished rows ride along masked.
+pub fn generate_greedy_batch<B: Kernels>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+) -> Result<Vec<(Vec<u32>, StopReason)>> {
+    let vocab = model.config.vocab_size as u32;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::Config(format!(
+                "prompt {i} is empty: nothing to continue from"
+            )));
+        }
+        if let Some(bad) = p.iter().find(|&&t| t >= vocab) {
+            return Err(Error::Tokenizer(format!(
+                "prompt {i}: token id {bad} is outside the model's vocabulary ({vocab})"
+            )));
+        }
+    }
+    let n = prompts.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let max_ctx = model.config.max_position_embeddings;
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut batch = TokenBatch {
+        batch: n,
+        seq: width,
+        input_ids: Vec::with_capacity(n * width),
+        position_ids: Vec::with_capacity(n * width),
+        attention_mask: Vec::with_capacity(n * width),
+        segment_ids: None,
+    };
+    for p in prompts {
+        let pad = width - p.len();
+        batch
+            .input_ids
+            .extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+        batch
+            .position_ids
+            .extend(std::iter::repeat_n(0, pad).chain(0..p.len() as u32));
+        batch
+            .attention_mask
+            .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+    }
+    let mut cache = KvCache::new(model.config.num_hidden_layers, n);
+    let mut out: Vec<(Vec<u32>, Option<StopReason>)> = vec![(Vec::new(), None); n];
+    let mut logits = last_logits(model, &batch, &mut cache)?;
+    for _ in 0..max_new_tokens {
+        let mut next = TokenBatch {
+            batch: n,
+            seq: 1,
+            input_ids: vec![0; n],
+            position_ids: vec![0; n],
+            attention_mask: vec![false; n],
+            segment_ids: None,
+        };
+        for (r, (ids, done)) in out.iter_mut().enumerate() {
+            if done.is_some() {
+                continue;
+            }
+            let id = argmax(&logits[r]);
+            ids.push(id);
+            let len = prompts[r].len() + ids.len();
+            if stop_ids.contains(&id) {
+                *done = Some(StopReason::Stop);
+            } else if len >= max_ctx {
+                *done = Some(StopReason::Context);
+            } else {
+                next.input_ids[r] = id;
+                next.position_ids[r] = (len - 1) as u32;
+                next.attention_mask[r] = true;
+            }
+        }
+        if out.iter().all(|(_, d)| d.is_some()) {
+            break;
+        }
+        logits = last_logits(model, &next, &mut cache)?;
+    }
+    Ok(out
+        .into_iter()
+        .map(|(ids, d)| (ids, d.unwrap_or(StopReason::Length)))
+        .collect())
 }
 
 /// The prompt as the model reads it: the text (rendered with the chat template as a user message, after an optional

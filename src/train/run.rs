@@ -829,9 +829,61 @@ pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<Eval> {
             })
         }
     }
+    cfg.placement()?.infer(Job(cfg, eval_adapter(cfg, adapter)))
+}
+
+/// The adapter `loratune eval` applies: the one given, else `output_dir/adapter` when it exists, else none.
+fn eval_adapter(cfg: &TrainConfig, adapter: Option<&Path>) -> Option<PathBuf> {
     let default_adapter = cfg.output_dir.join("adapter");
-    let adapter = adapter
+    adapter
         .map(Path::to_path_buf)
-        .or_else(|| default_adapter.is_dir().then_some(default_adapter));
-    cfg.placement()?.infer(Job(cfg, adapter))
+        .or_else(|| default_adapter.is_dir().then_some(default_adapter))
+}
+
+/// `loratune eval --generate`: task metrics on held-out questions of the base model with an adapter (as
+/// [`evaluate`] picks it; none with `base_only`), on the config's device. Without a system message in `opts`, the
+/// adapter's recorded training system message (its `loratune.json`) is used, so the model is asked as it was trained.
+pub fn evaluate_generate(
+    cfg: &TrainConfig,
+    adapter: Option<&Path>,
+    base_only: bool,
+    items: &[crate::generate::score::Heldout],
+    opts: &crate::generate::score::TaskOptions,
+) -> Result<crate::generate::score::TaskReport> {
+    use crate::generate::score::{evaluate_task, Heldout, TaskOptions, TaskReport};
+    struct Job<'a>(&'a TrainConfig, Option<PathBuf>, &'a [Heldout], TaskOptions);
+    impl InferJob for Job<'_> {
+        type Output = TaskReport;
+        fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output> {
+            let (cfg, adapter, items, opts) = (self.0, self.1, self.2, self.3);
+            let model_path = cfg.base_model_path()?;
+            let tokenizer = cfg.tokenizer(&model_path)?;
+            let base = model::open(&model_path)?;
+            let mut m = CausalLm::<B>::load_with(
+                base.config,
+                base.source.as_ref(),
+                &device,
+                at.dtype,
+                cfg.base_plan(),
+            )?;
+            if let Some(a) = &adapter {
+                load_adapter(&mut m, a)?;
+            }
+            evaluate_task(&m, &tokenizer, items, &opts)
+        }
+    }
+    let adapter = if base_only {
+        None
+    } else {
+        eval_adapter(cfg, adapter)
+    };
+    let mut opts = opts.clone();
+    if opts.system.is_none() {
+        if let Some(a) = &adapter {
+            opts.system = crate::lora::peft::read_training_facts(a)?
+                .system_message
+                .map(|(m, _)| m);
+        }
+    }
+    cfg.placement()?.infer(Job(cfg, adapter, items, opts))
 }

@@ -4,7 +4,7 @@
 
 use burn::tensor::DType;
 use loratune::export::hf::MergedExportOptions;
-use loratune::generate::{generate, GenerateOptions};
+use loratune::generate::{generate, generate_greedy_batch, GenerateOptions};
 use loratune::model::{self, CausalLm, TokenBatch};
 use loratune::quant::BasePlan;
 use loratune::tokenizer::{load_for_model, Message};
@@ -42,6 +42,8 @@ fn greedy_cases(m: &CausalLm<B>, path: &std::path::Path) {
         &std::fs::read_to_string(fixture("generate/smollm2_greedy.json")).unwrap(),
     )
     .unwrap();
+    let mut prompts = Vec::new();
+    let mut wanted = Vec::new();
     for case in fx["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let want_prompt: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
@@ -66,6 +68,22 @@ fn greedy_cases(m: &CausalLm<B>, path: &std::path::Path) {
             "{prompt}: greedy ids differ\n ours: {:?}\n  ref: {:?}",
             tok.decode(&got, true),
             case["text"]
+        );
+        prompts.push(ids);
+        wanted.push(want_gen);
+    }
+    // All prompts at once (left-padded, one batch): each row equals transformers' ids too.
+    assert!(
+        prompts.iter().any(|p| p.len() != prompts[0].len()),
+        "prompts of different lengths"
+    );
+    let batched = generate_greedy_batch(m, &prompts, 48, &tok.generation_stop_ids()).unwrap();
+    for ((got, _), want) in batched.iter().zip(&wanted) {
+        assert_eq!(
+            got,
+            want,
+            "batched greedy ids differ: {:?}",
+            tok.decode(got, true)
         );
     }
 }
