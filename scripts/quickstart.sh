@@ -10,7 +10,7 @@ bin="${CARGO_TARGET_DIR:-target}/release/loratune"
 if [ -x "$bin" ]; then
     echo "== building loratune (release; up to date unless the sources changed)"
 else
-    echo "== building loratune (release): the first build compiles the burn and polars stacks, about 25 minutes on"
+    echo "== building loratune (release): the first build compiles the burn and polars stacks, about 17 minutes on"
     echo "   2 cores (cargo's progress below); later builds take seconds to a minute"
 fi
 cargo build --release
