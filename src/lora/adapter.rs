@@ -363,7 +363,7 @@ pub fn principal_host(
 }
 
 /// The truncated SVD's start vectors (fixed, so a resumed run re-derives the same residual base bit for bit).
-const PISSA_SEED: u64 = 0x5155_A;
+const PISSA_SEED: u64 = 0x0005_155A;
 
 /// Parameter counts for the model as it stands.
 pub fn report<B: Backend>(model: &CausalLm<B>, modules: Vec<String>) -> LoraReport {

@@ -487,13 +487,13 @@ mod tests {
         // u_j ⟂ u_k, unit; Wᵀ·u_j = σ_j·v_j (u is derived from v, so this side is the test).
         let utu = matmul(&u, true, &u, false);
         let wtu = matmul(&w, true, &u, false);
-        for j in 0..4 {
+        for (j, &sj) in sigma.iter().enumerate() {
             for k in 0..4 {
                 let want = if j == k { 1.0 } else { 0.0 };
                 assert!((utu.at(j, k) - want).abs() < 1e-12);
             }
             for i in 0..80 {
-                assert!((wtu.at(i, j) - sigma[j] * v.at(i, j)).abs() < 1e-8);
+                assert!((wtu.at(i, j) - sj * v.at(i, j)).abs() < 1e-8);
             }
         }
         // The exact path (block covers the small side): 10 × 6, r = 2.
