@@ -32,26 +32,28 @@ pub struct EvalArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Task metrics instead of eval loss: ask the questions of this JSONL file (greedy, batched) and score the
-    /// answers (e.g. datasets/nimbrel/heldout.jsonl).
-    #[arg(long, value_name = "FILE")]
-    pub generate: Option<PathBuf>,
-    /// With --generate: the field holding the question.
-    #[arg(long, default_value = "question")]
-    pub prompt_field: String,
-    /// With --generate: the field holding the expected answer (a string) or facts (a list of strings).
-    #[arg(long, default_value = "expected_facts")]
-    pub answer_field: String,
-    /// With --generate: metrics, comma-separated: exact, contains, regex, f1.
-    #[arg(long, value_delimiter = ',', default_value = "contains,f1")]
-    pub metrics: Vec<String>,
-    /// With --generate: new tokens per answer.
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// With --generate: questions per generation batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// With --generate: the system message (default: the one the adapter was trained with, from its
-    /// loratune.json; none for the base model).
+    /// answers (e.g. datasets/nimbrel/heldout.jsonl). Without FILE: the config's `eval_generate` block. The options
+    /// below override that block's values.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub generate: Option<Option<PathBuf>>,
+    /// With --generate: the field holding the question (default `question`).
+    #[arg(long)]
+    pub prompt_field: Option<String>,
+    /// With --generate: the field holding the expected answer (a string) or facts (a list of strings); default
+    /// `expected_facts`.
+    #[arg(long)]
+    pub answer_field: Option<String>,
+    /// With --generate: metrics, comma-separated: exact, contains, regex, f1 (default contains,f1).
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Option<Vec<String>>,
+    /// With --generate: new tokens per answer (default 128).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// With --generate: questions per generation batch (default 8).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// With --generate: the system message (default: the config's, else the one the adapter was trained with,
+    /// from its loratune.json; none for the base model).
     #[arg(long)]
     pub system: Option<String>,
     /// With --generate: the base model alone, even when <output_dir>/adapter exists (the baseline).
@@ -88,6 +90,21 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     if let Some(b) = s.best_eval_loss {
         eprintln!("  best eval loss  {b:.4} (perplexity {:.2})", b.exp());
     }
+    if let Some(f) = &s.task_final {
+        let line: Vec<String> = f
+            .iter()
+            .map(
+                |(k, v)| match s.task_baseline.as_ref().and_then(|b| b.get(k)) {
+                    Some(b) => format!("{k} {b:.3} → {v:.3}"),
+                    None => format!("{k} {v:.3}"),
+                },
+            )
+            .collect();
+        eprintln!(
+            "  task metrics    {} (held-out questions, before → after)",
+            line.join(", ")
+        );
+    }
     eprintln!(
         "  throughput      {:.0} tokens/s ({:.0} trained tokens/s)",
         s.tokens_per_second, s.trained_tokens_per_second
@@ -120,7 +137,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig::load(&a.config, &a.set)?;
     if let Some(file) = &a.generate {
-        return run_eval_generate(&a, &cfg, file);
+        return run_eval_generate(&a, &cfg, file.as_deref());
     }
     let e = evaluate(&cfg, a.adapter.as_deref())?;
     println!(
@@ -130,26 +147,50 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_eval_generate(a: &EvalArgs, cfg: &TrainConfig, file: &std::path::Path) -> Result<()> {
+fn run_eval_generate(
+    a: &EvalArgs,
+    cfg: &TrainConfig,
+    file: Option<&std::path::Path>,
+) -> Result<()> {
     use crate::generate::score::{read_heldout, Metric, TaskOptions};
-    let metrics = a
-        .metrics
-        .iter()
-        .map(|m| {
-            Metric::ALL
-                .into_iter()
-                .find(|x| x.name() == m.trim())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--metrics: unknown metric `{m}` (exact, contains, regex, f1)")
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let items = read_heldout(file, &a.prompt_field, &a.answer_field)?;
+    // The config's block (or the defaults), then the command line's values.
+    let mut eg = cfg.eval_generate.clone().unwrap_or_default();
+    if file.is_none() && cfg.eval_generate.is_none() {
+        anyhow::bail!(
+            "--generate without a FILE uses the config's `eval_generate:` block, and {} has none; give the \
+             questions file (e.g. --generate datasets/nimbrel/heldout.jsonl)",
+            a.config.display()
+        );
+    }
+    if let Some(m) = &a.metrics {
+        eg.metrics = m
+            .iter()
+            .map(|m| {
+                Metric::ALL
+                    .into_iter()
+                    .find(|x| x.name() == m.trim())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--metrics: unknown metric `{m}` (exact, contains, regex, f1)"
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    eg.prompt_field = a.prompt_field.clone().unwrap_or(eg.prompt_field);
+    eg.answer_field = a.answer_field.clone().unwrap_or(eg.answer_field);
+    eg.max_new_tokens = a.max_new_tokens.unwrap_or(eg.max_new_tokens);
+    eg.batch_size = a.batch_size.unwrap_or(eg.batch_size).max(1);
+    let path = match file {
+        Some(f) => f.to_path_buf(),
+        None => cfg.resolve_path(&eg.path),
+    };
+    let items = read_heldout(&path, &eg.prompt_field, &eg.answer_field)?;
     let opts = TaskOptions {
-        metrics,
-        max_new_tokens: a.max_new_tokens,
-        batch_size: a.batch_size.max(1),
-        system: a.system.clone(),
+        metrics: eg.metrics,
+        max_new_tokens: eg.max_new_tokens,
+        batch_size: eg.batch_size,
+        system: a.system.clone().or(eg.system),
     };
     let r = crate::train::run::evaluate_generate(
         cfg,

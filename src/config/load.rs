@@ -12,7 +12,7 @@ use super::axolotl::{self, Class, Scope};
 use super::issues::{finalize, Issue, LoadOptions, Origin};
 use super::suggest::did_you_mean;
 use super::yaml::{describe, KeyPath, Override, Pos};
-use super::{ConfigErrors, ConfigIssue, DatasetConfig, SpecialTokens, TrainConfig};
+use super::{ConfigErrors, ConfigIssue, DatasetConfig, EvalGenerate, SpecialTokens, TrainConfig};
 
 pub(crate) fn load_str(
     text: &str,
@@ -418,33 +418,55 @@ fn check_dataset_list(v: &Value, p: &KeyPath, sink: &mut Sink) -> Option<Value> 
 }
 
 fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
-    let mut nested =
-        |name: &str, v: &Value, p: &KeyPath, sink: &mut Sink| -> Option<Option<Value>> {
-            match name {
-                "datasets" | "test_datasets" => Some(check_dataset_list(v, p, sink)),
-                "special_tokens" => Some(match v {
-                    Value::Null => Some(Value::Mapping(Mapping::new())),
-                    Value::Mapping(m) => Some(Value::Mapping(check_struct::<SpecialTokens>(
-                        m,
-                        p,
-                        Scope::Nested,
-                        sink,
-                        &mut no_nested,
-                    ))),
-                    other => {
-                        sink.issues.push(Issue::invalid(
+    let mut nested = |name: &str,
+                      v: &Value,
+                      p: &KeyPath,
+                      sink: &mut Sink|
+     -> Option<Option<Value>> {
+        match name {
+            "datasets" | "test_datasets" => Some(check_dataset_list(v, p, sink)),
+            "special_tokens" => Some(match v {
+                Value::Null => Some(Value::Mapping(Mapping::new())),
+                Value::Mapping(m) => Some(Value::Mapping(check_struct::<SpecialTokens>(
+                    m,
+                    p,
+                    Scope::Nested,
+                    sink,
+                    &mut no_nested,
+                ))),
+                other => {
+                    sink.issues.push(Issue::invalid(
+                        p.clone(),
+                        format!(
+                            "expected a mapping such as `pad_token: \"<pad>\"`, found {}",
+                            describe(other)
+                        ),
+                    ));
+                    None
+                }
+            }),
+            "eval_generate" => Some(match v {
+                Value::Mapping(m) => Some(Value::Mapping(check_struct::<EvalGenerate>(
+                    m,
+                    p,
+                    Scope::Nested,
+                    sink,
+                    &mut no_nested,
+                ))),
+                other => {
+                    sink.issues.push(Issue::invalid(
                             p.clone(),
                             format!(
-                                "expected a mapping such as `pad_token: \"<pad>\"`, found {}",
+                                "expected a mapping such as `path: datasets/nimbrel/heldout.jsonl`, found {}",
                                 describe(other)
                             ),
                         ));
-                        None
-                    }
-                }),
-                _ => None,
-            }
-        };
+                    None
+                }
+            }),
+            _ => None,
+        }
+    };
     check_struct::<TrainConfig>(root, &KeyPath::root(), Scope::Top, sink, &mut nested)
 }
 

@@ -285,6 +285,10 @@ pub struct TrainConfig {
     pub logging_steps: Option<u64>,
     /// Stop when the eval loss has not improved for N evaluations (≥ 1; needs an eval set). Default: unset.
     pub early_stopping_patience: Option<u32>,
+    /// Task metrics on held-out questions ([`EvalGenerate`]): asked before training (the baseline), at the end, and
+    /// at every evaluation with `at_eval_steps`. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_generate: Option<EvalGenerate>,
     /// Resume from this checkpoint folder. Default: unset.
     pub resume_from_checkpoint: Option<PathBuf>,
     /// Resume from the newest checkpoint in `output_dir` if there is one. Default: `false`.
@@ -335,6 +339,7 @@ impl Default for TrainConfig {
             sample_packing: data.sample_packing,
             truncation: data.truncation,
             special_tokens: SpecialTokens::default(),
+            eval_generate: None,
             eot_tokens: None,
             curriculum_sampling: false,
             dataset_exact_deduplication: false,
@@ -540,6 +545,49 @@ impl Default for DatasetConfig {
             drop_system_message: false,
             chat_template: None,
             chat_template_jinja: None,
+        }
+    }
+}
+
+/// `eval_generate:` held-out questions with what their answers should say, asked greedily and scored
+/// ([`crate::generate::score`]); results per question in `output_dir/eval_generate/step-N.jsonl`, means in
+/// `metrics.jsonl` (`task`) and TensorBoard (`eval/task_<metric>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalGenerate {
+    /// **Required.** A JSONL file of questions (e.g. `datasets/nimbrel/heldout.jsonl`), relative to the working
+    /// directory.
+    pub path: String,
+    /// The field holding the question. Default: `question`.
+    pub prompt_field: String,
+    /// The field holding the expected answer (a string) or facts (a list of strings). Default: `expected_facts`.
+    pub answer_field: String,
+    /// Metrics: `exact`, `contains`, `regex`, `f1`. Default: `[contains, f1]`.
+    pub metrics: Vec<crate::generate::score::Metric>,
+    /// New tokens per answer (≥ 1). Default: `128`.
+    pub max_new_tokens: usize,
+    /// Questions per generation batch (≥ 1). Default: `8`.
+    pub batch_size: usize,
+    /// The system message before each question. Default: unset = the one most training conversations carry.
+    pub system: Option<String>,
+    /// Also ask at every evaluation (`eval_steps`), not only before training and at the end. Default: `false`.
+    pub at_eval_steps: bool,
+}
+
+impl Default for EvalGenerate {
+    fn default() -> Self {
+        EvalGenerate {
+            path: String::new(),
+            prompt_field: "question".into(),
+            answer_field: "expected_facts".into(),
+            metrics: vec![
+                crate::generate::score::Metric::Contains,
+                crate::generate::score::Metric::F1,
+            ],
+            max_new_tokens: 128,
+            batch_size: 8,
+            system: None,
+            at_eval_steps: false,
         }
     }
 }

@@ -532,6 +532,34 @@ pub(crate) fn resolve_and_validate(
             ));
         }
     }
+    if let Some(eg) = &cfg.eval_generate {
+        let p = k("eval_generate");
+        if eg.path.trim().is_empty() {
+            issues.push(Issue::missing(
+                p.key("path"),
+                "set it to a JSONL file of held-out questions (e.g. datasets/nimbrel/heldout.jsonl)",
+            ));
+        } else if opts.check_files && !base(&eg.path).is_file() {
+            issues.push(Issue::invalid(
+                p.key("path"),
+                format!("file `{}` not found", base(&eg.path).display()),
+            ));
+        }
+        if eg.metrics.is_empty() {
+            issues.push(Issue::invalid(
+                p.key("metrics"),
+                "the list is empty; name at least one of exact, contains, regex, f1",
+            ));
+        }
+        for (key, v) in [
+            ("max_new_tokens", eg.max_new_tokens),
+            ("batch_size", eg.batch_size),
+        ] {
+            if v == 0 {
+                issues.push(Issue::invalid(p.key(key), "must be at least 1"));
+            }
+        }
+    }
     if let Some(ck) = &cfg.resume_from_checkpoint {
         let path = base(&ck.to_string_lossy());
         if opts.check_files && !path.is_dir() {

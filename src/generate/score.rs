@@ -34,6 +34,16 @@ impl Metric {
         }
     }
 
+    /// Its TensorBoard tag.
+    pub fn tensorboard_tag(self) -> &'static str {
+        match self {
+            Metric::Exact => "eval/task_exact",
+            Metric::Contains => "eval/task_contains",
+            Metric::Regex => "eval/task_regex",
+            Metric::F1 => "eval/task_f1",
+        }
+    }
+
     /// Score `answer` against `references` (at least one). A `regex` reference that does not compile is an error
     /// naming it.
     pub fn score(self, answer: &str, references: &[String]) -> Result<f64, String> {

@@ -33,6 +33,9 @@ pub struct MetricLine {
     /// checkpoints included; not the time before the first step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub elapsed_seconds: Option<f64>,
+    /// Task metrics on the held-out questions (`eval_generate`): metric name → mean score in [0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 impl MetricLine {
@@ -50,6 +53,12 @@ impl MetricLine {
             ("eval/perplexity", self.eval_perplexity),
         ]
         .into_iter()
+        .chain(crate::generate::score::Metric::ALL.into_iter().map(|m| {
+            (
+                m.tensorboard_tag(),
+                self.task.as_ref().and_then(|t| t.get(m.name()).copied()),
+            )
+        }))
         .filter_map(|(tag, v)| v.map(|v| (tag, v as f32)))
         .collect()
     }
@@ -280,9 +289,7 @@ mod tests {
                 aux_loss: None,
                 tokens_per_second: None,
                 eval_loss: if i % 5 == 0 { Some(2.5) } else { None },
-                eval_perplexity: None,
-                epoch: None,
-                elapsed_seconds: None,
+                ..MetricLine::default()
             })
             .collect();
         let s = loss_curve_svg(&m, "a < b");

@@ -19,6 +19,7 @@ use crate::data::DATA_REPORT;
 use crate::data::{Batch, LoaderState, TrainLoader};
 use crate::error::{Error, Result};
 use crate::export::atomic::{remove_stale_staging, write_atomic, FolderLock};
+use crate::generate::score::{evaluate_task, read_heldout, Heldout, TaskOptions};
 use crate::kernels::{Kernels, TrainBackend};
 use crate::lora::adapter::{attach, lora_params, report, set_trainable, LoraSettings};
 use crate::lora::peft::{apply_adapter, load_adapter, read_adapter, save_adapter};
@@ -68,6 +69,9 @@ pub struct RunSummary {
     pub resumed_from: Option<PathBuf>,
     pub stopped_early: bool,
     pub interrupted: bool,
+    /// `eval_generate`: the task metrics before training (step 0) and the last ones recorded.
+    pub task_baseline: Option<std::collections::BTreeMap<String, f64>>,
+    pub task_final: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// How the loop ended.
@@ -124,6 +128,8 @@ pub struct Run<'a, B: TrainBackend> {
     /// Held until the run ends.
     /// The system message most training conversations carried (for the Ollama Modelfile's SYSTEM).
     system_message: Option<(String, u64)>,
+    /// `eval_generate`: the held-out questions and how they are asked.
+    task: Option<(Vec<Heldout>, TaskOptions)>,
     _lock: Option<FolderLock>,
 }
 
@@ -310,6 +316,25 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             last_checkpoint: resume_dir.clone(),
             resumed_from: resume_dir,
             counters: Counters::new(t_start),
+            task: match &cfg.eval_generate {
+                Some(eg) => Some((
+                    read_heldout(
+                        &cfg.resolve_path(&eg.path),
+                        &eg.prompt_field,
+                        &eg.answer_field,
+                    )?,
+                    TaskOptions {
+                        metrics: eg.metrics.clone(),
+                        max_new_tokens: eg.max_new_tokens,
+                        batch_size: eg.batch_size,
+                        system: eg
+                            .system
+                            .clone()
+                            .or_else(|| facts.system_message.as_ref().map(|(m, _)| m.clone())),
+                    },
+                )),
+                None => None,
+            },
             system_message: facts.system_message.clone(),
             _lock: lock,
         })
@@ -317,7 +342,13 @@ impl<'a, B: TrainBackend> Run<'a, B> {
 
     /// The loop: micro-batches → learning rate → step → log → eval when due → checkpoint when due → stop.
     pub fn train(&mut self) -> Result<Outcome> {
+        if self.state.global_step == 0 {
+            // The baseline: the model before its first update (its adapters start as the identity). Before the
+            // loop's clocks start, so that tokens/s and training time leave it out.
+            self.ask_questions(self.state.train_seconds)?;
+        }
         self.counters.t_loop = Instant::now();
+        self.counters.window_start = self.counters.t_loop;
         while self.state.global_step < self.schedule.total {
             // The step's micro-batches and learning rate.
             let micro = self.next_micro_batches()?;
@@ -328,8 +359,16 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             // Evaluate and checkpoint when due.
             let last = self.state.global_step == self.schedule.total;
             let due = |every: u64, s: u64| s.is_multiple_of(every) || last;
-            let stop_early = due(self.eval_every, self.state.global_step) && self.evaluate()?
-                || self.counters.watchdog_tripped;
+            let due_eval = due(self.eval_every, self.state.global_step);
+            let stop_early = due_eval && self.evaluate()? || self.counters.watchdog_tripped;
+            let ask_every_eval = self
+                .cfg
+                .eval_generate
+                .as_ref()
+                .is_some_and(|e| e.at_eval_steps);
+            if last || stop_early || (due_eval && ask_every_eval) {
+                self.ask_questions(self.elapsed())?;
+            }
             if due(self.save_every, self.state.global_step) || stop_early {
                 self.save_checkpoint()?;
             }
@@ -495,6 +534,42 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         Ok(())
     }
 
+    /// `eval_generate`: ask the held-out questions (greedy, batched), write each answer and its scores to
+    /// `eval_generate/step-N.jsonl`, and record the means (with `elapsed` seconds of training).
+    fn ask_questions(&mut self, elapsed: f64) -> Result<()> {
+        let Some((items, opts)) = &self.task else {
+            return Ok(());
+        };
+        let s = self.state.global_step;
+        let r = evaluate_task(&self.model.valid(), &self.tokenizer, items, opts)?;
+        let mut text = String::new();
+        for sample in &r.samples {
+            let line = serde_json::to_string(sample).map_err(|e| Error::Serialize {
+                what: "eval_generate results".into(),
+                source: Box::new(e),
+            })?;
+            text.push_str(&line);
+            text.push('\n');
+        }
+        let dir = self.cfg.output_dir.join("eval_generate");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        write_atomic(&dir.join(format!("step-{s}.jsonl")), text.as_bytes())?;
+        self.metrics.write(&MetricLine {
+            step: s,
+            task: Some(r.means.clone()),
+            epoch: Some(self.epoch()),
+            elapsed_seconds: Some(elapsed),
+            ..MetricLine::default()
+        })?;
+        let means: Vec<String> = r.means.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+        self.printer.line(&format!(
+            "step {s}: task metrics on {} held-out questions: {}",
+            r.samples.len(),
+            means.join(", ")
+        ));
+        Ok(())
+    }
+
     /// Eval loss and perplexity on the eval set (when there is one), recorded; true when early stopping says stop.
     fn evaluate(&mut self) -> Result<bool> {
         let Some(Eval {
@@ -578,6 +653,15 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         loop_seconds: f64,
     ) -> RunSummary {
         let c = &self.counters;
+        let tasks: Vec<MetricLine> = if self.task.is_some() {
+            super::report::read_metrics(&self.cfg.output_dir)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l.task.is_some())
+                .collect()
+        } else {
+            Vec::new()
+        };
         RunSummary {
             output_dir: self.cfg.output_dir.clone(),
             adapter_dir,
@@ -593,6 +677,11 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             resumed_from: self.resumed_from.clone(),
             stopped_early: outcome == Outcome::StoppedEarly,
             interrupted: outcome == Outcome::Interrupted,
+            task_baseline: tasks
+                .iter()
+                .find(|l| l.step == 0)
+                .and_then(|l| l.task.clone()),
+            task_final: tasks.last().and_then(|l| l.task.clone()),
         }
     }
 }
@@ -806,20 +895,8 @@ pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<Eval> {
         type Output = Eval;
         fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output> {
             let (cfg, adapter) = (self.0, self.1);
-            let model_path = cfg.base_model_path()?;
-            let tokenizer = cfg.tokenizer(&model_path)?;
+            let (m, tokenizer) = load_for_eval::<B>(cfg, adapter.as_deref(), &device, at)?;
             let data = cfg.data_pipeline(&tokenizer)?;
-            let base = model::open(&model_path)?;
-            let mut m = CausalLm::<B>::load_with(
-                base.config,
-                base.source.as_ref(),
-                &device,
-                at.dtype,
-                cfg.base_plan(),
-            )?;
-            if let Some(a) = &adapter {
-                load_adapter(&mut m, a)?;
-            }
             let batches: Vec<Batch> = data.eval_batches()?.collect::<Result<_>>()?;
             eval_on(&m, &batches).ok_or_else(|| {
                 Error::Config(
@@ -830,6 +907,29 @@ pub fn evaluate(cfg: &TrainConfig, adapter: Option<&Path>) -> Result<Eval> {
         }
     }
     cfg.placement()?.infer(Job(cfg, eval_adapter(cfg, adapter)))
+}
+
+/// The config's base model (and tokenizer) on `device`, with `adapter` applied when given.
+fn load_for_eval<B: Kernels>(
+    cfg: &TrainConfig,
+    adapter: Option<&Path>,
+    device: &B::Device,
+    at: Placement,
+) -> Result<(CausalLm<B>, LoadedTokenizer)> {
+    let model_path = cfg.base_model_path()?;
+    let tokenizer = cfg.tokenizer(&model_path)?;
+    let base = model::open(&model_path)?;
+    let mut m = CausalLm::<B>::load_with(
+        base.config,
+        base.source.as_ref(),
+        device,
+        at.dtype,
+        cfg.base_plan(),
+    )?;
+    if let Some(a) = adapter {
+        load_adapter(&mut m, a)?;
+    }
+    Ok((m, tokenizer))
 }
 
 /// The adapter `loratune eval` applies: the one given, else `output_dir/adapter` when it exists, else none.
@@ -856,19 +956,7 @@ pub fn evaluate_generate(
         type Output = TaskReport;
         fn run<B: Kernels>(self, device: B::Device, at: Placement) -> Result<Self::Output> {
             let (cfg, adapter, items, opts) = (self.0, self.1, self.2, self.3);
-            let model_path = cfg.base_model_path()?;
-            let tokenizer = cfg.tokenizer(&model_path)?;
-            let base = model::open(&model_path)?;
-            let mut m = CausalLm::<B>::load_with(
-                base.config,
-                base.source.as_ref(),
-                &device,
-                at.dtype,
-                cfg.base_plan(),
-            )?;
-            if let Some(a) = &adapter {
-                load_adapter(&mut m, a)?;
-            }
+            let (m, tokenizer) = load_for_eval::<B>(cfg, adapter.as_deref(), &device, at)?;
             evaluate_task(&m, &tokenizer, items, &opts)
         }
     }

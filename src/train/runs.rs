@@ -42,6 +42,8 @@ pub struct RunRow {
     pub tokens_per_second: Option<f64>,
     /// Seconds of training up to the last logged line (resumed sessions summed).
     pub wall_seconds: Option<f64>,
+    /// The last task metrics recorded (`eval_generate`): metric → mean score.
+    pub task: BTreeMap<String, f64>,
 }
 
 /// A run folder: it holds the resolved `config.yaml` and `metrics.jsonl` a run writes.
@@ -188,7 +190,19 @@ fn summarize(run: PathBuf, metrics: &[MetricLine], config: &BTreeMap<String, Str
             .iter()
             .filter_map(|m| m.elapsed_seconds)
             .max_by(f64::total_cmp),
+        task: metrics
+            .iter()
+            .rev()
+            .find_map(|m| m.task.clone())
+            .unwrap_or_default(),
     }
+}
+
+/// The task metrics any row has, in one order (`task:<metric>` columns).
+fn task_columns(rows: &[RunRow]) -> Vec<String> {
+    let set: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|r| r.task.keys()).collect();
+    set.into_iter().cloned().collect()
 }
 
 /// The rows of `runs`, each with the config keys whose values are not the same in all of them.
@@ -221,9 +235,13 @@ pub fn table(runs: &[PathBuf]) -> Result<Vec<RunRow>> {
 }
 
 /// Sort rows by a column: `eval_loss` (best eval loss), `train_loss` (final), `tokens_per_second` (descending),
-/// `steps`, `run`, or a config key; runs without the value last.
+/// `steps`, `run`, a task metric `task:<metric>` (descending), or a config key; runs without the value last.
 pub fn sort(rows: &mut [RunRow], by: &str) -> Result<()> {
+    let tasks = task_columns(rows);
     let key = |r: &RunRow| -> Option<f64> {
+        if let Some(m) = by.strip_prefix("task:") {
+            return r.task.get(m).map(|v| -v);
+        }
         match by {
             "eval_loss" => r.best_eval_loss,
             "train_loss" => r.final_train_loss,
@@ -239,10 +257,14 @@ pub fn sort(rows: &mut [RunRow], by: &str) -> Result<()> {
         "steps",
         "run",
     ];
-    if !known.contains(&by) && !rows.iter().any(|r| r.differs.contains_key(by)) {
+    let task_known = by
+        .strip_prefix("task:")
+        .is_some_and(|m| tasks.iter().any(|t| t == m));
+    if !known.contains(&by) && !task_known && !rows.iter().any(|r| r.differs.contains_key(by)) {
+        let task_cols: Vec<String> = tasks.iter().map(|t| format!("task:{t}")).collect();
         return Err(Error::Config(format!(
             "--sort {by}: not a column; use one of {}, or a config key that differs between the runs",
-            known.join(", ")
+            known.iter().map(|k| k.to_string()).chain(task_cols).collect::<Vec<_>>().join(", ")
         )));
     }
     if by == "run" {
@@ -314,9 +336,11 @@ fn key_columns(rows: &[RunRow]) -> Vec<String> {
 /// The table as aligned text.
 pub fn render_text(rows: &[RunRow]) -> String {
     let keys = key_columns(rows);
+    let tasks = task_columns(rows);
     let mut header = vec!["run".to_string()];
     header.extend(keys.iter().cloned());
     header.extend(COLUMNS.iter().map(|s| s.to_string()));
+    header.extend(tasks.iter().map(|t| format!("task:{t}")));
     let mut lines = vec![header];
     for r in rows {
         let mut line = vec![r.run.display().to_string()];
@@ -325,6 +349,7 @@ pub fn render_text(rows: &[RunRow]) -> String {
                 .map(|k| r.differs.get(k).cloned().unwrap_or_default()),
         );
         line.extend(cells(r));
+        line.extend(tasks.iter().map(|t| num(r.task.get(t).copied(), 3)));
         lines.push(line);
     }
     let widths: Vec<usize> = (0..lines[0].len())
@@ -352,6 +377,7 @@ pub fn render_text(rows: &[RunRow]) -> String {
 /// The table as CSV (a header row, then one row per run).
 pub fn render_csv(rows: &[RunRow]) -> Result<String> {
     let keys = key_columns(rows);
+    let tasks = task_columns(rows);
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["run".to_string()];
     header.extend(keys.iter().cloned());
@@ -370,6 +396,7 @@ pub fn render_csv(rows: &[RunRow]) -> Result<String> {
         ]
         .map(String::from),
     );
+    header.extend(tasks.iter().map(|t| format!("task_{t}")));
     let csv_err = |e: csv::Error| Error::Config(format!("writing CSV: {e}"));
     w.write_record(&header).map_err(csv_err)?;
     let opt = |v: Option<f64>| v.map_or(String::new(), |x| x.to_string());
@@ -391,6 +418,7 @@ pub fn render_csv(rows: &[RunRow]) -> Result<String> {
             opt(r.tokens_per_second),
             opt(r.wall_seconds),
         ]);
+        rec.extend(tasks.iter().map(|t| opt(r.task.get(t).copied())));
         w.write_record(&rec).map_err(csv_err)?;
     }
     let bytes = w

@@ -1387,3 +1387,61 @@ fn pissa_and_olora_keys() {
     let errs = errors(d.path(), &format!("{GOOD}lora_init: loftq\n"), &[]);
     assert_contains(&errs, &["lora_init", "loftq", "pissa", "olora"]);
 }
+
+#[test]
+fn eval_generate_block() {
+    let d = data_dir();
+    std::fs::write(
+        d.path().join("held.jsonl"),
+        "{\"question\": \"q\", \"expected_facts\": [\"a\"]}\n",
+    )
+    .unwrap();
+    let c = load_in(
+        d.path(),
+        &format!("{GOOD}eval_generate:\n  path: held.jsonl\n  metrics: [exact, regex]\n  at_eval_steps: true\n"),
+        &[],
+    )
+    .unwrap();
+    let eg = c.eval_generate.clone().unwrap();
+    assert_eq!(eg.metrics.len(), 2);
+    assert!(eg.at_eval_steps);
+    assert_eq!(
+        (eg.prompt_field.as_str(), eg.answer_field.as_str()),
+        ("question", "expected_facts")
+    );
+    assert_eq!((eg.max_new_tokens, eg.batch_size), (128, 8));
+    // Mistakes inside the block name the nested key.
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}eval_generate:\n  path: held.jsonl\n  max_new_tokenz: 4\n"),
+        &[],
+    );
+    assert_contains(
+        &errs,
+        &[
+            "`max_new_tokenz` at line 9 column 3",
+            "did you mean `max_new_tokens`",
+        ],
+    );
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}eval_generate:\n  path: missing.jsonl\n  metrics: []\n"),
+        &[],
+    );
+    assert_contains(&errs, &["eval_generate.path", "missing.jsonl", "not found"]);
+    assert_contains(&errs, &["eval_generate.metrics", "empty"]);
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}eval_generate:\n  path: held.jsonl\n  metrics: [bleu]\n"),
+        &[],
+    );
+    assert_contains(&errs, &["eval_generate.metrics", "bleu"]);
+    let errs = errors(
+        d.path(),
+        &format!("{GOOD}eval_generate:\n  metrics: [f1]\n"),
+        &[],
+    );
+    assert_contains(&errs, &["eval_generate.path"]);
+    let errs = errors(d.path(), &format!("{GOOD}eval_generate: held.jsonl\n"), &[]);
+    assert_contains(&errs, &["eval_generate", "expected a mapping"]);
+}

@@ -763,6 +763,86 @@ mod runs {
         assert_eq!(r.steps, 8);
     }
 
+    /// `eval_generate`: the held-out questions are asked before the first step (the baseline), at every evaluation
+    /// with `at_eval_steps`, and at the end; each time every question's answer and scores go to
+    /// `eval_generate/step-N.jsonl` and the means to metrics.jsonl (`task`), and the summary has before and after.
+    #[test]
+    fn eval_generate_records_task_metrics_before_during_and_after() {
+        let held = root().join("datasets/nimbrel/heldout.jsonl");
+        let n = std::fs::read_to_string(&held)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+        let tmp = tempfile::tempdir().unwrap();
+        let extra = format!(
+            "max_steps: 4\nval_set_size: 0.2\neval_steps: 2\neval_generate:\n  path: {}\n  max_new_tokens: 4\n  batch_size: 5\n  metrics: [contains, f1, exact]\n  at_eval_steps: true",
+            held.display()
+        );
+        let s = train(&config(tmp.path(), &extra), &quiet()).unwrap();
+        let out = tmp.path().join("run");
+        let lines = loratune::train::report::read_metrics(&out).unwrap();
+        let task_steps: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.task.is_some())
+            .map(|l| l.step)
+            .collect();
+        assert_eq!(task_steps, vec![0, 2, 4]);
+        for step in [0, 2, 4] {
+            let f = out.join(format!("eval_generate/step-{step}.jsonl"));
+            let rows: Vec<serde_json::Value> = std::fs::read_to_string(&f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(rows.len(), n, "{}", f.display());
+            // The file's scores average to the recorded means.
+            let line = lines
+                .iter()
+                .find(|l| l.step == step && l.task.is_some())
+                .unwrap();
+            for (metric, mean) in line.task.as_ref().unwrap() {
+                let avg = rows
+                    .iter()
+                    .map(|r| r["scores"][metric].as_f64().unwrap())
+                    .sum::<f64>()
+                    / n as f64;
+                assert!((avg - mean).abs() < 1e-12, "{metric} at step {step}");
+            }
+        }
+        let (b, f) = (s.task_baseline.unwrap(), s.task_final.unwrap());
+        assert_eq!(
+            b.keys().collect::<Vec<_>>(),
+            vec!["contains", "exact", "f1"]
+        );
+        assert_eq!(
+            &f,
+            lines.iter().rev().find_map(|l| l.task.as_ref()).unwrap()
+        );
+        // `loratune runs` shows the last task metrics.
+        let rows = loratune::train::runs::table(std::slice::from_ref(&out)).unwrap();
+        assert_eq!(rows[0].task, f);
+        let text = loratune::train::runs::render_text(&rows);
+        assert!(
+            text.contains("task:contains") && text.contains("task:f1"),
+            "{text}"
+        );
+        // Without at_eval_steps: before and after only.
+        let tmp = tempfile::tempdir().unwrap();
+        let extra = format!(
+            "max_steps: 2\neval_generate:\n  path: {}\n  max_new_tokens: 2",
+            held.display()
+        );
+        train(&config(tmp.path(), &extra), &quiet()).unwrap();
+        let lines = loratune::train::report::read_metrics(&tmp.path().join("run")).unwrap();
+        let steps: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.task.is_some())
+            .map(|l| l.step)
+            .collect();
+        assert_eq!(steps, vec![0, 2]);
+    }
+
     #[test]
     fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
         let tmp = tempfile::tempdir().unwrap();
