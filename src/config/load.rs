@@ -417,56 +417,60 @@ fn check_dataset_list(v: &Value, p: &KeyPath, sink: &mut Sink) -> Option<Value> 
     Some(Value::Sequence(out))
 }
 
-fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
-    let mut nested = |name: &str,
-                      v: &Value,
-                      p: &KeyPath,
-                      sink: &mut Sink|
-     -> Option<Option<Value>> {
-        match name {
-            "datasets" | "test_datasets" => Some(check_dataset_list(v, p, sink)),
-            "special_tokens" => Some(match v {
-                Value::Null => Some(Value::Mapping(Mapping::new())),
-                Value::Mapping(m) => Some(Value::Mapping(check_struct::<SpecialTokens>(
-                    m,
-                    p,
-                    Scope::Nested,
-                    sink,
-                    &mut no_nested,
-                ))),
-                other => {
-                    sink.issues.push(Issue::invalid(
-                        p.clone(),
-                        format!(
-                            "expected a mapping such as `pad_token: \"<pad>\"`, found {}",
-                            describe(other)
-                        ),
-                    ));
-                    None
-                }
-            }),
-            "eval_generate" => Some(match v {
-                Value::Mapping(m) => Some(Value::Mapping(check_struct::<EvalGenerate>(
-                    m,
-                    p,
-                    Scope::Nested,
-                    sink,
-                    &mut no_nested,
-                ))),
-                other => {
-                    sink.issues.push(Issue::invalid(
-                            p.clone(),
-                            format!(
-                                "expected a mapping such as `path: datasets/nimbrel/heldout.jsonl`, found {}",
-                                describe(other)
-                            ),
-                        ));
-                    None
-                }
-            }),
-            _ => None,
+/// A nested mapping of loratune's own keys (`special_tokens:`, `eval_generate:`): its keys checked against `T`;
+/// `null` (the key written with nothing under it) becomes `if_null`; anything else is an error showing `example`.
+fn nested_mapping<T: DeserializeOwned>(
+    v: &Value,
+    p: &KeyPath,
+    sink: &mut Sink,
+    if_null: Option<Value>,
+    example: &str,
+) -> Option<Value> {
+    match v {
+        Value::Null => if_null,
+        Value::Mapping(m) => Some(Value::Mapping(check_struct::<T>(
+            m,
+            p,
+            Scope::Nested,
+            sink,
+            &mut no_nested,
+        ))),
+        other => {
+            sink.issues.push(Issue::invalid(
+                p.clone(),
+                format!(
+                    "expected a mapping such as `{example}`, found {}",
+                    describe(other)
+                ),
+            ));
+            None
         }
-    };
+    }
+}
+
+fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
+    let mut nested =
+        |name: &str, v: &Value, p: &KeyPath, sink: &mut Sink| -> Option<Option<Value>> {
+            match name {
+                "datasets" | "test_datasets" => Some(check_dataset_list(v, p, sink)),
+                "special_tokens" => Some(nested_mapping::<SpecialTokens>(
+                    v,
+                    p,
+                    sink,
+                    Some(Value::Mapping(Mapping::new())),
+                    "pad_token: \"<pad>\"",
+                )),
+                // `eval_generate:` with nothing under it is unset, as any empty key.
+                "eval_generate" => Some(nested_mapping::<EvalGenerate>(
+                    v,
+                    p,
+                    sink,
+                    None,
+                    "path: datasets/nimbrel/heldout.jsonl",
+                )),
+                _ => None,
+            }
+        };
     check_struct::<TrainConfig>(root, &KeyPath::root(), Scope::Top, sink, &mut nested)
 }
 

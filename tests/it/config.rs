@@ -1443,5 +1443,11 @@ fn eval_generate_block() {
     );
     assert_contains(&errs, &["eval_generate.path"]);
     let errs = errors(d.path(), &format!("{GOOD}eval_generate: held.jsonl\n"), &[]);
-    assert_contains(&errs, &["eval_generate", "expected a mapping"]);
+    assert_contains(
+        &errs,
+        &["eval_generate", "expected a mapping such as `path: "],
+    );
+    // Written with nothing under it: unset.
+    let c = load_in(d.path(), &format!("{GOOD}eval_generate:\n"), &[]).unwrap();
+    assert!(c.eval_generate.is_none());
 }
