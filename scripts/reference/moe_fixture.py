@@ -320,21 +320,10 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool, arch: s
     logits = outp.logits.detach().float().clone()
     loss = outp.loss.detach().float().reshape(1).clone()
     params = [p for _, p in named]
-    start = [p.detach().clone() for p in params]
     grads = [p.grad.detach().clone() for p in params]
     zero = [k for k, gr in zip(keys, grads) if gr.abs().max() == 0]
     assert not zero, f"LoRA parameters with an all-zero gradient: {zero}"
     tensors = {"input_ids": ids, "attention_mask": mask, "logits": logits, "loss": loss}
-    for k, gr in zip(keys, grads):
-        tensors[f"grad.{k}"] = gr
-
-    def adamw_step(wd: float):
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-        opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-        opt.step()
-        return [p.detach().clone() for p in params]
 
     if not per_expert and arch == "mixtral":
         # the router's load-balancing loss (transformers' load_balancing_loss_func, as MixtralForCausalLM adds it
@@ -361,18 +350,8 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool, arch: s
         for p, gr in zip(params, grads):
             p.grad = gr.clone()
 
-    for k, v in zip(keys, adamw_step(0.0)):
-        tensors[f"step1.{k}"] = v
-    for k, v in zip(keys, adamw_step(0.01)):
-        tensors[f"step1wd.{k}"] = v
-    with torch.no_grad():
-        for p, s in zip(params, start):
-            p.copy_(s)
-    total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.5)
-    assert total.item() > 0.5
-    for k, p in zip(keys, params):
-        tensors[f"clip.{k}"] = p.grad.detach().clone()
-    tensors["clip_total_norm"] = total.detach().float().reshape(1)
+    # The LM gradients (restored above when the aux loss ran), two AdamW steps and clipping, as make_fixtures records.
+    mf.record_step(params, keys, tensors, name)
 
     merged = pm.merge_and_unload()
     merged.eval()
@@ -402,7 +381,7 @@ def build_adapter(name: str, cfg, vocab: int, targets, per_expert: bool, arch: s
     assert dbase > 0.1, f"{name}: adapter barely changes logits ({dbase})"
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "reference.safetensors"),
               metadata=mf.st_metadata())
-    mf.log(f"adapter {name}: {len(keys)} tensors, loss {loss.item():.6f}, clip norm {total.item():.4g}, "
+    mf.log(f"adapter {name}: {len(keys)} tensors, loss {loss.item():.6f}, clip norm {tensors['clip_total_norm'].item():.4g}, "
            f"merged-unmerged {dmerge:.3g}, adapter-base {dbase:.3g}")
 
 
