@@ -9,6 +9,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod runs;
+mod sweep;
 mod train;
 
 /// LoRA fine-tuning for open-weight LLMs: one YAML file in, a PEFT adapter / merged model / GGUF out.
@@ -41,6 +42,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Compare runs: the config keys that differ, losses, perplexity, tokens/s and status (text, --json, --csv).
     Runs(runs::RunsArgs),
+    /// Run the trials of the config's `sweep:` block (grid, random or successive halving); resumable.
+    Sweep(sweep::SweepArgs),
 }
 
 /// Entry point used by the binary.
@@ -53,6 +56,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Convert(a) => merge::run_convert(a),
         Command::Bench(a) => bench::run(a),
         Command::Runs(a) => runs::run(a),
+        Command::Sweep(a) => sweep::run(a),
         Command::Train(a) => train::run_train(a),
         Command::Eval(a) => train::run_eval(a),
         Command::Data(a) => data::run(a),

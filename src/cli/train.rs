@@ -66,6 +66,12 @@ pub struct EvalArgs {
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
     let cfg = TrainConfig::load(&a.config, &a.set)?;
+    if cfg.sweep.is_some() {
+        eprintln!(
+            "note: {}: the `sweep:` block is run by `loratune sweep`; `train` runs the config as written, without it",
+            a.config.display()
+        );
+    }
     let opts = RunOptions {
         stop_after: a.stop_after,
         progress: if a.plain {
@@ -73,6 +79,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         } else {
             ProgressMode::Auto
         },
+        ..RunOptions::default()
     };
     let s = train(&cfg, &opts)?;
     let first = s.losses.first().copied().unwrap_or(f64::NAN);

@@ -12,7 +12,9 @@ use super::axolotl::{self, Class, Scope};
 use super::issues::{finalize, Issue, LoadOptions, Origin};
 use super::suggest::did_you_mean;
 use super::yaml::{describe, KeyPath, Override, Pos};
-use super::{ConfigErrors, ConfigIssue, DatasetConfig, EvalGenerate, SpecialTokens, TrainConfig};
+use super::{
+    ConfigErrors, ConfigIssue, DatasetConfig, EvalGenerate, SpecialTokens, SweepConfig, TrainConfig,
+};
 
 pub(crate) fn load_str(
     text: &str,
@@ -70,15 +72,61 @@ pub(crate) fn load_str(
     let mut parsed = Vec::new();
     let mut override_errors = Vec::new();
     for raw in overrides {
-        match Override::parse(raw).and_then(|o| o.apply(&mut doc).map(|_| o)) {
+        match Override::parse(raw) {
             Ok(o) => parsed.push(o),
-            Err(msg) => override_errors.push(ConfigIssue {
-                key: String::new(),
-                pos: None,
-                from_override: None,
-                what: "invalid override".to_string(),
-                detail: Some(msg),
-            }),
+            Err(msg) => override_errors.push(invalid_override(msg)),
+        }
+    }
+    if !override_errors.is_empty() {
+        return Err(fail(override_errors));
+    }
+    load_doc(doc, text, label, parsed, opts)
+}
+
+fn invalid_override(msg: String) -> ConfigIssue {
+    ConfigIssue {
+        key: String::new(),
+        pos: None,
+        from_override: None,
+        what: "invalid override".to_string(),
+        detail: Some(msg),
+    }
+}
+
+/// [`load_str`] with overrides already parsed (a sweep's trials: values that are YAML nodes, not `--set` text).
+pub(crate) fn load_with_overrides(
+    text: &str,
+    label: &str,
+    overrides: Vec<Override>,
+    opts: &LoadOptions,
+) -> Result<TrainConfig, ConfigErrors> {
+    let doc = match serde_yaml::from_str::<Value>(text) {
+        Ok(v) if v.is_mapping() => v,
+        Ok(v) if v.is_null() => Value::Mapping(Mapping::new()),
+        // Syntax and top-level errors, reported as for any config.
+        _ => return load_str(text, label, &[], opts),
+    };
+    load_doc(doc, text, label, overrides, opts)
+}
+
+/// Steps 2–4 of [`load_str`] on the parsed document.
+fn load_doc(
+    mut doc: Value,
+    text: &str,
+    label: &str,
+    overrides: Vec<Override>,
+    opts: &LoadOptions,
+) -> Result<TrainConfig, ConfigErrors> {
+    let fail = |issues: Vec<ConfigIssue>| ConfigErrors {
+        file: label.to_string(),
+        issues,
+    };
+    let mut parsed = Vec::new();
+    let mut override_errors = Vec::new();
+    for o in overrides {
+        match o.apply(&mut doc) {
+            Ok(()) => parsed.push(o),
+            Err(msg) => override_errors.push(invalid_override(msg)),
         }
     }
     if !override_errors.is_empty() {
@@ -467,6 +515,13 @@ fn check_top(root: &Mapping, sink: &mut Sink) -> Mapping {
                     sink,
                     None,
                     "path: datasets/nimbrel/heldout.jsonl",
+                )),
+                "sweep" => Some(nested_mapping::<SweepConfig>(
+                    v,
+                    p,
+                    sink,
+                    None,
+                    "method: grid",
                 )),
                 _ => None,
             }

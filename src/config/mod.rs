@@ -22,6 +22,7 @@ mod load;
 pub mod names;
 mod runtime;
 pub mod suggest;
+pub mod sweep;
 mod validate;
 pub mod yaml;
 
@@ -289,6 +290,9 @@ pub struct TrainConfig {
     /// at every evaluation with `at_eval_steps`. Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_generate: Option<EvalGenerate>,
+    /// The trials of `loratune sweep` ([`SweepConfig`]). Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepConfig>,
     /// Resume from this checkpoint folder. Default: unset.
     pub resume_from_checkpoint: Option<PathBuf>,
     /// Resume from the newest checkpoint in `output_dir` if there is one. Default: `false`.
@@ -340,6 +344,7 @@ impl Default for TrainConfig {
             truncation: data.truncation,
             special_tokens: SpecialTokens::default(),
             eval_generate: None,
+            sweep: None,
             eot_tokens: None,
             curriculum_sampling: false,
             dataset_exact_deduplication: false,
@@ -588,6 +593,86 @@ impl Default for EvalGenerate {
             batch_size: 8,
             system: None,
             at_eval_steps: false,
+        }
+    }
+}
+
+/// `sweep:` the trials `loratune sweep` runs ([`sweep`]): each an ordinary run of this config with some keys
+/// changed, in `output_dir/trials/<n>-<key=value,…>/`. `loratune train` ignores the block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepConfig {
+    /// `grid` (every combination), `random` (`trials` of them, seeded) or `halving` (synchronous successive
+    /// halving over the grid, or over `trials` random ones). Default: `grid`.
+    pub method: SweepMethod,
+    /// **Required.** Config key (a dotted path such as `datasets.0.path` is allowed) → the values to try, a list;
+    /// with `random` also a range `{min: 1.0e-5, max: 1.0e-3, log: true}` (`int: true` for whole numbers).
+    pub parameters: serde_yaml::Mapping,
+    /// How many trials `random` draws (and `halving` starts from, instead of the whole grid). Default: unset.
+    pub trials: Option<usize>,
+    /// The seed of `random`'s draws. Default: the config's `seed`.
+    pub seed: Option<u64>,
+    /// What ranks the trials: `eval_loss`, `train_loss`, or a task metric of `eval_generate` (`contains`, `f1`,
+    /// `exact`, `regex`), taken at the end of each trial's budget. Default: `eval_loss`.
+    pub metric: String,
+    /// `minimize` or `maximize`. Default: minimize a loss, maximize a task metric.
+    pub goal: Option<SweepGoal>,
+    /// `halving`: keep the best 1/eta of the trials at each rung (≥ 2). Default: `3`.
+    pub eta: usize,
+    /// `halving`: the first rung's budget in optimizer steps; each rung multiplies it by `eta`, the last runs to
+    /// `max_steps`. Default: `max_steps / eta^(rungs − 1)`.
+    pub min_steps: Option<u64>,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            method: SweepMethod::Grid,
+            parameters: serde_yaml::Mapping::new(),
+            trials: None,
+            seed: None,
+            metric: "eval_loss".into(),
+            goal: None,
+            eta: 3,
+            min_steps: None,
+        }
+    }
+}
+
+/// How a sweep picks and runs its trials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepMethod {
+    Grid,
+    Random,
+    Halving,
+}
+
+impl SweepMethod {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            SweepMethod::Grid => "grid",
+            SweepMethod::Random => "random",
+            SweepMethod::Halving => "halving",
+        }
+    }
+}
+
+/// Whether a sweep's best trial has the lowest or the highest metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SweepGoal {
+    Minimize,
+    Maximize,
+}
+
+impl SweepGoal {
+    /// Its name in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            SweepGoal::Minimize => "minimize",
+            SweepGoal::Maximize => "maximize",
         }
     }
 }

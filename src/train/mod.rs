@@ -10,4 +10,5 @@ pub mod run;
 pub mod runs;
 pub mod schedule;
 pub mod step;
+pub mod sweep;
 pub mod tensorboard;

@@ -34,6 +34,12 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Progress display.
     pub progress: ProgressMode,
+    /// Pause at this optimizer step (a sweep's rung): evaluate (eval loss; the task questions too with
+    /// `pause_asks`) unless that step's evaluation already ran, save a checkpoint and stop without the final
+    /// export. The schedule keeps its full horizon, so resuming continues exactly the uninterrupted run.
+    pub pause_at: Option<u64>,
+    /// Ask the `eval_generate` questions at the pause.
+    pub pause_asks: bool,
 }
 
 /// Progress display.
@@ -68,7 +74,10 @@ pub struct RunSummary {
     pub tokens_per_second: f64,
     pub resumed_from: Option<PathBuf>,
     pub stopped_early: bool,
+    /// No final save or export: `stop_after` or `pause_at` ended this invocation.
     pub interrupted: bool,
+    /// `pause_at` ended it (a checkpoint at that step was written).
+    pub paused: bool,
     /// `eval_generate`: the task metrics before training (step 0) and the last ones recorded.
     pub task_baseline: Option<std::collections::BTreeMap<String, f64>>,
     pub task_final: Option<std::collections::BTreeMap<String, f64>>,
@@ -83,6 +92,8 @@ pub enum Outcome {
     StoppedEarly,
     /// `stop_after` steps ran (as if the process had been killed: no final save, no export).
     Interrupted,
+    /// `pause_at` was reached: evaluated, checkpointed, no export.
+    Paused,
 }
 
 /// Train according to `cfg`.
@@ -350,6 +361,14 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         self.counters.t_loop = Instant::now();
         self.counters.window_start = self.counters.t_loop;
         while self.state.global_step < self.schedule.total {
+            if self
+                .opts
+                .pause_at
+                .is_some_and(|p| self.state.global_step >= p)
+            {
+                // Resumed at (or past) the pause point: nothing to do here.
+                return Ok(Outcome::Paused);
+            }
             // The step's micro-batches and learning rate.
             let micro = self.next_micro_batches()?;
             let lr = self.schedule.lr(self.state.global_step);
@@ -366,15 +385,30 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 .eval_generate
                 .as_ref()
                 .is_some_and(|e| e.at_eval_steps);
-            if last || stop_early || (due_eval && ask_every_eval) {
+            let asked = last || stop_early || (due_eval && ask_every_eval);
+            if asked {
                 self.ask_questions(self.elapsed())?;
             }
-            if due(self.save_every, self.state.global_step) || stop_early {
+            let saved = due(self.save_every, self.state.global_step) || stop_early;
+            if saved {
                 self.save_checkpoint()?;
             }
             // Stop early, or when interrupted.
             if stop_early {
                 return Ok(Outcome::StoppedEarly);
+            }
+            if !last && self.opts.pause_at == Some(self.state.global_step) {
+                // A sweep's rung: measure the model here (without touching early stopping's count) and save.
+                if !due_eval {
+                    self.measure_eval()?;
+                }
+                if self.opts.pause_asks && !asked {
+                    self.ask_questions(self.elapsed())?;
+                }
+                if !saved {
+                    self.save_checkpoint()?;
+                }
+                return Ok(Outcome::Paused);
             }
             let this_invocation = self.counters.losses.len() as u64;
             if !last && self.opts.stop_after.is_some_and(|n| this_invocation >= n) {
@@ -388,7 +422,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     pub fn finish(self, outcome: Outcome) -> Result<RunSummary> {
         self.printer.finish();
         let loop_seconds = self.counters.t_loop.elapsed().as_secs_f64();
-        if outcome == Outcome::Interrupted {
+        if matches!(outcome, Outcome::Interrupted | Outcome::Paused) {
             return Ok(self.summary(outcome, None, None, loop_seconds));
         }
         let out = &self.cfg.output_dir;
@@ -572,26 +606,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
 
     /// Eval loss and perplexity on the eval set (when there is one), recorded; true when early stopping says stop.
     fn evaluate(&mut self) -> Result<bool> {
-        let Some(Eval {
-            loss: l,
-            perplexity: ppl,
-            ..
-        }) = eval_on(&self.model.valid(), &self.eval_batches)
-        else {
+        let Some(l) = self.measure_eval()? else {
             return Ok(false);
         };
-        self.counters.last_eval = Some(l);
-        let s = self.state.global_step;
-        self.metrics.write(&MetricLine {
-            step: s,
-            eval_loss: Some(l),
-            eval_perplexity: Some(ppl),
-            epoch: Some(self.epoch()),
-            elapsed_seconds: Some(self.elapsed()),
-            ..MetricLine::default()
-        })?;
-        self.printer
-            .line(&format!("step {s}: eval loss {l:.4}, perplexity {ppl:.2}"));
         if self.state.best_eval_loss.is_none_or(|b| l < b) {
             self.state.best_eval_loss = Some(l);
             self.state.evals_without_improvement = 0;
@@ -609,6 +626,31 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             ));
         }
         Ok(stop)
+    }
+
+    /// Eval loss and perplexity on the eval set (when there is one), recorded in the metrics and on screen.
+    fn measure_eval(&mut self) -> Result<Option<f64>> {
+        let Some(Eval {
+            loss: l,
+            perplexity: ppl,
+            ..
+        }) = eval_on(&self.model.valid(), &self.eval_batches)
+        else {
+            return Ok(None);
+        };
+        self.counters.last_eval = Some(l);
+        let s = self.state.global_step;
+        self.metrics.write(&MetricLine {
+            step: s,
+            eval_loss: Some(l),
+            eval_perplexity: Some(ppl),
+            epoch: Some(self.epoch()),
+            elapsed_seconds: Some(self.elapsed()),
+            ..MetricLine::default()
+        })?;
+        self.printer
+            .line(&format!("step {s}: eval loss {l:.4}, perplexity {ppl:.2}"));
+        Ok(Some(l))
     }
 
     /// Seconds of training so far: earlier sessions' (from the checkpoint) plus this session's loop.
@@ -676,7 +718,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             tokens_per_second: c.real as f64 / loop_seconds.max(1e-9),
             resumed_from: self.resumed_from.clone(),
             stopped_early: outcome == Outcome::StoppedEarly,
-            interrupted: outcome == Outcome::Interrupted,
+            interrupted: matches!(outcome, Outcome::Interrupted | Outcome::Paused),
+            paused: outcome == Outcome::Paused,
             task_baseline: tasks
                 .iter()
                 .find(|l| l.step == 0)

@@ -15,5 +15,6 @@ mod lora;
 mod ollama;
 mod parity;
 mod quant;
+mod sweep;
 mod train;
 mod weights;

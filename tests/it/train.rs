@@ -415,6 +415,7 @@ mod runs {
         RunOptions {
             stop_after: None,
             progress: ProgressMode::Quiet,
+            ..RunOptions::default()
         }
     }
 
@@ -478,6 +479,7 @@ mod runs {
             &RunOptions {
                 stop_after: Some(6),
                 progress: ProgressMode::Quiet,
+                ..RunOptions::default()
             },
         )
         .unwrap();
@@ -523,6 +525,7 @@ mod runs {
             &RunOptions {
                 stop_after: Some(5),
                 progress: ProgressMode::Quiet,
+                ..RunOptions::default()
             },
         )
         .unwrap();
@@ -594,6 +597,7 @@ mod runs {
         let opts = RunOptions {
             stop_after: Some(3),
             progress: ProgressMode::Quiet,
+            ..RunOptions::default()
         };
         assert!(train(&cfg_b, &opts).unwrap().interrupted);
 
@@ -666,6 +670,7 @@ mod runs {
             &RunOptions {
                 stop_after: Some(4),
                 progress: ProgressMode::Quiet,
+                ..RunOptions::default()
             },
         )
         .unwrap();
@@ -740,6 +745,7 @@ mod runs {
             &RunOptions {
                 stop_after: Some(5),
                 progress: ProgressMode::Quiet,
+                ..RunOptions::default()
             },
         )
         .unwrap();
