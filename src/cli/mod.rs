@@ -8,6 +8,7 @@ mod export;
 mod generate;
 mod inspect;
 mod merge;
+mod report;
 mod runs;
 mod sweep;
 mod train;
@@ -42,6 +43,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Compare runs: the config keys that differ, losses, perplexity, tokens/s and status (text, --json, --csv).
     Runs(runs::RunsArgs),
+    /// Write one self-contained HTML page of a run or sweep: curves, the runs table, answers before/after.
+    Report(report::ReportArgs),
     /// Run the trials of the config's `sweep:` block (grid, random or successive halving); resumable.
     Sweep(sweep::SweepArgs),
 }
@@ -57,6 +60,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Runs(a) => runs::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Report(a) => report::run(a),
         Command::Train(a) => train::run_train(a),
         Command::Eval(a) => train::run_eval(a),
         Command::Data(a) => data::run(a),

@@ -194,7 +194,7 @@ pub fn read_heldout(
 }
 
 /// One question's result.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SampleResult {
     pub prompt: String,
     pub answer: String,

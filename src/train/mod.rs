@@ -4,6 +4,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod page;
 pub mod recompute;
 pub mod report;
 pub mod run;

@@ -135,7 +135,6 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<MetricLine>> {
         .collect()
 }
 
-/// A self-contained SVG of train loss (and eval loss points) against step.
 /// Whole-step tick positions over `[x0, x1]`: multiples of the smallest 1·10ᵏ, 2·10ᵏ or 5·10ᵏ (≥ 1) that leaves
 /// at most 6 ticks.
 fn step_ticks(x0: f64, x1: f64) -> Vec<u64> {
@@ -156,27 +155,44 @@ fn step_ticks(x0: f64, x1: f64) -> Vec<u64> {
         .collect()
 }
 
-pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
-    let train: Vec<(f64, f64)> = metrics
-        .iter()
-        .filter_map(|m| m.loss.map(|l| (m.step as f64, l)))
-        .collect();
-    let eval: Vec<(f64, f64)> = metrics
-        .iter()
-        .filter_map(|m| m.eval_loss.map(|l| (m.step as f64, l)))
-        .collect();
+/// How a [`Series`] is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Line,
+    Dots,
+    LineDots,
+}
+
+/// One curve of a [`chart_svg`].
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub color: String,
+    /// (step, value); non-finite values are left out.
+    pub points: Vec<(f64, f64)>,
+    pub style: Style,
+    /// Extra attributes on the curve's elements (e.g. `class="curve" data-run="3"` for the report page).
+    pub attrs: String,
+}
+
+/// A self-contained SVG line chart against optimizer step: grid, whole-step ticks, each series as a polyline
+/// and/or dots, a legend inside the plot when `legend`.
+pub fn chart_svg(title: &str, series: &[Series], legend: bool) -> String {
     let (w, h, ml, mr, mt, mb) = (720.0, 420.0, 60.0, 20.0, 40.0, 50.0);
-    let all: Vec<&(f64, f64)> = train.iter().chain(eval.iter()).collect();
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| p.1.is_finite())
+    };
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (x, y) in &all {
-        if y.is_finite() {
-            x0 = x0.min(*x);
-            x1 = x1.max(*x);
-            y0 = y0.min(*y);
-            y1 = y1.max(*y);
-        }
+    for (x, y) in finite() {
+        x0 = x0.min(*x);
+        x1 = x1.max(*x);
+        y0 = y0.min(*y);
+        y1 = y1.max(*y);
     }
-    if all.is_empty() || x0 > x1 {
+    if x0 > x1 {
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
     if x1 - x0 < 1e-9 {
@@ -226,39 +242,95 @@ pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
         w / 2.0,
         h - 12.0
     );
-    if !train.is_empty() {
-        let pts: Vec<String> = train
+    for se in series {
+        let pts: Vec<(f64, f64)> = se
+            .points
             .iter()
             .filter(|p| p.1.is_finite())
-            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .map(|(x, y)| (sx(*x), sy(*y)))
             .collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            pts.join(" ")
-        );
+        let attrs = if se.attrs.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", se.attrs)
+        };
+        if se.style != Style::Dots && !pts.is_empty() {
+            let text: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+            s += &format!(
+                "<polyline{attrs} fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"><title>{}</title></polyline>\n",
+                se.color,
+                text.join(" "),
+                xml_escape(&se.name)
+            );
+        }
+        if se.style != Style::Line {
+            for (x, y) in &pts {
+                s += &format!(
+                    "<circle{attrs} cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"4\" fill=\"{}\"/>\n",
+                    se.color
+                );
+            }
+        }
     }
-    for (x, y) in &eval {
-        s += &format!(
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d62728\"/>\n",
-            sx(*x),
-            sy(*y)
-        );
+    if legend {
+        for (i, se) in series.iter().enumerate() {
+            let (x, y) = (w - mr - 150.0, mt + 5.0 + 17.0 * i as f64);
+            s += &match se.style {
+                Style::Dots => format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{}\"/>",
+                    x + 6.0,
+                    y,
+                    se.color
+                ),
+                _ => format!(
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"3\" fill=\"{}\"/>",
+                    y - 1.5,
+                    se.color
+                ),
+            };
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+                x + 18.0,
+                y + 4.0,
+                xml_escape(&se.name)
+            );
+        }
     }
-    s += &format!(
-        "<rect x=\"{:.1}\" y=\"{mt}\" width=\"12\" height=\"3\" fill=\"#1f77b4\"/><text x=\"{:.1}\" y=\"{:.1}\">train loss</text>\n\
-<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d62728\"/><text x=\"{:.1}\" y=\"{:.1}\">eval loss</text>\n</svg>\n",
-        w - mr - 150.0,
-        w - mr - 132.0,
-        mt + 5.0,
-        w - mr - 144.0,
-        mt + 18.0,
-        w - mr - 132.0,
-        mt + 22.0
-    );
+    s += "</svg>\n";
     s
 }
 
-fn xml_escape(s: &str) -> String {
+/// A self-contained SVG of one run's train loss (and eval loss points) against step.
+pub fn loss_curve_svg(metrics: &[MetricLine], title: &str) -> String {
+    let pick = |f: fn(&MetricLine) -> Option<f64>| -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .filter_map(|m| f(m).map(|l| (m.step as f64, l)))
+            .collect()
+    };
+    chart_svg(
+        title,
+        &[
+            Series {
+                name: "train loss".into(),
+                color: "#1f77b4".into(),
+                points: pick(|m| m.loss),
+                style: Style::Line,
+                attrs: String::new(),
+            },
+            Series {
+                name: "eval loss".into(),
+                color: "#d62728".into(),
+                points: pick(|m| m.eval_loss),
+                style: Style::Dots,
+                attrs: String::new(),
+            },
+        ],
+        true,
+    )
+}
+
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

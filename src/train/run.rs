@@ -40,6 +40,10 @@ pub struct RunOptions {
     pub pause_at: Option<u64>,
     /// Ask the `eval_generate` questions at the pause.
     pub pause_asks: bool,
+    /// A run folder whose answers before training (`eval_generate/step-0.jsonl` and its means) are this run's too:
+    /// a sweep's trials that differ only in what cannot change the model before its first update (a LoRA
+    /// adapter starts as the identity) ask the base model the same questions once.
+    pub baseline_from: Option<PathBuf>,
 }
 
 /// Progress display.
@@ -575,7 +579,14 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             return Ok(());
         };
         let s = self.state.global_step;
-        let r = evaluate_task(&self.model.valid(), &self.tokenizer, items, opts)?;
+        let shared = match (&self.opts.baseline_from, s) {
+            (Some(d), 0) => shared_baseline(d, items.len()),
+            _ => None,
+        };
+        let r = match &shared {
+            Some(r) => r.clone(),
+            None => evaluate_task(&self.model.valid(), &self.tokenizer, items, opts)?,
+        };
         let mut text = String::new();
         for sample in &r.samples {
             let line = serde_json::to_string(sample).map_err(|e| Error::Serialize {
@@ -597,9 +608,14 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         })?;
         let means: Vec<String> = r.means.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
         self.printer.line(&format!(
-            "step {s}: task metrics on {} held-out questions: {}",
+            "step {s}: task metrics on {} held-out questions: {}{}",
             r.samples.len(),
-            means.join(", ")
+            means.join(", "),
+            match (&shared, &self.opts.baseline_from) {
+                (Some(_), Some(d)) =>
+                    format!(" (the base model's answers, shared from {})", d.display()),
+                _ => String::new(),
+            }
         ));
         Ok(())
     }
@@ -727,6 +743,24 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             task_final: tasks.last().and_then(|l| l.task.clone()),
         }
     }
+}
+
+/// The answers before training recorded in run folder `dir` (its `eval_generate/step-0.jsonl` and the step-0
+/// means of its metrics), when it has them for `questions` questions.
+fn shared_baseline(dir: &Path, questions: usize) -> Option<crate::generate::score::TaskReport> {
+    let text = std::fs::read_to_string(dir.join("eval_generate/step-0.jsonl")).ok()?;
+    let samples: Vec<crate::generate::score::SampleResult> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()
+        .ok()?;
+    let means = super::report::read_metrics(dir)
+        .ok()?
+        .into_iter()
+        .find(|l| l.step == 0 && l.task.is_some())?
+        .task?;
+    (samples.len() == questions).then_some(crate::generate::score::TaskReport { samples, means })
 }
 
 /// The checkpoint to resume from (`resume_from_checkpoint`, or the newest one with

@@ -143,7 +143,7 @@ fn scalar(v: &serde_yaml::Value) -> String {
 }
 
 /// A run folder's resolved config, flattened.
-fn config_of(dir: &Path) -> Result<BTreeMap<String, String>> {
+pub(crate) fn config_of(dir: &Path) -> Result<BTreeMap<String, String>> {
     let path = dir.join("config.yaml");
     let text = crate::error::read_to_string(&path)?;
     let v: serde_yaml::Value = serde_yaml::from_str(&text)
@@ -199,7 +199,7 @@ fn summarize(run: PathBuf, metrics: &[MetricLine], config: &BTreeMap<String, Str
 }
 
 /// The task metrics any row has, in one order (`task:<metric>` columns).
-fn task_columns(rows: &[RunRow]) -> Vec<String> {
+pub(crate) fn task_columns(rows: &[RunRow]) -> Vec<String> {
     let set: std::collections::BTreeSet<&String> =
         rows.iter().flat_map(|r| r.task.keys()).collect();
     set.into_iter().cloned().collect()
@@ -280,12 +280,12 @@ pub fn sort(rows: &mut [RunRow], by: &str) -> Result<()> {
     Ok(())
 }
 
-fn num(v: Option<f64>, digits: usize) -> String {
+pub(crate) fn num(v: Option<f64>, digits: usize) -> String {
     v.map_or("—".into(), |x| format!("{x:.digits$}"))
 }
 
 /// The fixed columns after the differing config keys.
-const COLUMNS: [&str; 8] = [
+pub(crate) const COLUMNS: [&str; 8] = [
     "status",
     "steps",
     "train loss",
@@ -307,7 +307,7 @@ fn hms(s: f64) -> String {
     }
 }
 
-fn cells(r: &RunRow) -> Vec<String> {
+pub(crate) fn cells(r: &RunRow) -> Vec<String> {
     vec![
         r.status.clone(),
         match r.max_steps {
@@ -327,7 +327,7 @@ fn cells(r: &RunRow) -> Vec<String> {
 }
 
 /// The differing keys, in one order for every row.
-fn key_columns(rows: &[RunRow]) -> Vec<String> {
+pub(crate) fn key_columns(rows: &[RunRow]) -> Vec<String> {
     rows.first()
         .map(|r| r.differs.keys().cloned().collect())
         .unwrap_or_default()

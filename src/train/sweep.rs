@@ -176,6 +176,60 @@ pub fn ranked(state: &SweepState, entrants: &[usize], rung: usize, goal: SweepGo
     order
 }
 
+/// Keys that cannot change a model before its first update: the adapter starts as the identity (B = 0) whatever
+/// its rank, scale, dropout or targets, and the rest only shapes the training.
+const TRAINING_ONLY_KEYS: &[&str] = &[
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_linear",
+    "peft_use_rslora",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_epochs",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "optimizer",
+    "loraplus_lr_ratio",
+    "loraplus_lr_embedding",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "seed",
+];
+
+/// The earlier trial whose answers before training trial `i` can reuse: the first trial, when the two differ
+/// only in [`TRAINING_ONLY_KEYS`] (and where runs write), and the adapter starts as the identity (standard
+/// initialisation; not DoRA, whose magnitude is recomputed, nor PiSSA/OLoRA, which change the base).
+fn baseline_donor(plan: &SweepPlan, i: usize) -> Option<PathBuf> {
+    let (first, this) = (&plan.trials.first()?.config, &plan.trials[i].config);
+    if i == 0 || first.eval_generate.is_none() {
+        return None;
+    }
+    let identity = |c: &crate::config::TrainConfig| !c.peft_use_dora && !c.lora_init.is_principal();
+    if !identity(first) || !identity(this) {
+        return None;
+    }
+    let strip = |c: &crate::config::TrainConfig| {
+        let mut v = serde_json::to_value(c).ok()?;
+        let obj = v.as_object_mut()?;
+        for k in TRAINING_ONLY_KEYS
+            .iter()
+            .chain(crate::config::TrainConfig::HASH_EXCLUDED_KEYS)
+        {
+            obj.remove(*k);
+        }
+        Some(v)
+    };
+    (strip(first)? == strip(this)?).then(|| first.output_dir.clone())
+}
+
 /// Successive halving's step: the best 1/eta of `entrants` by their result at `rung` (at least one), in trial
 /// order.
 pub fn promoted(
@@ -286,6 +340,7 @@ pub fn run_sweep(plan: &SweepPlan, opts: &SweepOptions) -> Result<SweepSummary> 
                 progress: opts.progress,
                 pause_at: if last_rung { None } else { *budget },
                 pause_asks: matches!(plan.metric, SweepMetric::Task(_)),
+                baseline_from: baseline_donor(plan, i),
             };
             let outcome = train(&trial.config, &run_opts);
             let rec = &mut state.trials[i];
@@ -385,9 +440,7 @@ fn show(v: Option<f64>) -> String {
 pub type TaskMeans = BTreeMap<String, f64>;
 
 /// The task metrics of a run before training (step 0) and at its end, from its metrics.jsonl.
-pub fn task_before_after(
-    dir: &Path,
-) -> (Option<TaskMeans>, Option<TaskMeans>) {
+pub fn task_before_after(dir: &Path) -> (Option<TaskMeans>, Option<TaskMeans>) {
     let lines: Vec<_> = read_metrics(dir)
         .unwrap_or_default()
         .into_iter()
@@ -408,6 +461,13 @@ pub fn task_before_after(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_only_keys_are_config_keys() {
+        for k in TRAINING_ONLY_KEYS {
+            assert!(crate::config::TrainConfig::known_keys().contains(k), "{k}");
+        }
+    }
 
     fn state(results: &[&[Option<f64>]]) -> SweepState {
         SweepState {

@@ -111,7 +111,18 @@ fn halving_promotes_the_best_trials_and_continues_them_exactly() {
     }
     assert_eq!(s.state.best, Some(best + 1));
     assert!(s.state.finished);
-    assert_eq!(read_state(&plan.output_dir).unwrap(), s.state);
+    // sweep.json holds the same (JSON floats read back within an ulp).
+    let saved = read_state(&plan.output_dir).unwrap();
+    assert_eq!(
+        (saved.best, saved.finished),
+        (s.state.best, s.state.finished)
+    );
+    for (a, b) in saved.trials.iter().zip(&s.state.trials) {
+        assert_eq!(a.results.len(), b.results.len());
+        for (x, y) in a.results.iter().zip(&b.results) {
+            assert!((x.unwrap() - y.unwrap()).abs() <= 1e-12 * y.unwrap().abs());
+        }
+    }
 
     // The winner, paused at 3 and 6 and continued from its checkpoints, is exactly the uninterrupted run.
     let straight_dir = tmp.path().join("straight");
@@ -133,6 +144,14 @@ fn halving_promotes_the_best_trials_and_continues_them_exactly() {
         a == b,
         "the continued winner's adapter differs from the uninterrupted run's"
     );
+
+    // The trials tokenise identically: one data cache served them all.
+    let caches = std::fs::read_dir(tmp.path().join("cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
+    assert_eq!(caches, 1);
 
     // Started again, a finished sweep runs nothing.
     let again = run_sweep(&plan, &quiet()).unwrap();
@@ -252,4 +271,117 @@ fn an_invalid_sweep_fails_before_any_trial_starts() {
         "{err}"
     );
     assert!(!tmp.path().join("sweep").exists(), "a trial started");
+}
+
+/// `loratune report` on a sweep with held-out questions: one row per trial, one curve per trial and quantity
+/// (train loss, eval loss, each task metric), every trial's answers before and after, nothing fetched from the
+/// network. (`scripts/test-report-browser.sh` renders the same kind of page in headless Chromium.)
+#[test]
+fn the_report_page_shows_every_trial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let held = root().join("datasets/nimbrel/heldout.jsonl");
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "max_steps: 4\neval_steps: 2\neval_generate:\n  path: {}\n  max_new_tokens: 4\n  batch_size: 9\n  \
+             metrics: [contains, f1]",
+            held.display()
+        ),
+        "sweep:\n  metric: f1\n  parameters:\n    lora_r: [4, 8]\n    learning_rate: [1.0e-3, 1.0e-2]\n",
+    );
+    let plan = SweepPlan::load(&cfg, &[]).unwrap();
+    assert_eq!(plan.goal, loratune::config::SweepGoal::Maximize);
+    let s = run_sweep(&plan, &quiet()).unwrap();
+    assert!(s.state.finished);
+    let page = loratune::train::page::report_page(&plan.output_dir).unwrap();
+    assert_eq!(page.runs, 4);
+    // train loss, eval loss, contains, f1: four charts of four curves.
+    assert_eq!(page.curves, 16);
+    assert_eq!(page.answered, 4);
+    let html = &page.html;
+    assert_eq!(html.matches("<tr data-run=").count(), 4);
+    assert_eq!(html.matches("<polyline class=\"curve\"").count(), 16);
+    assert_eq!(html.matches("<section class=\"answers\"").count(), 4);
+    // Every held-out question appears in each trial's before/after table.
+    let questions = std::fs::read_to_string(&held).unwrap().lines().count();
+    let first_q: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&held)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let q = first_q["question"].as_str().unwrap();
+    assert_eq!(html.matches(q).count(), 4);
+    assert_eq!(html.matches("<th>step 4 (after)</th>").count(), 4);
+    assert!(html.matches("<div class=\"score\">").count() >= 4 * 2 * questions);
+    // The best trial is marked and named.
+    let best = &s.state.trials[s.state.best.unwrap() - 1];
+    assert!(
+        html.contains(&format!("Best: <b>{}</b>", best.name)),
+        "no best line"
+    );
+    assert_eq!(html.matches("class=\"best\"").count(), 1);
+    // The differing keys are columns; the shared ones are listed once.
+    assert!(
+        html.contains("<th title=\"sort\">lora_r</th>")
+            && html.contains("<th title=\"sort\">learning_rate</th>")
+    );
+    assert!(html.contains("<td>sequence_len</td><td>128</td>"));
+    // Self-contained: no scripts, styles or images from elsewhere.
+    for bad in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!html.contains(bad), "the page loads `{bad}`");
+    }
+}
+
+/// Trials that differ only in LoRA and optimizer settings share the first trial's answers before training (the
+/// base model's: every adapter starts as the identity); a trial run on its own, asking them itself, gets the same
+/// answers and scores.
+#[test]
+fn trials_share_the_base_models_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let held = root().join("datasets/nimbrel/heldout.jsonl");
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "max_steps: 2\neval_generate:\n  path: {}\n  max_new_tokens: 6\n  batch_size: 9",
+            held.display()
+        ),
+        "sweep:\n  parameters:\n    lora_r: [4, 16]\n    lora_target_modules: [[q_proj, v_proj], all-linear]\n",
+    );
+    let plan = SweepPlan::load(&cfg, &[]).unwrap();
+    run_sweep(&plan, &quiet()).unwrap();
+    let first = std::fs::read(
+        plan.trials[0]
+            .config
+            .output_dir
+            .join("eval_generate/step-0.jsonl"),
+    )
+    .unwrap();
+    for t in &plan.trials[1..] {
+        let own = std::fs::read(t.config.output_dir.join("eval_generate/step-0.jsonl")).unwrap();
+        assert!(
+            own == first,
+            "trial {} did not get the shared baseline",
+            t.number
+        );
+    }
+    // The last trial (r=16, every linear module) asking the questions itself.
+    let alone = tmp.path().join("alone");
+    let mut c = plan.trials[3].config.clone();
+    c.output_dir = alone.clone();
+    train(
+        &c,
+        &RunOptions {
+            progress: ProgressMode::Quiet,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap();
+    let own = std::fs::read(alone.join("eval_generate/step-0.jsonl")).unwrap();
+    assert!(
+        own == first,
+        "the base model's answers differ with the adapter attached"
+    );
 }
