@@ -333,6 +333,7 @@ fn run_on<B: TrainBackend>(
         init: LoraInit::Kaiming,
         seed: 0,
         use_dora: spec.dora,
+        modules_to_save: Vec::new(),
     };
     let report = attach(&mut m, &settings)?;
     set_trainable(&mut m);

@@ -164,6 +164,11 @@ pub struct TrainConfig {
     /// `init_lora_weights` are accepted.
     #[serde(alias = "peft_init_lora_weights", alias = "init_lora_weights")]
     pub lora_init: LoraInit,
+    /// Modules trained in full besides the adapters (PEFT's `modules_to_save`): `embed_tokens` and/or `lm_head`
+    /// (each gets an f32 copy; a tied model gets two independent copies and is exported untied). Costs
+    /// vocab × hidden × 16 bytes per module (weight, gradient, two AdamW moments). Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora_modules_to_save: Vec<String>,
 
     // -------------------------------------------------------------------------------------- training
     /// Samples per forward/backward pass (≥ 1). Default: `1` (Axolotl).
@@ -366,6 +371,7 @@ impl Default for TrainConfig {
             peft_use_rslora: false,
             peft_use_dora: false,
             lora_init: LoraInit::Kaiming,
+            lora_modules_to_save: Vec::new(),
             micro_batch_size: data.micro_batch_size,
             gradient_accumulation_steps: 1,
             batch_size: None,
@@ -760,6 +766,22 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// A config file's label (its path as given) and text.
+fn read_config_file(path: &Path) -> Result<(String, String), ConfigErrors> {
+    let label = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: label.clone(),
+        issues: vec![ConfigIssue {
+            key: String::new(),
+            pos: None,
+            from_override: None,
+            what: "cannot read the config file".to_string(),
+            detail: Some(e.to_string()),
+        }],
+    })?;
+    Ok((label, text))
+}
+
 impl TrainConfig {
     /// Load, override, check and resolve a config file, with the default [`LoadOptions`] (dataset files
     /// and local model paths must exist, relative to the working directory). `overrides` are `--set`
@@ -774,17 +796,7 @@ impl TrainConfig {
         overrides: &[String],
         opts: &LoadOptions,
     ) -> Result<TrainConfig, ConfigErrors> {
-        let label = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            file: label.clone(),
-            issues: vec![ConfigIssue {
-                key: String::new(),
-                pos: None,
-                from_override: None,
-                what: "cannot read the config file".to_string(),
-                detail: Some(e.to_string()),
-            }],
-        })?;
+        let (label, text) = read_config_file(path)?;
         load::load_str(&text, &label, overrides, opts)
     }
 

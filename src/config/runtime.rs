@@ -161,6 +161,21 @@ impl TrainConfig {
         }
     }
 
+    /// `lora_modules_to_save` as modules (validation has refused any other name), each once.
+    pub fn modules_to_save(&self) -> Vec<crate::lora::adapter::SavedModule> {
+        let mut out = Vec::new();
+        for m in self
+            .lora_modules_to_save
+            .iter()
+            .filter_map(|m| crate::lora::adapter::SavedModule::parse(m))
+        {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
     /// The adapter to attach to a model of `family` (its default targets when the config names none).
     pub fn lora_settings(&self, family: Family) -> LoraSettings {
         let targets = self.lora_targets().unwrap_or_else(|| {
@@ -183,6 +198,7 @@ impl TrainConfig {
             init: self.lora_init,
             seed: self.seed,
             use_dora: self.peft_use_dora,
+            modules_to_save: self.modules_to_save(),
         }
     }
 

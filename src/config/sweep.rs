@@ -131,17 +131,7 @@ pub struct SweepPlan {
 impl SweepPlan {
     /// Load `path` (with `--set` overrides) and expand its `sweep:` block; every trial's config is checked.
     pub fn load(path: &Path, overrides: &[String]) -> Result<SweepPlan, ConfigErrors> {
-        let label = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            file: label.clone(),
-            issues: vec![ConfigIssue {
-                key: String::new(),
-                pos: None,
-                from_override: None,
-                what: "cannot read the config file".to_string(),
-                detail: Some(e.to_string()),
-            }],
-        })?;
+        let (label, text) = super::read_config_file(path)?;
         Self::from_str(&text, &label, overrides, &LoadOptions::default())
     }
 

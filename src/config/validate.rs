@@ -182,6 +182,16 @@ pub(crate) fn resolve_and_validate(
             issues.push(Issue::invalid(k(key), m));
         }
     }
+    for (i, m) in cfg.lora_modules_to_save.iter().enumerate() {
+        if crate::lora::adapter::SavedModule::parse(m).is_none() {
+            issues.push(Issue::invalid(
+                k("lora_modules_to_save").index(i),
+                format!(
+                    "`{m}` cannot be trained in full: loratune's modules_to_save are embed_tokens and lm_head (train                      other modules with LoRA: lora_target_modules)"
+                ),
+            ));
+        }
+    }
     if cfg.lora_init.is_principal() {
         let key = ["peft_init_lora_weights", "init_lora_weights"]
             .into_iter()

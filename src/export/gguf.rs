@@ -742,7 +742,8 @@ pub fn export_gguf(
         .name
         .clone()
         .unwrap_or_else(|| default_name(&base.path));
-    write_from_hf(&base.config, tensors, tokenizer, &name, dest, opts)
+    let cfg = super::merge::merged_config(base, adapter);
+    write_from_hf(&cfg, tensors, tokenizer, &name, dest, opts)
 }
 
 /// Write an in-memory model (adapters merged in f32) as a GGUF file.
@@ -753,6 +754,7 @@ pub fn export_gguf_model<B: Backend>(
     opts: &GgufExportOptions,
 ) -> Result<GgufExportReport> {
     refuse_non_model_tokenizer(&tokenizer)?;
+    super::hf::refuse_saved_copies(model)?;
     let tensors: Vec<HostTensor> = merged_tensors(model)
         .into_iter()
         .map(|t| HostTensor {
@@ -1023,6 +1025,14 @@ fn export_from_gguf(
                     .into(),
             ));
         }
+        if !a.saved.is_empty() {
+            return Err(Error::Lora(
+                "this adapter trains embed_tokens / lm_head in full (modules_to_save); writing them straight into a \
+                 GGUF base's blocks is not supported: merge it into a Hugging Face folder first (`loratune merge`, or \
+                 `merge_lora: true`), then export that folder to GGUF"
+                    .into(),
+            ));
+        }
     }
     let file = GgufFile::open(&base.path)?;
     let arch = file.architecture()?.to_string();
@@ -1206,6 +1216,14 @@ pub fn export_gguf_adapter(
              magnitudes would be lost; export the merged model instead (`--format gguf`, or merge_lora: true)"
                 .into(),
         ));
+    }
+    if let Some(m) = adapter.saved.keys().next() {
+        return Err(Error::Lora(format!(
+            "the adapter trains `{}` in full (modules_to_save): llama.cpp's GGUF LoRA adapters hold only lora_a / \
+             lora_b pairs and cannot carry a whole weight; export the merged model instead (`--format gguf`, from a \
+             merged Hugging Face folder)",
+            m.name()
+        )));
     }
     for path in adapter.modules.keys() {
         if path == "lm_head" || path.ends_with(".lm_head") || path.contains("embed_tokens") {

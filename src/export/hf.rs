@@ -52,6 +52,8 @@ impl<B: Backend> ExportTensor<'_, B> {
 }
 
 /// Every tensor of the model in HF naming and checkpoint order, with adapters merged (in f32) into their weights.
+/// A model with fully trained copies (`modules_to_save`) is exported from its adapter folder instead
+/// ([`super::merge::merge_to_folder`], which also unties a tied head): the callers refuse it.
 pub fn merged_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<ExportTensor<'_, B>> {
     model
         .model
@@ -175,6 +177,7 @@ pub fn save_merged<B: Backend>(
     opts: &MergedExportOptions,
     fill: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<()> {
+    refuse_saved_copies(model)?;
     let tensors: Vec<HostTensor> = merged_tensors(model)
         .into_iter()
         .map(|t| HostTensor {
@@ -184,6 +187,19 @@ pub fn save_merged<B: Backend>(
         })
         .collect();
     write_hf_folder(&model.config, tensors, dir, opts, fill)
+}
+
+/// The in-memory exports write the frozen embedding and head: refuse a model whose copies were trained.
+pub fn refuse_saved_copies<B: Backend>(model: &CausalLm<B>) -> Result<()> {
+    if model.saved.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Export(
+            "this model trains embed_tokens / lm_head in full (modules_to_save): save its adapter and merge that \
+             folder (`loratune merge`, or merge_lora: true), which writes the trained matrices"
+                .into(),
+        ))
+    }
 }
 
 /// Write an HF model folder from host tensors: shards (or one file) + index, config.json, generation_config.json.

@@ -11,9 +11,11 @@ use super::hf::{copy_tokenizer_files, write_hf_folder, HostTensor, MergedExportO
 use super::OutDtype;
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
+use crate::lora::adapter::SavedModule;
 use crate::lora::peft::PeftAdapter;
 use crate::model::loader::{check_source, expected_tensors};
-use crate::model::OpenedModel;
+use crate::model::tree::embedding_tensor_name;
+use crate::model::{ModelConfig, OpenedModel};
 use crate::tokenizer::LoadedTokenizer;
 
 /// scale·B·A (f32, `[out, in]`) on the CPU backend.
@@ -78,6 +80,16 @@ pub fn check_adapter_fits(base: &OpenedModel, adapter: &PeftAdapter) -> Result<(
             )));
         }
     }
+    let want = vec![cfg.vocab_size, cfg.hidden_size];
+    for (m, (shape, _)) in &adapter.saved {
+        if *shape != want {
+            return Err(Error::Lora(format!(
+                "the adapter's trained {} is {shape:?}, but the base model's is {want:?} (adapter for another model \
+                 or vocabulary?)",
+                m.name()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -88,15 +100,17 @@ pub fn merged_host_tensors<'a>(
     base: &'a OpenedModel,
     adapter: Option<&'a PeftAdapter>,
 ) -> Result<Vec<HostTensor<'a>>> {
-    let cfg = &base.config;
-    check_source(cfg, base.source.as_ref())?;
+    check_source(&base.config, base.source.as_ref())?;
     if let Some(a) = adapter {
         check_adapter_fits(base, a)?;
     }
-    let expected = expected_tensors(cfg);
+    let cfg = merged_config(base, adapter);
+    let expected = expected_tensors(&cfg);
+    let embed_name = embedding_tensor_name(&cfg);
     let modules = adapter.map(|a| &a.modules);
     let magnitudes = adapter.map(|a| &a.magnitudes);
     let src = base.source.as_ref();
+    let untied_head = base.config.tie_word_embeddings && !cfg.tie_word_embeddings;
     Ok(expected
         .into_iter()
         .map(|(name, shape)| {
@@ -105,13 +119,31 @@ pub fn merged_host_tensors<'a>(
                 .as_ref()
                 .and_then(|m| modules.and_then(|ms| ms.get(m)));
             let magnitude = module.and_then(|m| magnitudes.and_then(|ms| ms.get(&m)));
-            let n = name.clone();
+            // modules_to_save: the trained weight replaces the base's.
+            let saved_module = if name == embed_name {
+                Some(SavedModule::EmbedTokens)
+            } else if name == HEAD_TENSOR {
+                Some(SavedModule::LmHead)
+            } else {
+                None
+            };
+            let saved = saved_module.and_then(|m| adapter.and_then(|a| a.saved.get(&m)));
+            // An untied head without a trained copy starts from the embedding matrix it was tied to.
+            let load_name = if name == HEAD_TENSOR && untied_head {
+                embed_name.clone()
+            } else {
+                name.clone()
+            };
             HostTensor {
                 name,
                 shape,
                 make: Box::new(move || {
+                    if let Some((_, vals)) = saved {
+                        return Ok(vals.clone());
+                    }
+                    let n = &load_name;
                     let mut w = src
-                        .load(&n, DType::F32)?
+                        .load(n, DType::F32)?
                         .to_vec::<f32>()
                         .map_err(|e| Error::Weights(format!("{n}: {e:?}")))?;
                     if let Some((ash, av, bsh, bv, scale)) = adapter_entry {
@@ -134,6 +166,19 @@ pub fn merged_host_tensors<'a>(
         .collect())
 }
 
+/// The `lm_head` weight's name in a checkpoint (every family names its head so).
+const HEAD_TENSOR: &str = "lm_head.weight";
+
+/// The merged model's config: the base's, except that a tied model whose embedding or `lm_head` was trained in
+/// full (`modules_to_save`: two independent copies, as PEFT trains them) comes out untied, with both matrices.
+pub fn merged_config(base: &OpenedModel, adapter: Option<&PeftAdapter>) -> ModelConfig {
+    let mut cfg = base.config.clone();
+    if adapter.is_some_and(|a| !a.saved.is_empty()) {
+        cfg.tie_word_embeddings = false;
+    }
+    cfg
+}
+
 /// Merge `adapter` into `base` (or, with `None`, convert `base` as it is) and write an HF folder at `out`.
 pub fn merge_to_folder(
     base: &OpenedModel,
@@ -144,7 +189,13 @@ pub fn merge_to_folder(
 ) -> Result<()> {
     let adapter = crate::lora::peft::portable_opt(adapter, base)?;
     let tensors = merged_host_tensors(base, adapter.as_deref())?;
-    write_hf_folder(&base.config, tensors, out, opts, fill)
+    write_hf_folder(
+        &merged_config(base, adapter.as_deref()),
+        tensors,
+        out,
+        opts,
+        fill,
+    )
 }
 
 /// The merged (or, without an adapter, converted) Hugging Face folder of a base model — the one assembly that

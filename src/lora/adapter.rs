@@ -117,6 +117,86 @@ pub struct LoraSettings {
     pub seed: u64,
     /// DoRA (PEFT `use_dora`): each adapted module also learns a magnitude per output row.
     pub use_dora: bool,
+    /// PEFT's `modules_to_save`: modules trained in full (a copy each) besides the adapters.
+    pub modules_to_save: Vec<SavedModule>,
+}
+
+/// A module `lora_modules_to_save` can train in full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SavedModule {
+    EmbedTokens,
+    LmHead,
+}
+
+impl SavedModule {
+    pub const ALL: [SavedModule; 2] = [SavedModule::EmbedTokens, SavedModule::LmHead];
+
+    /// The name PEFT's `modules_to_save` lists.
+    pub fn name(self) -> &'static str {
+        match self {
+            SavedModule::EmbedTokens => "embed_tokens",
+            SavedModule::LmHead => "lm_head",
+        }
+    }
+
+    /// `embed_tokens`, `lm_head`, or a longer path ending in one of them (`model.embed_tokens`).
+    pub fn parse(s: &str) -> Option<SavedModule> {
+        let last = s.trim().rsplit('.').next().unwrap_or(s);
+        SavedModule::ALL.into_iter().find(|m| m.name() == last)
+    }
+
+    /// Its module path in the model (the HF name).
+    pub fn path<B: Backend>(self, model: &CausalLm<B>) -> &str {
+        match self {
+            SavedModule::EmbedTokens => &model.model.embed_tokens.path,
+            SavedModule::LmHead => &model.model.lm_head.path,
+        }
+    }
+
+    /// Its key in a PEFT adapter file: `base_model.model.<path>.weight`.
+    pub fn peft_key<B: Backend>(self, model: &CausalLm<B>) -> String {
+        format!("base_model.model.{}.weight", self.path(model))
+    }
+
+    /// The model's trained copy, if it has one.
+    pub fn copy<B: Backend>(self, model: &CausalLm<B>) -> Option<&Tensor<B, 2>> {
+        match self {
+            SavedModule::EmbedTokens => model.saved.embed_tokens.as_ref(),
+            SavedModule::LmHead => model.saved.lm_head.as_ref(),
+        }
+    }
+
+    fn slot<B: Backend>(self, model: &mut CausalLm<B>) -> &mut Option<Tensor<B, 2>> {
+        match self {
+            SavedModule::EmbedTokens => &mut model.saved.embed_tokens,
+            SavedModule::LmHead => &mut model.saved.lm_head,
+        }
+    }
+
+    /// Put a trained copy (`[vocab, hidden]`, f32) on the model, checking its shape.
+    pub fn set<B: Backend>(self, model: &mut CausalLm<B>, w: Tensor<B, 2>) -> Result<()> {
+        let want = [model.config.vocab_size, model.config.hidden_size];
+        if w.dims() != want {
+            return Err(Error::Lora(format!(
+                "modules_to_save `{}`: the saved weight is {:?}, the model's is {want:?} (an adapter for another base                  model or vocabulary?)",
+                self.name(),
+                w.dims()
+            )));
+        }
+        *self.slot(model) = Some(w);
+        Ok(())
+    }
+
+    /// A fresh copy of the module's current weight, f32 (dequantized when the base is kept quantized). A new tensor
+    /// with its own identity: a tied model's two copies must not share a node of the autodiff graph (their
+    /// gradients would be summed, training them as one).
+    pub fn fresh<B: Backend>(self, model: &CausalLm<B>) -> Tensor<B, 2> {
+        let w = match self {
+            SavedModule::EmbedTokens => model.model.embed_tokens.weight.dense_f32(),
+            SavedModule::LmHead => model.model.lm_head.weight.dense_f32(),
+        };
+        Tensor::from_data(w.into_data(), (&model.device, DType::F32))
+    }
 }
 
 impl LoraSettings {
@@ -278,6 +358,16 @@ pub fn attach<B: Backend>(model: &mut CausalLm<B>, s: &LoraSettings) -> Result<L
             initial,
         });
     }
+    if s.modules_to_save.contains(&SavedModule::LmHead) && chosen.iter().any(|p| p == "lm_head") {
+        return Err(Error::Lora(
+            "lm_head is both a LoRA target and in modules_to_save; train it one way: remove it from              lora_target_modules (modules_to_save trains all of it) or from lora_modules_to_save"
+                .into(),
+        ));
+    }
+    for m in &s.modules_to_save {
+        let w = m.fresh(model);
+        m.set(model, w)?;
+    }
     Ok(report(model, chosen))
 }
 
@@ -377,6 +467,12 @@ pub fn report<B: Backend>(model: &CausalLm<B>, modules: Vec<String>) -> LoraRepo
             })
         })
         .sum::<usize>();
+    let trainable = trainable
+        + SavedModule::ALL
+            .iter()
+            .filter_map(|m| m.copy(model))
+            .map(|w| w.dims()[0] * w.dims()[1])
+            .sum::<usize>();
     LoraReport {
         modules,
         trainable_params: trainable,
@@ -428,6 +524,12 @@ pub fn lora_params<B: Backend>(model: &CausalLm<B>) -> Vec<(String, Tensor<B, 2>
             }
         }
     }
+    // modules_to_save last: lm_head, then the embedding (layer recompute reaches it last).
+    for m in [SavedModule::LmHead, SavedModule::EmbedTokens] {
+        if let Some(w) = m.copy(model) {
+            out.push((m.peft_key(model), w.clone()));
+        }
+    }
     out
 }
 
@@ -447,6 +549,13 @@ pub fn set_lora_params<B: Backend>(model: &mut CausalLm<B>, mut values: Vec<Tens
             }
         }
     }
+    for m in [SavedModule::LmHead, SavedModule::EmbedTokens] {
+        if m.copy(model).is_some() {
+            if let Some(w) = values.pop() {
+                *m.slot(model) = Some(w);
+            }
+        }
+    }
 }
 
 /// Mark every adapter factor as requiring gradients (autodiff backends); base weights stay frozen.
@@ -458,6 +567,11 @@ pub fn set_trainable<B: burn::tensor::backend::AutodiffBackend>(model: &mut Caus
             if let Some(d) = &mut l.dora {
                 d.magnitude = d.magnitude.clone().require_grad();
             }
+        }
+    }
+    for m in SavedModule::ALL {
+        if let Some(w) = m.slot(model).take() {
+            *m.slot(model) = Some(w.require_grad());
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use serde_json::{json, Value};
 
-use super::adapter::{principal_init_many, LoraInit, LoraSettings};
+use super::adapter::{principal_init_many, LoraInit, LoraSettings, SavedModule};
 use super::linear::{Dora, InitialFactors, LoraAdapter};
 use super::targets::{short_name, TargetSpec};
 use crate::error::{Error, Result};
@@ -60,7 +60,11 @@ pub fn adapter_config<B: Backend>(
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": json!(s.init),
-        "modules_to_save": null,
+        "modules_to_save": if s.modules_to_save.is_empty() {
+            Value::Null
+        } else {
+            json!(s.modules_to_save.iter().map(|m| m.name()).collect::<Vec<_>>())
+        },
         "inference_mode": true,
         "layers_to_transform": s.layers,
         "layers_pattern": if s.layers.is_some() { json!(layer_list_name(model)) } else { Value::Null },
@@ -169,6 +173,12 @@ pub fn adapter_tensors<B: Backend>(
                     host_f32(d.magnitude.clone())?,
                 ));
             }
+        }
+    }
+    // modules_to_save: the whole trained weight, under the module's own key (as PEFT saves it).
+    for m in SavedModule::ALL {
+        if let Some(w) = m.copy(model) {
+            out.push((m.peft_key(model), w.dims().to_vec(), host_f32(w.clone())?));
         }
     }
     Ok(out)
@@ -350,6 +360,8 @@ pub struct PeftAdapter {
     pub modules: BTreeMap<String, ModuleFactors>,
     /// Module path → its DoRA magnitude (`[out]`), for a DoRA adapter (`use_dora: true`).
     pub magnitudes: BTreeMap<String, Vec<f32>>,
+    /// `modules_to_save`: each trained module's whole weight (`[vocab, hidden]`, f32).
+    pub saved: BTreeMap<SavedModule, (Vec<usize>, Vec<f32>)>,
 }
 
 /// One module's factors: (A shape `[r, in]`, A values, B shape `[out, r]`, B values, scale).
@@ -433,13 +445,22 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             "fan_in_fan_out: true (Conv1D bases such as GPT-2) is not supported".into(),
         ));
     }
-    if let Some(m) = v
-        .get("modules_to_save")
-        .filter(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(bad(format!(
-            "modules_to_save {m} is not supported: the adapter must hold only LoRA factors"
-        )));
+    let mut modules_to_save = Vec::new();
+    match v.get("modules_to_save") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            for m in a {
+                let parsed = m.as_str().and_then(SavedModule::parse).ok_or_else(|| {
+                    bad(format!(
+                        "modules_to_save {m} is not supported: loratune trains embed_tokens and lm_head in full"
+                    ))
+                })?;
+                if !modules_to_save.contains(&parsed) {
+                    modules_to_save.push(parsed);
+                }
+            }
+        }
+        Some(other) => return Err(bad(format!("modules_to_save {other} is not a list"))),
     }
     let r = v
         .get("r")
@@ -515,6 +536,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let mut a_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut b_map: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut magnitudes: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut saved = BTreeMap::new();
     for (key, (dtype, shape, start, end)) in header {
         let rest = key.strip_prefix(PREFIX).ok_or_else(|| {
             Error::Lora(format!(
@@ -544,6 +566,32 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
                 .to_vec::<f32>()
                 .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
             magnitudes.insert(p.to_string(), vals);
+            continue;
+        }
+        // A module trained in full (modules_to_save): `<path>.weight` (PEFT's saved name; also the wrapper's).
+        let whole = rest.strip_suffix(".modules_to_save.weight").or_else(|| {
+            rest.strip_suffix(".weight")
+                .filter(|p| !p.ends_with(".lora_A") && !p.ends_with(".lora_B"))
+        });
+        if let Some(m) = whole.and_then(SavedModule::parse) {
+            if !modules_to_save.contains(&m) {
+                return Err(Error::Lora(format!(
+                    "{}: tensor `{key}` is a whole {} weight, but adapter_config.json's modules_to_save does not                      name it",
+                    st_path.display(),
+                    m.name()
+                )));
+            }
+            if shape.len() != 2 || matches!(dtype, StoredDtype::Other(_)) {
+                return Err(Error::Lora(format!(
+                    "{}: `{key}` has shape {shape:?} / dtype {dtype}, expected a 2-D float matrix",
+                    st_path.display()
+                )));
+            }
+            let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
+            let vals = data
+                .to_vec::<f32>()
+                .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+            saved.insert(m, (shape, vals));
             continue;
         }
         let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
@@ -616,10 +664,18 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             st_path.display()
         )));
     }
-    if modules.is_empty() {
+    if modules.is_empty() && saved.is_empty() {
         return Err(Error::Lora(format!(
             "{}: no LoRA tensors",
             st_path.display()
+        )));
+    }
+    if let Some(m) = modules_to_save.iter().find(|m| !saved.contains_key(m)) {
+        return Err(Error::Lora(format!(
+            "{}: modules_to_save names {} but the file has no `{PREFIX}…{}.weight`",
+            st_path.display(),
+            m.name(),
+            m.name()
         )));
     }
     if use_dora {
@@ -647,6 +703,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             init,
             seed: 0,
             use_dora,
+            modules_to_save,
         },
         base_model: v
             .get("base_model_name_or_path")
@@ -654,6 +711,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
             .map(str::to_string),
         modules,
         magnitudes,
+        saved,
     })
 }
 
@@ -731,6 +789,13 @@ pub fn apply_adapter<B: Backend>(model: &mut CausalLm<B>, adapter: &PeftAdapter)
             },
         });
         lin.merged = false;
+    }
+    for (m, (shape, vals)) in &adapter.saved {
+        let w = Tensor::from_data(
+            TensorData::new(vals.clone(), [shape[0], shape[1]]),
+            (&device, DType::F32),
+        );
+        m.set(model, w)?;
     }
     if let Some(p) = remaining.into_iter().next() {
         let avail: Vec<String> = model

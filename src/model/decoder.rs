@@ -22,6 +22,39 @@ pub struct CausalLm<B: Backend> {
     /// RoPE inverse frequencies (f32, as transformers computes them).
     pub inv_freq: Vec<f32>,
     pub device: B::Device,
+    /// `lora_modules_to_save`: fully trained copies of the embedding and `lm_head`.
+    pub saved: SavedModules<B>,
+}
+
+/// PEFT's `modules_to_save`: full f32 copies of the embedding matrix and/or `lm_head` (`[vocab, hidden]`), trained
+/// in full and used instead of the frozen weights. A tied model gets two independent copies, as PEFT makes them.
+#[derive(Debug, Clone)]
+pub struct SavedModules<B: Backend> {
+    pub embed_tokens: Option<Tensor<B, 2>>,
+    pub lm_head: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for SavedModules<B> {
+    fn default() -> Self {
+        SavedModules {
+            embed_tokens: None,
+            lm_head: None,
+        }
+    }
+}
+
+impl<B: Backend> SavedModules<B> {
+    pub fn is_empty(&self) -> bool {
+        self.embed_tokens.is_none() && self.lm_head.is_none()
+    }
+
+    /// The same copies through `f` (another backend, detached, …).
+    pub fn map<C: Backend>(&self, f: impl Fn(Tensor<B, 2>) -> Tensor<C, 2>) -> SavedModules<C> {
+        SavedModules {
+            embed_tokens: self.embed_tokens.clone().map(&f),
+            lm_head: self.lm_head.clone().map(&f),
+        }
+    }
 }
 
 /// One forward pass's token layout: a `[batch, seq]` grid of ids with positions, padding and packing.
@@ -315,7 +348,17 @@ impl<B: Kernels> CausalLm<B> {
 
     /// The token embeddings of a batch `[b·s, hidden]` (scaled where the family scales them).
     pub(crate) fn embed(&self, batch: &TokenBatch) -> Tensor<B, 2> {
-        let x = self.model.embed_tokens.weight.gather_rows(&batch.input_ids);
+        let x = match &self.saved.embed_tokens {
+            Some(w) => {
+                let ids: Vec<i32> = batch.input_ids.iter().map(|&i| i as i32).collect();
+                let n = ids.len();
+                let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+                let x = w.clone().select(0, ids);
+                // The rest of the model runs in its own dtype.
+                x.cast(self.model.embed_tokens.weight.dtype())
+            }
+            None => self.model.embed_tokens.weight.gather_rows(&batch.input_ids),
+        };
         match self.config.embedding_scale() {
             Some(scale) => x.mul_scalar(scale),
             None => x,
@@ -574,7 +617,11 @@ impl<B: Kernels> CausalLm<B> {
 
     /// Logits `[n, vocab]` for hidden rows `[n, hidden]` (lm_head + final soft-capping).
     pub fn logits(&self, hidden: Tensor<B, 2>, drop: &mut dyn DropoutSource<B>) -> Tensor<B, 2> {
-        let logits = group(std::slice::from_ref(&self.model.lm_head), hidden, drop);
+        let logits = match &self.saved.lm_head {
+            // A trained lm_head: a plain product, so that its gradient reaches the copy.
+            Some(w) => hidden.cast(DType::F32).matmul(w.clone().transpose()),
+            None => group(std::slice::from_ref(&self.model.lm_head), hidden, drop),
+        };
         match self.config.final_logit_softcapping {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
             None => logits,
@@ -710,6 +757,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
             model: self.model.map(&mut Detach),
             inv_freq: self.inv_freq.clone(),
             device: self.device.clone(),
+            saved: self.saved.map(|t| Tensor::from_inner(t.inner())),
         }
     }
 
@@ -720,6 +768,7 @@ impl<B: AutodiffBackend> CausalLm<B> {
             model: self.model.map(&mut Inner),
             inv_freq: self.inv_freq.clone(),
             device: self.device.clone(),
+            saved: self.saved.map(|t| t.inner()),
         }
     }
 }

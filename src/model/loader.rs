@@ -197,6 +197,7 @@ impl<B: Backend> CausalLm<B> {
             model,
             inv_freq,
             device: device.clone(),
+            saved: Default::default(),
         })
     }
 }

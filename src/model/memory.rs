@@ -104,6 +104,13 @@ impl<B: Backend> CausalLm<B> {
                 }
             }
         }
+        // modules_to_save: trained in full like the adapters (f32 weight, gradient, two AdamW moments).
+        for w in [&self.saved.embed_tokens, &self.saved.lm_head]
+            .into_iter()
+            .flatten()
+        {
+            adapter_params += w.shape().num_elements();
+        }
         let c = &self.config;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim;

@@ -631,6 +631,11 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
+/// The embedding matrix's tensor name (`model.embed_tokens.weight`; Falcon's `transformer.word_embeddings.weight`).
+pub fn embedding_tensor_name(cfg: &ModelConfig) -> String {
+    Leaf::<Shapes>::Embedding(&layout(cfg).embed_tokens).tensor_name()
+}
+
 /// Paths of the linear modules LoRA can target, in forward order (`lm_head` last, also when tied).
 pub fn linear_paths(cfg: &ModelConfig) -> Vec<String> {
     layout(cfg)

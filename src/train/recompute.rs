@@ -154,12 +154,20 @@ pub(crate) fn accumulate<B: TrainBackend>(
         ranges.push(at..at + k);
         at += k;
     }
-    ranges.push(at..params.len());
-    // Layers below the lowest adapted one need no graph at all.
-    let lowest = ranges[..n_layers]
-        .iter()
-        .position(|r| !r.is_empty())
-        .unwrap_or(n_layers);
+    // The head's factors and a trained lm_head copy; a trained embedding copy (`modules_to_save`) comes last and
+    // gets its gradient at the very end, from the lowest layer's input gradient.
+    let embed_trained = model.saved.embed_tokens.is_some();
+    let head_end = params.len() - usize::from(embed_trained);
+    ranges.push(at..head_end);
+    // Layers below the lowest adapted one need no graph at all (unless the embedding itself is trained).
+    let lowest = if embed_trained {
+        0
+    } else {
+        ranges[..n_layers]
+            .iter()
+            .position(|r| !r.is_empty())
+            .unwrap_or(n_layers)
+    };
 
     // 1. Forward without a graph (the same backend's operations, untracked), keeping each layer's input from the
     //    lowest adapted layer up.
@@ -218,7 +226,8 @@ pub(crate) fn accumulate<B: TrainBackend>(
     for li in (lowest..n_layers).rev() {
         let (x_l, mut layer_stream) = kept.pop().expect("one kept input per recomputed layer");
         let x_l = Tensor::<B, 2>::from_inner(x_l.take(&model.device));
-        let x_l = if li > lowest { x_l.require_grad() } else { x_l };
+        let want_dx = li > lowest || embed_trained;
+        let x_l = if want_dx { x_l.require_grad() } else { x_l };
         let mut routing = Routing::new(&mut layer_stream);
         let y = model.layer_at(li, x_l.clone(), &settings, &mut routing);
         let dy_l = Tensor::from_inner(dy.take().expect("dy of the layer above"));
@@ -230,13 +239,21 @@ pub(crate) fn accumulate<B: TrainBackend>(
         }
         let grads = objective.backward();
         collect(&params, ranges[li].clone(), &grads, acc)?;
-        if li > lowest {
+        if want_dx {
             dy = Some(x_l.grad(&grads).ok_or_else(|| {
                 Error::Train(format!(
                     "recompute: no gradient reached the input of layer {li}"
                 ))
             })?);
         }
+    }
+    // 4. The trained embedding copy: the lookup rebuilt with a graph, given the lowest layer's input gradient.
+    if embed_trained {
+        let dx = Tensor::from_inner(dy.take().ok_or_else(|| {
+            Error::Train("recompute: no gradient reached the embedding output".into())
+        })?);
+        let grads = (model.embed(tokens) * dx).sum().backward();
+        collect(&params, head_end..params.len(), &grads, acc)?;
     }
     Ok((value as f64 * total as f64, aux_value))
 }

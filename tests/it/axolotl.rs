@@ -11,22 +11,13 @@ use std::process::Command;
 use crate::common::*;
 
 /// Configs loratune refuses, with the key the error must name. Everything else must train: 47 LoRA/QLoRA configs
-/// minus the 7 below that need a method loratune lacks, plus the 7 full fine-tuning configs without an `adapter`
+/// minus the 4 below that need a method loratune lacks, plus the 7 full fine-tuning configs without an `adapter`
 /// key, which train LoRA with a note saying so.
 const REFUSED: &[(&str, &str)] = &[
     // LoRA / QLoRA configs that need a method loratune does not have.
     ("llama-2/gptq-lora.yml", "gptq"),
     ("llama-2/loftq.yml", "peft"),
     ("llama-2/relora.yml", "relora"),
-    (
-        "llama-3/lora-1b-deduplicate-sft.yml",
-        "lora_modules_to_save",
-    ),
-    (
-        "llama-3/lora-1b-sample-packing-sequentially.yml",
-        "lora_modules_to_save",
-    ),
-    ("llama-3/lora-8b.yml", "lora_modules_to_save"),
     ("qwen3/30b-a3b-nvfp4-lora.yaml", "lora_target_parameters"),
     // Not supervised LoRA fine-tuning: preference / reward training, pre-training, QAT, fp8, diffusion, LISA,
     // partial full-parameter training.

@@ -586,7 +586,8 @@ fn axolotl_keys_loratune_does_not_implement() {
     );
     assert_contains(&w, &["`base_model_revision` is ignored", "local path"]);
 
-    let yaml = format!("{GOOD}gptq: true\nfp16: true\nlora_modules_to_save: [embed_tokens]\n");
+    let yaml =
+        format!("{GOOD}gptq: true\nfp16: true\nlora_modules_to_save: [embed_tokens, norm]\n");
     let errs = errors(d.path(), &yaml, &[]);
     assert_contains(
         &errs,
@@ -603,8 +604,9 @@ fn axolotl_keys_loratune_does_not_implement() {
     assert_contains(
         &errs,
         &[
-            "unsupported key `lora_modules_to_save` at line 9 column 1",
-            "not implemented yet",
+            "invalid `lora_modules_to_save.1` at line 9 column 38",
+            "`norm` cannot be trained in full",
+            "embed_tokens and lm_head",
         ],
     );
 }

@@ -32,6 +32,7 @@ fn settings() -> LoraSettings {
         init: LoraInit::Kaiming,
         seed: 1234,
         use_dora: false,
+        modules_to_save: Vec::new(),
     }
 }
 

@@ -31,6 +31,7 @@ fn run(arch: &str, fused: bool) -> (f32, Vec<(String, Vec<f32>)>) {
             init: LoraInit::Gaussian,
             seed: 3,
             use_dora: false,
+            modules_to_save: Vec::new(),
         };
         attach(&mut model, &settings).unwrap();
         let mut k = 0u64;

@@ -157,11 +157,27 @@ fn check_grads_and_step(adapter: &str) {
         let inner: Vec<_> = params.iter().map(|(_, p)| p.clone().inner()).collect();
         let updated = opt.step(1e-3, inner, gs.iter().cloned().map(Some).collect());
         let mut worst = 0f32;
-        for ((key, _), u) in params.iter().zip(&updated) {
+        for (((key, _), u), g) in params.iter().zip(&updated).zip(&gs) {
             let (_, expected) = read_ref(&reference, &format!("{prefix}.{key}"));
-            let d = max_abs_diff(&to_vec(u.clone()), &expected);
+            let (got, g) = (to_vec(u.clone()), to_vec(g.clone()));
+            // Adam's first step moves an entry by lr·g/(|g| + ε): where |g| is within a few hundred ε (1e-8) of
+            // zero — lm_head rows of tokens the batch makes nearly impossible, in a whole trained matrix
+            // (modules_to_save) — the float-order differences of g (checked above) are amplified, so those entries
+            // are held only to the step's size. Every other entry: 1e-6.
+            let (mut d, mut d_tiny) = (0f32, 0f32);
+            for ((x, y), gi) in got.iter().zip(&expected).zip(&g) {
+                if gi.abs() >= 1e-6 {
+                    d = d.max((x - y).abs());
+                } else {
+                    d_tiny = d_tiny.max((x - y).abs());
+                }
+            }
             worst = worst.max(d);
             assert!(d <= 1e-6, "{adapter} {prefix} {key}: max |Δ| {d}");
+            assert!(
+                d_tiny <= 1e-3,
+                "{adapter} {prefix} {key}: max |Δ| {d_tiny} where |g| < 1e-6"
+            );
         }
         stepped.push(updated.iter().map(|u| to_vec(u.clone())).collect());
         println!("{adapter}: AdamW {prefix} max |Δparam| {worst:.3e}");
@@ -427,6 +443,7 @@ fn check_principal(name: &str, init: loratune::lora::LoraInit, alpha: f64) {
         init,
         seed: 0,
         use_dora: false,
+        modules_to_save: Vec::new(),
     };
     attach(&mut model, &settings).unwrap();
     // PiSSA's fixture also holds the same init from a float64 SVD (PEFT's runs in float32, and the fixture's random
@@ -590,4 +607,95 @@ fn pissa_init_and_conversion_equal_pefts() {
 #[test]
 fn olora_init_and_conversion_equal_pefts() {
     check_principal("llama-olora", loratune::lora::LoraInit::Olora, 16.0);
+}
+
+/// `modules_to_save` (PEFT `modules_to_save=["embed_tokens", "lm_head"]`, LoRA on q/v): forward, merge, every
+/// gradient (the two full copies included) and an AdamW step equal PEFT's, on a tied model (two independent
+/// copies, as PEFT trains them) and an untied one.
+#[test]
+fn peft_modules_to_save_forward_grads_and_step() {
+    for adapter in ["llama-saved", "mistral-saved"] {
+        check_forward(adapter);
+        check_grads_and_step(adapter);
+    }
+}
+
+/// A modules_to_save adapter written back by loratune holds PEFT's keys and values and says
+/// `modules_to_save: [embed_tokens, lm_head]`; merged into a Hugging Face folder (streaming, from the files) it
+/// gives PEFT's merge_and_unload logits, and a tied base comes out untied with both matrices.
+#[test]
+fn modules_to_save_files_and_merged_folder_equal_pefts() {
+    use loratune::export::hf::MergedExportOptions;
+    use loratune::lora::peft::{read_adapter, save_adapter};
+    for adapter in ["llama-saved", "mistral-saved"] {
+        let dir = fixture(&format!("adapters/{adapter}"));
+        let device = Default::default();
+        let base = base_dir(adapter);
+        let mut model = load_fixture_model::<B>(&base, &device);
+        let peft = load_adapter(&mut model, &dir).unwrap();
+        assert_eq!(peft.saved.len(), 2);
+        let tmp = tempfile::tempdir().unwrap();
+        let ours = tmp.path().join("adapter");
+        save_adapter(&model, &peft.settings, "base", &ours).unwrap();
+        let read = |p: &std::path::Path| {
+            let bytes = std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.shape().to_vec(), v.data().to_vec()))
+                .collect();
+            out.sort();
+            out
+        };
+        let (a, b) = (read(&dir), read(&ours));
+        assert_eq!(
+            a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            b.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            "{adapter}: keys differ from PEFT's"
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x == y, "{adapter}: `{}` differs from PEFT's file", x.0);
+        }
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(ours.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg["modules_to_save"],
+            serde_json::json!(["embed_tokens", "lm_head"])
+        );
+
+        // The merged folder, from the files.
+        let opened = loratune::model::open(&base).unwrap();
+        let merged = tmp.path().join("merged");
+        loratune::export::merge::merge_to_folder(
+            &opened,
+            Some(&read_adapter(&ours).unwrap()),
+            &merged,
+            &MergedExportOptions::default(),
+            &|_| Ok(()),
+        )
+        .unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            config["tie_word_embeddings"], false,
+            "{adapter}: the merged model must be untied"
+        );
+        let m = load_fixture_model::<B>(&merged, &device);
+        let reference = dir.join("reference.safetensors");
+        let (batch, _) = reference_batch(&reference);
+        let logits = to_vec(m.forward(&batch));
+        let (_, expected) = read_ref(&reference, "merged_logits");
+        let d = real_positions_diff(
+            &logits,
+            &expected,
+            &batch.attention_mask,
+            m.config.vocab_size,
+        );
+        println!("{adapter}: merged folder max |Δlogit| vs PEFT merge_and_unload = {d:.3e}");
+        assert!(d <= 1e-4, "{adapter}: {d}");
+    }
 }

@@ -94,6 +94,7 @@ fn check(what: &str, random: Option<GgmlType>, plan: BasePlan, recompute: Checkp
         init: LoraInit::Kaiming,
         seed: 5,
         use_dora: false,
+        modules_to_save: Vec::new(),
     };
     attach(&mut q, &settings).unwrap();
     <AD as burn::tensor::backend::Backend>::seed(&device, 11);

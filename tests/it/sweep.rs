@@ -42,6 +42,23 @@ fn write_config(dir: &Path, extra: &str, sweep: &str) -> PathBuf {
     p
 }
 
+/// `config` as a run of its own in `dir` (no pauses, no shared answers).
+fn run_alone(
+    config: &loratune::config::TrainConfig,
+    dir: &Path,
+) -> loratune::train::run::RunSummary {
+    let mut c = config.clone();
+    c.output_dir = dir.to_path_buf();
+    train(
+        &c,
+        &RunOptions {
+            progress: ProgressMode::Quiet,
+            ..RunOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 fn quiet() -> SweepOptions {
     SweepOptions {
         progress: ProgressMode::Quiet,
@@ -126,16 +143,7 @@ fn halving_promotes_the_best_trials_and_continues_them_exactly() {
 
     // The winner, paused at 3 and 6 and continued from its checkpoints, is exactly the uninterrupted run.
     let straight_dir = tmp.path().join("straight");
-    let mut straight = plan.trials[best].config.clone();
-    straight.output_dir = straight_dir.clone();
-    let r = train(
-        &straight,
-        &RunOptions {
-            progress: ProgressMode::Quiet,
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
+    let r = run_alone(&plan.trials[best].config, &straight_dir);
     assert_eq!(r.steps, 12);
     assert_eq!(losses(&straight_dir), losses(&dirs[best]));
     let a = std::fs::read(straight_dir.join("adapter/adapter_model.safetensors")).unwrap();
@@ -227,16 +235,7 @@ fn a_killed_sweep_resumes_without_rerunning_finished_trials() {
     let steps: Vec<u64> = losses(&second).iter().map(|l| l.0).collect();
     assert_eq!(steps, (1..=300).collect::<Vec<_>>());
     let straight_dir = tmp.path().join("straight");
-    let mut straight = plan.trials[1].config.clone();
-    straight.output_dir = straight_dir.clone();
-    train(
-        &straight,
-        &RunOptions {
-            progress: ProgressMode::Quiet,
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
+    run_alone(&plan.trials[1].config, &straight_dir);
     let a = std::fs::read(straight_dir.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(second.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(
@@ -369,16 +368,7 @@ fn trials_share_the_base_models_answers() {
     }
     // The last trial (r=16, every linear module) asking the questions itself.
     let alone = tmp.path().join("alone");
-    let mut c = plan.trials[3].config.clone();
-    c.output_dir = alone.clone();
-    train(
-        &c,
-        &RunOptions {
-            progress: ProgressMode::Quiet,
-            ..RunOptions::default()
-        },
-    )
-    .unwrap();
+    run_alone(&plan.trials[3].config, &alone);
     let own = std::fs::read(alone.join("eval_generate/step-0.jsonl")).unwrap();
     assert!(
         own == first,

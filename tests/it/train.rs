@@ -207,25 +207,58 @@ fn gradient_checkpointing_equals_the_plain_step() {
     let mut packed_labels = labels.clone();
     packed_labels[padded.seq] = -100;
     let device = Default::default();
-    let cases: [(&str, TargetSpec, Option<Vec<usize>>, bool); 8] = [
-        ("llama", TargetSpec::AllLinear, None, false),
-        ("gemma2", TargetSpec::AllLinear, None, false),
-        ("qwen3", TargetSpec::AllLinear, None, false),
+    use loratune::lora::adapter::SavedModule::{EmbedTokens, LmHead};
+    let none = Vec::new;
+    /// family, targets, layers, DoRA, modules_to_save
+    type Case = (
+        &'static str,
+        TargetSpec,
+        Option<Vec<usize>>,
+        bool,
+        Vec<loratune::lora::adapter::SavedModule>,
+    );
+    let cases: [Case; 10] = [
+        ("llama", TargetSpec::AllLinear, None, false, none()),
+        ("gemma2", TargetSpec::AllLinear, None, false, none()),
+        ("qwen3", TargetSpec::AllLinear, None, false, none()),
         (
             "qwen2",
             TargetSpec::Names(vec!["q_proj".into(), "down_proj".into(), "lm_head".into()]),
             None,
             false,
+            none(),
         ),
-        ("mistral", TargetSpec::AllLinear, Some(vec![1]), false),
+        (
+            "mistral",
+            TargetSpec::AllLinear,
+            Some(vec![1]),
+            false,
+            none(),
+        ),
         // router and experts adapted: the experts' rows are gathered and scattered per routing
-        ("mixtral", TargetSpec::AllLinear, None, false),
+        ("mixtral", TargetSpec::AllLinear, None, false, none()),
         // LayerNorms with bias, parallel attention + MLP, grouped query_key_value
-        ("falcon-new", TargetSpec::AllLinear, None, false),
+        ("falcon-new", TargetSpec::AllLinear, None, false, none()),
         // DoRA: a magnitude per module (three parameters each), dropout through the extra member pass
-        ("llama", TargetSpec::AllLinear, None, true),
+        ("llama", TargetSpec::AllLinear, None, true, none()),
+        // modules_to_save: the embedding and lm_head copies (the tied Llama: two copies; Gemma 2: scaled embedding
+        // and soft-capped logits)
+        (
+            "llama",
+            TargetSpec::AllLinear,
+            None,
+            false,
+            vec![EmbedTokens, LmHead],
+        ),
+        (
+            "gemma2",
+            TargetSpec::Names(vec!["q_proj".into()]),
+            None,
+            false,
+            vec![EmbedTokens, LmHead],
+        ),
     ];
-    for (family, targets, layers, use_dora) in cases {
+    for (family, targets, layers, use_dora, modules_to_save) in cases {
         let mut base = load_fixture_model::<AD>(&fixture(&format!("models/{family}")), &device);
         let settings = LoraSettings {
             r: 4,
@@ -237,6 +270,7 @@ fn gradient_checkpointing_equals_the_plain_step() {
             init: LoraInit::Gaussian,
             seed: 3,
             use_dora,
+            modules_to_save,
         };
         attach(&mut base, &settings).unwrap();
         set_trainable(&mut base);
@@ -713,6 +747,52 @@ mod runs {
         );
         assert!(a.settings.use_dora);
         assert_eq!(a.magnitudes.len(), a.modules.len());
+    }
+
+    /// `lora_modules_to_save: [embed_tokens, lm_head]` end to end on the tied Llama fixture: the two copies train
+    /// (the step with layer recompute equals the plain one), resume bit-identically (their AdamW moments included),
+    /// are exported as PEFT's whole-module tensors, and the merged folder (untied) equals base + adapter.
+    #[test]
+    fn modules_to_save_runs_resume_and_export() {
+        let a = resumes_bit_identically_and_merges(
+            "lora_modules_to_save: [embed_tokens, lm_head]",
+            "modules_to_save",
+        );
+        assert_eq!(a.saved.len(), 2);
+        let base = load_fixture_model::<B>(&fixture("models/llama"), &Default::default());
+        let frozen = to_vec(base.model.embed_tokens.weight.dense_f32());
+        let (_, emb) = &a.saved[&loratune::lora::adapter::SavedModule::EmbedTokens];
+        let (_, head) = &a.saved[&loratune::lora::adapter::SavedModule::LmHead];
+        assert!(
+            max_abs_diff(emb, &frozen) > 1e-4,
+            "the embedding copy did not train"
+        );
+        assert!(
+            max_abs_diff(head, &frozen) > 1e-4,
+            "the lm_head copy did not train"
+        );
+        assert!(
+            max_abs_diff(emb, head) > 1e-4,
+            "a tied model's two copies must train independently"
+        );
+        // Layer recompute gives the plain step's losses and copies.
+        let runs: Vec<(Vec<f64>, Vec<u8>)> = ["false", "true"]
+            .iter()
+            .map(|gc| {
+                let dir = tempfile::tempdir().unwrap();
+                let extra = format!(
+                    "max_steps: 3\nlora_modules_to_save: [embed_tokens, lm_head]\ngradient_checkpointing: {gc}"
+                );
+                let s = train(&config(dir.path(), &extra), &quiet()).unwrap();
+                let bytes = std::fs::read(dir.path().join("run/adapter/adapter_model.safetensors")).unwrap();
+                (s.losses, bytes)
+            })
+            .collect();
+        assert_eq!(runs[0].0, runs[1].0, "losses with and without recompute");
+        assert!(
+            runs[0].1 == runs[1].1,
+            "adapters with and without recompute differ"
+        );
     }
 
     /// PiSSA and OLoRA end to end from the config: the resumed run re-derives the residual base from the checkpoint

@@ -82,6 +82,7 @@ fn cube_training_step_equals_the_cpu_step() {
             init: LoraInit::Gaussian,
             seed: 3,
             use_dora,
+            modules_to_save: Vec::new(),
         };
         attach(&mut m, &settings).unwrap();
         // Non-zero B factors, so every gradient is non-trivial.
