@@ -424,6 +424,13 @@ pub fn portable_opt<'a>(
     adapter.map(|a| portable(a, base)).transpose()
 }
 
+/// A stored tensor's values as f32.
+fn f32_values(raw: &[u8], dtype: StoredDtype, shape: &[usize], key: &str) -> Result<Vec<f32>> {
+    convert_raw(raw, dtype, shape.to_vec(), DType::F32, key)?
+        .to_vec::<f32>()
+        .map_err(|e| Error::Lora(format!("{key}: {e:?}")))
+}
+
 /// Read a PEFT adapter folder (ours or PEFT's).
 pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join("adapter_config.json");
@@ -561,10 +568,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
                     st_path.display()
                 )));
             }
-            let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
-            let vals = data
-                .to_vec::<f32>()
-                .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+            let vals = f32_values(&bytes[start..end], dtype, &shape, &key)?;
             magnitudes.insert(p.to_string(), vals);
             continue;
         }
@@ -587,10 +591,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
                     st_path.display()
                 )));
             }
-            let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
-            let vals = data
-                .to_vec::<f32>()
-                .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+            let vals = f32_values(&bytes[start..end], dtype, &shape, &key)?;
             saved.insert(m, (shape, vals));
             continue;
         }
@@ -616,10 +617,7 @@ pub fn read_adapter(dir: &Path) -> Result<PeftAdapter> {
                 st_path.display()
             )));
         }
-        let data = convert_raw(&bytes[start..end], dtype, shape.clone(), DType::F32, &key)?;
-        let vals = data
-            .to_vec::<f32>()
-            .map_err(|e| Error::Lora(format!("{key}: {e:?}")))?;
+        let vals = f32_values(&bytes[start..end], dtype, &shape, &key)?;
         if which == 'A' {
             a_map.insert(path, (shape, vals));
         } else {

@@ -960,3 +960,74 @@ fn mixtral_gguf_per_expert_layout_reads_like_the_stacked_one() {
     let d = max_abs_diff(&a, &want);
     assert!(d <= 1e-4, "mixtral GGUF vs transformers: {d}");
 }
+
+/// modules_to_save adapters (embed_tokens / lm_head trained in full): the merged GGUF from a Hugging Face base
+/// carries the trained matrices, untied (`output.weight` of its own), and gives the adapter's logits; a GGUF LoRA
+/// adapter cannot carry whole weights and a merge straight into a GGUF base's blocks is not done: both refused.
+#[test]
+fn modules_to_save_adapters_merge_into_gguf_and_are_refused_as_gguf_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    // (The tied Llama fixture's rope scaling does not survive a GGUF round trip; the untying of a tied base is
+    // checked on the Hugging Face merged folder, it::lora.)
+    let adapter = fixture("adapters/mistral-saved");
+    let hf = fixture("models/mistral");
+    let merged = export_to(
+        &hf,
+        Some(&adapter),
+        GgufType::F32,
+        dir.path(),
+        "merged.gguf",
+    );
+    let m = model::open(&merged).unwrap();
+    assert!(!m.config.tie_word_embeddings);
+    let ad = read_adapter(&adapter).unwrap();
+    for (name, module) in [
+        (
+            "lm_head.weight",
+            loratune::lora::adapter::SavedModule::LmHead,
+        ),
+        (
+            "model.embed_tokens.weight",
+            loratune::lora::adapter::SavedModule::EmbedTokens,
+        ),
+    ] {
+        let got = m.source.load(name, DType::F32).unwrap();
+        assert_eq!(got.to_vec::<f32>().unwrap(), ad.saved[&module].1, "{name}");
+    }
+    // Its logits are the adapter's on the base.
+    // 5 tokens: within the Mistral fixture's sliding window (5), which its GGUF does not carry.
+    let ids: Vec<u32> = (5..10).collect();
+    let device = Default::default();
+    let mut with = load_fixture_model::<B>(&hf, &device);
+    loratune::lora::peft::apply_adapter(&mut with, &ad).unwrap();
+    let batch = TokenBatch::from_rows(&[ids.clone()], None);
+    let a = to_vec(with.forward(&batch));
+    let b = logits(&merged, &ids);
+    let d = max_abs_diff(&a, &b);
+    assert!(d < 1e-4, "merged GGUF vs base + adapter: {d}");
+
+    let base = model::open(&hf).unwrap();
+    let e = export_gguf_adapter(&base, &ad, &dir.path().join("a.gguf"), &opts(GgufType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("modules_to_save") && e.contains("--format gguf"),
+        "{e}"
+    );
+    let plain = export_to(&hf, None, GgufType::F32, dir.path(), "base.gguf");
+    let gbase = model::open(&plain).unwrap();
+    let e = export_gguf(
+        &gbase,
+        Some(&ad),
+        gguf_tokenizer_metadata(&GgufFile::open(&plain).unwrap()),
+        &dir.path().join("b.gguf"),
+        &opts(GgufType::F32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("modules_to_save") && e.contains("Hugging Face folder"),
+        "{e}"
+    );
+    assert!(!dir.path().join("a.gguf").exists() && !dir.path().join("b.gguf").exists());
+}
