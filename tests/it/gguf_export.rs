@@ -1000,7 +1000,7 @@ fn modules_to_save_adapters_merge_into_gguf_and_are_refused_as_gguf_adapters() {
     let device = Default::default();
     let mut with = load_fixture_model::<B>(&hf, &device);
     loratune::lora::peft::apply_adapter(&mut with, &ad).unwrap();
-    let batch = TokenBatch::from_rows(&[ids.clone()], None);
+    let batch = TokenBatch::from_rows(std::slice::from_ref(&ids), None);
     let a = to_vec(with.forward(&batch));
     let b = logits(&merged, &ids);
     let d = max_abs_diff(&a, &b);
