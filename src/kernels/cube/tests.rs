@@ -63,6 +63,7 @@ fn cube_training_step_equals_the_cpu_step() {
     fn grads<B: crate::kernels::TrainBackend>(
         family: &str,
         use_dora: bool,
+        saved: bool,
         device: &B::Device,
         micro: &[(&TokenBatch, &[i64])],
         recompute: Checkpointing,
@@ -82,7 +83,11 @@ fn cube_training_step_equals_the_cpu_step() {
             init: LoraInit::Gaussian,
             seed: 3,
             use_dora,
-            modules_to_save: Vec::new(),
+            modules_to_save: if saved {
+                crate::lora::adapter::SavedModule::ALL.to_vec()
+            } else {
+                Vec::new()
+            },
         };
         attach(&mut m, &settings).unwrap();
         // Non-zero B factors, so every gradient is non-trivial.
@@ -139,25 +144,30 @@ fn cube_training_step_equals_the_cpu_step() {
         .map(|(i, &t)| if i == 0 || i == 23 { -100 } else { t as i64 })
         .collect();
     let micro: Vec<(&TokenBatch, &[i64])> = vec![(&padded, &labels), (&packed, &packed_labels)];
-    for (family, dora) in [
-        ("llama", false),
-        ("gemma2", false),
-        ("falcon-new", false),
-        ("mixtral", false),
-        ("llama", true),
+    // (family, DoRA, modules_to_save: embed_tokens and lm_head trained in full)
+    for (family, dora, saved) in [
+        ("llama", false, false),
+        ("gemma2", false, false),
+        ("falcon-new", false, false),
+        ("mixtral", false, false),
+        ("llama", true, false),
+        ("llama", false, true),
+        ("gemma2", false, true),
     ] {
         let (cpu_loss, cpu) = grads::<Autodiff<Flex>>(
             family,
             dora,
+            saved,
             &Default::default(),
             &micro,
             Checkpointing::Off,
         );
         for recompute in [Checkpointing::Off, Checkpointing::Layers] {
-            let (loss, gpu) = grads::<AD>(family, dora, &Default::default(), &micro, recompute);
+            let (loss, gpu) =
+                grads::<AD>(family, dora, saved, &Default::default(), &micro, recompute);
             assert!(
                 ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
-                "{family} dora={dora} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
+                "{family} dora={dora} saved={saved} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
             );
             assert_eq!(
                 gpu.len(),
@@ -168,7 +178,7 @@ fn cube_training_step_equals_the_cpu_step() {
                 let d = check::rel_diff(g, c);
                 assert!(
                     d < 1e-4,
-                    "{family} dora={dora} {recompute}: gradient {i} differs by {d} (relative)"
+                    "{family} dora={dora} saved={saved} {recompute}: gradient {i} differs by {d} (relative)"
                 );
             }
         }
