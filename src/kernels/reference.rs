@@ -342,8 +342,15 @@ pub fn lm_head_cross_entropy<B: super::Kernels>(
     if let Some(cap) = t.softcap {
         logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
     }
+    nll_sum(logits, t.targets)
+}
+
+/// Σ −log softmax(logits)[row, target] over the rows of `logits` `[n, vocab]` (computed in f32).
+pub fn nll_sum<B: Backend>(logits: Tensor<B, 2>, targets: &[usize]) -> Tensor<B, 1> {
+    let n = targets.len();
+    let device = logits.device();
     let logp = activation::log_softmax(to_f32(logits), 1);
-    let tg: Vec<i32> = t.targets.iter().map(|&t| t as i32).collect();
+    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
     let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
     logp.gather(1, tgt).sum().neg()
 }

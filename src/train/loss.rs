@@ -4,7 +4,7 @@
 //! `labels[i+1]`. Only rows with a real target go through `lm_head`, so masked prompt tokens and padding never
 //! materialise vocabulary-sized logits.
 
-use burn::tensor::{activation, DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::kernels::{Kernels, Targets};
 use crate::model::decoder::DropoutSource;
@@ -57,8 +57,8 @@ pub fn loss_from_hidden<B: Kernels>(
     if n == 0 {
         return (hidden.sum().mul_scalar(0.0), 0);
     }
-    if let Some(w) = &model.saved.lm_head {
-        return (saved_head_cross_entropy(model, hidden, w, &rows, &tg), n);
+    if model.saved.lm_head.is_some() {
+        return (saved_head_cross_entropy(model, hidden, &rows, &tg, drop), n);
     }
     let head = &model.model.lm_head;
     let mask = match (&head.lora, head.merged) {
@@ -75,28 +75,19 @@ pub fn loss_from_hidden<B: Kernels>(
     (B::lm_head_cross_entropy(hidden, &head.as_ref(mask), &t), n)
 }
 
-/// The cross-entropy sum through a fully trained `lm_head` copy (`lora_modules_to_save`): plain tensor operations,
-/// so that the copy gets its gradient (the fused loss kernels differentiate only the hidden states and adapters).
+/// The cross-entropy sum through a fully trained `lm_head` copy (`lora_modules_to_save`): the model's logits of
+/// the rows with a target (plain tensor operations, so that the copy gets its gradient: the fused loss kernels
+/// differentiate only the hidden states and adapters).
 fn saved_head_cross_entropy<B: Kernels>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 2>,
-    w: &Tensor<B, 2>,
     rows: &[usize],
     targets: &[usize],
+    drop: &mut dyn DropoutSource<B>,
 ) -> Tensor<B, 1> {
-    let n = rows.len();
-    let device = hidden.device();
     let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [n]), &device);
-    let h = hidden.select(0, idx).cast(DType::F32);
-    let mut logits = h.matmul(w.clone().transpose());
-    if let Some(cap) = model.config.final_logit_softcapping {
-        logits = logits.div_scalar(cap).tanh().mul_scalar(cap);
-    }
-    let logp = activation::log_softmax(logits, 1);
-    let tg: Vec<i32> = targets.iter().map(|&t| t as i32).collect();
-    let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(tg, [n, 1]), &device);
-    logp.gather(1, tgt).sum().neg()
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [rows.len()]), &hidden.device());
+    crate::kernels::reference::nll_sum(model.logits(hidden.select(0, idx), drop), targets)
 }
 
 #[cfg(test)]
