@@ -57,6 +57,16 @@ impl Device {
         Err(msg)
     }
 
+    /// The backend family: peers of one run must share it.
+    fn kind(self) -> u8 {
+        match self {
+            Device::Auto => 0,
+            Device::Cpu => 1,
+            Device::Cuda(_) => 2,
+            Device::Wgpu => 3,
+        }
+    }
+
     /// Why this binary cannot run on the device, if it cannot (a CUDA device without the `cuda` feature).
     pub fn unavailable(self) -> Option<&'static str> {
         match self {
@@ -110,6 +120,125 @@ impl<'de> Deserialize<'de> for Device {
         }
         d.deserialize_str(V)
     }
+}
+
+/// `devices`: the local peers of a data-parallel run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Devices {
+    /// Every CUDA device of the machine.
+    All,
+    /// These devices, one peer each (a device may be listed more than once: peers then share it).
+    List(Vec<Device>),
+}
+
+impl Devices {
+    /// The devices, `all` resolved to the machine's CUDA devices (none without CUDA).
+    pub fn resolve(&self) -> Vec<Device> {
+        match self {
+            Devices::All => (0..cuda_device_count()).map(Device::Cuda).collect(),
+            Devices::List(v) => v.clone(),
+        }
+    }
+
+    /// How many peers.
+    pub fn count(&self) -> usize {
+        match self {
+            Devices::All => cuda_device_count(),
+            Devices::List(v) => v.len(),
+        }
+    }
+
+    /// Why the list cannot run, if it cannot: empty, `auto`, devices of different kinds, a device this build
+    /// lacks.
+    pub fn problem(&self) -> Option<String> {
+        let list = self.resolve();
+        if list.is_empty() {
+            return Some(match self {
+                Devices::All if !cfg!(feature = "cuda") => {
+                    "`all` means every CUDA device, and this loratune binary was built without CUDA; list the \
+                     devices (e.g. [cpu, cpu]) or rebuild with `--features cuda`"
+                        .into()
+                }
+                Devices::All => {
+                    "`all` found no CUDA device (no /proc/driver/nvidia/gpus entry); list the devices instead".into()
+                }
+                Devices::List(_) => "the list is empty; list one device per peer, e.g. [cuda:0, cuda:1]".into(),
+            });
+        }
+        if list.contains(&Device::Auto) {
+            return Some("`auto` cannot be a peer; name each device (cpu, cuda:N)".into());
+        }
+        if let Some(d) = list.iter().find(|d| d.kind() != list[0].kind()) {
+            return Some(format!(
+                "every peer must run on the same kind of device ({} and {d} differ)",
+                list[0]
+            ));
+        }
+        list.iter()
+            .find_map(|d| d.unavailable())
+            .map(str::to_string)
+    }
+}
+
+impl fmt::Display for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Devices::All => f.write_str("all"),
+            Devices::List(v) => {
+                let names: Vec<String> = v.iter().map(Device::to_string).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+        }
+    }
+}
+
+impl Serialize for Devices {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Devices::All => s.serialize_str("all"),
+            Devices::List(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Devices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Devices;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of devices ([cuda:0, cuda:1], [cpu, cpu]) or `all`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Devices, E> {
+                if v.trim().eq_ignore_ascii_case("all") {
+                    Ok(Devices::All)
+                } else {
+                    Err(E::custom(format!(
+                        "expected a list of devices ([cuda:0, cuda:1], [cpu, cpu]) or `all`, found `{v}`"
+                    )))
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Devices, A::Error> {
+                let mut v = Vec::new();
+                while let Some(d) = seq.next_element::<Device>()? {
+                    v.push(d);
+                }
+                Ok(Devices::List(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// CUDA devices on this machine (0 without the `cuda` feature): the driver's `/proc/driver/nvidia/gpus` entries.
+pub fn cuda_device_count() -> usize {
+    if !cfg!(feature = "cuda") {
+        return 0;
+    }
+    std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |d| d.count())
 }
 
 /// `bf16`: keep the frozen base in bf16 — `true`, `false` or `auto` (Axolotl's default: bf16 on a GPU, f32 on
@@ -250,6 +379,38 @@ impl Placement {
             _ => job.run::<Flex>(Default::default(), *self),
         }
     }
+}
+
+/// A data-parallel training job: one peer per device, all on the backend of `self.device`'s kind.
+impl Placement {
+    pub fn train_peers<J: PeersJob>(&self, devices: &[Device], job: J) -> Result<J::Output> {
+        match self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => {
+                type Cuda = burn::backend::Cuda<f32, i32>;
+                let list = devices
+                    .iter()
+                    .map(|d| match d {
+                        Device::Cuda(i) => burn::backend::cuda::CudaDevice::new(*i),
+                        _ => burn::backend::cuda::CudaDevice::new(0),
+                    })
+                    .collect();
+                job.run::<Autodiff<Cuda>>(list, *self)
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu => job.run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
+                vec![Default::default(); devices.len()],
+                *self,
+            ),
+            _ => job.run::<Autodiff<Flex>>(vec![Default::default(); devices.len()], *self),
+        }
+    }
+}
+
+/// A data-parallel training job, written once for every backend: one device per local peer.
+pub trait PeersJob {
+    type Output;
+    fn run<B: TrainBackend>(self, devices: Vec<B::Device>, at: Placement) -> Result<Self::Output>;
 }
 
 /// A training job, written once for every backend.

@@ -98,14 +98,7 @@ pub struct ProfileRow {
 }
 
 fn peak_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::heap::peak_rss_bytes() / 1024
 }
 
 /// The named shapes `--shape` knows.

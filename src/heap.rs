@@ -57,3 +57,15 @@ pub fn peak_bytes() -> Option<usize> {
     // Nothing counted means the counting allocator is not installed (every Rust program allocates at start).
     Some(PEAK.load(Ordering::Relaxed)).filter(|&p| p > 0)
 }
+
+/// The process's peak resident set size in bytes (`VmHWM` of /proc/self/status; 0 where there is none).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

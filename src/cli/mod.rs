@@ -47,6 +47,16 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Run the trials of the config's `sweep:` block (grid, random or successive halving); resumable.
     Sweep(sweep::SweepArgs),
+    /// Serve burn-collective's orchestrator for multi-node training (nodes set `coordinator: this-host:PORT` and
+    /// `host_coordinator: false`); runs until Ctrl-C.
+    Coordinator(CoordinatorArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Port to listen on (every interface); the nodes' data services use the next ports (PORT + 1 + node_rank).
+    #[arg(long, default_value_t = 29500)]
+    pub port: u16,
 }
 
 /// Entry point used by the binary.
@@ -65,5 +75,17 @@ pub fn main() -> anyhow::Result<()> {
         Command::Eval(a) => train::run_eval(a),
         Command::Data(a) => data::run(a),
         Command::Export(a) => export::run(a),
+        Command::Coordinator(a) => {
+            std::net::TcpListener::bind(("0.0.0.0", a.port))
+                .map(drop)
+                .map_err(|e| anyhow::anyhow!("port {}: {e}; pick another with --port", a.port))?;
+            crate::train::parallel::quiet_collective_logs();
+            eprintln!(
+                "loratune coordinator: burn-collective orchestrator on port {} (Ctrl-C stops it)",
+                a.port
+            );
+            crate::train::parallel::serve_coordinator(a.port);
+            Ok(())
+        }
     }
 }

@@ -82,6 +82,17 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         ..RunOptions::default()
     };
     let s = train(&cfg, &opts)?;
+    if let Some(node) = s.peer_node.filter(|&n| n > 0) {
+        eprintln!(
+            "node {node}: {} after {}/{} steps in {:.1}s; node 0 wrote the run folder {}",
+            if s.interrupted { "stopped" } else { "finished" },
+            s.steps,
+            s.total_steps,
+            s.seconds,
+            s.output_dir.display()
+        );
+        return Ok(());
+    }
     let first = s.losses.first().copied().unwrap_or(f64::NAN);
     let last_n = s.losses.len().min(10);
     let last = s.losses[s.losses.len() - last_n..].iter().sum::<f64>() / last_n.max(1) as f64;

@@ -61,7 +61,7 @@ use Class::{Ignored, Implemented, Mapped, OnlyIfOff};
 const ATTENTION: &str = "loratune's own attention kernel (exact softmax attention, memory linear in the sequence length)";
 const TRACKER: &str =
     "experiment trackers are not integrated; metrics go to output_dir/metrics.jsonl";
-const ONE_DEVICE: &str = "a PyTorch distribution library; loratune trains on one device";
+const ONE_DEVICE: &str = "a PyTorch distribution library (ZeRO / FSDP shard the model); loratune trains data-parallel with `devices` / `nodes` on burn-collective, and a model too large for one device needs a quantized base";
 const KERNELS: &str = "a PyTorch kernel switch; loratune's fused kernels are always on";
 const TOKENIZER: &str = "the tokenizer is read from the model (tokenizer.json or the GGUF)";
 const ARCH: &str = "the architecture is read from the model's config";
@@ -99,6 +99,10 @@ pub(crate) const AXOLOTL_KEYS: &[AxolotlKey] = &[
     top("dataset_exact_deduplication", Implemented("data tests: exact_deduplication_drops_repeated_samples")),
     top("dataset_prepared_path", Implemented("data::cache tests")),
     top("datasets", Implemented("it::data")),
+    top("ddp_broadcast_buffers", Ignored("PyTorch DDP's buffer broadcast; loratune's peers train no buffers")),
+    top("ddp_bucket_cap_mb", Ignored("PyTorch DDP's gradient buckets; loratune sums a step's adapter gradients in one all-reduce")),
+    top("ddp_find_unused_parameters", Ignored("PyTorch DDP's unused-parameter search; an adapter without a gradient on some peer (an unused expert) is handled exactly")),
+    top("ddp_timeout", Implemented("it::parallel a_hung_node_ends_the_run_after_ddp_timeout")),
     top("debug", Ignored("to see tokenized samples run `loratune data preview CONFIG`")),
     top("deepspeed", Ignored(ONE_DEVICE)),
     top("diffusion", OnlyIfOff("diffusion language-model training is not supported")),

@@ -32,7 +32,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use crate::backend::{Bf16, Device};
+pub use crate::backend::{Bf16, Device, Devices};
 pub use crate::data::DataFacts;
 pub use crate::data::{DataFormat, FileKind, TrainOnEos, Truncation, ValSplit};
 pub use crate::export::{ByteSize, ExportDtype};
@@ -258,6 +258,33 @@ pub struct TrainConfig {
     pub model_config: Option<BTreeMap<String, serde_yaml::Value>>,
     /// `cpu`, `cuda`, `cuda:N` or `auto`. Default: `auto`.
     pub device: Device,
+    /// Data-parallel training: one peer per listed device (`[cuda:0, cuda:1]`; a device may be listed twice),
+    /// or `all` (every CUDA device). Replaces `device` (which must then be unset or `auto`). Every peer holds the
+    /// model, runs its share of each step's micro-batches, and the adapters' gradients are summed across peers
+    /// (burn-collective) before one identical AdamW step on each. Per peer, `micro_batch_size ×
+    /// gradient_accumulation_steps` samples per step. Default: unset (one device: `device`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Devices>,
+    /// Machines (processes) training together; each runs `loratune train` with its `node_rank` and the same
+    /// config. Default: `1`. torchrun's `WORLD_SIZE` / `RANK` / `LOCAL_RANK` / `MASTER_ADDR` / `MASTER_PORT` are
+    /// read when this key is unset: one node per process, each on device `cuda:LOCAL_RANK`.
+    #[serde(skip_serializing_if = "is_one")]
+    pub nodes: usize,
+    /// This machine's index in `0..nodes`; node 0 writes the run folder. Default: `0`.
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub node_rank: usize,
+    /// `host:port` of burn-collective's orchestrator, which node 0 starts (unless `host_coordinator: false`,
+    /// for one started with `loratune coordinator --port P`). Node i's data service listens on port + 1 + i.
+    /// Required with `nodes` > 1. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Whether node 0 starts the orchestrator in its own process at `coordinator`. Default: `true`.
+    #[serde(skip_serializing_if = "is_true")]
+    pub host_coordinator: bool,
+    /// Seconds a peer waits for the others at a gradient all-reduce before failing the run (a peer that died or
+    /// hangs; node 0 answering the `eval_generate` questions alone counts as waiting). Default: `1800`
+    /// (transformers' `ddp_timeout`).
+    pub ddp_timeout: u64,
     /// Random seed for LoRA init, shuffling and dropout. Default: `42` (transformers, Axolotl).
     pub seed: u64,
 
@@ -401,6 +428,12 @@ impl Default for TrainConfig {
             attn_implementation: None,
             model_config: None,
             device: Device::Auto,
+            devices: None,
+            nodes: 1,
+            node_rank: 0,
+            coordinator: None,
+            host_coordinator: true,
+            ddp_timeout: 1800,
             seed: data.seed,
             output_dir: PathBuf::from("./model-out"),
             save_steps: None,
@@ -462,6 +495,18 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>
         One::S(s) => vec![s],
         One::L(l) => l,
     }))
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn is_zero_usize(n: &usize) -> bool {
+    *n == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -908,20 +953,31 @@ impl TrainConfig {
         }
     }
 
-    /// Samples per optimizer step (`micro_batch_size × gradient_accumulation_steps`).
+    /// Peers training together: `devices` per node × `nodes` (1 on one device).
+    pub fn world_size(&self) -> usize {
+        self.devices.as_ref().map_or(1, Devices::count).max(1) * self.nodes.max(1)
+    }
+
+    /// Micro-batches per optimizer step across every peer (`gradient_accumulation_steps × world_size`): the
+    /// step a single device would take with that many accumulation steps.
+    pub fn micro_per_step(&self) -> usize {
+        self.gradient_accumulation_steps
+            .max(1)
+            .saturating_mul(self.world_size())
+    }
+
+    /// Samples per optimizer step (`micro_batch_size × gradient_accumulation_steps × world_size`).
     pub fn samples_per_step(&self) -> usize {
-        self.micro_batch_size
-            .saturating_mul(self.gradient_accumulation_steps)
+        self.micro_batch_size.saturating_mul(self.micro_per_step())
     }
 
     /// Total optimizer steps given the number of micro-batches in one epoch, with transformers' rule:
-    /// `max_steps` if set, else `ceil(num_epochs × max(micro_batches / gradient_accumulation_steps, 1))`.
+    /// `max_steps` if set, else `ceil(num_epochs × max(micro_batches / micro-batches per step, 1))`.
     pub fn total_steps(&self, micro_batches_per_epoch: u64) -> u64 {
         if let Some(m) = self.max_steps {
             return m;
         }
-        let per_epoch =
-            (micro_batches_per_epoch / self.gradient_accumulation_steps.max(1) as u64).max(1);
+        let per_epoch = (micro_batches_per_epoch / self.micro_per_step() as u64).max(1);
         let epochs = self.num_epochs.unwrap_or(1.0);
         (epochs * per_epoch as f64).ceil() as u64
     }
@@ -1048,6 +1104,12 @@ impl TrainConfig {
         "merged_shard_size",
         "dataset_prepared_path",
         "device",
+        "devices",
+        "nodes",
+        "node_rank",
+        "coordinator",
+        "host_coordinator",
+        "ddp_timeout",
         "evals_per_epoch",
         "saves_per_epoch",
         "loss_watchdog_threshold",
@@ -1079,6 +1141,12 @@ impl TrainConfig {
             for k in Self::HASH_EXCLUDED_KEYS {
                 obj.remove(*k);
             }
+            // The step's global batch, not how it is split over peers: a checkpoint of 2 peers × 2 accumulation
+            // steps resumes on 1 peer × 4 (and hashes as before on one device).
+            obj.insert(
+                "gradient_accumulation_steps".into(),
+                self.micro_per_step().into(),
+            );
         }
         let text = v.to_string();
         format!("{:016x}", fnv1a64(text.as_bytes()))

@@ -489,6 +489,50 @@ pub(crate) fn resolve_and_validate(
     if let Some(why) = cfg.device.unavailable() {
         issues.push(Issue::invalid(k("device"), why));
     }
+    if let Some(d) = &cfg.devices {
+        if let Some(why) = d.problem() {
+            issues.push(Issue::invalid(k("devices"), why));
+        }
+        if present(doc, "device") && cfg.device != crate::config::Device::Auto {
+            issues.push(Issue::invalid(
+                k("device"),
+                format!(
+                    "`devices` lists where the peers run; remove `device: {}` (or set it to auto)",
+                    cfg.device
+                ),
+            ));
+        }
+    }
+    if cfg.nodes == 0 {
+        issues.push(Issue::invalid(k("nodes"), "must be at least 1"));
+    } else if cfg.node_rank >= cfg.nodes {
+        issues.push(Issue::invalid(
+            k("node_rank"),
+            format!(
+                "must be in 0..{} (nodes: {}), got {}",
+                cfg.nodes, cfg.nodes, cfg.node_rank
+            ),
+        ));
+    }
+    match &cfg.coordinator {
+        Some(c) => {
+            if let Err(why) = crate::train::parallel::parse_host_port(c) {
+                issues.push(Issue::invalid(k("coordinator"), why));
+            }
+        }
+        None if cfg.nodes > 1 => issues.push(Issue::invalid(
+            k("nodes"),
+            "several nodes need `coordinator: host:port` (node 0's address and a free port; node 0 starts \
+             burn-collective's orchestrator there)",
+        )),
+        None => {}
+    }
+    if cfg.ddp_timeout == 0 {
+        issues.push(Issue::invalid(
+            k("ddp_timeout"),
+            "must be at least 1 second",
+        ));
+    }
 
     // ------------------------------------------------------------------------------ outputs & checkpoints
     for (key, v) in [

@@ -264,6 +264,12 @@ pub trait Kernels: Backend {
     /// Whether [`with_cube_attention`] selects this backend's attention (the CubeCL backends).
     const CUBE_ATTENTION: bool = false;
 
+    /// Bytes this backend's memory pools hold on `device` (≈ its peak: pools keep their pages), when it can
+    /// tell — the CubeCL backends; `None` on the CPU, where the process's peak RSS is the measure.
+    fn memory_reserved(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// RMSNorm over the last dimension, computed in f32: `x / √(mean(x²) + eps) · (w + offset)`.
     fn rms_norm<const D: usize>(x: Tensor<Self, D>, norm: &NormRef<'_, Self>) -> Tensor<Self, D> {
         reference::rms_norm(x, norm)

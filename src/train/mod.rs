@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod page;
+pub mod parallel;
 pub mod recompute;
 pub mod report;
 pub mod run;

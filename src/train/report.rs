@@ -21,8 +21,13 @@ pub struct MetricLine {
     /// `router_aux_loss_coef`), before its coefficient; `loss` is the language-modelling loss alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aux_loss: Option<f64>,
+    /// Real tokens per second over every peer of the run (one device: its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// Memory per peer in MB, in rank order: the device's memory pools on a GPU, the process's peak RSS on the
+    /// CPU (peers of one process share it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<Vec<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -66,7 +71,8 @@ impl MetricLine {
 
 /// Append-only metrics.jsonl (flushed per line so a crash loses nothing written).
 pub struct MetricsWriter {
-    file: std::fs::File,
+    /// `None`: a sink (a data-parallel peer other than rank 0 writes nothing).
+    file: Option<std::fs::File>,
     path: std::path::PathBuf,
     pub lines: u64,
     /// The same scalars as TensorBoard events (`use_tensorboard`).
@@ -91,11 +97,21 @@ impl MetricsWriter {
             writeln!(file, "{l}").map_err(|e| Error::io(&path, e))?;
         }
         Ok(MetricsWriter {
-            file,
+            file: Some(file),
             path,
             lines: kept.len() as u64,
             tensorboard: None,
         })
+    }
+
+    /// A writer that writes nothing.
+    pub fn sink() -> Self {
+        MetricsWriter {
+            file: None,
+            path: std::path::PathBuf::new(),
+            lines: 0,
+            tensorboard: None,
+        }
     }
 
     /// Also write every line's scalars to TensorBoard event files.
@@ -111,8 +127,11 @@ impl MetricsWriter {
             what: "a metrics.jsonl line".into(),
             source: source.into(),
         })?;
-        writeln!(self.file, "{s}").map_err(|e| Error::io(&self.path, e))?;
-        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
+        writeln!(file, "{s}").map_err(|e| Error::io(&self.path, e))?;
+        file.flush().map_err(|e| Error::io(&self.path, e))?;
         self.lines += 1;
         if let Some(tb) = &mut self.tensorboard {
             tb.scalars(m.step, &m.scalars())?;

@@ -10,10 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{self, TrainerState, FORMAT};
 use super::optim::AdamW;
+use super::parallel::{self, Layout, Peer};
 use super::report::{loss_curve_svg, MetricLine, MetricsWriter};
 use super::schedule::Schedule;
-use super::step::{eval_loss, train_step, StepConfig, StepStats};
-use crate::backend::{InferJob, Placement, TrainJob};
+use super::step::{eval_loss, train_step_on, StepConfig, StepStats};
+use crate::backend::{InferJob, PeersJob, Placement, TrainJob};
 use crate::config::{ModelFacts, TrainConfig};
 use crate::data::DATA_REPORT;
 use crate::data::{Batch, LoaderState, TrainLoader};
@@ -82,6 +83,8 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// `pause_at` ended it (a checkpoint at that step was written).
     pub paused: bool,
+    /// The node this process is in a multi-node run (`None` on one node): only node 0 writes the run folder.
+    pub peer_node: Option<usize>,
     /// `eval_generate`: the task metrics before training (step 0) and the last ones recorded.
     pub task_baseline: Option<std::collections::BTreeMap<String, f64>>,
     pub task_final: Option<std::collections::BTreeMap<String, f64>>,
@@ -100,7 +103,8 @@ pub enum Outcome {
     Paused,
 }
 
-/// Train according to `cfg`.
+/// Train according to `cfg`: on one device, or as this node's peers of a data-parallel run (`devices`,
+/// `nodes`, or torchrun's environment variables; see [`super::parallel`]).
 pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     struct Job<'a>(&'a TrainConfig, &'a RunOptions);
     impl TrainJob for Job<'_> {
@@ -111,7 +115,34 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
             run.finish(outcome)
         }
     }
-    cfg.placement()?.train(Job(cfg, opts))
+    struct Peers(TrainConfig, RunOptions, Layout);
+    impl PeersJob for Peers {
+        type Output = RunSummary;
+        fn run<B: TrainBackend>(
+            self,
+            devices: Vec<B::Device>,
+            at: Placement,
+        ) -> Result<RunSummary> {
+            let Peers(cfg, opts, layout) = self;
+            parallel::run_peers::<B::InnerBackend, _>(&layout, devices, move |peer, device| {
+                let mut run = Run::<B>::setup_on(&cfg, &opts, device, at, Some(peer))?;
+                let outcome = run.train()?;
+                run.finish(outcome)
+            })
+        }
+    }
+    let mut cfg = cfg.clone();
+    let launcher = parallel::apply_launcher_env(&mut cfg, |k| std::env::var(k).ok())?;
+    let layout = Layout::of(&cfg)?;
+    let at = Placement::resolve(layout.local[0], cfg.bf16)?;
+    if layout.world() == 1 {
+        return at.train(Job(&cfg, opts));
+    }
+    if let (Some(note), false) = (launcher, opts.progress == ProgressMode::Quiet) {
+        eprintln!("{note}");
+    }
+    let local = layout.local.clone();
+    at.train_peers(&local, Peers(cfg, opts.clone(), layout))
 }
 
 /// A training run: everything [`Run::setup`] built, and the loop's counters.
@@ -145,6 +176,9 @@ pub struct Run<'a, B: TrainBackend> {
     system_message: Option<(String, u64)>,
     /// `eval_generate`: the held-out questions and how they are asked.
     task: Option<(Vec<Heldout>, TaskOptions)>,
+    /// This run as one peer of a data-parallel group; only rank 0 writes the run folder.
+    peer: Option<Peer>,
+    device: B::Device,
     _lock: Option<FolderLock>,
 }
 
@@ -157,25 +191,52 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         device: B::Device,
         at: Placement,
     ) -> Result<Self> {
+        Self::setup_on(cfg, opts, device, at, None)
+    }
+
+    /// [`Run::setup`], as `peer` of a data-parallel group when given: every peer builds the same run (same
+    /// data stream, same adapter, same resume point); only rank 0 locks and writes the run folder and prints.
+    pub fn setup_on(
+        cfg: &'a TrainConfig,
+        opts: &'a RunOptions,
+        device: B::Device,
+        at: Placement,
+        peer: Option<Peer>,
+    ) -> Result<Self> {
         let t_start = Instant::now();
         let out = &cfg.output_dir;
-        let printer = Printer::new(opts.progress);
+        let writes = peer.as_ref().is_none_or(Peer::writes);
+        let printer = Printer::new(if writes {
+            opts.progress
+        } else {
+            ProgressMode::Quiet
+        });
+        // This node's peers set up one after another: the first tokenises and caches the data, the others read it.
+        let turn = peer.as_ref().map(Peer::setup_turn);
         // One writer per run folder: lock it, then clear what killed runs left half-written.
-        let lock = FolderLock::acquire(out)?;
-        if lock.is_none() {
+        let lock = if writes {
+            FolderLock::acquire(out)?
+        } else {
+            None
+        };
+        if writes && lock.is_none() {
             printer.line(&format!(
                 "warning: {}: the file system does not support locks; make sure no other run writes here",
                 out.display()
             ));
         }
-        for p in remove_stale_staging(out, lock.is_some()) {
-            printer.line(&format!(
-                "removed {} (left by an interrupted run)",
-                p.display()
-            ));
+        if writes {
+            for p in remove_stale_staging(out, lock.is_some()) {
+                printer.line(&format!(
+                    "removed {} (left by an interrupted run)",
+                    p.display()
+                ));
+            }
         }
         let (resume_dir, resume_state) = resume_point(cfg, &printer)?;
-        cfg.write_resolved(out)?;
+        if writes {
+            cfg.write_resolved(out)?;
+        }
         for line in cfg.findings() {
             printer.line(&line);
         }
@@ -232,7 +293,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             what: DATA_REPORT.into(),
             source: Box::new(e),
         })?;
-        write_atomic(&out.join(DATA_REPORT), &report)?;
+        if writes {
+            write_atomic(&out.join(DATA_REPORT), &report)?;
+        }
         for w in cfg.check_data(&facts)? {
             printer.line(&format!("warning: {w}"));
         }
@@ -251,6 +314,28 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             total,
             schedule.warmup
         ));
+        if let Some(p) = peer.as_ref().filter(|p| p.node > 0 && p.local == 0) {
+            if opts.progress != ProgressMode::Quiet {
+                eprintln!(
+                    "node {}: {} joined ({} optimizer steps); node 0 prints the progress and writes {}",
+                    p.node,
+                    p.name(),
+                    total,
+                    out.display()
+                );
+            }
+        }
+        if let Some(p) = &peer {
+            printer.line(&format!(
+                "data-parallel: {} peers ({} per node × {} node{}), {} micro-batches per step, {} per peer",
+                p.world,
+                p.world / cfg.nodes.max(1),
+                cfg.nodes,
+                if cfg.nodes == 1 { "" } else { "s" },
+                cfg.micro_per_step(),
+                cfg.gradient_accumulation_steps.max(1)
+            ));
+        }
         printer.line(
             &model
                 .memory(
@@ -284,8 +369,12 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             }
             _ => (fresh_state(cfg), data.train_loader(None)?),
         };
-        let mut metrics = MetricsWriter::open(out, state.metrics_lines)?;
-        if cfg.tensorboard() {
+        let mut metrics = if writes {
+            MetricsWriter::open(out, state.metrics_lines)?
+        } else {
+            MetricsWriter::sink()
+        };
+        if writes && cfg.tensorboard() {
             let resumed_at = resume_dir.is_some().then_some(state.global_step);
             let tb = super::tensorboard::EventWriter::create(
                 &out.join(super::tensorboard::DIR),
@@ -294,9 +383,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             printer.line(&format!("tensorboard: {}", tb.path().display()));
             metrics = metrics.with_tensorboard(tb);
         }
-        let updates_per_epoch = micro_per_epoch
-            .div_ceil(cfg.gradient_accumulation_steps.max(1) as u64)
-            .max(1);
+        let updates_per_epoch = micro_per_epoch.div_ceil(cfg.micro_per_step() as u64).max(1);
+        drop(turn);
         let printer = printer.with_bar(total, state.global_step);
         Ok(Run {
             cfg,
@@ -351,12 +439,26 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 None => None,
             },
             system_message: facts.system_message.clone(),
+            peer,
+            device,
             _lock: lock,
         })
     }
 
+    /// Whether this run writes the run folder (one device, or rank 0 of a group).
+    fn writes(&self) -> bool {
+        self.peer.as_ref().is_none_or(Peer::writes)
+    }
+
     /// The loop: micro-batches → learning rate → step → log → eval when due → checkpoint when due → stop.
     pub fn train(&mut self) -> Result<Outcome> {
+        if let Some(p) = &self.peer {
+            p.handshake::<B::InnerBackend>(
+                &self.cfg.config_hash(),
+                self.state.global_step,
+                &self.device,
+            )?;
+        }
         if self.state.global_step == 0 {
             // The baseline: the model before its first update (its adapters start as the identity). Before the
             // loop's clocks start, so that tokens/s and training time leave it out.
@@ -426,7 +528,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     pub fn finish(self, outcome: Outcome) -> Result<RunSummary> {
         self.printer.finish();
         let loop_seconds = self.counters.t_loop.elapsed().as_secs_f64();
-        if matches!(outcome, Outcome::Interrupted | Outcome::Paused) {
+        if matches!(outcome, Outcome::Interrupted | Outcome::Paused) || !self.writes() {
             return Ok(self.summary(outcome, None, None, loop_seconds));
         }
         let out = &self.cfg.output_dir;
@@ -465,9 +567,10 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         Ok(self.summary(outcome, Some(adapter_dir), merged_dir, loop_seconds))
     }
 
-    /// The next optimizer step's micro-batches (`gradient_accumulation_steps` of them).
+    /// The next optimizer step's micro-batches (`gradient_accumulation_steps` per peer: every peer reads them
+    /// all and computes its share).
     fn next_micro_batches(&mut self) -> Result<Vec<Batch>> {
-        (0..self.cfg.gradient_accumulation_steps.max(1))
+        (0..self.cfg.micro_per_step())
             .map(|_| {
                 self.loader.next().unwrap_or_else(|| {
                     Err(Error::Train(
@@ -492,7 +595,14 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             recompute: self.cfg.gradient_checkpointing,
             router_aux_loss_coef: self.router_aux,
         };
-        train_step(&mut self.model, &mut self.opt, &pairs, settings).map_err(|e| match e {
+        train_step_on(
+            &mut self.model,
+            &mut self.opt,
+            &pairs,
+            settings,
+            self.peer.as_ref(),
+        )
+        .map_err(|e| match e {
             Error::NonFinite {
                 step, what, value, ..
             } => Error::NonFinite {
@@ -524,10 +634,11 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         self.printer.step(
             s,
             format!(
-                "loss {:.4} lr {} {:.0} tok/s",
+                "loss {:.4} lr {} {:.0} tok/s{}",
                 stats.loss,
                 fmt_lr(lr),
-                c.real as f64 / c.t_loop.elapsed().as_secs_f64()
+                c.real as f64 / c.t_loop.elapsed().as_secs_f64(),
+                c.memory
             ),
         );
         if !s.is_multiple_of(self.log_every) && s != total {
@@ -551,6 +662,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             }
         }
         let epoch = self.epoch();
+        let memory = self.memory_mb(s)?;
         self.metrics.write(&MetricLine {
             step: s,
             loss: Some(loss),
@@ -558,18 +670,36 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             grad_norm: Some(stats.grad_norm),
             aux_loss: stats.aux_loss,
             tokens_per_second: Some(tps),
+            memory_mb: Some(memory.clone()),
             epoch: Some(epoch),
             elapsed_seconds: Some(self.elapsed()),
             ..MetricLine::default()
         })?;
+        let mem: Vec<String> = memory.iter().map(|m| format!("{m:.0}")).collect();
+        // The bar shows the last logged figures (every peer takes part in measuring them).
+        self.counters.memory = format!(" mem {} MB", mem.join("/"));
         if !self.printer.has_bar() {
             self.printer.line(&format!(
-                "step {s}/{total} loss {loss:.4} lr {} grad_norm {:.3} {tps:.0} tok/s epoch {epoch:.2}",
+                "step {s}/{total} loss {loss:.4} lr {} grad_norm {:.3} {tps:.0} tok/s epoch {epoch:.2}{}",
                 fmt_lr(lr),
-                stats.grad_norm
+                stats.grad_norm,
+                self.counters.memory
             ));
         }
         Ok(())
+    }
+
+    /// Memory per peer in MB (see [`MetricLine::memory_mb`]); every peer of a group takes part.
+    fn memory_mb(&self, step: u64) -> Result<Vec<f64>> {
+        let mine = <B::InnerBackend as Kernels>::memory_reserved(&self.device)
+            .map_or_else(|| crate::heap::peak_rss_bytes() as f64, |b| b as f64)
+            / (1024.0 * 1024.0);
+        let Some(p) = &self.peer else {
+            return Ok(vec![mine]);
+        };
+        let mut v = vec![0.0; p.world];
+        v[p.rank] = mine;
+        p.sum_f64::<B::InnerBackend>(&v, &format!("step {step}'s memory figures"), &self.device)
     }
 
     /// `eval_generate`: ask the held-out questions (greedy, batched), write each answer and its scores to
@@ -578,6 +708,10 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let Some((items, opts)) = &self.task else {
             return Ok(());
         };
+        if !self.writes() {
+            // Rank 0 asks alone; the other peers go on to the next step's all-reduce and wait there.
+            return Ok(());
+        }
         let s = self.state.global_step;
         let shared = match (&self.opts.baseline_from, s) {
             (Some(d), 0) => shared_baseline(d, items.len()),
@@ -646,11 +780,34 @@ impl<'a, B: TrainBackend> Run<'a, B> {
 
     /// Eval loss and perplexity on the eval set (when there is one), recorded in the metrics and on screen.
     fn measure_eval(&mut self) -> Result<Option<f64>> {
+        let eval = match &self.peer {
+            None => eval_on(&self.model.valid(), &self.eval_batches),
+            // The peers split the eval batches like a step's micro-batches and sum their losses and counts.
+            Some(_) if self.eval_batches.is_empty() => None,
+            Some(p) => {
+                let mine = &self.eval_batches[p.share(self.eval_batches.len())];
+                let pairs: Vec<_> = mine
+                    .iter()
+                    .map(|b| (&b.tokens, b.labels.as_slice()))
+                    .collect();
+                let (sum, n) = eval_loss(&self.model.valid(), &pairs);
+                let t = p.sum_f64::<B::InnerBackend>(
+                    &[sum, n as f64],
+                    &format!("step {}'s eval loss", self.state.global_step),
+                    &self.device,
+                )?;
+                (t[1] > 0.0).then(|| Eval {
+                    loss: t[0] / t[1],
+                    perplexity: (t[0] / t[1]).exp(),
+                    tokens: t[1] as usize,
+                })
+            }
+        };
         let Some(Eval {
             loss: l,
             perplexity: ppl,
             ..
-        }) = eval_on(&self.model.valid(), &self.eval_batches)
+        }) = eval
         else {
             return Ok(None);
         };
@@ -676,6 +833,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
 
     /// Write a checkpoint (adapter, optimizer moments, trainer state with the data position).
     fn save_checkpoint(&mut self) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         self.state.loader_state =
             serde_json::to_value(self.loader.state()).map_err(|source| Error::Json {
                 path: self.cfg.output_dir.join("trainer_state.json"),
@@ -699,7 +859,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     }
 
     fn epoch(&self) -> f64 {
-        self.state.global_step as f64 * self.cfg.gradient_accumulation_steps.max(1) as f64
+        self.state.global_step as f64 * self.cfg.micro_per_step() as f64
             / self.micro_per_epoch.max(1) as f64
     }
 
@@ -736,6 +896,11 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             stopped_early: outcome == Outcome::StoppedEarly,
             interrupted: matches!(outcome, Outcome::Interrupted | Outcome::Paused),
             paused: outcome == Outcome::Paused,
+            peer_node: self
+                .peer
+                .as_ref()
+                .filter(|_| self.cfg.nodes > 1)
+                .map(|p| p.node),
             task_baseline: tasks
                 .iter()
                 .find(|l| l.step == 0)
@@ -855,6 +1020,8 @@ struct Counters {
     /// Logged losses in a row above `loss_watchdog_threshold`, and whether they reached the patience.
     watchdog_violations: u32,
     watchdog_tripped: bool,
+    /// The last logged memory figures, for the progress bar (` mem 41/41 MB`, one per peer).
+    memory: String,
 }
 
 impl Counters {
@@ -873,6 +1040,7 @@ impl Counters {
             watchdog_tripped: false,
             t_loop: Instant::now(),
             warned_zero_grad: false,
+            memory: String::new(),
         }
     }
 

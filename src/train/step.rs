@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use super::balance::Routing;
 use super::loss::{lm_loss_sum, shift_labels, IGNORE_INDEX};
 use super::optim::{clip_grad_norm, AdamW};
+use super::parallel::Peer;
 use super::recompute::{self, Checkpointing};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernels, TrainBackend};
@@ -130,6 +131,30 @@ pub fn step_gradients<B: TrainBackend>(
     micro: &[(&TokenBatch, &[i64])],
     cfg: StepConfig,
 ) -> Result<StepGradients<B>> {
+    let mut g = step_gradients_of(model, micro, 0..micro.len(), cfg)?;
+    g.grads = g.grads.into_iter().map(|t| t.map(to_f32)).collect();
+    Ok(g)
+}
+
+/// A gradient back in f32 (the LoRA factors' dtype) from its accumulator (see [`add_gradient`]).
+fn to_f32<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(DType::F32)
+    }
+}
+
+/// [`step_gradients`] over the micro-batches `mine` of the step's `micro` (one data-parallel peer's share): the
+/// loss is still divided by the whole step's trained tokens, and each micro-batch keeps its dropout stream (keyed
+/// by its index in the step), so the peers' summed gradients, losses and load-balancing losses are the whole
+/// step's. The gradients come back in their accumulation dtype (f64 where the backend has it).
+pub fn step_gradients_of<B: TrainBackend>(
+    model: &CausalLm<B>,
+    micro: &[(&TokenBatch, &[i64])],
+    mine: std::ops::Range<usize>,
+    cfg: StepConfig,
+) -> Result<StepGradients<B>> {
     let total: usize = micro.iter().map(|(t, l)| trained_tokens(t, l)).sum();
     let real: usize = micro
         .iter()
@@ -153,6 +178,9 @@ pub fn step_gradients<B: TrainBackend>(
     let mut aux_sum = 0.0f64;
     let balance = cfg.router_aux_loss_coef > 0.0 && model.config.moe.is_some();
     for (mi, (tokens, labels)) in micro.iter().enumerate() {
+        if !mine.contains(&mi) {
+            continue;
+        }
         let mut drop = SeededDropout::new(cfg.seed, cfg.step, mi as u64);
         if cfg.recompute.is_on() {
             let offload = cfg.recompute == Checkpointing::Offload;
@@ -205,6 +233,11 @@ fn micro_share(tokens: &TokenBatch, real: usize) -> f64 {
 
 /// Add a parameter's gradient from one backward pass into its accumulator. Only an expert's adapter may have
 /// none (no token of the pass was routed to the expert); anywhere else a missing gradient is a broken graph.
+///
+/// The accumulator is f64 where the backend has f64 (the CPU, CUDA): the few f32 terms of a step then sum
+/// almost always to the correctly rounded value whatever their order, so a step split over any number of
+/// data-parallel peers (each summing its share, then the peers' sums added) gives the f32 gradient one device
+/// gives — and AdamW, which divides by √v, does not amplify a last-bit difference of a near-cancelled gradient.
 pub(crate) fn add_gradient<B: Backend>(
     slot: &mut Option<Tensor<B, 2>>,
     key: &str,
@@ -212,6 +245,11 @@ pub(crate) fn add_gradient<B: Backend>(
 ) -> Result<()> {
     match g {
         Some(g) => {
+            let g = if B::supports_dtype(&g.device(), DType::F64) {
+                g.cast(DType::F64)
+            } else {
+                g
+            };
             *slot = Some(match slot.take() {
                 Some(a) => a + g,
                 None => g,
@@ -231,13 +269,35 @@ pub fn train_step<B: TrainBackend>(
     micro: &[(&TokenBatch, &[i64])],
     cfg: StepConfig,
 ) -> Result<StepStats> {
+    train_step_on(model, opt, micro, cfg, None)
+}
+
+/// [`train_step`] as one peer of a data-parallel group: this peer's share of the step's micro-batches, the
+/// gradients (and losses) summed across the peers, then the same clipping and AdamW update on every peer.
+pub fn train_step_on<B: TrainBackend>(
+    model: &mut CausalLm<B>,
+    opt: &mut AdamW<B::InnerBackend>,
+    micro: &[(&TokenBatch, &[i64])],
+    cfg: StepConfig,
+    peer: Option<&Peer>,
+) -> Result<StepStats> {
+    let mine = match peer {
+        Some(p) => p.share(micro.len()),
+        None => 0..micro.len(),
+    };
+    let mut g = step_gradients_of(model, micro, mine, cfg)?;
+    if let Some(p) = peer {
+        let shapes: Vec<[usize; 2]> = lora_params(model).iter().map(|(_, t)| t.dims()).collect();
+        p.sum_gradients::<B>(&mut g, &shapes, cfg.step + 1)?;
+    }
+    g.grads = g.grads.into_iter().map(|t| t.map(to_f32)).collect();
     let StepGradients {
         loss,
         aux_loss,
         mut grads,
         trained_tokens,
         real_tokens,
-    } = step_gradients(model, micro, cfg)?;
+    } = g;
     let grad_norm = if cfg.max_grad_norm > 0.0 {
         clip_grad_norm(&mut grads, cfg.max_grad_norm)
     } else {

@@ -249,6 +249,15 @@ pub fn promoted(
 pub fn run_sweep(plan: &SweepPlan, opts: &SweepOptions) -> Result<SweepSummary> {
     let t0 = Instant::now();
     let out = &plan.output_dir;
+    let nodes = plan.trials.first().map_or(1, |t| t.config.nodes);
+    if nodes > 1 || std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1") {
+        return Err(Error::Config(
+            "a sweep runs its trials on this machine (its `devices` train each trial data-parallel); it cannot \
+             span several nodes — remove `nodes` (and torchrun's WORLD_SIZE), or run each trial's config with \
+             `loratune train` on every node"
+                .into(),
+        ));
+    }
     // One sweep per folder at a time; trials lock their own folders.
     let _lock = FolderLock::acquire(out)?;
     let mut state = if state_path(plan).is_file() {

@@ -13,6 +13,7 @@ mod gguf_export;
 mod hub;
 mod lora;
 mod ollama;
+mod parallel;
 mod parity;
 mod quant;
 mod sweep;

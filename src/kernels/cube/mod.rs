@@ -585,6 +585,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Kernels
 {
     const CUBE_ATTENTION: bool = true;
 
+    fn memory_reserved(device: &Self::Device) -> Option<u64> {
+        R::client(device)
+            .memory_usage()
+            .ok()
+            .map(|m| m.bytes_reserved)
+    }
+
     fn gemm_table(
         device: &Self::Device,
         dtype: DType,
