@@ -231,8 +231,17 @@ impl Peer {
         self.group.watch.end(self.local);
         r.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
             .map_err(|e| {
-                // burn-collective fails without saying which peer is missing: look for a node that is gone.
-                let why = match self.group.watch.gone_nodes().first() {
+                // burn-collective fails without saying which peer is missing: look for a node that is gone
+                // (for a moment: a killed process's sockets close while it is torn down).
+                let mut gone = Vec::new();
+                for _ in 0..10 {
+                    gone = self.group.watch.gone_nodes();
+                    if !gone.is_empty() || self.group.layout.nodes == 1 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let why = match gone.first() {
                     Some(gone) => format!("{gone} (burn-collective: {e:?})"),
                     None => format!("burn-collective: {e:?}"),
                 };
@@ -702,7 +711,9 @@ pub fn run_peers<B: Backend, T: Send + 'static>(
                                     .to_string()
                             }
                             d if d.contains("DoubleRegister") => {
-                                "two nodes registered with the same address: each node needs its own node_rank"
+                                "two nodes registered with the same address: each node needs its own node_rank — \
+                                 or the coordinator still holds the nodes of a run that failed (restart a \
+                                 `loratune coordinator` after a failed run; one hosted by node 0 restarts with it)"
                                     .to_string()
                             }
                             d => format!("burn-collective: {d}"),
