@@ -305,6 +305,19 @@ fn two_nodes_on_loopback_equal_one_device() {
     );
 }
 
+/// Two nodes of `cfg` (logs `a.log`, `b.log` in `dir`), returned once `out` holds checkpoint-10: mid-run.
+fn pair_at_checkpoint_10(cfg: &Path, dir: &Path, out: &Path) -> (Child, Child) {
+    let port = free_ports();
+    let a = node(cfg, 0, port, &dir.join("a.log"));
+    let b = node(cfg, 1, port, &dir.join("b.log"));
+    let t0 = Instant::now();
+    while !out.join("checkpoint-10").is_dir() {
+        assert!(t0.elapsed() < Duration::from_secs(240), "no checkpoint-10");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (a, b)
+}
+
 #[test]
 fn a_dead_node_ends_the_run_and_the_pair_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,15 +329,8 @@ fn a_dead_node_ends_the_run_and_the_pair_resumes() {
         "fault",
         "LONG\ngradient_accumulation_steps: 2\nddp_timeout: 60\nauto_resume_from_checkpoints: true",
     );
-    let port = free_ports();
-    let a = node(&cfg, 0, port, &dir.path().join("a.log"));
-    let mut b = node(&cfg, 1, port, &dir.path().join("b.log"));
     let out = dir.path().join("fault");
-    let t0 = Instant::now();
-    while !out.join("checkpoint-10").is_dir() {
-        assert!(t0.elapsed() < Duration::from_secs(240), "no checkpoint-10");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (a, mut b) = pair_at_checkpoint_10(&cfg, dir.path(), &out);
     b.kill().unwrap();
     b.wait().unwrap();
     let (s, took) = wait(a, Duration::from_secs(120), "node 0 after node 1 died");
@@ -412,15 +418,8 @@ fn a_hung_node_ends_the_run_after_ddp_timeout() {
         "hang",
         "LONG\ngradient_accumulation_steps: 2\nddp_timeout: 4",
     );
-    let port = free_ports();
-    let a = node(&cfg, 0, port, &dir.path().join("a.log"));
-    let mut b = node(&cfg, 1, port, &dir.path().join("b.log"));
     let out = dir.path().join("hang");
-    let t0 = Instant::now();
-    while !out.join("checkpoint-10").is_dir() {
-        assert!(t0.elapsed() < Duration::from_secs(240), "no checkpoint-10");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (a, mut b) = pair_at_checkpoint_10(&cfg, dir.path(), &out);
     let stop = |sig: &str| {
         Command::new("kill")
             .args([sig, &b.id().to_string()])
