@@ -134,6 +134,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let mut cfg = cfg.clone();
     let launcher = parallel::apply_launcher_env(&mut cfg, |k| std::env::var(k).ok())?;
     let layout = Layout::of(&cfg)?;
+    if cfg.devices == Some(crate::config::Devices::All) {
+        // Resolved once: `micro_per_step` (every step) counts the list instead of reading /proc again.
+        cfg.devices = Some(crate::config::Devices::List(layout.local.clone()));
+    }
     let at = Placement::resolve(layout.local[0], cfg.bf16)?;
     if layout.world() == 1 {
         return at.train(Job(&cfg, opts));
