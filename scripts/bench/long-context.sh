@@ -8,6 +8,7 @@
 #   scripts/bench/long-context.sh                       # target/release/loratune, SmolLM2, batch 1
 #   BINS="/tmp/loratune-old target/release/loratune" SEQS="1024 2048 4096" CKPTS="false true" \
 #     BATCH=1 STEPS=2 scripts/bench/long-context.sh
+#   BENCH_ARGS="--base dequantize" scripts/bench/long-context.sh   # the GGUF's blocks dequantised to f32
 #
 # Needs models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch-smollm2.sh) and python3 for the fit.
 set -euo pipefail
@@ -18,6 +19,7 @@ SEQS=${SEQS:-1024 2048 4096}
 CKPTS=${CKPTS:-false true}
 BATCH=${BATCH:-1}
 STEPS=${STEPS:-2}
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
 OUT=${OUT:-$(mktemp -d)/long-context.jsonl}
 : >"$OUT"
 for bin in $BINS; do
@@ -30,7 +32,7 @@ for bin in $BINS; do
         continue
       fi
       "$bin" bench --model "$MODEL" --batch "$BATCH" --seq "$s" --warmup 1 --steps "$STEPS" --profile --json \
-        "${extra[@]}" 2>/dev/null |
+        "${extra[@]}" "${bench_args[@]}" 2>/dev/null |
         python3 -c 'import json,sys; r=json.load(sys.stdin); r["bin"]=sys.argv[1]; r["seq"]=int(sys.argv[2]); r["ckpt"]=sys.argv[3]; print(json.dumps(r))' \
           "$bin" "$s" "$ck" >>"$OUT"
       tail -n1 "$OUT" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["bin"], "seq", r["seq"], "ckpt", r["ckpt"], "tok/s %.1f" % r["tokens_per_second"], "peak RSS %.0f MB" % r["peak_rss_mb"], flush=True)'
