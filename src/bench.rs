@@ -421,6 +421,11 @@ fn run_on<B: TrainBackend>(
             v["peak_gpu_used_mb"] = serde_json::json!(mb);
         }
     }
+    if let Some(bytes) = <B::InnerBackend as Kernels>::memory_reserved(&device) {
+        // What the device allocator's pools hold after the steps (they keep their pages: ≈ its peak); the CubeCL
+        // backends only. Beside nvidia-smi's figure on CUDA, and the only one on wgpu (the dry run).
+        v["device_reserved_mb"] = serde_json::json!(bytes as f64 / (1024.0 * 1024.0));
+    }
     if spec.profile {
         let n = times.len() as f64;
         let step: f64 = times.iter().sum::<f64>() / n;

@@ -87,7 +87,8 @@ except Exception as e:
     print(f"{label}: no report ({e})")
     sys.exit(0)
 print(f"{label}: {r['tokens_per_second']:.1f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-      f"peak GPU {r.get('peak_gpu_used_mb', float('nan')):.0f} MB")
+      f"peak GPU {r.get('peak_gpu_used_mb', float('nan')):.0f} MB (nvidia-smi), "
+      f"{r.get('device_reserved_mb', float('nan')):.0f} MB held by the allocator's pools")
 PY
 }
 

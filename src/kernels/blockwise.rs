@@ -21,6 +21,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, TensorPrimitive};
 
+use super::prof::live;
 use super::AttnSpec;
 
 /// Query rows per block: a block's f32 scores are `batch × heads × 256 × keys` (128 MB at 32 heads, 4096 keys).
@@ -167,22 +168,26 @@ fn forward<B: Backend>(
     let mut lses = Vec::new();
     for blk @ (r0, r1, k0, k1) in plan.blocks() {
         let (bq, kn) = (r1 - r0, k1 - k0);
-        let s = plan.scores(plan.rows5(q, r0, r1), k, blk).mask_fill(
+        let s = live(plan.scores(plan.rows5(q, r0, r1), k, blk).mask_fill(
             plan.mask(r0, r1, k0, k1).expand([b, nh, bq, kn]),
             f32::NEG_INFINITY,
+        ));
+        let max = live(s.clone().max_dim(3));
+        let e = live(s.sub(max.clone()).exp());
+        let sum = live(e.clone().sum_dim(3));
+        let p = live(e.div(sum.clone()).cast(dtype));
+        let o = live(
+            p.reshape([b, nkv, nh / nkv * bq, kn])
+                .matmul(plan.keys(v, k0, k1))
+                .reshape([b, nh, bq, hd]),
         );
-        let max = s.clone().max_dim(3);
-        let e = s.sub(max.clone()).exp();
-        let sum = e.clone().sum_dim(3);
-        let p = e.div(sum.clone()).cast(dtype);
-        let o = p
-            .reshape([b, nkv, nh / nkv * bq, kn])
-            .matmul(plan.keys(v, k0, k1))
-            .reshape([b, nh, bq, hd]);
         outs.push(o);
-        lses.push(max.add(sum.log()));
+        lses.push(live(max.add(sum.log())));
     }
-    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+    // Read while the blocks' pieces and their concatenation are alive at once.
+    let out = live((Tensor::cat(outs.clone(), 2), Tensor::cat(lses.clone(), 2)));
+    drop((outs, lses));
+    out
 }
 
 /// Backward on the inner backend: (dq, dk, dv) in the inputs' dtype.
@@ -199,55 +204,67 @@ fn backward<B: Backend>(d_o: Tensor<B, 4>, st: &Saved<B>) -> [Tensor<B, 4>; 3] {
         .mul(st.o.clone().cast(DType::F32))
         .sum_dim(3);
     let mut dqs = Vec::new();
-    let mut dk = Tensor::<B, 4>::zeros([b, nkv, s, hd], (&dev, DType::F32));
-    let mut dv = Tensor::<B, 4>::zeros([b, nkv, s, hd], (&dev, DType::F32));
+    let mut dk = live(Tensor::<B, 4>::zeros([b, nkv, s, hd], (&dev, DType::F32)));
+    let mut dv = live(Tensor::<B, 4>::zeros([b, nkv, s, hd], (&dev, DType::F32)));
     for blk @ (r0, r1, k0, k1) in plan.blocks() {
         let (bq, kn) = (r1 - r0, k1 - k0);
         let q5 = plan.rows5(&st.q, r0, r1);
-        let capped = plan.scores(q5.clone(), &st.k, blk);
+        let capped = live(plan.scores(q5.clone(), &st.k, blk));
         let lse = st.lse.clone().slice([0..b, 0..nh, r0..r1, 0..1]);
-        let p = capped
-            .clone()
-            .mask_fill(
-                plan.mask(r0, r1, k0, k1).expand([b, nh, bq, kn]),
-                f32::NEG_INFINITY,
-            )
-            .sub(lse)
-            .exp();
+        let p = live(
+            capped
+                .clone()
+                .mask_fill(
+                    plan.mask(r0, r1, k0, k1).expand([b, nh, bq, kn]),
+                    f32::NEG_INFINITY,
+                )
+                .sub(lse)
+                .exp(),
+        );
         let do5 = plan.rows5(&d_o, r0, r1);
         let keys = [0..b, 0..nkv, k0..k1, 0..hd];
-        let dv_blk = p
-            .clone()
-            .cast(dtype)
-            .reshape([b, nkv, g * bq, kn])
-            .swap_dims(2, 3)
-            .matmul(do5.clone());
-        dv = dv.clone().slice_assign(
+        let dv_blk = live(
+            p.clone()
+                .cast(dtype)
+                .reshape([b, nkv, g * bq, kn])
+                .swap_dims(2, 3)
+                .matmul(do5.clone()),
+        );
+        dv = live(dv.clone().slice_assign(
             keys.clone(),
             dv.slice(keys.clone()).add(dv_blk.cast(DType::F32)),
+        ));
+        let dp = live(
+            do5.matmul(plan.keys(&st.v, k0, k1).swap_dims(2, 3))
+                .reshape([b, nh, bq, kn])
+                .cast(DType::F32),
         );
-        let dp = do5
-            .matmul(plan.keys(&st.v, k0, k1).swap_dims(2, 3))
-            .reshape([b, nh, bq, kn])
-            .cast(DType::F32);
         let d_blk = delta.clone().slice([0..b, 0..nh, r0..r1, 0..1]);
-        let mut ds = p.mul(dp.sub(d_blk));
+        let mut ds = live(p.mul(dp.sub(d_blk)));
         if let Some(c) = plan.softcap {
             // d(c·tanh(u/c))/du = 1 − tanh² = 1 − (capped/c)²
-            ds = ds.mul(capped.div_scalar(c).powi_scalar(2).neg().add_scalar(1.0));
+            ds = live(ds.mul(capped.div_scalar(c).powi_scalar(2).neg().add_scalar(1.0)));
         }
-        let dx = ds
-            .mul_scalar(plan.scale)
-            .cast(dtype)
-            .reshape([b, nkv, g * bq, kn]);
-        let dq_blk = dx.clone().matmul(plan.keys(&st.k, k0, k1));
+        let dx = live(
+            ds.mul_scalar(plan.scale)
+                .cast(dtype)
+                .reshape([b, nkv, g * bq, kn]),
+        );
+        let dq_blk = live(dx.clone().matmul(plan.keys(&st.k, k0, k1)));
         dqs.push(dq_blk.reshape([b, nh, bq, hd]));
-        let dk_blk = dx.swap_dims(2, 3).matmul(q5);
-        dk = dk
-            .clone()
-            .slice_assign(keys.clone(), dk.slice(keys).add(dk_blk.cast(DType::F32)));
+        let dk_blk = live(dx.swap_dims(2, 3).matmul(q5));
+        dk = live(
+            dk.clone()
+                .slice_assign(keys.clone(), dk.slice(keys).add(dk_blk.cast(DType::F32))),
+        );
     }
-    [Tensor::cat(dqs, 2), dk.cast(dtype), dv.cast(dtype)]
+    let grads = live([
+        Tensor::cat(dqs.clone(), 2),
+        dk.clone().cast(dtype),
+        dv.clone().cast(dtype),
+    ]);
+    drop((dqs, dk, dv));
+    grads
 }
 
 #[derive(Debug, Clone)]

@@ -115,3 +115,48 @@ pub fn time(cat: Cat, flops: f64) -> Option<Timer> {
         flops: flops as u64,
     })
 }
+
+/// A device-memory probe armed on this thread by [`peak_memory`]: how to read the bytes in use, and the greatest
+/// reading so far.
+struct MemoryProbe {
+    read: Box<dyn Fn() -> u64>,
+    peak: u64,
+}
+
+thread_local! {
+    static MEMORY: std::cell::RefCell<Option<MemoryProbe>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Read the device's bytes in use into the armed probe, if any (otherwise nothing happens). The attention
+/// kernels call it after each allocation of their own and after each step of a block, while that block's
+/// temporaries are alive — so the greatest reading is the allocator's peak over the kernel.
+pub(crate) fn sample_memory() {
+    MEMORY.with(|m| {
+        if let Some(p) = m.borrow_mut().as_mut() {
+            let now = (p.read)();
+            p.peak = p.peak.max(now);
+        }
+    });
+}
+
+/// `t`, after a [`sample_memory`] reading taken while it is alive.
+pub(crate) fn live<T>(t: T) -> T {
+    sample_memory();
+    t
+}
+
+/// Run `f` with `read` (the device's bytes in use, e.g. from its client) sampled before, after, and at every
+/// [`sample_memory`] point `f` reaches on this thread; `f`'s result and the greatest reading.
+pub fn peak_memory<R>(read: impl Fn() -> u64 + 'static, f: impl FnOnce() -> R) -> (R, u64) {
+    let before = read();
+    let prev = MEMORY.with(|m| {
+        m.borrow_mut().replace(MemoryProbe {
+            read: Box::new(read),
+            peak: before,
+        })
+    });
+    let r = f();
+    sample_memory();
+    let probe = MEMORY.with(|m| std::mem::replace(&mut *m.borrow_mut(), prev));
+    (r, probe.map_or(before, |p| p.peak))
+}

@@ -120,8 +120,14 @@ impl<R: CubeRuntime> Call<R> {
     }
 }
 
+/// Every output buffer of the kernels here (a [`super::prof::peak_memory`] probe reads the device after each).
 fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
-    empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, dtype)
+    super::prof::live(empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        shape,
+        dtype,
+    ))
 }
 
 fn grid<R: CubeRuntime>(x: &CubeTensor<R>, units: usize) -> (CubeCount, CubeDim) {

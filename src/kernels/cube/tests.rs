@@ -185,73 +185,111 @@ fn cube_training_step_equals_the_cpu_step() {
     }
 }
 
-/// What the attention keeps on the device from its forward to its backward grows linearly with the sequence for
-/// the kernel (inputs, output, one float per row) and quadratically for the reference (its `[s, s]` scores and
-/// probabilities, and the mask): device bytes in use after the forward, graph alive, at s and 2s. Runs alone
+/// The allocator's peak through the attention's forward and backward grows linearly with the sequence for both
+/// GPU attentions (blockwise on the GEMMs, the default, and the unit-per-row tile kernels) and quadratically for
+/// the reference. The device's bytes in use are read before the call, after the forward (graph alive), after the
+/// backward (gradients alive), and inside the kernels after each of their own allocations and each step of a block
+/// ([`crate::kernels::prof::peak_memory`]); the peak is the greatest reading less the inputs'. At s = 2048 one
+/// `[heads, s, s]` f32 tensor is 64 MiB: a GPU attention's whole peak must stay below it. Runs alone
 /// (scripts/test-gpu-kernels.sh passes --test-threads=1) so no other test shares the device's counters.
 #[test]
-fn cube_attention_holds_memory_linear_in_the_sequence() {
+fn cube_attention_allocator_peak_linear_in_the_sequence() {
+    use crate::kernels::prof::{peak_memory, sample_memory};
+    use crate::kernels::{blockwise, with_cube_attention, with_fused, CubeAttention};
     use burn::backend::wgpu::WgpuRuntime;
     use burn::tensor::backend::Backend;
     use cubecl::Runtime;
     let dev: <W as burn::tensor::backend::BackendTypes>::Device = Default::default();
-    let client = WgpuRuntime::client(&dev);
     let (nh, nkv, hd) = (4, 2, 64);
-    let held = |s: usize, fused: bool| -> u64 {
-        crate::kernels::with_fused(fused, || {
-            let positions: Vec<u32> = (0..s as u32).collect();
-            let masking = Masking {
+    // None: the reference.
+    let peak = |s: usize, kernel: Option<CubeAttention>| -> u64 {
+        let positions: Vec<u32> = (0..s as u32).collect();
+        let spec = AttnSpec {
+            batch: 1,
+            seq: s,
+            keys: s,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: 0.125,
+            softcap: None,
+            rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
+            masking: Arc::new(Masking {
                 key_valid: vec![true; s],
                 segments: None,
                 window: None,
-            };
-            let spec = AttnSpec {
-                batch: 1,
-                seq: s,
-                keys: s,
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: hd,
-                scale: 0.125,
-                softcap: None,
-                rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
-                masking: Arc::new(masking),
-            };
-            let width = (nh + 2 * nkv) * hd;
-            let t = Tensor::<AD, 2>::from_data(
-                TensorData::new(rand_vec(s * width, 3), [s, width]),
-                (&dev, DType::F32),
-            )
-            .require_grad();
+            }),
+        };
+        let width = (nh + 2 * nkv) * hd;
+        let t = Tensor::<AD, 2>::from_data(
+            TensorData::new(rand_vec(s * width, 3), [s, width]),
+            (&dev, DType::F32),
+        )
+        .require_grad();
+        W::sync(&dev).unwrap();
+        let client = WgpuRuntime::client(&dev);
+        let before = client.memory_usage().unwrap().bytes_in_use;
+        let read = move || client.memory_usage().unwrap().bytes_in_use;
+        let (_, peak) = peak_memory(read, || {
             let att =
                 Attention::<AD>::new(spec, DType::F32, &dev, Attention::<AD>::shared_tables());
-            W::sync(&dev).unwrap();
-            let before = client.memory_usage().unwrap().bytes_in_use;
-            let y = if fused {
-                <AD as Kernels>::rope_attention(Qkv::Packed(t.clone()), &att)
-            } else {
-                reference::attention(Qkv::Packed(t.clone()), &att)
+            let y = match kernel {
+                Some(k) => with_fused(true, || {
+                    with_cube_attention(k, || {
+                        <AD as Kernels>::rope_attention(Qkv::Packed(t.clone()), &att)
+                    })
+                }),
+                None => reference::attention(Qkv::Packed(t.clone()), &att),
             };
-            W::sync(&dev).unwrap();
-            let after = client.memory_usage().unwrap().bytes_in_use;
-            drop((y, att, t));
-            after.saturating_sub(before)
-        })
+            sample_memory();
+            let grads = y.sum().backward();
+            let g = t.grad(&grads).expect("the input's gradient");
+            sample_memory();
+            assert_eq!(g.dims(), [s, width]);
+        });
+        peak.saturating_sub(before)
     };
-    let (f1, f2) = (held(512, true), held(1024, true));
-    let (r1, r2) = (held(512, false), held(1024, false));
-    let (fr, rr) = (f2 as f64 / f1 as f64, r2 as f64 / r1 as f64);
-    println!("held after the forward: fused {f1} B → {f2} B (×{fr:.2}), reference {r1} B → {r2} B (×{rr:.2})");
-    assert!(f1 > 0 && r1 > 0, "no device memory measured ({f1}, {r1})");
-    assert!(
-        fr < 2.3,
-        "fused attention held {f1} B at s=512 and {f2} B at s=1024 (×{fr:.2}): not linear"
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let scores = (nh * 2048 * 2048 * 4) as u64;
+    let (r1, r2) = (peak(1024, None), peak(2048, None));
+    let rr = r2 as f64 / r1 as f64;
+    println!(
+        "allocator peak, forward + backward: reference {:.1} → {:.1} MiB (×{rr:.2})",
+        mib(r1),
+        mib(r2)
     );
-    // The reference keeps [s, s] tensors: the measurement can tell the two apart.
+    // The reference's [s, s] scores and probabilities dominate its peak: the measurement can tell them apart.
     assert!(
-        rr > 3.0,
-        "reference attention held {r1} B and {r2} B (×{rr:.2}): expected quadratic growth"
+        r1 > 0 && rr > 3.2 && r2 > scores,
+        "reference attention peaked at {r1} B and {r2} B (×{rr:.2}): expected quadratic growth"
     );
+    // One block of every row is the reference's [s, s] arithmetic inside the blockwise kernel: the readings
+    // inside the kernel see a block's temporaries, not only what the graph saves.
+    let whole = Some(CubeAttention::Blockwise(1 << 20));
+    let (w1, w2) = (peak(1024, whole), peak(2048, whole));
+    let wr = w2 as f64 / w1 as f64;
+    println!(
+        "one block of all rows: {:.1} → {:.1} MiB (×{wr:.2})",
+        mib(w1),
+        mib(w2)
+    );
+    assert!(
+        wr > 3.2 && w2 > scores,
+        "blockwise attention in one block peaked at {w1} B and {w2} B (×{wr:.2}): expected quadratic growth"
+    );
+    for kernel in [
+        CubeAttention::Blockwise(blockwise::BLOCK_ROWS),
+        CubeAttention::Tile,
+    ] {
+        let (f1, f2) = (peak(1024, Some(kernel)), peak(2048, Some(kernel)));
+        let fr = f2 as f64 / f1 as f64;
+        println!("{kernel:?}: {:.1} → {:.1} MiB (×{fr:.2})", mib(f1), mib(f2));
+        assert!(
+            f1 > 0 && fr < 2.3 && f2 < scores,
+            "{kernel:?} attention peaked at {f1} B (s=1024) and {f2} B (s=2048, ×{fr:.2}; one [heads, s, s] \
+             f32 tensor is {scores} B): not linear"
+        );
+    }
 }
 
 /// The fused loss swept 4 rows at a time (six chunks, the last one short) equals the reference: the summed
