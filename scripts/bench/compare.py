@@ -107,12 +107,15 @@ def main():
     a = ap.parse_args()
 
     common = ["--batch", str(a.batch), "--seq", str(a.seq), "--rank", str(a.rank), "--targets", a.targets,
-              "--warmup", str(a.warmup), "--steps", str(a.steps), "--device", a.device, "--dtype", a.dtype]
+              "--warmup", str(a.warmup), "--steps", str(a.steps), "--dtype", a.dtype]
     if a.peak_flops:
         common += ["--peak-flops", str(a.peak_flops)]
     which = ["--model", a.model] if a.model else ["--shape", a.shape]
-    ours = [a.loratune, "bench", "--json"] + which + common
-    theirs = [a.python, os.path.join(HERE, "torch_bench.py"), "--threads", str(a.threads)] + which + common
+    # `wgpu` (gpu.sh's dry run on lavapipe) is loratune's test device; torch has none: it runs on the CPU then.
+    torch_device = "cpu" if a.device == "wgpu" else a.device
+    ours = [a.loratune, "bench", "--json"] + which + common + ["--device", a.device]
+    theirs = [a.python, os.path.join(HERE, "torch_bench.py"), "--threads", str(a.threads)] + which + common \
+        + ["--device", torch_device]
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
 

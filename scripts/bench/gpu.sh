@@ -34,7 +34,9 @@
 #   (c) the per-kernel profile of loratune's step;
 #   (d) the same step with the blockwise GEMM attention (default), the unit-per-row CubeCL attention kernels
 #       (LORATUNE_ATTENTION=tile) and burn's decomposed ops everywhere (LORATUNE_FUSED=0);
-#   (g) the GEMM table: every cubek matmul strategy on the step's products (`loratune bench --gemm`);
+#   (g) the GEMM table: every cubek matmul strategy on the step's products (`loratune bench --gemm`), then the
+#       same products through torch.matmul on the same device and the best cubek strategy against it
+#       (scripts/bench/gemm_torch.py);
 #   (e) a Llama-3.1-8B-shaped step at 1 x 4096 with gradient_checkpointing: true (peak GPU memory);
 #   (q) a quantized frozen base (QLoRA): SHAPE with its matrices in QBASE blocks (default Q4_K) against the same
 #       shape dense (tokens/s, peak GPU memory), and BIG_SHAPE at 1 x 1024 in QBASE with recompute (peak GPU
@@ -214,6 +216,16 @@ say "(g) $SHAPE GEMM strategies, $DTYPE, m = $BATCH x $SEQ, rank $RANK"
 timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --gemm --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
   --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --steps "$STEPS" > "$OUT/gemm.txt" 2>&1 || status=1
 cat "$OUT/gemm.txt" | tee -a "$OUT/summary.txt"
+# The same products through torch.matmul (cuBLAS on CUDA), on the same device, and the best cubek strategy
+# against it per product.
+if "$PYTHON" -c 'import torch' 2>/dev/null; then
+  timeout "${RUN_TIMEOUT:-240}" "$PYTHON" "$HERE/gemm_torch.py" --table "$OUT/gemm.txt" --device "$DEVICE" \
+    --dtype "$DTYPE" --steps "$STEPS" > "$OUT/gemm-torch.txt" 2>&1 || status=1
+  cat "$OUT/gemm-torch.txt" | tee -a "$OUT/summary.txt"
+else
+  say "(g) torch.matmul column skipped: $PYTHON has no torch"
+  [ "$DEVICE" = wgpu ] || status=1
+fi
 }
 part_e() {
 # (e) an 8B shape at 4096 tokens with layer recompute: does it fit a 24 GB GPU (target: peak <= 22 GB)?
