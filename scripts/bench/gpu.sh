@@ -13,7 +13,8 @@
 # kernels and autotune), DEVICE (cuda:0), DTYPE (bf16), SHAPE (llama-3.2-1b), BIG_SHAPE (llama-3.1-8b), BIG_SEQ
 # (4096), PARTS (b e d g c k a q: which parts, in that order — the ones a short lease needs first), DEADLINE
 # (seconds: parts that would start with fewer than MIN_PART=45 s left are skipped; a lent GPU's 15 minutes
-# include its start, so DEADLINE=480 with the run's timeout at ~540 s).
+# include its start, so DEADLINE=480 with the run's timeout at ~540 s), FUSION_LORATUNE (unset: a second binary
+# built with `--features cuda,fusion`, timed in part (d) and checked in part (a)).
 #
 # Dry run without a GPU: DRY_RUN=1 scripts/bench/gpu.sh BINARY OUT, with BINARY built with `--features wgpu`,
 # runs every part on burn's wgpu backend over Mesa's lavapipe (scripts/test-gpu-kernels.sh installs it) in f32
@@ -33,7 +34,9 @@
 #       (nvidia-smi, both sides alike) and the ratio;
 #   (c) the per-kernel profile of loratune's step;
 #   (d) the same step with the blockwise GEMM attention (default), the unit-per-row CubeCL attention kernels
-#       (LORATUNE_ATTENTION=tile) and burn's decomposed ops everywhere (LORATUNE_FUSED=0);
+#       (LORATUNE_ATTENTION=tile) and burn's decomposed ops everywhere (LORATUNE_FUSED=0); with FUSION_LORATUNE (a
+#       loratune built with `--features cuda,fusion`) also burn's operation fusion, and the per-step losses of each
+#       variant (same weights and tokens: they must agree); part (a) then checks the fusion build's forward too;
 #   (g) the GEMM table: every cubek matmul strategy on the step's products (`loratune bench --gemm`), then the
 #       same products through torch.matmul on the same device and the best cubek strategy against it
 #       (scripts/bench/gemm_torch.py);
@@ -111,6 +114,7 @@ else
   say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i "${DEVICE#cuda:}" 2>/dev/null)"
 fi
 say "loratune: $LORATUNE ($("$LORATUNE" --version 2>/dev/null))"
+[ -n "${FUSION_LORATUNE:-}" ] && say "loratune with burn fusion: $FUSION_LORATUNE ($("$FUSION_LORATUNE" --version 2>/dev/null))"
 say "python: $PYTHON ($("$PYTHON" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())' 2>&1 | tail -1))"
 
 part_k() {
@@ -128,16 +132,19 @@ for dt in $DTYPES; do
 done
 }
 part_a() {
-# (a) parity fixtures on the GPU against the CPU
-for dt in $DTYPES; do
-  say "(a) fixtures forward on $DEVICE, $dt, vs CPU f32 and transformers"
-  if timeout "${FIXTURE_TIMEOUT:-120}" "$LORATUNE" bench --check-fixtures "$ROOT/tests/fixtures/models" --device "$DEVICE" --dtype "$dt" \
-      > "$OUT/fixtures-$dt.txt" 2>&1; then
-    tail -n 1 "$OUT/fixtures-$dt.txt" | tee -a "$OUT/summary.txt"
-  else
-    status=1
-    tail -n 20 "$OUT/fixtures-$dt.txt" | tee -a "$OUT/summary.txt"
-  fi
+# (a) parity fixtures on the GPU against the CPU (and with the fusion build, when given: does fusion stay correct?)
+for bin in "$LORATUNE" ${FUSION_LORATUNE:+"$FUSION_LORATUNE"}; do
+  tag=; [ "$bin" = "${FUSION_LORATUNE:-}" ] && tag=-fusion
+  for dt in $DTYPES; do
+    say "(a) fixtures forward on $DEVICE, $dt${tag:+, burn fusion}, vs CPU f32 and transformers"
+    if timeout "${FIXTURE_TIMEOUT:-120}" "$bin" bench --check-fixtures "$ROOT/tests/fixtures/models" --device "$DEVICE" --dtype "$dt" \
+        > "$OUT/fixtures-$dt$tag.txt" 2>&1; then
+      tail -n 1 "$OUT/fixtures-$dt$tag.txt" | tee -a "$OUT/summary.txt"
+    else
+      status=1
+      tail -n 20 "$OUT/fixtures-$dt$tag.txt" | tee -a "$OUT/summary.txt"
+    fi
+  done
 done
 }
 part_b() {
@@ -197,16 +204,21 @@ part_d() {
 # the same with the frozen products and loss GEMMs on cubek's specialized_tma_mma (LORATUNE_GEMM, the GEMM
 # table's fastest on 2026-12-04), the unit-per-row CubeCL kernels (LORATUNE_ATTENTION=tile) and burn's
 # decomposed attention with every other op on the reference too (LORATUNE_FUSED=0).
-say "(d) $SHAPE: blockwise vs blockwise+tma GEMMs vs tile attention vs LORATUNE_FUSED=0 (tokens/s, peak GPU memory)"
-for variant in blockwise blockwise-tma tile reference; do
-  attn=blockwise; fused=1; gemm=
+say "(d) $SHAPE: blockwise vs blockwise+tma GEMMs vs tile attention vs LORATUNE_FUSED=0${FUSION_LORATUNE:+ vs burn fusion} (tokens/s, peak GPU memory, losses)"
+variants="blockwise blockwise-tma tile reference"
+[ -n "${FUSION_LORATUNE:-}" ] && variants="$variants fusion"
+for variant in $variants; do
+  attn=blockwise; fused=1; gemm=; bin=$LORATUNE
   [ "$variant" = tile ] && attn=tile
   [ "$variant" = reference ] && fused=0
   [ "$variant" = blockwise-tma ] && gemm=specialized_tma_mma
-  LORATUNE_FUSED=$fused LORATUNE_ATTENTION=$attn LORATUNE_GEMM=$gemm timeout "${RUN_TIMEOUT:-240}" "$LORATUNE" bench --shape "$SHAPE" \
+  [ "$variant" = fusion ] && bin=$FUSION_LORATUNE
+  LORATUNE_FUSED=$fused LORATUNE_ATTENTION=$attn LORATUNE_GEMM=$gemm timeout "${RUN_TIMEOUT:-240}" "$bin" bench --shape "$SHAPE" \
     --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --seq "$SEQ" --rank "$RANK" --targets all-linear \
     --warmup "$WARMUP" --steps "$STEPS" --json > "$OUT/attn-$variant.json" 2> "$OUT/attn-$variant.log" || status=1
   bench_line "$variant" "$OUT/attn-$variant.json"
+  # Same weights, tokens and seed in every variant: the per-step losses must agree (fusion diverging shows here).
+  echo "   losses: $(grep -o 'loss [^ ]*' "$OUT/attn-$variant.log" | awk '{print $2}' | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
 done
 }
 part_g() {

@@ -341,6 +341,13 @@ pub fn attention<B: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
+/// `[b, nh, s, hd]` → `[b·s, nh·hd]`, the layout o_proj reads.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) fn rows<B: Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [b, nh, s, hd] = o.dims();
+    o.swap_dims(1, 2).reshape([b * s, nh * hd])
+}
+
 /// The forward alone (inference: evaluation, generation without a cache).
 pub fn attention_forward<B: Backend>(
     q: Tensor<B, 4>,

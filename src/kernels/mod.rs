@@ -40,6 +40,8 @@ pub mod check;
 pub(crate) mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) mod cube;
+#[cfg(feature = "fusion")]
+mod fusion;
 pub mod prof;
 pub mod reference;
 

@@ -54,6 +54,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
 
+use super::blockwise::rows;
 use super::{reference, Attention, AttnSpec, Kernels, LinearRef, Qkv, Targets};
 
 /// What the attention kernels read besides q / k / v: shapes, masking data and scalars.
@@ -287,12 +288,6 @@ fn float<B: burn::tensor::backend::Backend, const D: usize>(
     t: Tensor<B, D>,
 ) -> B::FloatTensorPrimitive {
     t.into_primitive().tensor()
-}
-
-/// `[b, nh, s, hd]` → o_proj's `[b·s, nh·hd]`.
-fn rows<B: burn::tensor::backend::Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {
-    let [b, nh, s, hd] = o.dims();
-    o.swap_dims(1, 2).reshape([b * s, nh * hd])
 }
 
 /// Cubes for one per row: a 2-D grid (a grid dimension holds at most 65 535 cubes); the kernels skip the extra.

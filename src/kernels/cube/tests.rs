@@ -10,7 +10,9 @@ use burn::tensor::{DType, Tensor, TensorData};
 use crate::kernels::check::{self, rand_vec, to_vec};
 use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
 
-type W = burn::backend::Wgpu<f32, i32>;
+/// The CubeCL backend on wgpu itself (not burn's `Wgpu` alias, which `--features fusion` makes burn-fusion's
+/// decorator, under which these kernels do not run).
+type W = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
 type AD = Autodiff<W>;
 
 /// The whole kernel suite ([`check::all`]: every fused kernel against the reference, values and gradients,
@@ -163,23 +165,41 @@ fn cube_training_step_equals_the_cpu_step() {
             Checkpointing::Off,
         );
         for recompute in [Checkpointing::Off, Checkpointing::Layers] {
-            let (loss, gpu) =
-                grads::<AD>(family, dora, saved, &Default::default(), &micro, recompute);
-            assert!(
-                ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
-                "{family} dora={dora} saved={saved} {recompute}: loss {loss} on wgpu, {cpu_loss} on the CPU"
-            );
-            assert_eq!(
-                gpu.len(),
-                cpu.len(),
-                "{family} dora={dora} {recompute}: gradients"
-            );
-            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-                let d = check::rel_diff(g, c);
+            #[allow(unused_mut)]
+            let mut runs = vec![(
+                "wgpu",
+                grads::<AD>(family, dora, saved, &Default::default(), &micro, recompute),
+            )];
+            // With `--features fusion` burn's `Wgpu` is burn-fusion's decorator: the same step through it.
+            #[cfg(feature = "fusion")]
+            runs.push((
+                "wgpu with burn fusion",
+                grads::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
+                    family,
+                    dora,
+                    saved,
+                    &Default::default(),
+                    &micro,
+                    recompute,
+                ),
+            ));
+            for (on, (loss, gpu)) in runs {
                 assert!(
-                    d < 1e-4,
-                    "{family} dora={dora} saved={saved} {recompute}: gradient {i} differs by {d} (relative)"
+                    ((loss - cpu_loss) / cpu_loss).abs() < 1e-5,
+                    "{family} dora={dora} saved={saved} {recompute}: loss {loss} on {on}, {cpu_loss} on the CPU"
                 );
+                assert_eq!(
+                    gpu.len(),
+                    cpu.len(),
+                    "{family} dora={dora} {recompute} on {on}: gradients"
+                );
+                for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                    let d = check::rel_diff(g, c);
+                    assert!(
+                        d < 1e-4,
+                        "{family} dora={dora} saved={saved} {recompute} on {on}: gradient {i} differs by {d} (relative)"
+                    );
+                }
             }
         }
     }
