@@ -8,7 +8,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::kernels::check::{self, rand_vec, to_vec};
-use crate::kernels::{reference, Attention, AttnSpec, Kernels, Masking, Qkv, Rope};
+use crate::kernels::{reference, Attention, Kernels, Qkv};
 
 /// The CubeCL backend on wgpu itself (not burn's `Wgpu` alias, which `--features fusion` makes burn-fusion's
 /// decorator, under which these kernels do not run).
@@ -223,23 +223,17 @@ fn cube_attention_allocator_peak_linear_in_the_sequence() {
     let (nh, nkv, hd) = (4, 2, 64);
     // None: the reference.
     let peak = |s: usize, kernel: Option<CubeAttention>| -> u64 {
-        let positions: Vec<u32> = (0..s as u32).collect();
-        let spec = AttnSpec {
+        let spec = check::case_spec(&check::AttnCase {
             batch: 1,
             seq: s,
-            keys: s,
             heads: nh,
             kv_heads: nkv,
             head_dim: hd,
-            scale: 0.125,
+            window: None,
+            packed: false,
+            padded: false,
             softcap: None,
-            rope: Arc::new(Rope::new(&[1.0, 0.1], &positions)),
-            masking: Arc::new(Masking {
-                key_valid: vec![true; s],
-                segments: None,
-                window: None,
-            }),
-        };
+        });
         let width = (nh + 2 * nkv) * hd;
         let t = Tensor::<AD, 2>::from_data(
             TensorData::new(rand_vec(s * width, 3), [s, width]),
@@ -271,32 +265,24 @@ fn cube_attention_allocator_peak_linear_in_the_sequence() {
     };
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let scores = (nh * 2048 * 2048 * 4) as u64;
-    let (r1, r2) = (peak(1024, None), peak(2048, None));
-    let rr = r2 as f64 / r1 as f64;
-    println!(
-        "allocator peak, forward + backward: reference {:.1} → {:.1} MiB (×{rr:.2})",
-        mib(r1),
-        mib(r2)
-    );
-    // The reference's [s, s] scores and probabilities dominate its peak: the measurement can tell them apart.
-    assert!(
-        r1 > 0 && rr > 3.2 && r2 > scores,
-        "reference attention peaked at {r1} B and {r2} B (×{rr:.2}): expected quadratic growth"
-    );
-    // One block of every row is the reference's [s, s] arithmetic inside the blockwise kernel: the readings
-    // inside the kernel see a block's temporaries, not only what the graph saves.
-    let whole = Some(CubeAttention::Blockwise(1 << 20));
-    let (w1, w2) = (peak(1024, whole), peak(2048, whole));
-    let wr = w2 as f64 / w1 as f64;
-    println!(
-        "one block of all rows: {:.1} → {:.1} MiB (×{wr:.2})",
-        mib(w1),
-        mib(w2)
-    );
-    assert!(
-        wr > 3.2 && w2 > scores,
-        "blockwise attention in one block peaked at {w1} B and {w2} B (×{wr:.2}): expected quadratic growth"
-    );
+    // The reference keeps its [s, s] scores and probabilities; one block of every row is the same arithmetic
+    // inside the blockwise kernel, whose temporaries only the readings inside the kernel see. Both must show
+    // quadratic growth: the measurement can tell.
+    for (what, kernel) in [
+        ("reference", None),
+        (
+            "blockwise in one block",
+            Some(CubeAttention::Blockwise(1 << 20)),
+        ),
+    ] {
+        let (q1, q2) = (peak(1024, kernel), peak(2048, kernel));
+        let qr = q2 as f64 / q1 as f64;
+        println!("{what}: {:.1} → {:.1} MiB (×{qr:.2})", mib(q1), mib(q2));
+        assert!(
+            q1 > 0 && qr > 3.2 && q2 > scores,
+            "{what} attention peaked at {q1} B and {q2} B (×{qr:.2}): expected quadratic growth"
+        );
+    }
     for kernel in [
         CubeAttention::Blockwise(blockwise::BLOCK_ROWS),
         CubeAttention::Tile,
