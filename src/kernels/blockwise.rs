@@ -341,6 +341,15 @@ pub fn attention<B: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
+/// Whether [`attention`] takes this call: no KV cache, whole KV-head groups, masking data for every token.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) fn covers(spec: &AttnSpec) -> bool {
+    spec.keys == spec.seq
+        && spec.kv_heads > 0
+        && spec.heads.is_multiple_of(spec.kv_heads)
+        && spec.masking.key_valid.len() == spec.batch * spec.seq
+}
+
 /// `[b, nh, s, hd]` → `[b·s, nh·hd]`, the layout o_proj reads.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn rows<B: Backend>(o: Tensor<B, 4>) -> Tensor<B, 2> {

@@ -19,16 +19,16 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
 
 impl<B: FusionBackend + Kernels> Kernels for Autodiff<Fusion<B>> {
     fn rope_attention(qkv: Qkv<Self>, att: &Attention<Self>) -> Tensor<Self, 2> {
-        let spec = &att.spec;
-        // The blockwise path's preconditions (as on the CubeCL backends): no KV cache, whole KV groups.
-        if !super::enabled()
-            || spec.keys != spec.seq
-            || spec.kv_heads == 0
-            || !spec.heads.is_multiple_of(spec.kv_heads)
-        {
+        if !super::enabled() || !blockwise::covers(&att.spec) {
             return reference::attention(qkv, att);
         }
         let (q, k, v) = reference::rope_heads(qkv, att);
-        rows(blockwise::attention(q, k, v, spec, blockwise::BLOCK_ROWS))
+        rows(blockwise::attention(
+            q,
+            k,
+            v,
+            &att.spec,
+            blockwise::BLOCK_ROWS,
+        ))
     }
 }

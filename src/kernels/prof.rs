@@ -146,7 +146,8 @@ pub(crate) fn live<T>(t: T) -> T {
 }
 
 /// Run `f` with `read` (the device's bytes in use, e.g. from its client) sampled before, after, and at every
-/// [`sample_memory`] point `f` reaches on this thread; `f`'s result and the greatest reading.
+/// [`sample_memory`] point `f` reaches on this thread; `f`'s result and how far the greatest reading rose above
+/// the first (the peak of what `f` allocated).
 pub fn peak_memory<R>(read: impl Fn() -> u64 + 'static, f: impl FnOnce() -> R) -> (R, u64) {
     let before = read();
     let prev = MEMORY.with(|m| {
@@ -158,5 +159,5 @@ pub fn peak_memory<R>(read: impl Fn() -> u64 + 'static, f: impl FnOnce() -> R) -
     let r = f();
     sample_memory();
     let probe = MEMORY.with(|m| std::mem::replace(&mut *m.borrow_mut(), prev));
-    (r, probe.map_or(before, |p| p.peak))
+    (r, probe.map_or(0, |p| p.peak - before))
 }

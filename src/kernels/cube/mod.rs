@@ -76,13 +76,11 @@ struct Call<R: CubeRuntime> {
 /// The largest head dim the kernels take (their per-unit arrays are sized at compile time, per head dim).
 const MAX_HEAD_DIM: usize = 512;
 
-/// Whether the kernels cover this call: no KV cache, grouped heads, a supported head dim, a float type.
+/// Whether the kernels cover this call: the blockwise path's conditions (no KV cache, grouped heads), a supported
+/// head dim, a float type.
 fn covers(spec: &AttnSpec, dtype: DType) -> bool {
-    spec.keys == spec.seq
-        && spec.kv_heads > 0
-        && spec.heads.is_multiple_of(spec.kv_heads)
+    super::blockwise::covers(spec)
         && spec.head_dim <= MAX_HEAD_DIM
-        && spec.masking.key_valid.len() == spec.batch * spec.seq
         && is_float(dtype)
         && u32::try_from(spec.batch * spec.heads * spec.seq * spec.head_dim).is_ok()
 }
